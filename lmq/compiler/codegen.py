@@ -1,0 +1,299 @@
+"""QueryAST → `PromptProgram`: an async Python function plus per-hole specs.
+
+The generator rewrites only the spans of prompt statements and clauses and keeps every
+other character of the query, so the generated program has the query's line numbers.
+A prompt statement becomes one line of calls on the runtime context `_ctx`:
+
+    "A: [X] {y}\\n" where STOPS_AT(X, ".")
+    →  await _ctx.text('A: '); X = await _ctx.hole(0, locals()); await _ctx.text(f"{…y…}")
+
+The program is compiled in memory (no files, no imports) and cached by source text.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import functools
+import symtable
+from dataclasses import dataclass
+from types import CodeType
+from typing import Any
+
+from lmq.compiler.ast import Expression, PromptStatement, QueryAST, Span
+from lmq.compiler.constraints import (CONSTRAINT_FUNCTIONS, Constraint, Junction, Operand,
+                                      WhereCompiler)
+from lmq.compiler.parser import parse_query
+from lmq.compiler.prompt_string import (ChatTagPart, HolePart, InterpolationPart, PromptScanError,
+                                        TextPart, scan_prompt)
+from lmq.errors import LmqSyntaxError
+
+PROGRAM_NAME = "__lmq_program__"
+CONTEXT_NAME = "_ctx"
+_MARK = "\ue000"        # stands in for a non-text part while Python unescapes the literal
+_BUILTINS = frozenset(dir(builtins))
+
+
+@dataclass(frozen=True)
+class HoleSpec:
+    """What the runtime needs to fill one hole occurrence of the source."""
+
+    index: int
+    name: str
+    decorators: tuple[Operand, ...]
+    annotation: Operand | None
+    where: Constraint | None
+    line: int
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The decoder clause: a name and its keyword arguments (Python source)."""
+
+    name: str
+    arguments: Operand | None
+
+
+@dataclass(frozen=True)
+class PromptProgram:
+    """A compiled query: the async program function's code and everything around it."""
+
+    source: str
+    filename: str
+    python: str                          # the generated Python source (for `lmq compile`)
+    code: CodeType
+    free_names: tuple[str, ...]          # in order of first use
+    holes: tuple[HoleSpec, ...]
+    decoder: DecoderSpec | None
+    model: Operand | None
+    distribution: Constraint | None
+
+    @property
+    def hole_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(h.name for h in self.holes))
+
+    def function(self, namespace: dict[str, Any]):
+        """Instantiate the async program function with `namespace` as its globals."""
+        exec(self.code, namespace)   # the code generated from the query itself
+        return namespace.pop(PROGRAM_NAME)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_query(source: str, filename: str = "<query>") -> PromptProgram:
+    """Compile query text to a `PromptProgram` (cached by source text and file name)."""
+    return _Generator(parse_query(source, filename)).generate()
+
+
+class _Generator:
+    def __init__(self, query: QueryAST):
+        self.query = query
+        self.lines = query.source.split("\n")
+        self.holes: list[HoleSpec] = []
+        self.hole_parts: dict[int, list] = {}
+        for statement in query.prompts:
+            self.hole_parts[id(statement)] = self._scan(statement)
+        names = frozenset(p.name for parts in self.hole_parts.values() for p in parts
+                          if isinstance(p, HolePart))
+        self.where = WhereCompiler(names, query.filename, query.source)
+
+    def _error(self, message: str, offset: int) -> LmqSyntaxError:
+        line = self.query.source.count("\n", 0, offset) + 1
+        column = offset - (self.query.source.rfind("\n", 0, offset) + 1) + 1
+        return LmqSyntaxError(message, filename=self.query.filename, line=line, column=column,
+                              source_line=self.lines[line - 1])
+
+    def _scan(self, statement: PromptStatement) -> list:
+        parts: list = []
+        for literal in statement.strings:
+            try:
+                scanned = scan_prompt(literal.body)
+            except PromptScanError as e:
+                raise self._error(e.message, literal.body_offset + e.offset) from None
+            parts.extend(self._unescape(literal, scanned))
+        return parts
+
+    def _unescape(self, literal, parts: list) -> list:
+        """Turn TextPart sources into str values the way Python reads the literal."""
+        if _MARK in literal.body:
+            raise self._error("prompt text may not contain U+E000", literal.body_offset)
+        body = "".join(p.source.replace("{{", "{").replace("}}", "}") if isinstance(p, TextPart)
+                       else _MARK for p in parts)
+        prefix = literal.prefix.replace("f", "").replace("F", "")
+        value = ast.literal_eval(prefix + literal.quote + body + literal.quote)
+        texts = iter(value.split(_MARK))
+        out: list = []
+        for part in parts:
+            if isinstance(part, TextPart):
+                continue
+            out.append(TextPart(next(texts)))
+            out.append(part)
+        out.append(TextPart(next(texts)))
+        return [p for p in out if not (isinstance(p, TextPart) and p.source == "")]
+
+    def generate(self) -> PromptProgram:
+        query = self.query
+        global_where = [self.where.compile(e) for e in query.where]
+        replacements: list[tuple[Span, str]] = []
+        for statement in query.prompts:
+            replacements.append((statement.span, self._statement(statement, global_where)))
+        if query.decoder is not None:
+            end = query.prompts[0].span.start if query.inline_body else query.decoder.span.end
+            header = "" if query.inline_body else "if True:"
+            replacements.append((Span(query.decoder.span.start, end, 0, 0), header))
+        for span in query.clause_spans:
+            replacements.append((span, ""))
+        python = _replace(query.source, replacements)
+        module = self._module(python)
+        free = _free_names(module, python)
+        operands = [h.annotation for h in self.holes if h.annotation] + \
+                   [d for h in self.holes for d in h.decorators]
+        decoder = None
+        if query.decoder is not None:
+            arguments = self._operand(f"dict({query.decoder.arguments})", query.decoder.span) \
+                if query.decoder.arguments else None
+            decoder = DecoderSpec(query.decoder.name, arguments)
+            operands += [arguments] if arguments else []
+        model = self._operand(query.model.text, query.model.span) if query.model else None
+        operands += [model] if model else []
+        distribution = self.where.compile(query.distribution) if query.distribution else None
+        extra = _operand_names(operands, global_where, self.holes)
+        assigned = _assigned_names(module)
+        holes = frozenset(self.where.holes)
+        order = {name: i for i, name in enumerate(free)}
+        for name in extra:
+            if name not in assigned and name not in holes and name not in order:
+                order[name] = len(order)
+        parameters = tuple(order)
+        code = self._compile(module, parameters)
+        return PromptProgram(source=query.source, filename=query.filename, python=python,
+                             code=code, free_names=parameters, holes=tuple(self.holes),
+                             decoder=decoder, model=model, distribution=distribution)
+
+    def _operand(self, text: str, span: Span) -> Operand:
+        try:
+            return Operand(text, compile(text, f"<{text}>", "eval"))
+        except SyntaxError as e:
+            raise LmqSyntaxError(f"invalid expression: {e.msg}", filename=self.query.filename,
+                                 line=span.line, column=span.column,
+                                 source_line=self.lines[span.line - 1]) from None
+
+    def _statement(self, statement: PromptStatement, global_where: list[Constraint]) -> str:
+        inline = [self.where.compile(statement.where)] if statement.where else []
+        where = _conjunction(inline + global_where)
+        calls: list[str] = []
+        for part in self.hole_parts[id(statement)]:
+            if isinstance(part, TextPart):
+                calls.append(f"await {CONTEXT_NAME}.text({part.source!r})")
+            elif isinstance(part, ChatTagPart):
+                calls.append(f"await {CONTEXT_NAME}.role({part.role!r})")
+            elif isinstance(part, InterpolationPart):
+                quote = statement.strings[0].quote if "\n" in part.expression else "'''"
+                calls.append(f"await {CONTEXT_NAME}.text(f{quote}{{(await {CONTEXT_NAME}.resolve("
+                             f"{part.expression})){part.suffix}}}{quote})")
+            else:
+                calls.append(f"{part.name} = await {CONTEXT_NAME}.hole({len(self.holes)}, locals())")
+                self.holes.append(self._hole_spec(part, statement, where))
+        return "; ".join(calls) or "pass"
+
+    def _hole_spec(self, part: HolePart, statement: PromptStatement, where) -> HoleSpec:
+        span = statement.span
+        decorators = tuple(self._operand(d, span) for d in part.decorators)
+        annotation = self._operand(part.annotation, span) if part.annotation else None
+        return HoleSpec(len(self.holes), part.name, decorators, annotation, where, span.line)
+
+    def _module(self, python: str) -> ast.Module:
+        try:
+            module = ast.parse(python, self.query.filename)
+        except SyntaxError as e:
+            line = e.lineno or 1
+            raise LmqSyntaxError(e.msg, filename=self.query.filename, line=line,
+                                 column=e.offset or 1, source_line=self.lines[line - 1]) from None
+        if self.query.decoder is not None and not self.query.inline_body:
+            module.body = module.body[0].body      # the `if True:` standing for the decoder
+        return module
+
+    def _compile(self, module: ast.Module, parameters: tuple[str, ...]) -> CodeType:
+        args = ast.arguments(posonlyargs=[], args=[ast.arg(CONTEXT_NAME)] + [ast.arg(p) for p in parameters],
+                             vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[])
+        body = module.body or [ast.Pass()]
+        function = ast.AsyncFunctionDef(name=PROGRAM_NAME, args=args, body=body,
+                                        decorator_list=[], returns=None, type_params=[])
+        wrapper = ast.Module(body=[function], type_ignores=[])
+        ast.fix_missing_locations(wrapper)
+        function.lineno, function.col_offset = 1, 0
+        try:
+            return compile(wrapper, self.query.filename, "exec")
+        except SyntaxError as e:
+            line = e.lineno or 1
+            raise LmqSyntaxError(e.msg, filename=self.query.filename, line=line,
+                                 column=e.offset or 1, source_line=self.lines[line - 1]) from None
+
+
+def _conjunction(items: list[Constraint]) -> Constraint | None:
+    if not items:
+        return None
+    if len(items) == 1:
+        return items[0]
+    return Junction(" and ".join(f"({c.source})" for c in items), "and", tuple(items))
+
+
+def _replace(source: str, replacements: list[tuple[Span, str]]) -> str:
+    out: list[str] = []
+    position = 0
+    for span, text in sorted(replacements, key=lambda r: r[0].start):
+        out.append(source[position:span.start])
+        out.append(text + "\n" * max(0, source.count("\n", span.start, span.end) - text.count("\n")))
+        position = span.end
+    out.append(source[position:])
+    return "".join(out)
+
+
+def _free_names(module: ast.Module, python: str) -> list[str]:
+    """Names the program reads but never binds, in order of first use."""
+    wrapped = f"async def {PROGRAM_NAME}():\n" + "\n".join(
+        "    " + line for line in ast.unparse(module).split("\n"))
+    table = next(t for t in symtable.symtable(wrapped, "<query>", "exec").get_children()
+                 if t.get_name() == PROGRAM_NAME)
+    free: set[str] = set()
+
+    def visit(scope: symtable.SymbolTable) -> None:
+        for symbol in scope.get_symbols():
+            if symbol.is_global() and not symbol.is_declared_global() and symbol.is_referenced():
+                free.add(symbol.get_name())
+        for child in scope.get_children():
+            visit(child)
+
+    visit(table)
+    free.difference_update((CONTEXT_NAME, "locals"))
+    first_use: dict[str, tuple[int, int]] = {}
+    for node in ast.walk(module):
+        if isinstance(node, ast.Name) and node.id in free:
+            key = (node.lineno, node.col_offset)
+            first_use[node.id] = min(first_use.get(node.id, key), key)
+    return sorted(free, key=lambda n: first_use.get(n, (0, 0)))
+
+
+def _assigned_names(module: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(module):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def _operand_names(operands: list[Operand], where: list[Constraint], holes: list[HoleSpec]) -> list[str]:
+    """Names read by where clauses, annotations, decorators, decoder and model expressions."""
+    sources = [o.source for o in operands] + [c.source for c in where] + \
+              [h.where.source for h in holes if h.where is not None]
+    names: list[str] = []
+    for source in sources:
+        for node in ast.walk(ast.parse(source, mode="eval")):
+            if isinstance(node, ast.Name) and node.id not in names:
+                names.append(node.id)
+    return [n for n in names if n not in CONSTRAINT_FUNCTIONS and n not in _BUILTINS]

@@ -1,0 +1,199 @@
+"""The interpreter: runs a compiled prompt program against a backend.
+
+`Session` is one run: the backend, the decoder, the prompt and the values so far.
+`QueryContext` is the `_ctx` object generated programs call: `text`, `role`, `hole`,
+`resolve`. Nested queries run on the caller's session with a context of their own.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+from typing import Any, Callable
+
+from lmq.backends.base import Backend
+from lmq.compiler.codegen import HoleSpec, PromptProgram
+from lmq.compiler.constraints import Operand
+from lmq.errors import ConstraintError, ConstraintViolation, ContextLimitError
+from lmq.runtime.decoders import Decoder
+from lmq.runtime.hole import plan_hole
+from lmq.runtime.prompt import PromptState
+from lmq.runtime.result import LMQResult
+
+
+class Session:
+    """One query run: backend, decoder, prompt state and the values produced."""
+
+    def __init__(self, backend: Backend | None, decoder: Decoder,
+                 on_text: Callable[[str], None] | None = None):
+        self.backend = backend           # None: a query without holes, no model needed
+        self.decoder = decoder
+        self.prompt = PromptState(backend)
+        context = backend.context_size if backend else 0
+        self.max_len = min(decoder.max_len or context, context)
+        self.on_text = on_text
+        self.variables: dict[str, Any] = {}
+        self.tokens: dict[str, list[int]] = {}
+        self.logprob = 0.0
+        self._sequence = None
+
+    @property
+    def sequence(self):
+        if self._sequence is None:
+            self._sequence = self.backend.sequence()
+        return self._sequence
+
+    def write(self, text: str) -> None:
+        self.prompt.append_text(text)
+        if self.on_text and text:
+            self.on_text(text)
+
+    def result(self) -> LMQResult:
+        return LMQResult(prompt=self.prompt.final_text(), variables=dict(self.variables),
+                         tokens={k: list(v) for k, v in self.tokens.items()}, logprob=self.logprob)
+
+    def close(self) -> None:
+        if self._sequence is not None:
+            self._sequence.release()
+            self._sequence = None
+
+
+class QueryContext:
+    """The runtime object behind `_ctx` in a generated program."""
+
+    def __init__(self, session: Session, program: PromptProgram, namespace: dict[str, Any]):
+        self.session = session
+        self.program = program
+        self.namespace = namespace
+
+    async def text(self, text: str) -> None:
+        self.session.write(text)
+
+    async def role(self, role: str) -> None:
+        fallback = self.session.prompt.open_message(role)
+        if fallback is not None:
+            self.session.write(fallback)
+
+    @staticmethod
+    async def resolve(value: Any) -> Any:
+        return await value if inspect.isawaitable(value) else value
+
+    async def hole(self, index: int, local_scope: dict[str, Any]) -> Any:
+        spec = self.program.holes[index]
+        scope = {**self.namespace, **local_scope}
+        if spec.annotation is not None:
+            value = await self._annotated(spec, scope)
+        else:
+            value = self._generate(spec, scope)
+        for decorator in spec.decorators:
+            value = decorator.evaluate(scope)(value)
+        self.session.variables[spec.name] = value
+        return value
+
+    def _generate(self, spec: HoleSpec, scope: dict[str, Any]) -> str:
+        session = self.session
+        plan = plan_hole(spec.name, spec.where, scope)
+        prompt = session.prompt
+        on_text = None
+        if session.on_text:
+            def on_text(data: bytes) -> None:
+                session.on_text(data.decode("utf-8", "replace"))
+        try:
+            output = session.decoder.decode_hole(session.sequence, prompt.context(), plan,
+                                                 session.backend.vocabulary, session.max_len, on_text)
+        except ContextLimitError as e:
+            tokens, value = e.result
+            session.variables[spec.name] = value.decode("utf-8", "replace")
+            session.tokens[spec.name] = tokens
+            raise
+        table = session.backend.vocabulary.token_bytes
+        kept, size = [], 0
+        for token in output.tokens:
+            if size + len(table[token]) > len(output.value):
+                break
+            kept.append(token)
+            size += len(table[token])
+        value = output.value.decode("utf-8", "replace")
+        prompt.append_generated(kept, output.value[size:].decode("utf-8", "replace"), value)
+        session.tokens[spec.name] = output.tokens
+        session.logprob += output.logprob
+        _check(spec, plan, output.tokens, value)
+        return value
+
+    async def _annotated(self, spec: HoleSpec, scope: dict[str, Any]) -> Any:
+        target, args, kwargs = _call_parts(spec.annotation, scope)
+        if getattr(target, "is_lmq_query", False):
+            return await self._nested(target, args, kwargs)
+        raise ConstraintError(f"the annotation of [{spec.name}: {spec.annotation.source}] needs the "
+                              "token-mask engine (typed, regex and JSON holes), which this version "
+                              "of lmq does not have yet")
+
+    async def _nested(self, query, args: tuple, kwargs: dict) -> Any:
+        """Run a query function on this prompt; a returned value replaces its text."""
+        prompt = self.session.prompt
+        mark = prompt.mark()
+        namespace, bound = query.bind(args, kwargs)
+        context = QueryContext(self.session, query.program, namespace)
+        outer_variables = self.session.variables
+        self.session.variables = {}
+        try:
+            returned = await query.program.function(dict(namespace))(context, *bound)
+        finally:
+            self.session.variables = outer_variables
+        if returned is None:
+            return prompt.text[mark.text:]
+        prompt.truncate(mark)
+        self.session.write(str(returned))
+        return returned
+
+
+def _check(spec: HoleSpec, plan, tokens: list[int], value: str) -> None:
+    """Soundness: the finished value is re-checked against what the plan promised."""
+    count = len(tokens)
+    if count < plan.min_tokens or (plan.max_tokens is not None and count > plan.max_tokens):
+        raise ConstraintViolation(f"{spec.name} has {count} tokens, outside its bounds "
+                                  f"[{plan.min_tokens}, {plan.max_tokens}]")
+    for source, check in plan.checks:
+        if not check(value):
+            raise ConstraintViolation(f"{spec.name} = {value!r} does not satisfy {source}")
+
+
+@functools.lru_cache(maxsize=512)
+def _split_call(source: str) -> tuple[Operand, tuple[Operand, ...], tuple[tuple[str, Operand], ...]] | None:
+    node = ast.parse(source, mode="eval").body
+    if not isinstance(node, ast.Call) or any(isinstance(a, ast.Starred) for a in node.args) \
+            or any(k.arg is None for k in node.keywords):
+        return None
+
+    def operand(n: ast.AST) -> Operand:
+        text = ast.unparse(n)
+        return Operand(text, compile(text, f"<{text}>", "eval"))
+
+    return (operand(node.func), tuple(operand(a) for a in node.args),
+            tuple((k.arg, operand(k.value)) for k in node.keywords))
+
+
+def _call_parts(annotation: Operand, scope: dict[str, Any]) -> tuple[Any, tuple, dict]:
+    """(target, args, kwargs) of an annotation `f(a, b=c)` without calling `f`, so a
+    query function can run nested; a plain annotation is (value, (), {})."""
+    parts = _split_call(annotation.source)
+    if parts is not None:
+        func, args, keywords = parts
+        target = func.evaluate(scope)
+        if getattr(target, "is_lmq_query", False):
+            return target, tuple(a.evaluate(scope) for a in args), \
+                {k: v.evaluate(scope) for k, v in keywords}
+    return annotation.evaluate(scope), (), {}
+
+
+async def execute(program: PromptProgram, namespace: dict[str, Any], bound: list[Any],
+                  session: Session) -> Any:
+    """Run `program`; its return value, or the `LMQResult` when it returns nothing."""
+    context = QueryContext(session, program, namespace)
+    try:
+        returned = await program.function(dict(namespace))(context, *bound)
+    except ContextLimitError as e:
+        e.result = session.result()
+        raise
+    return session.result() if returned is None else returned
