@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import sys
 import textwrap
@@ -22,8 +23,28 @@ def _caller_scope(depth: int) -> dict[str, Any]:
     return {**frame.f_globals, **frame.f_locals}
 
 
+def _raw_docstring(fn: Callable) -> str | None:
+    """The docstring as written in the source, escapes unprocessed: a query's `"…\\n…"`
+    must reach the query parser as backslash-n, not as a line break inside its string."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        node = ast.parse(source).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+        return None
+    first = node.body[0]
+    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        return None
+    literal = ast.get_source_segment(source, first.value) or ""
+    literal = literal.lstrip("rRuU")
+    quote = literal[:3] if literal[:3] in ('"""', "'''") else literal[:1]
+    return literal[len(quote):-len(quote)] if quote else None
+
+
 def _docstring_query(fn: Callable) -> str:
-    doc = fn.__doc__
+    doc = _raw_docstring(fn) or fn.__doc__
     if not doc or not doc.strip():
         raise LmqError(f"@lmq.query function {fn.__name__} has no query in its docstring")
     text = textwrap.dedent(doc if doc[0] == "\n" else "\n" + doc).strip("\n")

@@ -49,6 +49,7 @@ class LlamaCppBackend(GgufBackend):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.gguf.vocab)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._free_ids = list(range(self.llama.context_params.n_seq_max))
+        self._kept: dict[int, list[int]] = {}    # tokens a released sequence left in the cache
         self._logits_owner: tuple[int, int] | None = None   # (seq id, length) of current logits
 
     def _use_sequences(self, n_seq_max: int) -> None:
@@ -67,7 +68,9 @@ class LlamaCppBackend(GgufBackend):
     def sequence(self) -> "LlamaSequence":
         if not self._free_ids:
             raise ModelError("no free llama.cpp sequence: raise n_seq_max")
-        return LlamaSequence(self, self._free_ids.pop(0))
+        sequence = LlamaSequence(self, self._free_ids.pop(0))
+        sequence.tokens = self._kept.pop(sequence.seq_id, [])
+        return sequence
 
     def _decode(self, seq_id: int, tokens: list[int], start: int) -> None:
         """Evaluate `tokens` at positions start… of `seq_id`, in chunks of n_batch."""
@@ -135,14 +138,15 @@ class LlamaSequence(Sequence):
 
     def fork(self) -> "LlamaSequence":
         child = self.backend.sequence()
+        llama_cpp.llama_memory_seq_rm(self.backend.memory, child.seq_id, 0, -1)
         llama_cpp.llama_memory_seq_cp(self.backend.memory, self.seq_id, child.seq_id, 0, -1)
         child.tokens = list(self.tokens)
         return child
 
     def release(self) -> None:
-        llama_cpp.llama_memory_seq_rm(self.backend.memory, self.seq_id, 0, -1)
-        if self.backend._logits_owner and self.backend._logits_owner[0] == self.seq_id:
-            self.backend._logits_owner = None
+        """Give the slot back but leave its tokens in the cache: the next query on this
+        slot re-evaluates only what differs (a repeated prompt costs nothing)."""
+        self.backend._kept[self.seq_id] = self.tokens
         self.tokens = []
-        self.backend._free_ids.append(self.seq_id)
+        self.backend._free_ids.insert(0, self.seq_id)
 

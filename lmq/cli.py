@@ -1,0 +1,132 @@
+"""The `lmq` command: `lmq run FILE.lmq` and `lmq compile FILE.lmq`.
+
+Exit codes: 0 success, 1 query error (syntax, constraint, context, model), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Any, Sequence
+
+from lmq.compiler.codegen import compile_query
+from lmq.errors import LmqError, QueryArgumentError
+from lmq.runtime.query import QueryFunction, run_sync_coroutine
+from lmq.runtime.result import LMQResult
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmq", description="Run LMQL-language queries on local models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a .lmq query file")
+    run.add_argument("file")
+    run.add_argument("--model", help="model id (default: the query's from clause, $LMQ_MODEL, "
+                                     "or the embedded SmolLM2)")
+    run.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="a query parameter; VALUE is a Python literal or else a string")
+    run.add_argument("--decoder", help="decoder, e.g. 'argmax(max_len=256)'")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    compile_ = commands.add_parser("compile", help="show the compiled program of a .lmq file")
+    compile_.add_argument("file")
+    compile_.add_argument("--gbnf", action="store_true", help="print per-hole GBNF grammars")
+    return parser
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise _UsageError(f"query file not found: {path}") from None
+    except OSError as e:
+        raise _UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _arguments(pairs: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        if not equals or not name.isidentifier():
+            raise _UsageError(f"--arg expects NAME=VALUE, got {pair!r}")
+        try:
+            values[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            values[name] = text
+    return values
+
+
+def _run(options: argparse.Namespace) -> int:
+    program = compile_query(_read(options.file), options.file)
+    query = QueryFunction(program, {}, name=options.file)
+    kwargs = _arguments(options.arg)
+    for key, value in (("model", options.model), ("decoder", options.decoder)):
+        if value:
+            kwargs[key] = value
+    streaming = sys.stdout.isatty() and not options.json
+    on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if streaming else None
+    returned = run_sync_coroutine(query.run(on_text=on_text, **kwargs))
+    if options.json:
+        payload = returned.to_json() if isinstance(returned, LMQResult) else {"return": _jsonable(returned)}
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        return 0
+    if isinstance(returned, LMQResult):
+        if not streaming:
+            sys.stdout.write(returned.prompt)
+        print("\n" + "-" * 40)
+        for name, value in returned.variables.items():
+            print(f"{name} = {value!r}")
+    else:
+        if streaming:
+            print("\n" + "-" * 40)
+        print(returned)
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _compile(options: argparse.Namespace) -> int:
+    if options.gbnf:
+        raise _UsageError("--gbnf needs the token-mask engine, not available in this version")
+    program = compile_query(_read(options.file), options.file)
+    print(f"# parameters: {', '.join(program.free_names) or '(none)'}")
+    if program.decoder:
+        print(f"# decoder: {program.decoder.name}")
+    for hole in program.holes:
+        where = hole.where.source if hole.where else "(none)"
+        print(f"# hole {hole.index}: {hole.name} (line {hole.line}) where {where}")
+    print(program.python)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    options = parser.parse_args(argv)
+    try:
+        return {"run": _run, "compile": _compile}[options.command](options)
+    except _UsageError as e:
+        print(f"lmq: {e}", file=sys.stderr)
+        return 2
+    except QueryArgumentError as e:
+        print(f"lmq: {e}", file=sys.stderr)
+        return 2
+    except LmqError as e:
+        print(f"lmq: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
