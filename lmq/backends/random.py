@@ -42,7 +42,7 @@ class RandomBackend(GgufBackend):
         row = self._row
         row[:] = self.rng.gumbel(size=row.shape[0])
         if self.end_probability and self.rng.random() < self.end_probability:
-            row[self._end_ids] = np.inf
+            row[self._end_ids] = row.max() + 1.0
         return row
 
 

@@ -262,6 +262,8 @@ class WhereCompiler:
     def _python_check(self, node: ast.AST, text: str) -> Constraint:
         names = frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
         used = {n for n in names if n in CONSTRAINT_FUNCTIONS}
+        if "TOKENS" in used:
+            raise self._error("TOKENS(X) is only meaningful inside len(TOKENS(X)) <op> N", node)
         if used:
             raise self._error(f"{sorted(used)[0]} cannot be used inside the expression {text!r}", node)
         return PythonCheck(text, self._operand(node), names & self.holes)

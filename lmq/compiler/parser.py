@@ -21,7 +21,7 @@ from lmq.errors import LmqSyntaxError
 
 _GRAMMAR = os.path.join(os.path.dirname(__file__), "lmq.lark")
 _NOT_PROMPT_SCOPES = {"python__funcdef", "python__async_funcdef", "python__classdef"}
-_STRING_NODES = {"python__string", "python__string_concat"}
+_STRING_NODES = {"python__string", "string_concat"}
 _TERMINAL_NAMES = {
     "_NEWLINE": "end of line", "_INDENT": "an indented block", "_DEDENT": "end of block",
     "$END": "end of query", "NAME": "a name", "STRING": "a string", "LONG_STRING": "a string",
@@ -61,7 +61,7 @@ def _error_position(error: Exception, text: str) -> tuple[int, int]:
         return (error.line, error.column)
     if isinstance(error, UnexpectedEOF):
         return (text.count("\n") + 1, 0)
-    return (0, 0)
+    return _dedent_position(text)
 
 
 def _syntax_error(error: Exception, text: str, filename: str) -> LmqSyntaxError:

@@ -77,7 +77,7 @@ class Decoder:
             if mask is not None or not may_end:
                 row = self._masked(row, mask, None if may_end else end_list)
             token = self._pick(row)
-            if not np.isfinite(row[token]):
+            if row[token] == -np.inf:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
                                               f"{bytes(value)!r}")
             logprob += float(row[token]) - _logsumexp(row)
