@@ -202,12 +202,11 @@ class _Generator:
         return HoleSpec(len(self.holes), part.name, decorators, annotation, where, span.line)
 
     def _module(self, python: str) -> ast.Module:
+        self.python_lines = python.split("\n")
         try:
             module = ast.parse(python, self.query.filename)
         except SyntaxError as e:
-            line = e.lineno or 1
-            raise LmqSyntaxError(e.msg, filename=self.query.filename, line=line,
-                                 column=e.offset or 1, source_line=self.lines[line - 1]) from None
+            raise self._python_error(e) from None
         if self.query.decoder is not None and not self.query.inline_body:
             module.body = module.body[0].body      # the `if True:` standing for the decoder
         return module
@@ -224,9 +223,19 @@ class _Generator:
         try:
             return compile(wrapper, self.query.filename, "exec")
         except SyntaxError as e:
-            line = e.lineno or 1
-            raise LmqSyntaxError(e.msg, filename=self.query.filename, line=line,
-                                 column=e.offset or 1, source_line=self.lines[line - 1]) from None
+            raise self._python_error(e) from None
+
+    def _python_error(self, error: SyntaxError) -> LmqSyntaxError:
+        """Python's error in the generated program, placed in the query: on a rewritten
+        prompt line Python's column is one of the generated code, so point at the line's
+        first character instead."""
+        line = min(max(error.lineno or 1, 1), len(self.lines))
+        source = self.lines[line - 1]
+        column = error.offset or 1
+        if source != self.python_lines[line - 1]:
+            column = len(source) - len(source.lstrip()) + 1
+        return LmqSyntaxError(error.msg, filename=self.query.filename, line=line, column=column,
+                              source_line=source)
 
 
 def _conjunction(items: list[Constraint]) -> Constraint | None:
@@ -250,8 +259,9 @@ def _replace(source: str, replacements: list[tuple[Span, str]]) -> str:
 
 def _free_names(module: ast.Module, python: str) -> list[str]:
     """Names the program reads but never binds, in order of first use."""
+    body = ast.unparse(module) or "pass"        # an empty or comment-only query is valid
     wrapped = f"async def {PROGRAM_NAME}():\n" + "\n".join(
-        "    " + line for line in ast.unparse(module).split("\n"))
+        "    " + line for line in body.split("\n"))
     table = next(t for t in symtable.symtable(wrapped, "<query>", "exec").get_children()
                  if t.get_name() == PROGRAM_NAME)
     free: set[str] = set()

@@ -57,6 +57,9 @@ def parse_query(source: str, filename: str = "<query>") -> QueryAST:
 
 
 def _error_position(error: Exception, text: str) -> tuple[int, int]:
+    if isinstance(error, UnexpectedToken) and error.token.type in ("_INDENT", "_DEDENT"):
+        # the indenter's tokens borrow the position of the line break before them
+        return (error.token.end_line, error.token.end_column)
     if isinstance(error, UnexpectedInput) and getattr(error, "line", -1) not in (-1, None):
         return (error.line, error.column)
     if isinstance(error, UnexpectedEOF):
@@ -76,7 +79,8 @@ def _syntax_error(error: Exception, text: str, filename: str) -> LmqSyntaxError:
         token = error.token
         if token.type == "$END":
             message = "unexpected end of query"
-            line, column = len(lines) - 1, 1
+            line = len(lines) - 1
+            column = len(lines[line - 1]) + 1
         else:
             what = {"_NEWLINE": "end of line", "_INDENT": "indentation",
                     "_DEDENT": "dedent"}.get(token.type, repr(str(token)))

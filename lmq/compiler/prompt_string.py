@@ -8,6 +8,7 @@ errors point at the exact column.
 
 from __future__ import annotations
 
+import keyword
 import re
 from dataclasses import dataclass
 
@@ -131,8 +132,8 @@ def _matching(body: str, start: int, open_: str, close: str) -> int:
                     raise PromptScanError(f"'{open_}' is closed by '{c}'", i)
                 return i
         i += 1
-    what = "hole" if open_ == "[" else "interpolation"
-    raise PromptScanError(f"unclosed '{open_}' of a {what}; write '{open_ * 2}' for a literal "
+    what = "a hole" if open_ == "[" else "an interpolation"
+    raise PromptScanError(f"unclosed '{open_}' of {what}; write '{open_ * 2}' for a literal "
                           f"'{open_}'", start)
 
 
@@ -151,6 +152,8 @@ def _hole(inner: str, offset: int) -> HolePart:
     if not _NAME.fullmatch(name):
         raise PromptScanError(f"'[{inner}]' is not a hole: {name!r} is not a variable name "
                               "(write '[[' for a literal '[')", offset)
+    if keyword.iskeyword(name):
+        raise PromptScanError(f"'[{inner}]' is not a hole: {name!r} is a Python keyword", offset)
     annotation = annotation.strip()
     if colon and not annotation:
         raise PromptScanError(f"the hole [{name}: …] has an empty annotation", offset)

@@ -67,7 +67,6 @@ class Decoder:
         tokens: list[int] = []
         value = bytearray()
         logprob = 0.0
-        longest_stop = max((len(s.phrase) for s in plan.stops), default=0)
         if plan.max_tokens == 0:
             return HoleOutput(tokens, b"", "length", 0.0)
         row = sequence.logits(context)
@@ -89,7 +88,7 @@ class Decoder:
             if automaton is not None:
                 state = automaton.advance(state, token)
             if plan.stops and len(tokens) >= plan.min_tokens:
-                cut = _find_stop(value, plan, max(0, start - longest_stop + 1))
+                cut = _find_stop(value, plan, start)
                 if cut is not None:
                     if on_text and cut > start:
                         on_text(bytes(value[start:cut]))
@@ -123,12 +122,14 @@ def _logsumexp(row: np.ndarray) -> float:
     return top + float(np.log(np.exp(row - top).sum()))
 
 
-def _find_stop(value: bytearray, plan: HolePlan, search_from: int) -> int | None:
-    """Where the value ends if a stop phrase occurs at or after `search_from`: the
-    earliest occurrence wins; STOPS_AT keeps the phrase, STOPS_BEFORE drops it."""
+def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
+    """Where the value ends if a stop phrase ends inside the newest token (bytes from
+    `start` on): an occurrence completed earlier, while a minimum token count held the
+    stop back, does not fire. The earliest occurrence wins; STOPS_AT keeps the phrase,
+    STOPS_BEFORE drops it."""
     best: tuple[int, int] | None = None
     for rule in plan.stops:
-        position = value.find(rule.phrase, search_from)
+        position = value.find(rule.phrase, max(0, start - len(rule.phrase) + 1))
         if position >= 0 and (best is None or position < best[0]):
             best = (position, position + len(rule.phrase) if rule.keep else position)
     return None if best is None else best[1]

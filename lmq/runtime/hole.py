@@ -84,7 +84,7 @@ def _bound_tokens(plan: HolePlan, item: TokenCount, bound: Any) -> None:
     plan.min_tokens = max(plan.min_tokens, low)
     if high is not None:
         if high < 0:
-            raise UnsatisfiableConstraint(f"no value of {item.variable} has {item.source[4:]}")
+            raise UnsatisfiableConstraint(f"no value of {item.variable} satisfies {item.source}")
         plan.max_tokens = high if plan.max_tokens is None else min(plan.max_tokens, high)
 
 

@@ -135,12 +135,12 @@ class QueryContext:
         mark = prompt.mark()
         namespace, bound = query.bind(args, kwargs)
         context = QueryContext(self.session, query.program, namespace)
-        outer_variables = self.session.variables
-        self.session.variables = {}
+        outer = self.session.variables, self.session.tokens
+        self.session.variables, self.session.tokens = {}, {}   # its holes are not the caller's
         try:
             returned = await query.program.function(dict(namespace))(context, *bound)
         finally:
-            self.session.variables = outer_variables
+            self.session.variables, self.session.tokens = outer
         if returned is None:
             return prompt.text[mark.text:]
         prompt.truncate(mark)
