@@ -12,3 +12,21 @@ def random_model():
     def make(seed: int = 0, **kwargs) -> lmq.Model:
         return lmq.model("random", seed=seed, **kwargs)
     return make
+
+
+class PinnedModel(lmq.Model):
+    """A model whose backend is one given instance, so a test can read its counters
+    (random backends are otherwise made fresh on every call)."""
+
+    def __init__(self, backend):
+        super().__init__(None)
+        self._backend = backend
+
+    def backend(self):
+        return self._backend
+
+
+@pytest.fixture
+def pinned_model():
+    """`pinned_model(backend)` → a model that always runs on that backend instance."""
+    return PinnedModel

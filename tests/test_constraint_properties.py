@@ -9,18 +9,6 @@ import lmq
 SEEDS = range(200)
 
 
-class PinnedModel(lmq.Model):
-    """A model whose backend is one instance for the whole test, so its counters can be
-    read (random backends are otherwise made fresh on every call)."""
-
-    def __init__(self, backend):
-        super().__init__("random")
-        self._backend = backend
-
-    def backend(self):
-        return self._backend
-
-
 def raw_bytes(model, tokens):
     return model.backend().detokenize(tokens)
 
@@ -216,7 +204,7 @@ def test_prompt_is_the_literal_text_and_the_values(random_model):
         assert result.variables == {"NAME": pairs[-1][0], "DESC": pairs[-1][1]}
 
 
-def test_each_prompt_token_is_evaluated_once(random_model):
+def test_each_prompt_token_is_evaluated_once(random_model, pinned_model):
     """Two holes, one with a stop phrase whose overshoot is cut: the backend evaluates
     every token of the final prompt once, and the token sequence it holds is exactly the
     prompt (literal text tokenized, generated tokens as generated)."""
@@ -234,7 +222,7 @@ def test_each_prompt_token_is_evaluated_once(random_model):
             return sequence
 
         backend.sequence = tracked
-        result = lmq.run_sync(query, model=PinnedModel(backend))
+        result = lmq.run_sync(query, model=pinned_model(backend))
         [held] = sequences                         # one sequence for the whole run
         final = held + result.tokens["B"][-1:]     # the last token is generated, never fed back
         assert backend.evaluated_tokens == len(held) == len(final) - 1

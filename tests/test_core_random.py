@@ -14,17 +14,6 @@ def rand(seed=0, **kw):
     return lmq.model("random", seed=seed, **kw)
 
 
-class Fixed(lmq.Model):
-    """One backend instance for a whole test, so its counters can be read."""
-
-    def __init__(self, backend):
-        super().__init__("random")
-        self._backend = backend
-
-    def backend(self):
-        return self._backend
-
-
 @pytest.mark.parametrize("op,bound,ok", [("<", 4, lambda n: n <= 3), ("<=", 4, lambda n: n <= 4),
                                          ("==", 5, lambda n: n == 5), (">", 3, lambda n: 4 <= n <= 7),
                                          (">=", 2, lambda n: 2 <= n <= 7)])
@@ -71,10 +60,10 @@ def test_unsatisfiable_bounds_name_the_variable():
         lmq.run_sync('"[X]" where len(TOKENS(X)) > 5 and len(TOKENS(X)) < 3', model=rand())
 
 
-def test_two_holes_evaluate_each_prompt_token_once():
+def test_two_holes_evaluate_each_prompt_token_once(pinned_model):
     backend = rand(3).backend()
     result = lmq.run_sync('"First:[A] and then, second:[B]. End." where len(TOKENS(A)) < 5 and '
-                          'len(TOKENS(B)) < 5', model=Fixed(backend))
+                          'len(TOKENS(B)) < 5', model=pinned_model(backend))
     prompt_tokens = backend.tokenize("First:") + result.tokens["A"] + \
         backend.tokenize(" and then, second:") + result.tokens["B"]
     # each token evaluated once; the very last generated token is never fed back

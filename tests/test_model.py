@@ -14,17 +14,6 @@ def backend():
     return load_backend(None)
 
 
-class SameBackend(lmq.Model):
-    """A model that is a given backend instance, so tests can read its counters."""
-
-    def __init__(self, backend):
-        super().__init__("local:llama.cpp:" + backend.path)
-        self._backend = backend
-
-    def backend(self):
-        return self._backend
-
-
 def test_question_with_stops_at_answers_and_stops(backend):
     answer = lmq.run_sync('"Q: What is the capital of France?\\nA:[A]" '
                           'where STOPS_AT(A, ".") and len(TOKENS(A)) < 30\nreturn A.strip()')
@@ -32,11 +21,11 @@ def test_question_with_stops_at_answers_and_stops(backend):
     assert answer.endswith(".") and answer.count(".") == 1
 
 
-def test_two_holes_evaluate_each_prompt_token_once(backend):
+def test_two_holes_evaluate_each_prompt_token_once(backend, pinned_model):
     query = ('"Q: Name a fruit.\\nA:[A]\\nQ: Name a colour.\\nA:[B]\\nThe end." '
              'where STOPS_AT(A, "\\n") and STOPS_AT(B, "\\n") and len(TOKENS(A)) < 12 and len(TOKENS(B)) < 12')
     fresh = lmq.model(None, n_ctx=1024)       # its own context: nothing cached yet
-    model = SameBackend(fresh.backend())
+    model = pinned_model(fresh.backend())
     result = lmq.run_sync(query, model=model)
     # every token in the cache was evaluated exactly once: the count equals the number of
     # tokens of the prompt up to the end of the last hole
@@ -46,9 +35,9 @@ def test_two_holes_evaluate_each_prompt_token_once(backend):
     assert result.variables["A"].endswith("\n") and result.variables["B"].endswith("\n")
 
 
-def test_second_call_reuses_the_cached_prompt(backend):
+def test_second_call_reuses_the_cached_prompt(backend, pinned_model):
     query = '"' + "A long shared preamble about fruit and colours. " * 8 + 'Q: Name a fruit.\\nA:[A]" where len(TOKENS(A)) < 4'
-    model = SameBackend(lmq.model(None, n_ctx=1024, n_batch=256).backend())
+    model = pinned_model(lmq.model(None, n_ctx=1024, n_batch=256).backend())
     lmq.run_sync(query, model=model)
     before = model.backend().evaluated_tokens
     lmq.run_sync(query, model=model)

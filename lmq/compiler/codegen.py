@@ -171,7 +171,7 @@ class _Generator:
 
     def _operand(self, text: str, span: Span) -> Operand:
         try:
-            return Operand(text, compile(text, f"<{text}>", "eval"))
+            return Operand.of(text)
         except SyntaxError as e:
             raise LmqSyntaxError(f"invalid expression: {e.msg}", filename=self.query.filename,
                                  line=span.line, column=span.column,

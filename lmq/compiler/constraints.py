@@ -30,6 +30,11 @@ class Operand:
     source: str
     code: CodeType
 
+    @classmethod
+    def of(cls, source: str) -> "Operand":
+        """Compile Python expression text (a SyntaxError propagates to the caller)."""
+        return cls(source, compile(source, f"<{source}>", "eval"))
+
     def evaluate(self, scope: dict[str, Any]) -> Any:
         return eval(self.code, scope)  # the query's own code, in the query's own scope
 
@@ -172,8 +177,7 @@ class WhereCompiler:
         return ast.unparse(node)
 
     def _operand(self, node: ast.AST) -> Operand:
-        text = self._text(node)
-        return Operand(text, compile(ast.Expression(node), f"<where {text}>", "eval"))
+        return Operand.of(self._text(node))
 
     def _hole_name(self, node: ast.AST) -> str | None:
         return node.id if isinstance(node, ast.Name) and node.id in self.holes else None

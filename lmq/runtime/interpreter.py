@@ -167,8 +167,7 @@ def _split_call(source: str) -> tuple[Operand, tuple[Operand, ...], tuple[tuple[
         return None
 
     def operand(n: ast.AST) -> Operand:
-        text = ast.unparse(n)
-        return Operand(text, compile(text, f"<{text}>", "eval"))
+        return Operand.of(ast.unparse(n))
 
     return (operand(node.func), tuple(operand(a) for a in node.args),
             tuple((k.arg, operand(k.value)) for k in node.keywords))
