@@ -1,0 +1,256 @@
+"""Sampling knobs on a masked logits row, under llama.cpp's names and in its order.
+
+A `Sampler` turns a logits row in which masked tokens are already -inf into one token:
+repetition penalties → top_k → typical_p → top_p → min_p → temperature → draw, or with
+`mirostat` penalties → temperature → mirostat 1/2. Every step only lowers or removes
+candidates among the finite entries, so no knob can make a masked token possible. The
+draw uses a seeded numpy `Generator`: the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Iterable
+
+import numpy as np
+
+from lmq.errors import QueryArgumentError
+
+#: LMQL's spellings of llama.cpp's knobs
+KNOB_ALIASES = {"repetition_penalty": "repeat_penalty"}
+_MIROSTAT_M = 100          # llama.cpp's sample size for mirostat 1's s estimate
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The knobs, with neutral defaults (a knob left at its default changes nothing)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> "SamplingSettings":
+        """The knobs among `settings` (other keys are ignored), validated."""
+        knobs = {KNOB_ALIASES.get(k, k): v for k, v in settings.items()}
+        chosen = cls(**{k: v for k, v in knobs.items() if k in cls.names() and v is not None})
+        chosen._validate()
+        return chosen
+
+    def _validate(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise QueryArgumentError(f"sampling argument {name}={getattr(self, name)!r}: {rule}")
+
+        for name in ("temperature", "top_p", "min_p", "typical_p", "repeat_penalty",
+                     "frequency_penalty", "presence_penalty", "mirostat_tau", "mirostat_eta"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                 name, "must be a finite number")
+        for name in ("top_k", "penalty_last_n", "mirostat"):
+            need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
+                 name, "must be an int")
+        need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        need(0 < self.typical_p <= 1, "typical_p", "must be in (0, 1]")
+        need(self.repeat_penalty > 0, "repeat_penalty", "must be > 0")
+        need(self.penalty_last_n >= 0, "penalty_last_n", "must be >= 0")
+        need(self.mirostat in (0, 1, 2), "mirostat", "must be 0 (off), 1 or 2")
+        need(self.mirostat_tau > 0, "mirostat_tau", "must be > 0")
+        need(self.mirostat_eta > 0, "mirostat_eta", "must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and not self.mirostat
+
+
+class Sampler:
+    """One branch's sampler: knobs, its own random stream and mirostat's running `mu`."""
+
+    def __init__(self, settings: SamplingSettings, rng: np.random.Generator):
+        self.settings = settings
+        self.rng = rng
+        self.mu = 2.0 * settings.mirostat_tau
+
+    def fork(self, rng: np.random.Generator) -> "Sampler":
+        """A sampler continuing this one's state on another random stream."""
+        child = Sampler(self.settings, rng)
+        child.mu = self.mu
+        return child
+
+    def pick(self, row: np.ndarray, history: Iterable[int] = ()) -> int:
+        """Draw a token from the masked `row` (not modified) after the last tokens of
+        `history` (for the repetition penalties)."""
+        if self.settings.greedy:
+            return int(row.argmax())
+        ids, probs = self._candidates(row, history)
+        if self.settings.mirostat:
+            return self._mirostat(ids, probs, row.shape[0])
+        return int(ids[self._draw(probs)])
+
+    def distribution(self, row: np.ndarray, history: Iterable[int] = ()) -> np.ndarray:
+        """The full probability vector `pick` draws from (mirostat: for its current mu)."""
+        out = np.zeros(row.shape[0], dtype=np.float64)
+        if self.settings.greedy:
+            out[int(row.argmax())] = 1.0
+            return out
+        ids, probs = self._candidates(row, history)
+        if self.settings.mirostat:
+            ids, probs = self._mirostat_candidates(ids, probs, row.shape[0])
+        out[ids] = probs
+        return out
+
+    def _candidates(self, row: np.ndarray, history: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, normalised probabilities) left after penalties, truncations and
+        temperature, sorted by descending probability where a knob needed sorting."""
+        s = self.settings
+        logits = self._penalised(row, history)
+        ids = np.flatnonzero(np.isfinite(logits))
+        if ids.size == 0:
+            ids = np.array([int(row.argmax())])
+        values = logits[ids].astype(np.float64)
+        if not s.mirostat:
+            if s.top_k and s.top_k < ids.size:
+                keep = np.argpartition(-values, s.top_k - 1)[:s.top_k]
+                ids, values = ids[keep], values[keep]
+            if s.typical_p < 1:
+                ids, values = _typical(ids, values, s.typical_p)
+            if s.top_p < 1:
+                ids, values = _nucleus(ids, values, s.top_p)
+            if s.min_p > 0:
+                probs = _softmax(values)
+                keep = probs >= s.min_p * probs.max()
+                ids, values = ids[keep], values[keep]
+            if s.temperature == 0:
+                best = int(values.argmax())
+                return ids[best:best + 1], np.ones(1)
+        temperature = s.temperature if s.temperature > 0 else 1.0
+        return ids, _softmax(values / temperature)
+
+    def _penalised(self, row: np.ndarray, history: Iterable[int]) -> np.ndarray:
+        s = self.settings
+        if (s.repeat_penalty == 1 and not s.frequency_penalty and not s.presence_penalty) \
+                or not s.penalty_last_n:
+            return row
+        recent = list(history)[-s.penalty_last_n:]
+        if not recent:
+            return row
+        tokens, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
+        out = row.astype(np.float32, copy=True)
+        values = out[tokens]
+        if s.repeat_penalty != 1:
+            values = np.where(values > 0, values / s.repeat_penalty, values * s.repeat_penalty)
+        values = values - counts * s.frequency_penalty - s.presence_penalty
+        out[tokens] = np.where(np.isfinite(row[tokens]), values, -np.inf)
+        return out
+
+    def _draw(self, probs: np.ndarray) -> int:
+        cumulative = np.cumsum(probs)
+        index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+        return min(index, probs.size - 1)
+
+    def _mirostat_candidates(self, ids: np.ndarray, probs: np.ndarray,
+                             vocabulary_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mirostat's truncation for the current mu: v1 keeps the top k with k from the
+        estimated Zipf exponent, v2 drops tokens more surprising than mu."""
+        order = np.argsort(-probs, kind="stable")
+        ids, probs = ids[order], probs[order]
+        if self.settings.mirostat == 1:
+            k = _mirostat_k(probs, self.mu, vocabulary_size)
+            ids, probs = ids[:k], probs[:k]
+        else:
+            keep = max(1, int(np.count_nonzero(-np.log2(probs) <= self.mu)))
+            ids, probs = ids[:keep], probs[:keep]
+        return ids, probs / probs.sum()
+
+    def _mirostat(self, ids: np.ndarray, probs: np.ndarray, vocabulary_size: int) -> int:
+        ids, probs = self._mirostat_candidates(ids, probs, vocabulary_size)
+        index = self._draw(probs)
+        surprise = -math.log2(float(probs[index]))
+        self.mu -= self.settings.mirostat_eta * (surprise - self.settings.mirostat_tau)
+        return int(ids[index])
+
+
+def make_sampler(settings: dict[str, Any], seed: int | None, branch: int = 0) -> Sampler:
+    """The sampler of branch `branch` of a query run with `seed` (None: fresh entropy);
+    each branch has an independent stream, the same for the same seed."""
+    rng = np.random.default_rng(None if seed is None else [seed, branch])
+    return Sampler(SamplingSettings.of(settings), rng)
+
+
+def _softmax(values: np.ndarray) -> np.ndarray:
+    exps = np.exp(values - values.max())
+    return exps / exps.sum()
+
+
+def _nucleus(ids: np.ndarray, values: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest most-probable set whose mass reaches top_p (sorted descending)."""
+    probs = _softmax(values)
+    order = _top_order(probs, top_p)
+    cumulative = np.cumsum(probs[order])
+    keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1
+    order = order[:keep]
+    return ids[order], values[order]
+
+
+def _top_order(probs: np.ndarray, mass: float) -> np.ndarray:
+    """Indices of the most probable entries, descending, enough to cover `mass`: a
+    partial sort of growing size (a full sort of a 150k row costs milliseconds)."""
+    size = 64
+    while size < probs.size:
+        part = np.argpartition(-probs, size - 1)[:size]
+        part = part[np.argsort(-probs[part], kind="stable")]
+        if probs[part].sum() >= mass:
+            return part
+        size *= 8
+    return np.argsort(-probs, kind="stable")
+
+
+def _typical(ids: np.ndarray, values: np.ndarray, typical_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Locally typical sampling: tokens whose surprise is closest to the entropy, until
+    their mass reaches typical_p."""
+    probs = _softmax(values)
+    logs = np.log(np.where(probs > 0, probs, 1.0))
+    entropy = -float(np.sum(probs * logs))
+    order = np.argsort(np.abs(-logs - entropy), kind="stable")
+    cumulative = np.cumsum(probs[order])
+    keep = int(np.searchsorted(cumulative, typical_p, side="left")) + 1
+    order = order[:keep]
+    return ids[order], values[order]
+
+
+def _mirostat_k(probs: np.ndarray, mu: float, vocabulary_size: int) -> int:
+    """Mirostat 1's top-k size from the Zipf exponent estimated on the top tokens."""
+    m = min(_MIROSTAT_M, probs.size)
+    if m < 2:
+        return 1
+    top = probs[:m]
+    t = np.log(np.arange(2, m + 1) / np.arange(1, m))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.log(top[:-1] / top[1:])
+    usable = np.isfinite(b)
+    s_hat = float(np.sum(t[usable] * b[usable]) / np.sum(t[usable] ** 2)) if usable.any() else 1.0
+    epsilon = s_hat - 1
+    if epsilon <= 0 or s_hat <= 0:
+        return probs.size
+    k = ((epsilon * 2 ** mu) / (1 - vocabulary_size ** -epsilon)) ** (1 / s_hat)
+    return int(min(max(k, 1), probs.size))
+
+
+__all__ = ["KNOB_ALIASES", "Sampler", "SamplingSettings", "make_sampler"]
