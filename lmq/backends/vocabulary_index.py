@@ -1,0 +1,211 @@
+"""`VocabularyIndex`: a vocabulary's token bytes as a byte trie in flat numpy arrays.
+
+The constraint engine computes, for a byte automaton state, which tokens can be walked
+without dying. Walking every token separately would be a Python loop over the vocabulary;
+the trie shares common prefixes, and its breadth-first layout lets a mask be computed a
+whole level at a time with numpy gathers (see `lmq.runtime.token_masks`).
+
+Layout. Tokens with non-empty bytes are sorted by their bytes (`order`: sorted position →
+token id). Every distinct non-empty prefix is a node; nodes are numbered level by level
+(depth 1 first), and within a level by sorted position, so that
+
+- the children of a node are the contiguous ids `child_start[n] : child_start[n + 1]`
+  (the root's children are `0 : root_children`);
+- the tokens having a node's prefix are the contiguous sorted positions `lo[n] : hi[n]`,
+  of which the first `exact[n]` are exactly the prefix (several ids may share bytes).
+
+Building takes a few hundred milliseconds at 150k tokens, so the arrays are cached on
+disk, keyed by a hash of the token bytes (`$XDG_CACHE_HOME/lmq`, else `~/.cache/lmq`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import weakref
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmq.backends.base import Vocabulary
+
+#: bump when the layout or the build changes: old cache files are then ignored
+FORMAT_VERSION = 1
+_ARRAYS = ("order", "byte", "child_start", "lo", "hi", "exact")
+
+
+@dataclass(frozen=True, eq=False)
+class VocabularyIndex:
+    """The trie of one vocabulary's token bytes (flat arrays, see the module docstring)."""
+
+    size: int                 # vocabulary size V (token ids are 0 … V-1)
+    order: np.ndarray         # int32 (T,): sorted position → token id, non-empty tokens only
+    byte: np.ndarray          # int32 (N,): the last byte of each node's prefix
+    child_start: np.ndarray   # int32 (N+1,): children of node n are child_start[n]:child_start[n+1]
+    lo: np.ndarray            # int32 (N,): first sorted position with the node's prefix
+    hi: np.ndarray            # int32 (N,): one past the last such position
+    exact: np.ndarray         # int32 (N,): how many tokens are exactly the node's prefix
+    root_children: int        # the depth-1 nodes are 0 … root_children-1
+
+    @property
+    def node_count(self) -> int:
+        return len(self.byte)
+
+    @staticmethod
+    def build(token_bytes: tuple[bytes, ...]) -> "VocabularyIndex":
+        """Build the trie from token bytes (vectorized apart from one sort)."""
+        size = len(token_bytes)
+        lengths = np.fromiter(map(len, token_bytes), dtype=np.int64, count=size)
+        ids = sorted(np.flatnonzero(lengths).tolist(), key=token_bytes.__getitem__)
+        order = np.asarray(ids, dtype=np.int32)
+        count = len(order)
+        joined = np.frombuffer(b"".join(token_bytes[t] for t in ids), dtype=np.uint8)
+        length = lengths[order]
+        start = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(length, out=start[1:])
+        common = _common_prefixes(joined, start, length)
+
+        # a token at sorted position i creates the nodes of depths common[i]+1 … length[i]
+        fresh = length - common
+        node_pos = np.repeat(np.arange(count), fresh)
+        node_depth = concatenated_ranges(common + 1, fresh)
+        by_level = np.argsort(node_depth.astype(np.uint16) if node_depth.max(initial=0) < 65536
+                              else node_depth, kind="stable")
+        node_pos = node_pos[by_level]
+        node_depth = node_depth[by_level]
+        nodes = len(node_pos)
+        byte = joined[start[node_pos] + node_depth - 1].astype(np.int32)
+
+        # children of node (i, d): the level-(d+1) nodes created at positions ≥ i, up to the
+        # next node of level d (keys (d, i) are increasing in node order)
+        key = node_depth * (count + 1) + node_pos
+        child_start = np.empty(nodes + 1, dtype=np.int64)
+        child_start[:nodes] = np.searchsorted(key, (node_depth + 1) * (count + 1) + node_pos)
+        child_start[nodes] = nodes
+        # the node holding each token (a duplicate's bytes are its predecessor's node)
+        ends_here = node_depth == length[node_pos]
+        exact = np.zeros(nodes, dtype=np.int64)
+        terminal = np.flatnonzero(ends_here)
+        owner = np.maximum.accumulate(np.where(fresh > 0, np.arange(count), 0))
+        terminal_of_position = np.empty(count, dtype=np.int64)
+        terminal_of_position[node_pos[terminal]] = terminal
+        np.add.at(exact, terminal_of_position[owner], 1)
+        hi = node_pos + _subtree_token_counts(exact, child_start, node_depth)
+        return VocabularyIndex(
+            size=size, order=order, byte=byte,
+            child_start=child_start.astype(np.int32), lo=node_pos.astype(np.int32),
+            hi=hi.astype(np.int32), exact=exact.astype(np.int32),
+            root_children=int(np.searchsorted(node_depth, 2)))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in _ARRAYS}
+
+
+def _common_prefixes(joined: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Length of the common prefix of each sorted token with its predecessor (0 for the
+    first), compared one byte column at a time over the pairs still equal."""
+    count = len(length)
+    common = np.zeros(count, dtype=np.int64)
+    if count < 2:
+        return common
+    limit = np.minimum(length[1:], length[:-1])
+    active = np.arange(1, count)
+    depth = 0
+    while active.size:
+        active = active[limit[active - 1] > depth]
+        same = joined[start[active] + depth] == joined[start[active - 1] + depth]
+        active = active[same]
+        depth += 1
+        common[active] = depth
+    return common
+
+
+def concatenated_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """concatenate(arange(s, s + c) for s, c in zip(starts, counts)), vectorized."""
+    ends = np.cumsum(counts)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.repeat(starts - (ends - counts), counts) + np.arange(total, dtype=starts.dtype)
+
+
+def _subtree_token_counts(exact: np.ndarray, child_start: np.ndarray,
+                          depth: np.ndarray) -> np.ndarray:
+    """Tokens in each node's subtree, summed bottom-up one level at a time."""
+    subtree = exact.copy()
+    bounds = np.searchsorted(depth, np.arange(1, int(depth.max(initial=0)) + 2))
+    for level in range(len(bounds) - 2, 0, -1):
+        first, last = bounds[level - 1], bounds[level]
+        below = np.concatenate(([0], np.cumsum(subtree[bounds[level]:bounds[level + 1]])))
+        base = bounds[level]
+        subtree[first:last] += (below[child_start[first + 1:last + 1] - base]
+                                - below[child_start[first:last] - base])
+    return subtree
+
+
+def vocabulary_key(token_bytes: tuple[bytes, ...]) -> str:
+    """A hash of the token bytes (lengths included, so the split is part of the key)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.fromiter(map(len, token_bytes), dtype=np.int32, count=len(token_bytes)).tobytes())
+    digest.update(b"".join(token_bytes))
+    return f"v{FORMAT_VERSION}-{digest.hexdigest()}"
+
+
+def cache_directory() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lmq")
+
+
+def _load(path: str, size: int) -> VocabularyIndex | None:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in _ARRAYS}
+            root_children = int(stored["root_children"])
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+        return None                       # missing or unreadable: rebuilt and rewritten
+    return VocabularyIndex(size=size, root_children=root_children, **arrays)
+
+
+def _store(path: str, index: VocabularyIndex) -> None:
+    """Write to a temporary file and rename it into place, so that a concurrent reader
+    sees either no file or a complete one; a cache that cannot be written is skipped."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.savez(f, root_children=np.int64(index.root_children), **index.arrays())
+        os.replace(temporary, path)
+    except OSError:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+
+
+_memo: dict[int, tuple[weakref.ref, VocabularyIndex]] = {}
+_memo_lock = threading.Lock()
+
+
+def vocabulary_index(vocabulary: Vocabulary, *, use_disk_cache: bool = True) -> VocabularyIndex:
+    """The index of `vocabulary`: shared in process, else read from the disk cache, else
+    built (and cached on disk)."""
+    with _memo_lock:
+        entry = _memo.get(id(vocabulary))
+        if entry is not None and entry[0]() is vocabulary:
+            return entry[1]
+    index = None
+    path = os.path.join(cache_directory(), vocabulary_key(vocabulary.token_bytes) + ".npz")
+    if use_disk_cache:
+        index = _load(path, vocabulary.size)
+    if index is None:
+        index = VocabularyIndex.build(vocabulary.token_bytes)
+        if use_disk_cache:
+            _store(path, index)
+    with _memo_lock:
+        key = id(vocabulary)
+        _memo[key] = (weakref.ref(vocabulary, lambda _, key=key: _memo.pop(key, None)), index)
+    return index

@@ -1,0 +1,309 @@
+"""Token masks of byte DFAs over vocabularies: exact against brute force on a synthetic
+vocabulary, equal to a per-token walk on the five shared GGUF vocabularies, the disk
+cache of the vocabulary index, and the mask's application to a logits row."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from lmq.backends.base import Vocabulary
+from lmq.backends.gguf import load_vocab_only
+from lmq.backends.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
+                                          vocabulary_key)
+from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
+
+VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                             "vocab", "*.gguf")))
+
+
+@dataclass(frozen=True, eq=False)
+class Dfa:
+    """The fields of `lmq.compiler.automaton.ByteDfa` the token automaton reads."""
+    transitions: np.ndarray
+    accepting: np.ndarray
+    exits: np.ndarray
+    initial: int
+
+
+def coreachable(transitions: np.ndarray, goals: set[int]) -> set[int]:
+    """States from which some byte string reaches a goal state (BFS on reversed edges)."""
+    predecessors: dict[int, set[int]] = {}
+    for source, row in enumerate(transitions.tolist()):
+        for target in row:
+            predecessors.setdefault(target, set()).add(source)
+    seen, queue = set(goals), deque(goals)
+    while queue:
+        for source in predecessors.get(queue.popleft(), ()):
+            if source not in seen:
+                seen.add(source)
+                queue.append(source)
+    return seen
+
+
+def make_dfa(n_states: int, edges: dict[tuple[int, int], int], accepting=(), exits=(),
+             initial: int = 1) -> tuple[Dfa, Dfa]:
+    """(raw, trimmed) DFAs from byte edges (missing edges go to DEAD = 0); exit states are
+    made absorbing; the trimmed one sends every state that cannot reach a goal to DEAD."""
+    table = np.zeros((n_states, 256), dtype=np.int32)
+    for (state, byte), target in edges.items():
+        table[state, byte] = target
+    for state in exits:
+        table[state, :] = state
+    flags = [np.isin(np.arange(n_states), list(states)) for states in (accepting, exits)]
+    raw = Dfa(table, flags[0], flags[1], initial)
+    alive = coreachable(table, set(accepting) | set(exits)) - {0}
+    dead = np.array([s not in alive for s in range(n_states)])
+    trimmed_table = np.where(dead[table], 0, table).astype(np.int32)
+    trimmed_table[dead] = 0
+    trimmed = Dfa(trimmed_table, flags[0] & ~dead, flags[1] & ~dead,
+                  initial if initial in alive else 0)
+    return raw, trimmed
+
+
+def char_class_plus(chars: bytes) -> Dfa:
+    """`[chars]+`: 1 initial, 2 accepting."""
+    edges = {(s, b): 2 for s in (1, 2) for b in chars}
+    return make_dfa(3, edges, accepting={2})[1]
+
+
+def options(words: list[bytes]) -> Dfa:
+    """`X in words`: the trie of the options, accepting at each option's end."""
+    edges, accepting, states = {}, set(), {b"": 1}
+    for word in words:
+        for k in range(len(word)):
+            prefix, extended = word[:k], word[:k + 1]
+            if extended not in states:
+                states[extended] = len(states) + 1
+            edges[(states[prefix], word[k])] = states[extended]
+        accepting.add(states[word])
+    return make_dfa(len(states) + 1, edges, accepting)[1]
+
+
+def integer() -> Dfa:
+    """INT: ` ?-?(0|[1-9][0-9]*)`; 1 start, 2 after space, 3 after '-', 4 '0', 5 digits."""
+    digits, nonzero = b"0123456789", b"123456789"
+    edges = {(1, ord(" ")): 2, (1, ord("-")): 3, (2, ord("-")): 3}
+    for s in (1, 2, 3):
+        edges[(s, ord("0"))] = 4
+        edges.update({(s, b): 5 for b in nonzero})
+    edges.update({(5, b): 5 for b in digits})
+    return make_dfa(6, edges, accepting={4, 5})[1]
+
+
+def not_containing(byte: int) -> Dfa:
+    """`"x" not in X`: one accepting state looping on every other byte."""
+    return make_dfa(2, {(1, b): 1 for b in range(256) if b != byte}, accepting={1})[1]
+
+
+def stops_at(phrase: bytes) -> Dfa:
+    """STOPS_AT: any bytes until `phrase` completes, then the absorbing exit state."""
+    n = len(phrase)
+    edges = {}
+    for k in range(n):                  # state k+1: k bytes of the phrase matched (KMP)
+        for b in range(256):
+            text = phrase[:k] + bytes([b])
+            match = max(j for j in range(n + 1) if text.endswith(phrase[:j]))
+            edges[(k + 1, b)] = match + 1
+    return make_dfa(n + 2, edges, accepting=set(range(1, n + 1)), exits={n + 1})[1]
+
+
+def walk_allows(dfa, state: int, data: bytes) -> bool:
+    """Reference: the token's bytes walked from `state` one by one."""
+    for byte in data:
+        if dfa.exits[state]:
+            return True
+        state = int(dfa.transitions[state, byte])
+        if state == 0:
+            return False
+    return True
+
+
+def walk_mask(dfa, state: int, token_bytes) -> list[int]:
+    return [t for t, data in enumerate(token_bytes) if data and state != 0
+            and walk_allows(dfa, state, data)]
+
+
+def synthetic_vocabulary(rng: random.Random, size: int = 400) -> Vocabulary:
+    """Random tokens over a few letters and multi-byte UTF-8 characters, whole and split
+    between tokens, plus empty control tokens and duplicates."""
+    pieces = [b"a", b"b", b"x", b" ", b"\n", "é".encode(), "€".encode(), b"\xc3", b"\xa9",
+              b"\xe2", b"\x82\xac", b"\xe2\x82", b"\xac"]
+    tokens = [bytes([b]) for b in sorted(set(b"".join(pieces)))]
+    while len(tokens) < size - 3:
+        tokens.append(b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 4))))
+    tokens += [b"", tokens[7], b""]
+    return Vocabulary(tuple(tokens), frozenset({size - 3}), None, size - 3, None, False)
+
+
+def random_dfa(rng: random.Random, alphabet: bytes) -> tuple[Dfa, Dfa]:
+    n = rng.randint(3, 9)
+    edges = {(s, b): rng.randrange(n) for s in range(1, n) for b in alphabet
+             if rng.random() < 0.7}
+    accepting = {s for s in range(1, n) if rng.random() < 0.3}
+    exits = {s for s in range(2, n) if rng.random() < 0.2}
+    return make_dfa(n, edges, accepting, exits)
+
+
+def test_masks_are_exact_against_brute_force():
+    """For every state of random DFAs: allowed tokens == tokens after which some byte
+    string reaches an accepting or exit state (BFS over the raw, untrimmed DFA)."""
+    rng = random.Random(7)
+    vocabulary = synthetic_vocabulary(rng)
+    index = VocabularyIndex.build(vocabulary.token_bytes)
+    alphabet = bytes(sorted(set(b"".join(vocabulary.token_bytes))))
+    nontrivial = 0
+    for _ in range(120):
+        raw, trimmed = random_dfa(rng, alphabet)
+        goals = set(np.flatnonzero(raw.accepting | raw.exits).tolist())
+        live = coreachable(raw.transitions, goals) - {0}
+        automaton = DfaTokenAutomaton(trimmed, index, vocabulary.token_bytes)
+        for state in range(len(raw.transitions)):
+            expected = []
+            for token, data in enumerate(vocabulary.token_bytes):
+                s = state
+                for byte in data:
+                    s = int(raw.transitions[s, byte])
+                if data and state in live and s in live:
+                    expected.append(token)
+            engine_state = state if state in live else 0
+            mask = automaton.mask(engine_state)
+            assert mask.allowed.tolist() == expected, (state, raw.transitions)
+            assert mask.count == len(expected)
+            nontrivial += 0 < len(expected) < vocabulary.size - 3
+            for token in expected:
+                after = automaton.advance(engine_state, token)
+                assert after in live
+                assert automaton.accepts(after) == bool(raw.accepting[after])
+    assert nontrivial > 100          # the random automata do exercise partial masks
+
+
+def test_advance_stays_in_exit_and_dead_tokens_lead_to_dead():
+    vocabulary = Vocabulary((b"ab.", b".xyz", b"a", b"q.", b"", b"zz"), frozenset({4}),
+                            None, 4, None, False)
+    dfa = stops_at(b".")
+    automaton = DfaTokenAutomaton(dfa, VocabularyIndex.build(vocabulary.token_bytes),
+                                  vocabulary.token_bytes)
+    start = automaton.initial()
+    assert automaton.mask(start).allowed.tolist() == [0, 1, 2, 3, 5]
+    after = automaton.advance(start, 1)
+    assert automaton.is_exit(after) and automaton.advance(after, 5) == after
+    assert not automaton.is_exit(automaton.advance(start, 2))
+    letters = DfaTokenAutomaton(char_class_plus(b"ab"), automaton.index, vocabulary.token_bytes)
+    assert letters.mask(letters.initial()).allowed.tolist() == [2]
+    assert letters.advance(letters.initial(), 3) == 0
+
+
+def test_forced_bytes_follow_the_only_continuation():
+    vocabulary = Vocabulary((b"a",), frozenset(), None, None, None, False)
+    dfa = options([b"hello world", b"help"])
+    automaton = DfaTokenAutomaton(dfa, VocabularyIndex.build(vocabulary.token_bytes),
+                                  vocabulary.token_bytes)
+    assert automaton.forced(automaton.initial()) == b"hel"
+    state = automaton.initial()
+    for byte in b"helpx"[:4]:
+        state = int(dfa.transitions[state, byte])
+    assert automaton.accepts(state) and automaton.forced(state) == b""
+    state = int(dfa.transitions[int(dfa.transitions[automaton.initial(), ord("h")]), ord("e")])
+    state = int(dfa.transitions[int(dfa.transitions[state, ord("l")]), ord("l")])
+    assert automaton.forced(state) == b"o world"
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_best_and_apply_agree_with_a_reference_row(dense):
+    rng = np.random.default_rng(3)
+    size = 1000
+    allowed = np.sort(rng.choice(size, 600 if dense else 40, replace=False)).astype(np.int32)
+    mask = TokenMask.of(allowed, size)
+    assert mask.dense == dense and mask.count == len(allowed)
+    row = rng.standard_normal(size).astype(np.float32)
+    reference = np.full(size, -np.inf, dtype=np.float32)
+    reference[allowed] = row[allowed]
+    out = np.empty_like(row)
+    before = row.copy()
+    assert np.array_equal(mask.apply(row, out), reference)
+    assert mask.best(row) == mask.best(row, np.empty_like(row)) == int(np.argmax(reference))
+    assert np.array_equal(row, before)
+    assert int(allowed[0]) in mask and (set(range(size)) - set(allowed.tolist())).pop() not in mask
+    assert TokenMask.of(np.empty(0, dtype=np.int32), size).best(row) == -1
+
+
+@pytest.fixture(scope="module", params=VOCABULARIES, ids=os.path.basename)
+def gguf_vocab(request):
+    return load_vocab_only(request.param)
+
+
+def test_there_are_five_shared_vocabularies():
+    assert len(VOCABULARIES) == 5
+
+
+def test_gguf_token_bytes_are_real_bytes(gguf_vocab):
+    """Byte-fallback, SentencePiece `▁` and GPT-2 `Ġ` pieces are decoded to bytes: every
+    single byte has a token, end tokens are empty, and tokenized text joins back."""
+    vocabulary = gguf_vocab.vocabulary()
+    table = vocabulary.token_bytes
+    assert {data[0] for data in table if len(data) == 1} == set(range(256))
+    assert all(table[t] == b"" for t in vocabulary.end_ids)
+    text = "héllo wörld\n\t€ 12"
+    joined = b"".join(table[t] for t in gguf_vocab.tokenize(text))
+    assert joined.lstrip(b" ") == text.encode()
+    assert not any(b"\xe2\x96\x81" in table[t] for t in gguf_vocab.tokenize(text))   # no '▁'
+
+
+def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    vocabulary = gguf_vocab.vocabulary()
+    index = vocabulary_index(vocabulary)
+    table = vocabulary.token_bytes
+    for dfa in (char_class_plus(b"abcdefghijklmnopqrstuvwxyz "), integer(),
+                options([b" yes", b" no", "é€".encode()]), stops_at("\n\n".encode()),
+                not_containing(ord("e"))):
+        automaton = DfaTokenAutomaton(dfa, index, table)
+        state = automaton.initial()
+        for step in range(2):
+            mask = automaton.mask(state)
+            assert mask.allowed.tolist() == walk_mask(dfa, state, table)
+            if not mask.count:
+                break
+            state = automaton.advance(state, int(mask.allowed[len(mask.allowed) // 2]))
+
+
+def test_vocabulary_index_cache_is_served_from_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    vocabulary = load_vocab_only(VOCABULARIES[0]).vocabulary()
+    built = vocabulary_index(vocabulary)
+    files = glob.glob(str(tmp_path / "lmq" / "*"))
+    assert len(files) == 1 and files[0].endswith(".npz")
+
+    def no_build(token_bytes):
+        raise AssertionError("the index was rebuilt instead of read from disk")
+
+    copy = Vocabulary(tuple(vocabulary.token_bytes), vocabulary.end_ids, vocabulary.bos_id,
+                      vocabulary.eos_id, vocabulary.eot_id, vocabulary.add_bos)
+    with monkeypatch.context() as patch:
+        patch.setattr(VocabularyIndex, "build", staticmethod(no_build))
+        loaded = vocabulary_index(copy)
+        assert vocabulary_index(copy) is loaded                 # shared in process
+    assert loaded is not built
+    for name, array in built.arrays().items():
+        assert np.array_equal(array, loaded.arrays()[name]), name
+    assert (loaded.root_children, loaded.size) == (built.root_children, built.size)
+
+
+def test_a_corrupt_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    vocabulary = synthetic_vocabulary(random.Random(1))
+    path = os.path.join(cache_directory(), vocabulary_key(vocabulary.token_bytes) + ".npz")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"PK not really a zip")
+    index = vocabulary_index(vocabulary)
+    assert np.array_equal(index.order, VocabularyIndex.build(vocabulary.token_bytes).order)
+    with np.load(path) as stored:
+        assert np.array_equal(stored["order"], index.order)
