@@ -1,0 +1,140 @@
+"""`GrammarTokenAutomaton`: the token automaton of a context-free constraint (GRAMMAR,
+JSON, typed holes), enforced by llguidance on the GBNF grammar that defines it.
+
+A state is an `llguidance.LLMatcher` (an Earley parser over the value's bytes so far).
+Context-free states are unbounded, so masks cannot be cached per state as for a DFA:
+llguidance computes each one by walking its token trie in Rust. Two llguidance
+defaults are turned off because they break lmq's promises: byte forcing (with it, the
+mask of a state with forced text allows only the canonical tokenization of that text;
+lmq allows every tokenization and fast-forwards forced text itself, from `forced`), and
+greedy multi-character lexemes (see `lmq.compiler.gbnf`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+
+import llguidance
+import numpy as np
+
+from lmq.backends.base import Vocabulary
+from lmq.compiler.gbnf import Grammar
+from lmq.errors import ConstraintError, ConstraintViolation, UnsatisfiableConstraint
+from lmq.runtime.token_masks import TokenMask
+
+#: matchers kept ready per (grammar, vocabulary): a repeated constraint compiles once
+COMPILED_CACHE_SIZE = 256
+_LARK_HEADER = '%llguidance {"no_forcing": true}\n'
+
+
+class _VocabularyTokens:
+    """What `llguidance.TokenizerWrapper` reads: token bytes, end and special ids.
+
+    llguidance calls the encoder only to tokenize forced text for its own
+    fast-forward, which lmq does not use (the decoder tokenizes forced text with the
+    model's tokenizer), so the encoder returns no tokens."""
+
+    def __init__(self, vocabulary: Vocabulary):
+        self.tokens = list(vocabulary.token_bytes)
+        ends = sorted(vocabulary.end_ids)
+        self.eos_token_id = ends[0] if ends else (vocabulary.eos_id or 0)
+        self.bos_token_id = vocabulary.bos_id
+        # control tokens have no text: marked special, llguidance never allows them in text
+        self.special_token_ids = [t for t, data in enumerate(self.tokens) if not data]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return []
+
+
+_tokenizers: dict[int, tuple[weakref.ref, llguidance.LLTokenizer]] = {}
+_compiled: OrderedDict[tuple[str, int], llguidance.LLMatcher] = OrderedDict()
+_lock = threading.Lock()
+
+
+def lltokenizer(vocabulary: Vocabulary) -> llguidance.LLTokenizer:
+    """llguidance's tokenizer (token trie) of `vocabulary`, built once per vocabulary."""
+    key = id(vocabulary)
+    with _lock:
+        entry = _tokenizers.get(key)
+        if entry is not None and entry[0]() is vocabulary:
+            return entry[1]
+    source = _VocabularyTokens(vocabulary)
+    ends = sorted(vocabulary.end_ids) or [source.eos_token_id]
+    tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(source), eos_token=ends)
+    with _lock:
+        _tokenizers[key] = (weakref.ref(vocabulary, lambda _: _tokenizers.pop(key, None)), tokenizer)
+    return tokenizer
+
+
+class GrammarTokenAutomaton:
+    """Token automaton of a checked GBNF grammar over one vocabulary (see module doc).
+
+    States are matchers: `advance` consumes the given state (call `fork` first to keep
+    it); `mask` is computed by llguidance on every call.
+    """
+
+    def __init__(self, grammar: Grammar, vocabulary: Vocabulary, *, variable: str):
+        self.grammar = grammar
+        self.variable = variable
+        self.size = vocabulary.size
+        self._template = _compiled_matcher(grammar, vocabulary, variable)
+        self._bitmask = np.zeros((self.size + 31) // 32, dtype=np.int32)
+        self._bits = self._bitmask.view(np.uint8)
+        ends = np.array(sorted(vocabulary.end_ids), dtype=np.int64)
+        self._end_clear = np.full(len(self._bitmask), -1, dtype=np.int32)
+        np.bitwise_and.at(self._end_clear, ends // 32, ~(np.int32(1) << (ends % 32).astype(np.int32)))
+
+    def initial(self) -> llguidance.LLMatcher:
+        return self._template.deep_copy()
+
+    def fork(self, state: llguidance.LLMatcher) -> llguidance.LLMatcher:
+        return state.deep_copy()
+
+    def accepts(self, state: llguidance.LLMatcher) -> bool:
+        return state.is_accepting()
+
+    def forced(self, state: llguidance.LLMatcher) -> bytes:
+        """The bytes every continuation of the value starts with (empty if there is a
+        choice, or if the value may end here)."""
+        if state.is_accepting():
+            return b""
+        return state.compute_ff_bytes()
+
+    def advance(self, state: llguidance.LLMatcher, token: int) -> llguidance.LLMatcher:
+        if not state.consume_token(token):
+            raise ConstraintViolation(f"token {token} does not continue the grammar of "
+                                      f"{self.variable}: {state.get_error()}")
+        return state
+
+    def mask(self, state: llguidance.LLMatcher) -> TokenMask:
+        state.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+        if state.is_error():
+            raise ConstraintError(f"the grammar of {self.variable} failed: {state.get_error()}")
+        np.bitwise_and(self._bitmask, self._end_clear, out=self._bitmask)
+        allowed = np.flatnonzero(np.unpackbits(self._bits, count=self.size, bitorder="little"))
+        if not len(allowed) and not state.is_accepting():
+            raise UnsatisfiableConstraint(f"no token of the vocabulary continues {self.variable} "
+                                          "under its grammar, and the value is not complete")
+        return TokenMask.of(allowed.astype(np.int32), self.size)
+
+
+def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -> llguidance.LLMatcher:
+    """A fresh matcher of `grammar`, compiled once per (grammar, vocabulary)."""
+    tokenizer = lltokenizer(vocabulary)
+    key = (grammar.text, id(tokenizer))
+    with _lock:
+        matcher = _compiled.get(key)
+        if matcher is not None:
+            _compiled.move_to_end(key)
+            return matcher
+    lark = _LARK_HEADER + grammar.to_lark()
+    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
+    if matcher.is_error():
+        raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")
+    with _lock:
+        _compiled[key] = matcher
+        while len(_compiled) > COMPILED_CACHE_SIZE:
+            _compiled.popitem(last=False)
+    return matcher
