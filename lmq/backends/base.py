@@ -83,6 +83,16 @@ class Backend(ABC):
     def sequence(self) -> Sequence:
         """A new, empty sequence."""
 
+    def advance_many(self, steps: list[tuple[Sequence, list[int]]]) -> list[np.ndarray]:
+        """Append tokens to several sequences in one engine step (one multi-sequence batch
+        where the engine has one) and return each sequence's logits row after its last new
+        token, in order. Rows are valid until the next call on this backend. Engines
+        without batches evaluate the sequences one after another."""
+        rows = []
+        for sequence, tokens in steps:
+            rows.append(np.array(sequence.logits(sequence.tokens + list(tokens))))
+        return rows
+
     def describe(self) -> str:
         return type(self).__name__
 

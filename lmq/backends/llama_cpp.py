@@ -74,25 +74,57 @@ class LlamaCppBackend(GgufBackend):
 
     def _decode(self, seq_id: int, tokens: list[int], start: int) -> None:
         """Evaluate `tokens` at positions start… of `seq_id`, in chunks of n_batch."""
-        batch = self._batch
         for offset in range(0, len(tokens), self.n_batch):
             chunk = tokens[offset:offset + self.n_batch]
-            for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = start + offset + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq_id
-                batch.logits[i] = 0
-            batch.logits[len(chunk) - 1] = 1
-            batch.n_tokens = len(chunk)
-            status = llama_cpp.llama_decode(self.ctx, batch)
-            if status != 0:
-                raise ModelError(f"llama_decode failed with status {status} "
-                                 f"(context {self.context_size} tokens)")
+            self._run_batch([(seq_id, token, start + offset + i, False) for i, token in enumerate(chunk)])
         self.evaluated_tokens += len(tokens)
 
-    def _logits_row(self) -> np.ndarray:
-        pointer = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+    def _run_batch(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (seq id, token, position, wants logits) entries; the last
+        entry always gets logits (row -1)."""
+        batch = self._batch
+        for i, (seq_id, token, position, wants_logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = wants_logits
+        batch.logits[len(entries) - 1] = 1
+        batch.n_tokens = len(entries)
+        status = llama_cpp.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise ModelError(f"llama_decode failed with status {status} "
+                             f"(context {self.context_size} tokens)")
+
+    def advance_many(self, steps: list[tuple["LlamaSequence", list[int]]]) -> list[np.ndarray]:
+        """All sequences' new tokens in one llama_decode (chunked by n_batch); each row is
+        a zero-copy view when one decode sufficed, else a copy."""
+        entries = []
+        for k, (sequence, tokens) in enumerate(steps):
+            if not tokens:
+                raise ModelError("advance_many needs at least one token per sequence")
+            start = len(sequence.tokens)
+            if start + len(tokens) > self.context_size:
+                raise ContextLimitError(f"the context of {self.context_size} tokens is full")
+            last = len(tokens) - 1
+            entries.extend((k, sequence.seq_id, token, start + i, i == last) for i, token in enumerate(tokens))
+        rows: list[np.ndarray] = [None] * len(steps)   # type: ignore[list-item]
+        single = len(entries) <= self.n_batch
+        for offset in range(0, len(entries), self.n_batch):
+            chunk = entries[offset:offset + self.n_batch]
+            self._run_batch([e[1:] for e in chunk])
+            for i, (k, _, _, _, wants_logits) in enumerate(chunk):
+                if wants_logits:
+                    row = self._logits_row(i)
+                    rows[k] = row if single else row.copy()
+        for sequence, tokens in steps:
+            sequence.tokens.extend(tokens)
+        self.evaluated_tokens += len(entries)
+        self._logits_owner = None
+        return rows
+
+    def _logits_row(self, index: int = -1) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from types import CodeType
 from typing import Any, Iterable
 
 from lmq.compiler.ast import Expression
-from lmq.errors import ConstraintError, LmqSyntaxError
+from lmq.errors import LmqSyntaxError
 
 COMPARISONS = {ast.Lt: "<", ast.LtE: "<=", ast.Eq: "==", ast.NotEq: "!=", ast.Gt: ">", ast.GtE: ">="}
 _FLIPPED = {"<": ">", "<=": ">=", "==": "==", "!=": "!=", ">": "<", ">=": "<="}
@@ -280,14 +280,3 @@ def _walk(constraint: Constraint) -> Iterable[Constraint]:
             yield from _walk(item)
     elif isinstance(constraint, Negation):
         yield from _walk(constraint.item)
-
-
-def require_supported(constraint: Constraint) -> None:
-    """Reject, loudly, IR that this runtime cannot enforce yet (instead of ignoring it)."""
-    for node in _walk(constraint):
-        if isinstance(node, (ValueComparison, TypeConstraint, CharCount, Negation)):
-            raise ConstraintError(f"the constraint {node.source!r} needs the token-mask engine, "
-                                  "which this version of lmq does not have yet")
-        if isinstance(node, Junction) and node.op == "or":
-            raise ConstraintError(f"'or' in {node.source!r} needs the token-mask engine, "
-                                  "which this version of lmq does not have yet")

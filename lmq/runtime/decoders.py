@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lmq.backends.base import Sequence, Vocabulary
+from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.runtime.hole import HolePlan
+from lmq.runtime.token_masks import TokenMask
 
 #: arguments every decoder accepts (llama.cpp sampling knobs under their llama.cpp names)
 COMMON_ARGUMENTS = frozenset({"max_len", "seed", "n", "temperature", "top_k", "top_p", "min_p",
@@ -53,14 +54,16 @@ class Decoder:
         self._buffer: np.ndarray | None = None
 
     def _pick(self, row: np.ndarray) -> int:
+        """The index of the chosen entry of a candidate row (-inf entries are not allowed)."""
         return int(row.argmax())
 
     def decode_hole(self, sequence: Sequence, context: list[int], plan: HolePlan,
-                    vocabulary: Vocabulary, max_len: int,
+                    backend: Backend, max_len: int,
                     on_text: Callable[[bytes], None] | None = None) -> HoleOutput:
         """Generate one hole's value after `context` (the prompt tokens so far)."""
+        vocabulary = backend.vocabulary
         ends = vocabulary.end_ids
-        end_list = np.fromiter(ends, dtype=np.int64)
+        end_list = np.fromiter(sorted(ends), dtype=np.int64)
         table = vocabulary.token_bytes
         automaton = plan.automaton
         state = automaton.initial() if automaton is not None else None
@@ -71,15 +74,34 @@ class Decoder:
             return HoleOutput(tokens, b"", "length", 0.0)
         row = sequence.logits(context)
         while True:
-            may_end = len(tokens) >= plan.min_tokens and (automaton is None or automaton.accepts(state))
-            mask = automaton.mask(state) if automaton is not None else None
-            if mask is not None or not may_end:
-                row = self._masked(row, mask, None if may_end else end_list)
-            token = self._pick(row)
-            if row[token] == -np.inf:
+            if automaton is not None:
+                forced = self._forced_tokens(automaton, state, backend, plan, len(tokens),
+                                             max_len - len(context))
+                if forced:
+                    start = len(value)
+                    for token in forced:
+                        state = automaton.advance(state, token)
+                        tokens.append(token)
+                        value += table[token]
+                    cut = (_find_stop(value, plan, start)
+                           if plan.stops and plan.may_end_at(len(tokens)) else None)
+                    if on_text:
+                        on_text(bytes(value[start:cut]))
+                    if cut is not None:
+                        return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
+                    row = sequence.logits(context + tokens)
+            count = len(tokens)
+            may_end = plan.may_end_at(count) and (automaton is None or automaton.accepts(state))
+            mask = None
+            if automaton is not None:
+                last = plan.max_tokens is not None and count + 1 == plan.max_tokens
+                mask = _final_mask(automaton, state) if last else automaton.mask(state)
+            token, token_logprob = self._choose(row, mask, None if may_end else end_list, end_list)
+            if token < 0:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
-                                              f"{bytes(value)!r}")
-            logprob += float(row[token]) - _logsumexp(row)
+                                              f"{bytes(value)!r}" + (" within its token budget"
+                                                                     if mask is not None and last else ""))
+            logprob += token_logprob
             if token in ends:
                 return HoleOutput(tokens, bytes(value), "end", logprob)
             tokens.append(token)
@@ -87,7 +109,7 @@ class Decoder:
             value += table[token]
             if automaton is not None:
                 state = automaton.advance(state, token)
-            if plan.stops and len(tokens) >= plan.min_tokens:
+            if plan.stops and plan.may_end_at(len(tokens)):
                 cut = _find_stop(value, plan, start)
                 if cut is not None:
                     if on_text and cut > start:
@@ -102,20 +124,56 @@ class Decoder:
                                         f"{plan.name}", result=(tokens, bytes(value)))
             row = sequence.advance(token)
 
-    def _masked(self, row: np.ndarray, mask: np.ndarray | None, hidden: np.ndarray | None) -> np.ndarray:
-        """A copy of `row` with the mask added and `hidden` ids at -inf (the row itself,
-        owned by the backend, is never written)."""
+    def _choose(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
+                end_list: np.ndarray) -> tuple[int, float]:
+        """(token, its log-probability under the masked distribution), or (-1, 0) when
+        nothing is allowed. Sparse masks gather only the allowed entries; dense masks and
+        hidden end tokens work on a reused scratch row (the backend's row is never written)."""
+        ids = None
+        if mask is None:
+            candidates = row if hidden is None else self._scratch(row)
+            if hidden is not None:
+                np.copyto(candidates, row)
+                candidates[hidden] = -np.inf
+        elif mask.bias is None:
+            ids = mask.allowed if hidden is not None else np.concatenate((mask.allowed, end_list))
+            if len(ids) == 0:
+                return -1, 0.0
+            candidates = row[ids]
+        else:
+            candidates = np.add(row, mask.bias, out=self._scratch(row))
+            if hidden is None:
+                candidates[end_list] = row[end_list]
+        index = self._pick(candidates)
+        chosen = float(candidates[index])
+        if chosen == -np.inf:
+            return -1, 0.0
+        return (int(ids[index]) if ids is not None else index), chosen - _logsumexp(candidates)
+
+    def _scratch(self, row: np.ndarray) -> np.ndarray:
         if self._buffer is None or self._buffer.shape != row.shape:
             self._buffer = np.empty_like(row)
-        buffer = self._buffer
-        if mask is None:
-            np.copyto(buffer, row)
-        else:
-            np.add(row, mask, out=buffer)
-        if hidden is not None:
-            buffer[hidden] = -np.inf
-        return buffer
+        return self._buffer
 
+    @staticmethod
+    def _forced_tokens(automaton, state, backend: Backend, plan: HolePlan, count: int,
+                       room: int) -> list[int]:
+        """Fast-forward: the canonical tokens of the text every value must continue with,
+        the last one held back (a longer token may span into what follows), within the
+        token budget (one token left for the end) and the context."""
+        forced = automaton.forced(state)
+        if not forced:
+            return []
+        text = forced.decode("utf-8", "ignore")
+        if not text:
+            return []
+        tokens = backend.tokenize(text)
+        if backend.detokenize(tokens) != text.encode("utf-8"):
+            return []               # this tokenizer does not reproduce the text on its own
+        limit = len(tokens) - 1
+        if plan.max_tokens is not None:
+            limit = min(limit, plan.max_tokens - count - 1)
+        return tokens[:max(0, min(limit, room - count - 1))]
 
 def _logsumexp(row: np.ndarray) -> float:
     top = float(row.max())
@@ -123,16 +181,27 @@ def _logsumexp(row: np.ndarray) -> float:
 
 
 def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
-    """Where the value ends if a stop phrase ends inside the newest token (bytes from
-    `start` on): an occurrence completed earlier, while a minimum token count held the
-    stop back, does not fire. The earliest occurrence wins; STOPS_AT keeps the phrase,
-    STOPS_BEFORE drops it."""
-    best: tuple[int, int] | None = None
+    """Where the value ends if a stop phrase ends inside the newest bytes (from `start`
+    on): an occurrence completed earlier, while a token count held the stop back, does not
+    fire. The occurrence that ends first wins (generation stops as soon as one phrase is
+    complete); STOPS_AT keeps the phrase, STOPS_BEFORE drops it."""
+    best: tuple[int, int, int] | None = None
     for rule in plan.stops:
         position = value.find(rule.phrase, max(0, start - len(rule.phrase) + 1))
-        if position >= 0 and (best is None or position < best[0]):
-            best = (position, position + len(rule.phrase) if rule.keep else position)
-    return None if best is None else best[1]
+        if position < 0:
+            continue
+        end = position + len(rule.phrase)
+        candidate = (end, position, end if rule.keep else position)
+        if best is None or candidate < best:
+            best = candidate
+    return None if best is None else best[2]
+
+
+def _final_mask(automaton, state) -> TokenMask:
+    """The mask of the last token a budget allows: only tokens that complete a value
+    (automata that cannot tell return their ordinary mask)."""
+    final = getattr(automaton, "final_mask", None)
+    return final(state) if final is not None else automaton.mask(state)
 
 
 DECODERS: dict[str, type[Decoder]] = {"argmax": Decoder}

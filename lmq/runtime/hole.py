@@ -1,38 +1,52 @@
 """`HolePlan`: the constraint program of one hole, lowered from the IR at the moment the
 hole is reached (runtime operands evaluated in the query's scope).
 
-A plan has four parts a decoder enforces: a token budget (`min_tokens`/`max_tokens`),
-stop phrases, an optional `TokenAutomaton` (the constraint engine's per-hole automaton:
-what may come next, as a token mask per state) and checks on the final value.
+A plan has the parts a decoder enforces: a token budget (`min_tokens`/`max_tokens`, and
+counts the value may not end at), stop phrases, a `TokenAutomaton` (what may come next,
+as a token mask per state) and checks on the final value. Regular constraints (`in`,
+`==`, `!=`, substring, `len(X)`, `INT`, `FLOAT`, `REGEX`, and their `and`/`or`/`not`)
+become one byte automaton, with the stop phrases folded in so that a value cut at a stop
+still satisfies them; `GRAMMAR` and `JSON` become a grammar automaton (llguidance).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol
 
-import numpy as np
-
-from lmq.compiler.constraints import (PythonCheck, StopPhrase, TokenCount, conjuncts,
-                                      require_supported)
+from lmq.backends.base import Vocabulary
+from lmq.compiler import automaton as fa
+from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation, PythonCheck,
+                                      StopPhrase, TokenCount, TypeConstraint, ValueComparison,
+                                      conjuncts)
+from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, language_dfa,
+                                    stopped_dfa)
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
+from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 
 class TokenAutomaton(Protocol):
-    """The per-hole token automaton the constraint engine plugs in.
+    """The per-hole token automaton of the constraint engine.
 
-    States are hashable; `mask(state)` is a float32 bias row (0 allowed, -inf masked) or
-    None for "every token", computed once per state and cached by the engine; `advance`
-    is a table lookup; `accepts(state)` says whether the value may end there.
+    `mask(state)` is the state's `TokenMask` (computed once per state and cached by the
+    engine; end tokens are never in it); `accepts(state)` says whether the value may end
+    there. `advance` may consume the state it is given (grammar states are mutable): a
+    caller that keeps a state for another branch takes `fork(state)` first. `forced` is
+    the text every value must continue with (fast-forward).
     """
 
     def initial(self) -> Hashable: ...
 
-    def mask(self, state: Hashable) -> np.ndarray | None: ...
+    def mask(self, state: Hashable) -> TokenMask: ...
 
     def advance(self, state: Hashable, token: int) -> Hashable: ...
 
     def accepts(self, state: Hashable) -> bool: ...
+
+    def forced(self, state: Hashable) -> bytes: ...
+
+    def fork(self, state: Hashable) -> Hashable: ...
 
 
 @dataclass(frozen=True)
@@ -46,41 +60,166 @@ class HolePlan:
     name: str
     min_tokens: int = 0
     max_tokens: int | None = None
+    excluded_counts: frozenset[int] = frozenset()    # `len(TOKENS(X)) != n`
     stops: tuple[StopRule, ...] = ()
     automaton: TokenAutomaton | None = None
+    language: LanguageKey | None = None              # the regular part, for the re-check
+    grammar: str | None = None                       # GBNF of a GRAMMAR/JSON constraint
+    convert: Callable[[str], Any] | None = None      # INT → int, FLOAT → float, JSON → object
     checks: list[tuple[str, Callable[[Any], bool]]] = field(default_factory=list)
 
+    def may_end_at(self, count: int) -> bool:
+        """Whether a value of `count` tokens satisfies the token budget."""
+        return count >= self.min_tokens and count not in self.excluded_counts
 
-def plan_hole(name: str, constraint, scope: dict[str, Any]) -> HolePlan:
+
+def plan_hole(name: str, constraint: Constraint | None, scope: dict[str, Any],
+              vocabulary: Vocabulary) -> HolePlan:
     """Lower the conjuncts of `constraint` that concern hole `name`."""
     plan = HolePlan(name)
     stops: list[StopRule] = []
+    keys: list[LanguageKey] = []
     for item in conjuncts(constraint):
         if name not in item.variables:
             continue
-        require_supported(item)
         if isinstance(item, TokenCount):
             _bound_tokens(plan, item, item.bound.evaluate(scope))
         elif isinstance(item, StopPhrase):
             stops.extend(_stop_rules(item, item.phrases.evaluate(scope)))
+        elif _stop_alternatives(item):
+            for alternative in item.items:
+                stops.extend(_stop_rules(alternative, alternative.phrases.evaluate(scope)))
         elif isinstance(item, PythonCheck):
             plan.checks.append((item.source, _python_check(item, scope, name)))
+        elif isinstance(item, TypeConstraint) and item.kind in ("GRAMMAR", "JSON"):
+            _grammar(plan, item, scope)
+        else:
+            if isinstance(item, TypeConstraint) and item.kind in TYPE_PATTERNS and plan.convert is None:
+                plan.convert = int if item.kind == "INT" else float
+            keys.append(_language_key(item, scope, name))
     if plan.max_tokens is not None and plan.min_tokens > plan.max_tokens:
         raise UnsatisfiableConstraint(
             f"no value of {name} can satisfy the token bounds: at least {plan.min_tokens} and "
             f"at most {plan.max_tokens} tokens")
     plan.stops = tuple(stops)
+    plan.language = conjunction(keys)
+    _build_automaton(plan, vocabulary)
     return plan
+
+
+def _build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
+    if plan.grammar is not None:
+        if plan.language is not None or plan.stops:
+            raise ConstraintError(f"{plan.name}: a GRAMMAR/JSON constraint cannot be combined with "
+                                  "other value constraints or stop phrases on the same hole "
+                                  "(express them in the grammar)")
+        from lmq.runtime.grammar import grammar_automaton
+        plan.automaton = grammar_automaton(plan.grammar, vocabulary, plan.name)
+        return
+    if plan.language is None:
+        return
+    if plan.stops and plan.min_tokens > 0:
+        raise ConstraintError(f"{plan.name}: a stop phrase together with a minimum token count "
+                              "and a value constraint is not supported")
+    language = language_dfa(plan.language)
+    if fa.is_empty(language) or (plan.max_tokens == 0 and not language.accepting[language.initial]):
+        raise UnsatisfiableConstraint(f"no value of {plan.name} satisfies its constraints")
+    stops = tuple((rule.phrase, rule.keep) for rule in plan.stops)
+    plan.automaton = _dfa_automaton(plan.language, stops, vocabulary)
+
+
+_automata: dict[tuple, DfaTokenAutomaton] = {}
+
+
+def _dfa_automaton(key: LanguageKey, stops: tuple, vocabulary: Vocabulary) -> DfaTokenAutomaton:
+    """One token automaton per (language, stops, vocabulary), so masks computed for a
+    state serve every later hole with the same constraint."""
+    cache_key = (key, stops, id(vocabulary))
+    automaton = _automata.get(cache_key)
+    if automaton is None:
+        automaton = DfaTokenAutomaton.for_vocabulary(stopped_dfa(key, stops), vocabulary)
+        if len(_automata) > 256:
+            _automata.clear()
+        _automata[cache_key] = automaton
+    return automaton
+
+
+def _stop_alternatives(item: Constraint) -> bool:
+    """`STOPS_AT(X, a) or STOPS_BEFORE(X, b)`: each disjunct's stop fires on its own."""
+    return (isinstance(item, Junction) and item.op == "or"
+            and all(isinstance(i, StopPhrase) for i in item.items))
+
+
+def _language_key(node: Constraint, scope: dict[str, Any], name: str) -> LanguageKey:
+    """The language key of a regular constraint node, its operands evaluated."""
+    if isinstance(node, ValueComparison):
+        value = node.operand.evaluate(scope)
+        if node.op in ("in", "not in"):
+            key = ("in", _options(node, value))
+        elif node.op in ("==", "!="):
+            key = ("in", (_string(node, value),))
+        else:
+            key = ("contains", _string(node, value))
+        return ("not", key) if node.op in ("not in", "!=", "not contains") else key
+    if isinstance(node, CharCount):
+        bound = node.bound.evaluate(scope)
+        if not isinstance(bound, int) or isinstance(bound, bool):
+            raise ConstraintError(f"in {node.source!r} the bound must be an int, not {bound!r}")
+        return ("chars", node.op, bound)
+    if isinstance(node, TypeConstraint) and node.kind in TYPE_PATTERNS:
+        return ("regex", TYPE_PATTERNS[node.kind])
+    if isinstance(node, TypeConstraint) and node.kind == "REGEX":
+        pattern = node.argument.evaluate(scope)
+        if not isinstance(pattern, str):
+            raise ConstraintError(f"{node.source!r}: the regex must be a string, not {pattern!r}")
+        return ("regex", pattern)
+    if isinstance(node, Junction):
+        return (node.op, tuple(_language_key(i, scope, name) for i in node.items))
+    if isinstance(node, Negation):
+        return ("not", _language_key(node.item, scope, name))
+    if isinstance(node, (TokenCount, StopPhrase)):
+        raise ConstraintError(f"{node.source!r} can only be a top-level 'and' term of the where "
+                              f"clause of {name}, not inside 'or' or 'not'")
+    if isinstance(node, TypeConstraint):
+        raise ConstraintError(f"{node.source!r} cannot be combined with 'or' or 'not'")
+    raise ConstraintError(f"{node.source!r}: a Python check cannot be combined with 'or' or "
+                          "'not' of masked constraints")
+
+
+def _string(node: Constraint, value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise ConstraintError(f"{node.source!r}: {value!r} is not a string (hole values are strings)")
+    return value.encode("utf-8")
+
+
+def _options(node: Constraint, value: Any) -> tuple[bytes, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset, dict)):
+        raise ConstraintError(f"{node.source!r}: expected a list of strings, not {value!r}")
+    return tuple(sorted({_string(node, v) for v in value}))
+
+
+def _grammar(plan: HolePlan, item: TypeConstraint, scope: dict[str, Any]) -> None:
+    from lmq.runtime.grammar import json_constraint
+
+    if plan.grammar is not None:
+        raise ConstraintError(f"{plan.name}: only one GRAMMAR/JSON constraint per hole")
+    argument = item.argument.evaluate(scope)
+    if item.kind == "GRAMMAR":
+        if not isinstance(argument, str):
+            raise ConstraintError(f"{item.source!r}: the grammar must be GBNF text, not {argument!r}")
+        plan.grammar = argument
+    else:
+        plan.grammar, plan.convert = json_constraint(argument, plan.name)
 
 
 def _bound_tokens(plan: HolePlan, item: TokenCount, bound: Any) -> None:
     if not isinstance(bound, int) or isinstance(bound, bool):
         raise ConstraintError(f"in {item.source!r} the bound must be an int, not {bound!r}")
-    low, high = {"<": (0, bound - 1), "<=": (0, bound), "==": (bound, bound),
-                 ">": (bound + 1, None), ">=": (bound, None), "!=": (0, None)}[item.op]
     if item.op == "!=":
-        raise ConstraintError(f"{item.source!r}: '!=' on a token count needs the token-mask "
-                              "engine, which this version of lmq does not have yet")
+        plan.excluded_counts = plan.excluded_counts | {bound}
+        return
+    low, high = {"<": (0, bound - 1), "<=": (0, bound), "==": (bound, bound),
+                 ">": (bound + 1, None), ">=": (bound, None)}[item.op]
     plan.min_tokens = max(plan.min_tokens, low)
     if high is not None:
         if high < 0:
@@ -106,3 +245,39 @@ def _python_check(item: PythonCheck, scope: dict[str, Any], name: str) -> Callab
         except NameError:        # another hole of the check is not filled yet
             return True
     return check
+
+
+_COMPARE = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
+            "!=": lambda a, b: a != b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+def language_holds(key: LanguageKey, value: str) -> bool:
+    """Python's own verdict on a language key for a finished value: the reference the
+    automata are re-checked against (soundness), independent of them."""
+    kind = key[0]
+    if kind == "in":
+        return value in {o.decode("utf-8", "replace") for o in key[1]}
+    if kind == "contains":
+        return key[1].decode("utf-8", "replace") in value
+    if kind == "chars":
+        return _COMPARE[key[1]](len(value), key[2])
+    if kind == "regex":
+        return re.fullmatch(key[1], value) is not None
+    if kind == "not":
+        return not language_holds(key[1], value)
+    if kind == "and":
+        return all(language_holds(k, value) for k in key[1])
+    return any(language_holds(k, value) for k in key[1])
+
+
+def stops_hold(plan: HolePlan, value: bytes) -> bool:
+    """A value ended by stop phrases holds no occurrence of one except a kept phrase at its
+    very end (the first occurrence ends generation). Only checkable when every occurrence
+    could fire: no minimum or excluded token count held a stop back."""
+    if plan.min_tokens > 0 or plan.excluded_counts:
+        return True
+    for rule in plan.stops:
+        position = value.find(rule.phrase)
+        if position >= 0 and not (rule.keep and position + len(rule.phrase) == len(value)):
+            return False
+    return True

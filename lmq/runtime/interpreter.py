@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 from lmq.backends.base import Backend
 from lmq.compiler.codegen import HoleSpec, PromptProgram
-from lmq.compiler.constraints import Operand
-from lmq.errors import ConstraintError, ConstraintViolation, ContextLimitError
-from lmq.runtime.decoders import Decoder
-from lmq.runtime.hole import plan_hole
+from lmq.compiler.constraints import Constraint, Junction, Operand, TypeConstraint
+from lmq.errors import ConstraintViolation, ContextLimitError
+from lmq.runtime.decoders import Decoder, HoleOutput
+from lmq.runtime.hole import HolePlan, language_holds, plan_hole, stops_hold
 from lmq.runtime.prompt import PromptState
 from lmq.runtime.result import LMQResult
 
@@ -85,15 +85,15 @@ class QueryContext:
         if spec.annotation is not None:
             value = await self._annotated(spec, scope)
         else:
-            value = self._generate(spec, scope)
+            value = self._generate(spec, spec.where, scope)
         for decorator in spec.decorators:
             value = decorator.evaluate(scope)(value)
         self.session.variables[spec.name] = value
         return value
 
-    def _generate(self, spec: HoleSpec, scope: dict[str, Any]) -> str:
+    def _generate(self, spec: HoleSpec, where: Constraint | None, scope: dict[str, Any]) -> Any:
         session = self.session
-        plan = plan_hole(spec.name, spec.where, scope)
+        plan = plan_hole(spec.name, where, scope, session.backend.vocabulary)
         prompt = session.prompt
         on_text = None
         if session.on_text:
@@ -101,7 +101,7 @@ class QueryContext:
                 session.on_text(data.decode("utf-8", "replace"))
         try:
             output = session.decoder.decode_hole(session.sequence, prompt.context(), plan,
-                                                 session.backend.vocabulary, session.max_len, on_text)
+                                                 session.backend, session.max_len, on_text)
         except ContextLimitError as e:
             tokens, value = e.result
             session.variables[spec.name] = value.decode("utf-8", "replace")
@@ -118,16 +118,17 @@ class QueryContext:
         prompt.append_generated(kept, output.value[size:].decode("utf-8", "replace"), value)
         session.tokens[spec.name] = output.tokens
         session.logprob += output.logprob
-        _check(spec, plan, output.tokens, value)
-        return value
+        _check(spec, plan, output, value)
+        return plan.convert(value) if plan.convert is not None else value
 
     async def _annotated(self, spec: HoleSpec, scope: dict[str, Any]) -> Any:
         target, args, kwargs = _call_parts(spec.annotation, scope)
         if getattr(target, "is_lmq_query", False):
             return await self._nested(target, args, kwargs)
-        raise ConstraintError(f"the annotation of [{spec.name}: {spec.annotation.source}] needs the "
-                              "token-mask engine (typed, regex and JSON holes), which this version "
-                              "of lmq does not have yet")
+        typed = _annotation_constraint(spec, target)
+        where = typed if spec.where is None else Junction(f"{spec.where.source} and {typed.source}",
+                                                          "and", (spec.where, typed))
+        return self._generate(spec, where, {**scope, _ANNOTATION: target})
 
     async def _nested(self, query, args: tuple, kwargs: dict) -> Any:
         """Run a query function on this prompt; a returned value replaces its text."""
@@ -148,15 +149,50 @@ class QueryContext:
         return returned
 
 
-def _check(spec: HoleSpec, plan, tokens: list[int], value: str) -> None:
-    """Soundness: the finished value is re-checked against what the plan promised."""
-    count = len(tokens)
-    if count < plan.min_tokens or (plan.max_tokens is not None and count > plan.max_tokens):
+_ANNOTATION = "__lmq_annotation__"
+
+
+def _annotation_constraint(spec: HoleSpec, target: Any) -> Constraint:
+    """`[X: int]` is INT(X), `[X: float]` FLOAT(X), `[X: r"…"]` REGEX(X, …), any other
+    type JSON(X, type)."""
+    name = spec.name
+    if target is int:
+        return TypeConstraint(f"INT({name})", name, "INT", None)
+    if target is float:
+        return TypeConstraint(f"FLOAT({name})", name, "FLOAT", None)
+    kind = "REGEX" if isinstance(target, str) else "JSON"
+    return TypeConstraint(f"{kind}({name}, {spec.annotation.source})", name, kind,
+                          Operand.of(_ANNOTATION))
+
+
+def _check(spec: HoleSpec, plan: HolePlan, output: HoleOutput, value: str) -> None:
+    """Soundness: the finished value is re-checked against what the plan promised, with
+    Python's own semantics (never expected to fail; the check stays on)."""
+    count = len(output.tokens)
+    if count < plan.min_tokens or (plan.max_tokens is not None and count > plan.max_tokens) \
+            or (output.finish != "length" and count in plan.excluded_counts):
         raise ConstraintViolation(f"{spec.name} has {count} tokens, outside its bounds "
                                   f"[{plan.min_tokens}, {plan.max_tokens}]")
+    if plan.language is not None and not language_holds(plan.language, value):
+        raise ConstraintViolation(f"{spec.name} = {value!r} does not satisfy its constraints")
+    if plan.stops and not stops_hold(plan, output.value):
+        raise ConstraintViolation(f"{spec.name} = {value!r} runs past a stop phrase")
+    if plan.automaton is not None and plan.grammar is not None and not _grammar_accepts(plan, output):
+        raise ConstraintViolation(f"{spec.name} = {value!r} is not derived by its grammar")
     for source, check in plan.checks:
         if not check(value):
             raise ConstraintViolation(f"{spec.name} = {value!r} does not satisfy {source}")
+
+
+def _grammar_accepts(plan: HolePlan, output: HoleOutput) -> bool:
+    """Replay the generated tokens through a fresh grammar state."""
+    automaton = plan.automaton
+    state = automaton.initial()
+    for token in output.tokens:
+        if token not in automaton.mask(state):
+            return False
+        state = automaton.advance(state, token)
+    return automaton.accepts(state)
 
 
 @functools.lru_cache(maxsize=512)

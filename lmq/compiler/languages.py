@@ -1,0 +1,66 @@
+"""Where-clause IR + evaluated operands → the value language of one hole, as a `ByteDfa`.
+
+Lowering happens in two steps so that compiled automata can be shared: the runtime
+evaluates a node's operands in the query's scope and turns the node into a *language
+key* (nested tuples of plain values, hashable), and `language_dfa` compiles a key into a
+byte automaton, cached per process. The same key met again (a loop, a repeated call)
+costs one dictionary lookup.
+
+Keys:
+
+| key | language |
+| --- | --- |
+| `("in", (b"a", b"b"))` | exactly one of the options |
+| `("contains", b"s")` | contains s |
+| `("chars", op, n)` | `len(X) op n`, counted in UTF-8 characters |
+| `("regex", pattern)` | full match of a Python regex |
+| `("and", keys)`, `("or", keys)`, `("not", key)` | intersection, union, complement |
+
+`INT` and `FLOAT` are regex keys of their fixed patterns; `X == v` is `("in", (v,))`,
+`X != v` is `("not", ("in", (v,)))`.
+"""
+
+from __future__ import annotations
+
+import functools
+from lmq.compiler import automaton as fa
+from lmq.compiler.automaton import ByteDfa
+
+LanguageKey = tuple
+#: the fixed languages of INT(X) and FLOAT(X) (constraints.md)
+TYPE_PATTERNS = {"INT": r" ?-?(0|[1-9][0-9]*)", "FLOAT": r" ?-?(0|[1-9][0-9]*)(\.[0-9]+)?"}
+
+
+@functools.lru_cache(maxsize=1024)
+def language_dfa(key: LanguageKey) -> ByteDfa:
+    """The minimal byte automaton of a language key."""
+    kind = key[0]
+    if kind == "in":
+        return fa.options(key[1])
+    if kind == "contains":
+        return fa.contains(key[1])
+    if kind == "chars":
+        return fa.char_count(key[1], key[2])
+    if kind == "regex":
+        from lmq.compiler.regex import regex_dfa
+        return regex_dfa(key[1])
+    if kind == "not":
+        return fa.complement(language_dfa(key[1]))
+    if kind in ("and", "or"):
+        combine = fa.intersect if kind == "and" else fa.union
+        return functools.reduce(combine, (language_dfa(k) for k in key[1]))
+    raise ValueError(f"unknown language key {key!r}")
+
+
+@functools.lru_cache(maxsize=1024)
+def stopped_dfa(key: LanguageKey | None, stops: tuple[tuple[bytes, bool], ...]) -> ByteDfa:
+    """The language of generated streams: `key`'s values, ended by the first stop phrase."""
+    base = language_dfa(key) if key is not None else fa.any_bytes()
+    return fa.with_stops(base, list(stops)) if stops else base
+
+
+def conjunction(keys: list[LanguageKey]) -> LanguageKey | None:
+    """One key for the `and` of several (None for none)."""
+    if not keys:
+        return None
+    return keys[0] if len(keys) == 1 else ("and", tuple(keys))
