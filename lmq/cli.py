@@ -15,6 +15,7 @@ from lmq.compiler.codegen import compile_query
 from lmq.errors import LmqError, QueryArgumentError
 from lmq.runtime.query import QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
+from lmq.serve.command import add_parser as add_serve_parser, serve_model
 
 
 class _UsageError(Exception):
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="show the compiled program of a .lmq file")
     compile_.add_argument("file")
     compile_.add_argument("--gbnf", action="store_true", help="print per-hole GBNF grammars")
+    add_serve_parser(commands)
     return parser
 
 
@@ -112,8 +114,12 @@ def _compile(options: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    options = parser.parse_args(argv)
+    options, extra = parser.parse_known_args(argv)
+    if extra and options.command != "serve-model":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if options.command == "serve-model":
+            return serve_model(options, extra)
         return {"run": _run, "compile": _compile}[options.command](options)
     except _UsageError as e:
         print(f"lmq: {e}", file=sys.stderr)

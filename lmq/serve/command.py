@@ -1,0 +1,90 @@
+"""`lmq serve-model MODEL [--host H] [--port P] [--token T] [--static] [limits] [--key value …]`.
+
+Flags of the server itself are spelled with dashes; every other `--key value` goes to the
+backend constructor (`--n_ctx 1024`, `--n_gpu_layers -1`), its value read as a Python
+literal when it is one (`1024`, `-1`, `True`), else kept as a string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import sys
+from typing import Any
+
+from lmq.errors import QueryArgumentError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve-model", help="serve a model over LMTP (websocket)", allow_abbrev=False,
+        description="Serve a model to lmq and LMQL clients over LMTP. Any other --key value "
+                    "goes to the backend (--n_ctx 1024, --n_gpu_layers -1).")
+    serve.add_argument("model", nargs="?", help="llama.cpp:PATH.gguf or transformers:DIR "
+                                                "(omit to load models on demand only)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' from clients")
+    serve.add_argument("--static", action="store_true", help="serve only MODEL, never load others")
+    serve.add_argument("--slots", type=int, default=8,
+                       help="concurrent streams per model: its cache sequences (default 8)")
+    serve.add_argument("--max-models", type=int, default=2, help="models loaded at once (default 2)")
+    serve.add_argument("--max-frame-bytes", type=int, default=8 * 1024 * 1024,
+                       help="largest client frame answered (default 8 MiB)")
+    serve.add_argument("--max-streams", type=int, default=64,
+                       help="open streams per connection (default 64)")
+    serve.add_argument("--max-tokens", type=int, default=4096,
+                       help="largest max_tokens of a GENERATE (default 4096)")
+
+
+def backend_arguments(extra: list[str]) -> dict[str, Any]:
+    """`--key value` pairs (or `--key=value`, or a bare `--flag` for True) → kwargs."""
+    kwargs: dict[str, Any] = {}
+    items = list(extra)
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--") or len(item) == 2:
+            raise QueryArgumentError(f"serve-model: unexpected argument {item!r} (backend arguments "
+                                     "are --key value)")
+        key, equals, text = item[2:].partition("=")
+        if not key.isidentifier():
+            raise QueryArgumentError(f"serve-model: {item!r} is not a backend argument name")
+        if not equals:
+            text = items.pop(0) if items and not items[0].startswith("--") else "True"
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
+def serve_model(options: argparse.Namespace, extra: list[str]) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM; 0 on a clean shutdown."""
+    from lmq.serve.models import ModelRegistry
+    from lmq.serve.protocol import Limits
+    from lmq.serve.server import LmtpServer
+
+    if options.static and not options.model:
+        raise QueryArgumentError("serve-model: --static needs a MODEL to serve")
+    for name in ("slots", "max_models", "max_frame_bytes", "max_streams", "max_tokens"):
+        if getattr(options, name) < 1:
+            raise QueryArgumentError(f"serve-model: --{name.replace('_', '-')} must be at least 1")
+    registry = ModelRegistry(backend_arguments(extra), slots=options.slots, static=options.static,
+                             max_models=options.max_models)
+    ready = ""
+    if options.model:
+        print(f"lmq serve-model: loading {options.model}", file=sys.stderr, flush=True)
+        worker = registry.load(options.model)
+        ready = f"serving {worker.model_id}, "
+    limits = Limits(max_frame_bytes=options.max_frame_bytes, max_streams=options.max_streams,
+                    max_tokens=options.max_tokens)
+    server = LmtpServer(registry, host=options.host, port=options.port, token=options.token,
+                        limits=limits)
+    try:
+        asyncio.run(server.run(ready))
+    except OSError as e:
+        registry.stop()
+        raise QueryArgumentError(f"serve-model: cannot listen on {options.host}:{options.port}: "
+                                 f"{e.strerror}") from None
+    return 0

@@ -1,0 +1,273 @@
+"""LMTP frames: parsing and validating client frames, encoding server frames.
+
+A client frame is `TYPE JSON-object`; a server frame is `TYPE JSON-list`. Everything a
+client sends is data: it is parsed as JSON and checked field by field here, so the rest of
+the server only ever sees well-typed requests. A bad frame becomes a `ProtocolError`
+carrying the stream id when one could be read, so the error answer reaches the right
+stream (or `stream_id: null`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmq.errors import LmqError, QueryArgumentError
+from lmq.runtime.sampling import KNOB_ALIASES, SamplingSettings
+
+
+class ProtocolError(LmqError):
+    """A frame the server cannot act on; answered with an error for `stream_id`."""
+
+    def __init__(self, message: str, stream_id: int | None = None, kind: str = "TOKEN"):
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.kind = kind          # the frame type the error answer goes out as
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-server safety limits (each one a `serve-model` flag)."""
+
+    max_frame_bytes: int = 8 * 1024 * 1024
+    max_streams: int = 64             # open streams per connection
+    max_tokens: int = 4096            # largest `max_tokens` a GENERATE may ask for
+    max_top_logprobs: int = 20
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """An lmq constraint program: what the server enforces on every token of a stream."""
+
+    grammar: str | None
+    min_tokens: int
+    max_tokens: int | None
+    stops: tuple[tuple[str, bool], ...]       # (phrase, keep)
+
+
+@dataclass(frozen=True)
+class Generate:
+    stream_id: int
+    model: str
+    prompt: list[int]
+    max_tokens: int = 32
+    top_logprobs: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    allow: list[int] | None = None            # `mask: {"allow": …}`
+    deny: list[int] | None = None             # `mask: {"deny": …}`
+    constraint: Constraint | None = None
+    seed: int | None = None
+    sampling: SamplingSettings = SamplingSettings(temperature=0.0)
+
+    def token_ids(self) -> list[int]:
+        """Every token id the request names (checked against the vocabulary)."""
+        return [*self.prompt, *self.logit_bias, *(self.allow or ()), *(self.deny or ())]
+
+
+@dataclass(frozen=True)
+class Score:
+    stream_id: int
+    model: str
+    prompt: list[int]
+    scored: list[int]
+
+    def token_ids(self) -> list[int]:
+        return [*self.prompt, *self.scored]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    stream_id: int | None
+    model: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    stream_id: int
+
+
+Request = Generate | Score | ModelInfo | Cancel
+
+
+def parse_request(frame: str | bytes, limits: Limits) -> Request:
+    """One client frame → a validated request, or a `ProtocolError`."""
+    if isinstance(frame, bytes):
+        raise ProtocolError("LMTP frames are text messages, not binary", kind="MSG")
+    if len(frame) > limits.max_frame_bytes:
+        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the server's limit of "
+                            f"{limits.max_frame_bytes} bytes", kind="MSG")
+    kind, _, body = frame.partition(" ")
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"{_clip(kind)} frame: the body is not valid JSON", kind="MSG") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"{_clip(kind)} frame: the body must be a JSON object", kind="MSG")
+    stream_id = payload.get("stream_id")
+    stream_id = stream_id if _is_int(stream_id) else None
+    parse = _PARSERS.get(kind)
+    if parse is None:
+        raise ProtocolError(f"unknown frame type {_clip(kind)!r} (expected GENERATE, SCORE, "
+                            "MODEL_INFO or CANCEL)", stream_id, kind="MSG")
+    try:
+        return parse(_Fields(kind, payload), limits)
+    except ProtocolError as e:
+        e.stream_id = stream_id
+        if kind in ("MODEL_INFO", "CANCEL"):
+            e.kind = "MSG"
+        raise
+
+
+def encode(kind: str, elements: list[dict[str, Any]]) -> str:
+    """A server frame: `TYPE [elements…]`."""
+    return f"{kind} {json.dumps(elements, separators=(',', ':'))}"
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Fields:
+    """Typed access to a frame's fields; every failure names the frame and the field."""
+
+    def __init__(self, kind: str, payload: dict[str, Any]):
+        self.kind = kind
+        self.payload = payload
+
+    def fail(self, message: str) -> ProtocolError:
+        return ProtocolError(f"{self.kind}: {message}")
+
+    def int(self, name: str, default: int | None = None, low: int | None = None,
+            high: int | None = None, required: bool = False) -> int | None:
+        value = self.payload.get(name, default)
+        if value is None and not required:
+            return None
+        if not _is_int(value):
+            raise self.fail(f"field {name!r} must be an integer" if name in self.payload
+                            else f"missing field {name!r}")
+        if low is not None and value < low:
+            raise self.fail(f"field {name!r} must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise self.fail(f"field {name!r} must be at most {high}, got {value}")
+        return value
+
+    def string(self, name: str) -> str:
+        value = self.payload.get(name)
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"field {name!r} must be a non-empty string" if name in self.payload
+                            else f"missing field {name!r}")
+        return value
+
+    def ids(self, name: str, value: Any = None, allow_empty: bool = False) -> list[int]:
+        value = self.payload.get(name) if value is None else value
+        if not isinstance(value, list):
+            raise self.fail(f"field {name!r} must be a list of token ids" if name in self.payload
+                            else f"missing field {name!r}")
+        if not value and not allow_empty:
+            raise self.fail(f"field {name!r} must not be empty")
+        if not all(_is_int(t) for t in value):
+            raise self.fail(f"field {name!r} must hold integers only")
+        return value
+
+    def bias(self, name: str) -> dict[int, float]:
+        value = self.payload.get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(f"field {name!r} must be an object of token id → number")
+        bias = {}
+        for key, number in value.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise self.fail(f"{name}: key {_clip(key)!r} is not a token id") from None
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or math.isnan(number):
+                raise self.fail(f"{name}: the bias of token {token} must be a number")
+            bias[token] = float(number)
+        return bias
+
+
+def _stream(fields: _Fields) -> int:
+    return fields.int("stream_id", required=True)
+
+
+def _generate(fields: _Fields, limits: Limits) -> Generate:
+    allow = deny = None
+    mask = fields.payload.get("mask")
+    if mask is not None:
+        if not isinstance(mask, dict) or len(mask) != 1 or not set(mask) <= {"allow", "deny"}:
+            raise fields.fail('field "mask" must be {"allow": [ids]} or {"deny": [ids]}')
+        if "allow" in mask:
+            allow = fields.ids("mask.allow", mask["allow"])
+        else:
+            deny = fields.ids("mask.deny", mask["deny"], allow_empty=True)
+    return Generate(
+        stream_id=_stream(fields), model=fields.string("model"), prompt=fields.ids("prompt"),
+        max_tokens=fields.int("max_tokens", 32, 1, limits.max_tokens),
+        top_logprobs=fields.int("top_logprobs", 1, 0, limits.max_top_logprobs),
+        logit_bias=fields.bias("logit_bias"), allow=allow, deny=deny,
+        constraint=_constraint(fields), seed=fields.int("seed"), sampling=_sampling(fields))
+
+
+def _sampling(fields: _Fields) -> SamplingSettings:
+    """The sampling knobs under llama.cpp's or LMQL's names; greedy unless `temperature`."""
+    names = SamplingSettings.names()
+    knobs = {key: value for key, value in fields.payload.items()
+             if KNOB_ALIASES.get(key, key) in names}
+    knobs.setdefault("temperature", 0.0)
+    try:
+        return SamplingSettings.of(knobs)
+    except (QueryArgumentError, TypeError) as e:
+        raise fields.fail(str(e)) from None
+
+
+def _constraint(fields: _Fields) -> Constraint | None:
+    program = fields.payload.get("constraint")
+    if program is None:
+        return None
+    if not isinstance(program, dict):
+        raise fields.fail('field "constraint" must be an object')
+    inner = _Fields(f"{fields.kind} constraint", program)
+    grammar = program.get("grammar")
+    if grammar is not None and not isinstance(grammar, str):
+        raise inner.fail('field "grammar" must be GBNF text or null')
+    stops = program.get("stops", [])
+    if not isinstance(stops, list):
+        raise inner.fail('field "stops" must be a list')
+    rules = []
+    for stop in stops:
+        if (not isinstance(stop, dict) or not isinstance(stop.get("phrase"), str)
+                or not stop["phrase"] or not isinstance(stop.get("keep"), bool)):
+            raise inner.fail('each stop must be {"phrase": non-empty string, "keep": bool}')
+        rules.append((stop["phrase"], stop["keep"]))
+    return Constraint(grammar=grammar, min_tokens=inner.int("min_tokens", 0, 0),
+                      max_tokens=inner.int("max_tokens", None, 0), stops=tuple(rules))
+
+
+def _score(fields: _Fields, limits: Limits) -> Score:
+    return Score(stream_id=_stream(fields), model=fields.string("model"),
+                 prompt=fields.ids("prompt"), scored=fields.ids("scored"))
+
+
+def _model_info(fields: _Fields, limits: Limits) -> ModelInfo:
+    data = fields.payload.get("data", {})
+    if not isinstance(data, dict):
+        raise fields.fail('field "data" must be an object')
+    return ModelInfo(stream_id=fields.int("stream_id"), model=fields.string("model"))
+
+
+def _cancel(fields: _Fields, limits: Limits) -> Cancel:
+    return Cancel(stream_id=_stream(fields))
+
+
+_PARSERS = {"GENERATE": _generate, "SCORE": _score, "MODEL_INFO": _model_info, "CANCEL": _cancel}
