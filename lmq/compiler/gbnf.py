@@ -11,6 +11,7 @@ Earley rules, where llguidance explores every derivation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Union
 
@@ -69,11 +70,30 @@ class Grammar:
     text: str
     rules: dict[str, Node]
 
-    def to_lark(self) -> str:
-        """The grammar in llguidance's Lark dialect, one code point per lexeme."""
-        names = {name: f"r{i}_{name.lower().replace('-', '_')}" for i, name in enumerate(self.rules)}
-        lines = [f"start: {names['root']}"]
-        lines += [f"{names[name]}: {_lark(node, names, top=True)}" for name, node in self.rules.items()]
+    @functools.cached_property
+    def lark(self) -> str:
+        """The grammar in llguidance's Lark dialect: the rules `choose_lexemes` picks
+        become terminals (lexed greedily, which is exact for them), every other
+        character is a lexeme of its own. Rules used inside a lexeme are written once
+        more as helper terminals (`H…`), which no rule references."""
+        from lmq.compiler.lexemes import choose_lexemes
+
+        lexemes = choose_lexemes(self.rules)
+        rules, helpers = _reachable(self.rules, lexemes)
+        index = {name: f"{i}_{name.replace('-', '_')}" for i, name in enumerate(self.rules)}
+
+        def helper(name: str) -> str:
+            return f"H{index[name].upper()}"
+
+        def reference(name: str) -> str:
+            return f"T{index[name].upper()}" if name in lexemes else f"r{index[name].lower()}"
+
+        lines = [f"start: {reference('root')}"]
+        for name in rules:
+            inner = helper if name in lexemes else reference
+            lines.append(f"{reference(name)}: {_lark(self.rules[name], inner, top=True)}")
+        for name in helpers:
+            lines.append(f"{helper(name)}: {_lark(self.rules[name], helper, top=True)}")
         return "\n".join(lines) + "\n"
 
 
@@ -87,6 +107,11 @@ def parse_gbnf(text: str, *, owner: str = "GRAMMAR") -> Grammar:
     """
     if not isinstance(text, str):
         raise ConstraintError(f"{owner}: the grammar must be a string of GBNF, not {type(text).__name__}")
+    return _parse(text, owner)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(text: str, owner: str) -> Grammar:
     rules = _Parser(text, owner).parse()
     if "root" not in rules:
         raise ConstraintError(f"{owner}: the grammar has no 'root' rule")
@@ -388,7 +413,34 @@ def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
                 stack.extend(edges[name])
 
 
-def _lark(node: Node, names: dict[str, str], top: bool = False) -> str:
+def _reachable(rules: dict[str, Node], lexemes: set[str]) -> tuple[list[str], list[str]]:
+    """The rules reachable from root without entering a lexeme (lexemes included), and
+    the rules used inside lexemes, each in order of definition."""
+    from lmq.compiler.lexemes import _walk
+
+    def references(name: str) -> list[str]:
+        return [n.name for n in _walk(rules[name]) if isinstance(n, RuleRef)]
+
+    outer, inner = set(), set()
+    stack = ["root"]
+    while stack:
+        name = stack.pop()
+        if name not in outer:
+            outer.add(name)
+            if name in lexemes:
+                pending = references(name)
+                while pending:
+                    sub = pending.pop()
+                    if sub not in inner:
+                        inner.add(sub)
+                        pending.extend(references(sub))
+            else:
+                stack.extend(references(name))
+    return [n for n in rules if n in outer], [n for n in rules if n in inner]
+
+
+def _lark(node: Node, reference, top: bool = False) -> str:
+    """Lark text of `node`; `reference(name)` renders a rule reference."""
     if isinstance(node, Literal):
         if not node.text:
             return '""'
@@ -400,11 +452,11 @@ def _lark(node: Node, names: dict[str, str], top: bool = False) -> str:
     if isinstance(node, AnyChar):
         return "/(?s:.)/"
     if isinstance(node, RuleRef):
-        return names[node.name]
+        return reference(node.name)
     if isinstance(node, Repeat):
         if node.high == 0:
             return '""'
-        inner = _lark(node.item, names)
+        inner = _lark(node.item, reference)
         suffix = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((node.low, node.high))
         if suffix is None:
             suffix = f"{{{node.low},{'' if node.high is None else node.high}}}"
@@ -412,9 +464,9 @@ def _lark(node: Node, names: dict[str, str], top: bool = False) -> str:
     if isinstance(node, Sequence):
         if not node.items:
             return '""'
-        text = " ".join(_lark(item, names) for item in node.items)
+        text = " ".join(_lark(item, reference) for item in node.items)
         return text if top else f"({text})"
-    text = " | ".join(_lark(item, names, top=True) for item in node.alternatives)
+    text = " | ".join(_lark(item, reference, top=True) for item in node.alternatives)
     return text if top else f"({text})"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import re
 import types
@@ -68,14 +69,20 @@ def schema_to_gbnf(schema: dict, *, owner: str = "JSON") -> str:
     """GBNF of the compact JSON documents valid against `schema` (root rule `root`)."""
     try:
         text = json.dumps(schema)
-        converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-        converter.visit(converter.resolve_refs(json.loads(text), "input"), "")
-        grammar = converter.format_grammar()
     except (TypeError, ValueError) as e:
         raise ConstraintError(f"{owner}: the schema is not JSON: {e}") from None
-    except (AssertionError, KeyError, AttributeError, RecursionError) as e:
+    return _converted(text, owner)
+
+
+@functools.lru_cache(maxsize=256)
+def _converted(schema_text: str, owner: str) -> str:
+    try:
+        converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        converter.visit(converter.resolve_refs(json.loads(schema_text), "input"), "")
+        grammar = converter.format_grammar()
+    except (AssertionError, KeyError, AttributeError, TypeError, ValueError, RecursionError) as e:
         raise ConstraintError(f"{owner}: llama.cpp's schema converter does not support this "
-                              f"schema ({type(e).__name__}: {e}): {_short(schema)}") from None
+                              f"schema ({type(e).__name__}: {e}): {_short(schema_text)}") from None
     grammar = re.sub(r"(?m)^space ::= .*$", lambda _: _COMPACT_SPACE, grammar)
     return re.sub(r"(?m)^char ::= .*$", lambda _: _JSON_CHAR, grammar)
 
@@ -201,6 +208,5 @@ def _name(target: Any) -> str:
     return getattr(target, "__name__", None) if isinstance(target, type) else repr(target)
 
 
-def _short(schema: dict) -> str:
-    text = json.dumps(schema)
+def _short(text: str) -> str:
     return text if len(text) <= 120 else text[:117] + "..."

@@ -113,11 +113,12 @@ class GrammarTokenAutomaton:
         if state.is_error():
             raise ConstraintError(f"the grammar of {self.variable} failed: {state.get_error()}")
         np.bitwise_and(self._bitmask, self._end_clear, out=self._bitmask)
-        allowed = np.flatnonzero(np.unpackbits(self._bits, count=self.size, bitorder="little"))
+        bits = np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool)
+        allowed = np.flatnonzero(bits).astype(np.int32)
         if not len(allowed) and not state.is_accepting():
             raise UnsatisfiableConstraint(f"no token of the vocabulary continues {self.variable} "
                                           "under its grammar, and the value is not complete")
-        return TokenMask.of(allowed.astype(np.int32), self.size)
+        return TokenMask.of(allowed, self.size)
 
 
 def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -> llguidance.LLMatcher:
@@ -129,7 +130,7 @@ def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -
         if matcher is not None:
             _compiled.move_to_end(key)
             return matcher
-    lark = _LARK_HEADER + grammar.to_lark()
+    lark = _LARK_HEADER + grammar.lark
     matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
     if matcher.is_error():
         raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")

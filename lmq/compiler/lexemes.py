@@ -1,0 +1,282 @@
+"""Which GBNF rules llguidance may read as single lexemes without changing the language.
+
+llguidance lexes greedily: once a lexeme has matched, it keeps extending it while it can,
+and never backtracks into a shorter match. GBNF has no lexer; a string belongs to the
+grammar if any derivation yields it. Lexing every character separately is always exact,
+but then llguidance runs its Earley parser on every byte of every token it tries, about
+4 ms per mask at 49k tokens. A multi-character lexeme is walked by a lexer DFA instead.
+
+Greedy lexing is exact when the lexemes, taken together, are prefix-free: no string of
+any lexeme is a proper prefix of a string of any lexeme. Then the lexer never has a
+choice to make (a lexeme that has matched can never be extended by any lexeme), so the
+lexeme boundaries of every derivation are the ones it finds. `choose_lexemes` promotes,
+from `root` down, each non-recursive, non-empty rule made of characters only, checks the
+whole set (single characters included) with a product construction over their NFAs,
+and demotes a rule involved in a conflict (its sub-rules become candidates) until none
+is left. JSON grammars come out as one or a few lexemes (a JSON value is prefix-free).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable
+
+from lmq.compiler import gbnf as g
+
+MAX_CODE_POINT = 0x10FFFF
+#: candidates larger than this many NFA states stay split (the check is quadratic)
+MAX_LEXEME_STATES = 3000
+#: pairs explored by one check before giving up on promotion
+MAX_PAIRS = 200_000
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+def choose_lexemes(rules: dict[str, g.Node]) -> set[str]:
+    """Names of the rules to lex as single lexemes (see the module docstring)."""
+    candidates = _character_rules(rules)
+    demoted: set[str] = set()
+    while True:
+        lexemes, singles = _promote(rules, candidates - demoted)
+        if not lexemes:
+            return lexemes
+        nfa = _Nfa(rules)
+        starts = []
+        for name in sorted(lexemes):
+            start = nfa.build_rule(name)
+            if start is None:
+                demoted.add(name)
+                break
+            starts.append((name, start))
+        else:
+            conflict = nfa.conflict(starts, singles)
+            if conflict is None:
+                return lexemes
+            demoted.add(conflict)
+
+
+def _character_rules(rules: dict[str, g.Node]) -> set[str]:
+    """Rules that reference, transitively, no recursive rule and may not be empty."""
+    def references(node: g.Node) -> Iterable[str]:
+        if isinstance(node, g.RuleRef):
+            yield node.name
+        elif isinstance(node, g.Repeat):
+            yield from references(node.item)
+        elif isinstance(node, (g.Sequence, g.Choice)):
+            for item in (node.items if isinstance(node, g.Sequence) else node.alternatives):
+                yield from references(item)
+
+    refs = {name: set(references(node)) for name, node in rules.items()}
+    closed: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name in rules:
+            if name not in closed and refs[name] <= closed:
+                closed.add(name)
+                changed = True
+    nullable = g._fixpoint(rules, g._nullable)
+    return {name for name in closed if not nullable[name]}
+
+
+def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], Ranges]:
+    """From root down, the topmost candidate rules, and the characters the remaining
+    (split) rules read one by one."""
+    lexemes: set[str] = set()
+    chars: list[tuple[int, int]] = []
+    seen: set[str] = set()
+    stack = ["root"]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in candidates:
+            lexemes.add(name)
+            continue
+        for node in _walk(rules[name]):
+            if isinstance(node, g.RuleRef):
+                stack.append(node.name)
+            elif isinstance(node, g.Literal):
+                chars.extend((ord(c), ord(c)) for c in node.text)
+            elif isinstance(node, (g.CharClass, g.AnyChar)):
+                chars.extend(_ranges(node))
+    return lexemes, _normalize(chars)
+
+
+def _walk(node: g.Node) -> Iterable[g.Node]:
+    yield node
+    if isinstance(node, g.Repeat):
+        yield from _walk(node.item)
+    elif isinstance(node, g.Sequence):
+        for item in node.items:
+            yield from _walk(item)
+    elif isinstance(node, g.Choice):
+        for item in node.alternatives:
+            yield from _walk(item)
+
+
+def _normalize(ranges: Iterable[tuple[int, int]]) -> Ranges:
+    merged: list[list[int]] = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], high)
+        else:
+            merged.append([low, high])
+    return tuple((low, high) for low, high in merged)
+
+
+def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
+    if isinstance(node, g.AnyChar):
+        return ((0, MAX_CODE_POINT),)
+    ranges = _normalize((min(a, b), max(a, b)) for a, b in node.ranges)
+    if not node.negated:
+        return ranges
+    complement, next_low = [], 0
+    for low, high in ranges:
+        if low > next_low:
+            complement.append((next_low, low - 1))
+        next_low = high + 1
+    if next_low <= MAX_CODE_POINT:
+        complement.append((next_low, MAX_CODE_POINT))
+    return tuple(complement)
+
+
+def _intersect(a: Ranges, b: Ranges) -> bool:
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][1] < b[j][0]:
+            i += 1
+        elif b[j][1] < a[i][0]:
+            j += 1
+        else:
+            return True
+    return False
+
+
+class _Nfa:
+    """Thompson NFA over code point ranges of several lexemes (rule refs inlined)."""
+
+    def __init__(self, rules: dict[str, g.Node]):
+        self.rules = rules
+        self.epsilon: list[list[int]] = []
+        self.edges: list[list[tuple[Ranges, int]]] = []
+        self.final: dict[int, str] = {}
+        self.owner: list[str] = []
+        self.limit = 0
+
+    def state(self) -> int:
+        self.epsilon.append([])
+        self.edges.append([])
+        self.owner.append(self.current)
+        return len(self.epsilon) - 1
+
+    def build_rule(self, name: str) -> int | None:
+        """Start state of the lexeme `name`, or None when it is too large to check."""
+        self.current = name
+        self.limit = len(self.epsilon) + MAX_LEXEME_STATES
+        start, end = self.state(), self.state()
+        self.fragment(g.RuleRef(name), start, end)
+        if len(self.epsilon) > self.limit:
+            return None
+        self.final[end] = name
+        return start
+
+    def fragment(self, node: g.Node, start: int, end: int) -> None:
+        if len(self.epsilon) > self.limit:
+            return                   # too large: build_rule reports it
+        if isinstance(node, g.Literal):
+            here = start
+            for i, c in enumerate(node.text):
+                target = end if i == len(node.text) - 1 else self.state()
+                self.edges[here].append((((ord(c), ord(c)),), target))
+                here = target
+            if not node.text:
+                self.epsilon[start].append(end)
+        elif isinstance(node, (g.CharClass, g.AnyChar)):
+            self.edges[start].append((_ranges(node), end))
+        elif isinstance(node, g.RuleRef):
+            self.fragment(self.rules[node.name], start, end)
+        elif isinstance(node, g.Sequence):
+            here = start
+            for i, item in enumerate(node.items):
+                target = end if i == len(node.items) - 1 else self.state()
+                self.fragment(item, here, target)
+                here = target
+            if not node.items:
+                self.epsilon[start].append(end)
+        elif isinstance(node, g.Choice):
+            for item in node.alternatives:
+                self.fragment(item, start, end)
+        else:
+            self.repeat(node, start, end)
+
+    def repeat(self, node: g.Repeat, start: int, end: int) -> None:
+        here = start
+        for _ in range(node.low):
+            target = self.state()
+            self.fragment(node.item, here, target)
+            here = target
+        if node.high is None:
+            loop = self.state()
+            self.epsilon[here].append(loop)
+            body_end = self.state()
+            self.fragment(node.item, loop, body_end)
+            self.epsilon[body_end].append(loop)
+            self.epsilon[loop].append(end)
+            return
+        for _ in range(node.high - node.low):
+            self.epsilon[here].append(end)
+            target = self.state()
+            self.fragment(node.item, here, target)
+            here = target
+        self.epsilon[here].append(end)
+
+    def closure(self, state: int, cache: dict[int, frozenset[int]]) -> frozenset[int]:
+        found = cache.get(state)
+        if found is None:
+            seen, stack = {state}, [state]
+            while stack:
+                for target in self.epsilon[stack.pop()]:
+                    if target not in seen:
+                        seen.add(target)
+                        stack.append(target)
+            found = cache[state] = frozenset(seen)
+        return found
+
+    def conflict(self, starts: list[tuple[str, int]], singles: Ranges) -> str | None:
+        """A lexeme some string of which extends a string of another (or the same)
+        lexeme or a single character; None when the lexemes are prefix-free together."""
+        owner = self.owner
+        cache: dict[int, frozenset[int]] = {}
+        continues = [bool(edges) for edges in self.edges]
+        # a single character that starts a lexeme is a proper prefix of it
+        for name, start in starts:
+            if any(_intersect(ranges, singles) for state in self.closure(start, cache)
+                   for ranges, _ in self.edges[state]):
+                return name
+        heads = [state for _, start in starts for state in self.closure(start, cache)]
+        queue = deque()
+        seen: set[tuple[int, int]] = set()
+
+        def step(left: Iterable[int], right: Iterable[int]) -> None:
+            right = list(right)
+            for a in left:
+                for ranges_a, target_a in self.edges[a]:
+                    for b in right:
+                        for ranges_b, target_b in self.edges[b]:
+                            pair = (target_a, target_b)
+                            if pair not in seen and _intersect(ranges_a, ranges_b):
+                                seen.add(pair)
+                                queue.append(pair)
+
+        step(heads, heads)
+        while queue:
+            if len(seen) > MAX_PAIRS:
+                return max((name for name, _ in starts), key=owner.count)
+            a, b = queue.popleft()
+            left, right = self.closure(a, cache), self.closure(b, cache)
+            if any(state in self.final for state in left) and any(continues[state] for state in right):
+                return owner[b]
+            step(left, right)
+        return None
