@@ -8,28 +8,21 @@ import glob
 import os
 import random
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from lmq.backends.base import Vocabulary
 from lmq.backends.gguf import load_vocab_only
+from lmq.compiler import automaton
+from lmq.compiler.automaton import ByteDfa
+from lmq.compiler.regex import INT_PATTERN, regex_dfa
 from lmq.backends.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
                                           vocabulary_key)
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                              "vocab", "*.gguf")))
-
-
-@dataclass(frozen=True, eq=False)
-class Dfa:
-    """The fields of `lmq.compiler.automaton.ByteDfa` the token automaton reads."""
-    transitions: np.ndarray
-    accepting: np.ndarray
-    exits: np.ndarray
-    initial: int
 
 
 def coreachable(transitions: np.ndarray, goals: set[int]) -> set[int]:
@@ -48,70 +41,28 @@ def coreachable(transitions: np.ndarray, goals: set[int]) -> set[int]:
 
 
 def make_dfa(n_states: int, edges: dict[tuple[int, int], int], accepting=(), exits=(),
-             initial: int = 1) -> tuple[Dfa, Dfa]:
-    """(raw, trimmed) DFAs from byte edges (missing edges go to DEAD = 0); exit states are
-    made absorbing; the trimmed one sends every state that cannot reach a goal to DEAD."""
+             initial: int = 1) -> tuple[ByteDfa, ByteDfa]:
+    """(raw, trimmed) random DFAs from byte edges (missing edges go to DEAD = 0), exit
+    states made absorbing; the trimmed one, which the engine gets, has every state that
+    cannot reach a goal replaced by DEAD (the ByteDfa invariant), state numbers kept."""
     table = np.zeros((n_states, 256), dtype=np.int32)
     for (state, byte), target in edges.items():
         table[state, byte] = target
     for state in exits:
         table[state, :] = state
     flags = [np.isin(np.arange(n_states), list(states)) for states in (accepting, exits)]
-    raw = Dfa(table, flags[0], flags[1], initial)
+    raw = ByteDfa(table, flags[0], flags[1], initial)
     alive = coreachable(table, set(accepting) | set(exits)) - {0}
     dead = np.array([s not in alive for s in range(n_states)])
     trimmed_table = np.where(dead[table], 0, table).astype(np.int32)
     trimmed_table[dead] = 0
-    trimmed = Dfa(trimmed_table, flags[0] & ~dead, flags[1] & ~dead,
+    trimmed = ByteDfa(trimmed_table, flags[0] & ~dead, flags[1] & ~dead,
                   initial if initial in alive else 0)
     return raw, trimmed
 
 
-def char_class_plus(chars: bytes) -> Dfa:
-    """`[chars]+`: 1 initial, 2 accepting."""
-    edges = {(s, b): 2 for s in (1, 2) for b in chars}
-    return make_dfa(3, edges, accepting={2})[1]
-
-
-def options(words: list[bytes]) -> Dfa:
-    """`X in words`: the trie of the options, accepting at each option's end."""
-    edges, accepting, states = {}, set(), {b"": 1}
-    for word in words:
-        for k in range(len(word)):
-            prefix, extended = word[:k], word[:k + 1]
-            if extended not in states:
-                states[extended] = len(states) + 1
-            edges[(states[prefix], word[k])] = states[extended]
-        accepting.add(states[word])
-    return make_dfa(len(states) + 1, edges, accepting)[1]
-
-
-def integer() -> Dfa:
-    """INT: ` ?-?(0|[1-9][0-9]*)`; 1 start, 2 after space, 3 after '-', 4 '0', 5 digits."""
-    digits, nonzero = b"0123456789", b"123456789"
-    edges = {(1, ord(" ")): 2, (1, ord("-")): 3, (2, ord("-")): 3}
-    for s in (1, 2, 3):
-        edges[(s, ord("0"))] = 4
-        edges.update({(s, b): 5 for b in nonzero})
-    edges.update({(5, b): 5 for b in digits})
-    return make_dfa(6, edges, accepting={4, 5})[1]
-
-
-def not_containing(byte: int) -> Dfa:
-    """`"x" not in X`: one accepting state looping on every other byte."""
-    return make_dfa(2, {(1, b): 1 for b in range(256) if b != byte}, accepting={1})[1]
-
-
-def stops_at(phrase: bytes) -> Dfa:
-    """STOPS_AT: any bytes until `phrase` completes, then the absorbing exit state."""
-    n = len(phrase)
-    edges = {}
-    for k in range(n):                  # state k+1: k bytes of the phrase matched (KMP)
-        for b in range(256):
-            text = phrase[:k] + bytes([b])
-            match = max(j for j in range(n + 1) if text.endswith(phrase[:j]))
-            edges[(k + 1, b)] = match + 1
-    return make_dfa(n + 2, edges, accepting=set(range(1, n + 1)), exits={n + 1})[1]
+def stops_at(phrase: str) -> ByteDfa:
+    return automaton.with_stops(automaton.any_bytes(), [(phrase.encode(), True)])
 
 
 def walk_allows(dfa, state: int, data: bytes) -> bool:
@@ -142,7 +93,7 @@ def synthetic_vocabulary(rng: random.Random, size: int = 400) -> Vocabulary:
     return Vocabulary(tuple(tokens), frozenset({size - 3}), None, size - 3, None, False)
 
 
-def random_dfa(rng: random.Random, alphabet: bytes) -> tuple[Dfa, Dfa]:
+def random_dfa(rng: random.Random, alphabet: bytes) -> tuple[ByteDfa, ByteDfa]:
     n = rng.randint(3, 9)
     edges = {(s, b): rng.randrange(n) for s in range(1, n) for b in alphabet
              if rng.random() < 0.7}
@@ -187,50 +138,49 @@ def test_masks_are_exact_against_brute_force():
 def test_advance_stays_in_exit_and_dead_tokens_lead_to_dead():
     vocabulary = Vocabulary((b"ab.", b".xyz", b"a", b"q.", b"", b"zz"), frozenset({4}),
                             None, 4, None, False)
-    dfa = stops_at(b".")
-    automaton = DfaTokenAutomaton(dfa, VocabularyIndex.build(vocabulary.token_bytes),
-                                  vocabulary.token_bytes)
-    start = automaton.initial()
-    assert automaton.mask(start).allowed.tolist() == [0, 1, 2, 3, 5]
-    after = automaton.advance(start, 1)
-    assert automaton.is_exit(after) and automaton.advance(after, 5) == after
-    assert not automaton.is_exit(automaton.advance(start, 2))
-    letters = DfaTokenAutomaton(char_class_plus(b"ab"), automaton.index, vocabulary.token_bytes)
+    index = VocabularyIndex.build(vocabulary.token_bytes)
+    stops = DfaTokenAutomaton(stops_at("."), index, vocabulary.token_bytes)
+    start = stops.initial()
+    assert stops.mask(start).allowed.tolist() == [0, 1, 2, 3, 5]
+    after = stops.advance(start, 1)
+    assert stops.is_exit(after) and stops.advance(after, 5) == after
+    assert not stops.is_exit(stops.advance(start, 2)) and stops.accepts(stops.advance(start, 2))
+    letters = DfaTokenAutomaton(regex_dfa("[ab]+"), index, vocabulary.token_bytes)
     assert letters.mask(letters.initial()).allowed.tolist() == [2]
     assert letters.advance(letters.initial(), 3) == 0
 
 
 def test_forced_bytes_follow_the_only_continuation():
     vocabulary = Vocabulary((b"a",), frozenset(), None, None, None, False)
-    dfa = options([b"hello world", b"help"])
-    automaton = DfaTokenAutomaton(dfa, VocabularyIndex.build(vocabulary.token_bytes),
-                                  vocabulary.token_bytes)
-    assert automaton.forced(automaton.initial()) == b"hel"
-    state = automaton.initial()
-    for byte in b"helpx"[:4]:
-        state = int(dfa.transitions[state, byte])
-    assert automaton.accepts(state) and automaton.forced(state) == b""
-    state = int(dfa.transitions[int(dfa.transitions[automaton.initial(), ord("h")]), ord("e")])
-    state = int(dfa.transitions[int(dfa.transitions[state, ord("l")]), ord("l")])
-    assert automaton.forced(state) == b"o world"
+    dfa = automaton.options([b"hello world", b"help"])
+    words = DfaTokenAutomaton(dfa, VocabularyIndex.build(vocabulary.token_bytes),
+                              vocabulary.token_bytes)
+    assert words.forced(words.initial()) == b"hel"
+    assert words.accepts(automaton.run(dfa, dfa.initial, b"help"))
+    assert words.forced(automaton.run(dfa, dfa.initial, b"help")) == b""
+    assert words.forced(automaton.run(dfa, dfa.initial, b"hell")) == b"o world"
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_best_and_apply_agree_with_a_reference_row(dense):
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize("count", [20, 600, 990])      # sparse; dense; dense, few blocked
+def test_best_gather_and_apply_agree_with_a_reference_row(count):
+    rng = np.random.default_rng(count)
     size = 1000
-    allowed = np.sort(rng.choice(size, 600 if dense else 40, replace=False)).astype(np.int32)
+    allowed = np.sort(rng.choice(size, count, replace=False)).astype(np.int32)
     mask = TokenMask.of(allowed, size)
-    assert mask.dense == dense and mask.count == len(allowed)
-    row = rng.standard_normal(size).astype(np.float32)
-    reference = np.full(size, -np.inf, dtype=np.float32)
-    reference[allowed] = row[allowed]
-    out = np.empty_like(row)
-    before = row.copy()
-    assert np.array_equal(mask.apply(row, out), reference)
-    assert mask.best(row) == mask.best(row, np.empty_like(row)) == int(np.argmax(reference))
-    assert np.array_equal(row, before)
-    assert int(allowed[0]) in mask and (set(range(size)) - set(allowed.tolist())).pop() not in mask
+    assert mask.dense == (count > 20) and mask.count == count
+    blocked = np.setdiff1d(np.arange(size), allowed)
+    for trial in range(20):
+        row = rng.standard_normal(size).astype(np.float32)
+        row[blocked[trial % len(blocked)]] = 10.0 if trial % 2 else 0.0   # a blocked maximum
+        reference = np.full(size, -np.inf, dtype=np.float32)
+        reference[allowed] = row[allowed]
+        before = row.copy()
+        out = np.empty_like(row)
+        assert mask.apply(row, out) is out and np.array_equal(out, reference)
+        assert mask.best(row) == mask.best(row, np.empty_like(row)) == int(np.argmax(reference))
+        assert np.array_equal(mask.gather(row), row[allowed])
+        assert np.array_equal(row, before)
+    assert int(allowed[0]) in mask and int(blocked[0]) not in mask
     assert TokenMask.of(np.empty(0, dtype=np.int32), size).best(row) == -1
 
 
@@ -261,17 +211,20 @@ def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, tmp_path, monkeypatch):
     vocabulary = gguf_vocab.vocabulary()
     index = vocabulary_index(vocabulary)
     table = vocabulary.token_bytes
-    for dfa in (char_class_plus(b"abcdefghijklmnopqrstuvwxyz "), integer(),
-                options([b" yes", b" no", "é€".encode()]), stops_at("\n\n".encode()),
-                not_containing(ord("e"))):
-        automaton = DfaTokenAutomaton(dfa, index, table)
-        state = automaton.initial()
-        for step in range(2):
-            mask = automaton.mask(state)
+    for dfa in (regex_dfa("[a-z ]+"), regex_dfa(INT_PATTERN), regex_dfa("[^a-zé]+"),
+                automaton.options([b" yes", b" no", "é€".encode()]), stops_at("\n\n"),
+                automaton.complement(automaton.contains(b"e"))):
+        tokens = DfaTokenAutomaton(dfa, index, table)
+        state = tokens.initial()
+        for step in range(3):
+            mask = tokens.mask(state)
             assert mask.allowed.tolist() == walk_mask(dfa, state, table)
             if not mask.count:
                 break
-            state = automaton.advance(state, int(mask.allowed[len(mask.allowed) // 2]))
+            token = int(mask.allowed[(step + 1) * len(mask.allowed) // 4])
+            after = tokens.advance(state, token)
+            assert after == automaton.run(dfa, state, table[token]) != 0
+            state = after
 
 
 def test_vocabulary_index_cache_is_served_from_disk(tmp_path, monkeypatch):
@@ -293,7 +246,7 @@ def test_vocabulary_index_cache_is_served_from_disk(tmp_path, monkeypatch):
     assert loaded is not built
     for name, array in built.arrays().items():
         assert np.array_equal(array, loaded.arrays()[name]), name
-    assert (loaded.root_children, loaded.size) == (built.root_children, built.size)
+    assert loaded.size == built.size
 
 
 def test_a_corrupt_cache_file_is_rebuilt(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ Layout. Tokens with non-empty bytes are sorted by their bytes (`order`: sorted p
 token id). Every distinct non-empty prefix is a node; nodes are numbered level by level
 (depth 1 first), and within a level by sorted position, so that
 
-- the children of a node are the contiguous ids `child_start[n] : child_start[n + 1]`
-  (the root's children are `0 : root_children`);
+- the nodes of depth d are the contiguous ids `levels[d - 1] : levels[d]`, and the
+  children of a node the contiguous ids `child_start[n] : child_start[n + 1]`;
 - the tokens having a node's prefix are the contiguous sorted positions `lo[n] : hi[n]`,
   of which the first `exact[n]` are exactly the prefix (several ids may share bytes).
 
@@ -20,6 +20,7 @@ disk, keyed by a hash of the token bytes (`$XDG_CACHE_HOME/lmq`, else `~/.cache/
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -33,8 +34,27 @@ import numpy as np
 from lmq.backends.base import Vocabulary
 
 #: bump when the layout or the build changes: old cache files are then ignored
-FORMAT_VERSION = 1
-_ARRAYS = ("order", "byte", "child_start", "lo", "hi", "exact")
+FORMAT_VERSION = 5
+
+
+def _byte_groups() -> np.ndarray:
+    """Byte → group: each printable ASCII byte, tab, newline and carriage return alone; the
+    other control bytes; UTF-8 continuation bytes; lead bytes of 2, 3 and 4-byte forms.
+    A node summarizes the bytes below it as 103 group bits (two words instead of four):
+    enough to see that a subtree holds only bytes a DFA state loops on."""
+    group = np.full(256, 98, dtype=np.int64)
+    group[0x20:0x7F] = np.arange(95)
+    group[[0x09, 0x0A, 0x0D]] = (95, 96, 97)
+    group[0x80:0xC0], group[0xC0:0xE0], group[0xE0:0xF0], group[0xF0:] = 99, 100, 101, 102
+    return group
+
+
+BYTE_GROUP = _byte_groups()
+GROUP_COUNT = 103
+#: the group bit of each byte, as two words (low word row, high word row)
+GROUP_BITS = np.zeros((2, 256), dtype=np.uint64)
+GROUP_BITS[BYTE_GROUP // 64, np.arange(256)] = np.left_shift(np.uint64(1), (BYTE_GROUP % 64).astype(np.uint64))
+_ARRAYS = ("order", "levels", "byte", "child_start", "lo", "hi", "exact", "below")
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,16 +63,22 @@ class VocabularyIndex:
 
     size: int                 # vocabulary size V (token ids are 0 … V-1)
     order: np.ndarray         # int32 (T,): sorted position → token id, non-empty tokens only
+    levels: np.ndarray        # int32 (D+1,): the nodes of depth d are levels[d-1]:levels[d]
     byte: np.ndarray          # int32 (N,): the last byte of each node's prefix
     child_start: np.ndarray   # int32 (N+1,): children of node n are child_start[n]:child_start[n+1]
     lo: np.ndarray            # int32 (N,): first sorted position with the node's prefix
     hi: np.ndarray            # int32 (N,): one past the last such position
     exact: np.ndarray         # int32 (N,): how many tokens are exactly the node's prefix
-    root_children: int        # the depth-1 nodes are 0 … root_children-1
+    below: np.ndarray         # uint64 (2, N): the byte groups (`BYTE_GROUP`) of every node
+                              # below n, as bits in two words (0 for a leaf)
 
     @property
     def node_count(self) -> int:
         return len(self.byte)
+
+    @property
+    def depth(self) -> int:
+        return len(self.levels) - 1
 
     @staticmethod
     def build(token_bytes: tuple[bytes, ...]) -> "VocabularyIndex":
@@ -93,12 +119,14 @@ class VocabularyIndex:
         terminal_of_position = np.empty(count, dtype=np.int64)
         terminal_of_position[node_pos[terminal]] = terminal
         np.add.at(exact, terminal_of_position[owner], 1)
-        hi = node_pos + _subtree_token_counts(exact, child_start, node_depth)
+        depth = int(node_depth.max(initial=0))
+        levels = np.searchsorted(node_depth, np.arange(1, depth + 2))
+        hi = node_pos + _subtree_token_counts(exact, child_start, levels)
+        int32 = functools.partial(np.asarray, dtype=np.int32)
         return VocabularyIndex(
-            size=size, order=order, byte=byte,
-            child_start=child_start.astype(np.int32), lo=node_pos.astype(np.int32),
-            hi=hi.astype(np.int32), exact=exact.astype(np.int32),
-            root_children=int(np.searchsorted(node_depth, 2)))
+            size=size, order=order, levels=int32(levels), byte=byte,
+            child_start=int32(child_start), lo=int32(node_pos), hi=int32(hi),
+            exact=int32(exact), below=_groups_below(byte, child_start, levels))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in _ARRAYS}
@@ -131,17 +159,29 @@ def concatenated_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _subtree_token_counts(exact: np.ndarray, child_start: np.ndarray,
-                          depth: np.ndarray) -> np.ndarray:
+                          levels: np.ndarray) -> np.ndarray:
     """Tokens in each node's subtree, summed bottom-up one level at a time."""
     subtree = exact.copy()
-    bounds = np.searchsorted(depth, np.arange(1, int(depth.max(initial=0)) + 2))
-    for level in range(len(bounds) - 2, 0, -1):
-        first, last = bounds[level - 1], bounds[level]
-        below = np.concatenate(([0], np.cumsum(subtree[bounds[level]:bounds[level + 1]])))
-        base = bounds[level]
-        subtree[first:last] += (below[child_start[first + 1:last + 1] - base]
-                                - below[child_start[first:last] - base])
+    for d in range(len(levels) - 2, 0, -1):
+        first, last, below_end = levels[d - 1], levels[d], levels[d + 1]
+        below = np.concatenate(([0], np.cumsum(subtree[last:below_end])))
+        subtree[first:last] += (below[child_start[first + 1:last + 1] - last]
+                                - below[child_start[first:last] - last])
     return subtree
+
+
+def _groups_below(byte: np.ndarray, child_start: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Per node, the bits of the byte groups found anywhere below it, OR-ed bottom-up one
+    level at a time (a node's value: its children's bytes and their own values)."""
+    below = np.zeros((len(byte), 2), dtype=np.uint64)
+    bits = GROUP_BITS.T[byte]
+    children = np.diff(child_start)
+    for d in range(len(levels) - 2, 0, -1):
+        first, last, end = levels[d - 1], levels[d], levels[d + 1]
+        value = below[last:end] | bits[last:end]
+        parents = np.arange(first, last)[children[first:last] > 0]
+        below[parents] = np.bitwise_or.reduceat(value, child_start[parents] - last, axis=0)
+    return np.ascontiguousarray(below.T)
 
 
 def vocabulary_key(token_bytes: tuple[bytes, ...]) -> str:
@@ -161,10 +201,9 @@ def _load(path: str, size: int) -> VocabularyIndex | None:
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {name: stored[name] for name in _ARRAYS}
-            root_children = int(stored["root_children"])
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
         return None                       # missing or unreadable: rebuilt and rewritten
-    return VocabularyIndex(size=size, root_children=root_children, **arrays)
+    return VocabularyIndex(size=size, **arrays)
 
 
 def _store(path: str, index: VocabularyIndex) -> None:
@@ -177,7 +216,7 @@ def _store(path: str, index: VocabularyIndex) -> None:
         return
     try:
         with os.fdopen(handle, "wb") as f:
-            np.savez(f, root_children=np.int64(index.root_children), **index.arrays())
+            np.savez(f, **index.arrays())
         os.replace(temporary, path)
     except OSError:
         try:

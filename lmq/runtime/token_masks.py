@@ -25,16 +25,25 @@ when `accepts(state)` holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lmq.backends.base import Vocabulary
-from lmq.backends.vocabulary_index import VocabularyIndex, concatenated_ranges, vocabulary_index
+from lmq.backends.vocabulary_index import (GROUP_BITS, VocabularyIndex, concatenated_ranges,
+                                          vocabulary_index)
+from lmq.compiler.automaton import ByteDfa, forced_bytes
 
-#: a mask allowing more than this fraction of the vocabulary keeps a dense bias row:
-#: gathering and scattering `count` scattered ids costs more than one pass over V beyond it
-DENSE_FRACTION = 0.125
+#: a mask allowing more than this fraction of the vocabulary is dense (keeps a bias row):
+#: measured at V = 151,936, an argmax over `row[allowed]` beats one over the whole row up
+#: to about 4,000 allowed tokens, and a dense row costs 4V bytes per state
+DENSE_FRACTION = 1 / 32
+#: a dense mask blocking at most this fraction of the vocabulary is applied by copying the
+#: row and writing -inf at the blocked ids (cheaper than adding the bias row)
+FEW_BLOCKED_FRACTION = 1 / 16
+#: at most this many live (node, state) pairs of a trie level are walked in plain Python
+PYTHON_FRONTIER = 48
 DEAD = 0
 
 
@@ -45,18 +54,22 @@ class TokenMask:
     allowed: np.ndarray          # int32, sorted token ids
     size: int                    # vocabulary size V
     bias: np.ndarray | None      # float32 (V,): 0 allowed, -inf masked; dense masks only
+    hot: np.ndarray = field(repr=False)   # intp ids the hot path indexes with: `allowed`
+                                          # (sparse) or the blocked ids (dense)
 
     @staticmethod
     def of(allowed: np.ndarray, size: int) -> "TokenMask":
-        """A mask of sorted `allowed` ids, dense (with a bias row) above `DENSE_FRACTION`."""
-        bias = None
-        if len(allowed) > DENSE_FRACTION * size:
-            bias = np.full(size, -np.inf, dtype=np.float32)
-            bias[allowed] = 0.0
+        """A mask of sorted int32 `allowed` ids; dense (bias row) above `DENSE_FRACTION`."""
         allowed.flags.writeable = False
-        if bias is not None:
-            bias.flags.writeable = False
-        return TokenMask(allowed, size, bias)
+        if len(allowed) <= DENSE_FRACTION * size:
+            hot = allowed.astype(np.intp)
+            hot.flags.writeable = False
+            return TokenMask(allowed, size, None, hot)
+        bias = np.full(size, -np.inf, dtype=np.float32)
+        bias[allowed] = 0.0
+        blocked = np.flatnonzero(bias)
+        bias.flags.writeable = blocked.flags.writeable = False
+        return TokenMask(allowed, size, bias, blocked)
 
     @property
     def count(self) -> int:
@@ -68,21 +81,34 @@ class TokenMask:
 
     def best(self, row: np.ndarray, scratch: np.ndarray | None = None) -> int:
         """The allowed token with the highest score in `row`, or -1 if none is allowed.
-        `scratch` (float32, length V) spares a dense mask an allocation."""
-        if self.count == 0:
-            return -1
+        Dense masks first try the row's own argmax (usually allowed); `scratch` (float32,
+        length V) spares them an allocation otherwise."""
         if self.bias is None:
-            return int(self.allowed[np.argmax(row[self.allowed])])
+            if not len(self.hot):
+                return -1
+            return int(self.hot[np.argmax(row[self.hot])])
+        top = int(np.argmax(row))
+        if self.bias[top] == 0.0:
+            return top
         if scratch is None:
             scratch = np.empty(self.size, dtype=np.float32)
         return int(np.argmax(np.add(row, self.bias, out=scratch)))
 
+    def gather(self, row: np.ndarray) -> np.ndarray:
+        """The scores of the allowed tokens, aligned with `allowed` (a sparse decoder's
+        whole working set: argmax, softmax and sampling need nothing else)."""
+        return row[self.allowed if self.bias is not None else self.hot]
+
     def apply(self, row: np.ndarray, out: np.ndarray) -> np.ndarray:
         """`out` = `row` with every token not allowed at -inf (`row` is not written)."""
-        if self.bias is not None:
-            return np.add(row, self.bias, out=out)
-        out.fill(-np.inf)
-        out[self.allowed] = row[self.allowed]
+        if self.bias is None:
+            out.fill(-np.inf)
+            out[self.hot] = row[self.hot]
+        elif len(self.hot) <= FEW_BLOCKED_FRACTION * self.size:
+            np.copyto(out, row)
+            out[self.hot] = -np.inf
+        else:
+            np.add(row, self.bias, out=out)
         return out
 
     def __contains__(self, token: int) -> bool:
@@ -91,26 +117,29 @@ class TokenMask:
 
 
 class DfaTokenAutomaton:
-    """The token automaton of a trimmed byte DFA (`lmq.compiler.automaton.ByteDfa`) over one
-    vocabulary: states are the DFA's state numbers; masks, successors and forced bytes are
-    computed on first use and cached."""
+    """The token automaton of a trimmed `ByteDfa` over one vocabulary: states are the DFA's
+    state numbers; masks, successors and forced bytes are computed on first use and
+    cached, so a decoding step on a visited state is two dictionary lookups."""
 
-    def __init__(self, dfa, index: VocabularyIndex, token_bytes: tuple[bytes, ...]):
+    def __init__(self, dfa: ByteDfa, index: VocabularyIndex, token_bytes: tuple[bytes, ...]):
         self.dfa = dfa
         self.index = index
         self.token_bytes = token_bytes
         self._flat = np.ascontiguousarray(dfa.transitions, dtype=np.int32).ravel()
         self._accepting = dfa.accepting.tolist()
-        self._exits_array = np.asarray(dfa.exits, dtype=bool)
-        self._exits = self._exits_array.tolist()
-        self._has_exits = bool(self._exits_array.any())
+        self._exits = dfa.exits.tolist()
         self._rows: dict[int, list[int]] = {}
+        self._live: dict[int, list[int]] = {}
         self._masks: dict[int, TokenMask] = {}
         self._next: dict[tuple[int, int], int] = {}
         self._forced: dict[int, bytes] = {}
+        self._open = _open_groups(dfa.transitions)
+        self._open_words = self._open.T.tolist()
+        self._views = tuple(memoryview(array) for array in (
+            index.byte, index.child_start, index.lo, index.hi, index.exact, *index.below))
 
     @classmethod
-    def for_vocabulary(cls, dfa, vocabulary: Vocabulary) -> "DfaTokenAutomaton":
+    def for_vocabulary(cls, dfa: ByteDfa, vocabulary: Vocabulary) -> "DfaTokenAutomaton":
         """The automaton of `dfa` over `vocabulary` (its index shared and disk-cached)."""
         return cls(dfa, vocabulary_index(vocabulary), vocabulary.token_bytes)
 
@@ -130,7 +159,8 @@ class DfaTokenAutomaton:
         return mask
 
     def advance(self, state: int, token: int) -> int:
-        """The state after `token`'s bytes (DEAD if the token was not allowed)."""
+        """The state after `token`'s bytes (DEAD if the token was not allowed; an exit
+        state stays, the rest of the token being overshoot)."""
         key = (state, token)
         successor = self._next.get(key)
         if successor is None:
@@ -143,26 +173,11 @@ class DfaTokenAutomaton:
         return successor
 
     def forced(self, state: int) -> bytes:
-        """The bytes every value must continue with from `state`, up to the first state
-        that accepts, exits or has a choice of bytes."""
+        """The bytes every value must continue with from `state` (see `forced_bytes`)."""
         forced = self._forced.get(state)
         if forced is None:
-            helper = getattr(self.dfa, "forced_bytes", None)
-            forced = self._forced[state] = helper(state) if helper else self._forced_walk(state)
+            forced = self._forced[state] = forced_bytes(self.dfa, state)
         return forced
-
-    def _forced_walk(self, state: int) -> bytes:
-        forced = bytearray()
-        seen = set()
-        while (state != DEAD and not self._accepting[state] and not self._exits[state]
-               and state not in seen):
-            seen.add(state)
-            live = np.flatnonzero(self.dfa.transitions[state])
-            if len(live) != 1:
-                break
-            forced.append(int(live[0]))
-            state = self._row(state)[forced[-1]]
-        return bytes(forced)
 
     def _row(self, state: int) -> list[int]:
         row = self._rows.get(state)
@@ -170,39 +185,119 @@ class DfaTokenAutomaton:
             row = self._rows[state] = self._flat[state * 256:(state + 1) * 256].tolist()
         return row
 
+    def _live_bytes(self, state: int) -> list[int]:
+        live = self._live.get(state)
+        if live is None:
+            row = self._row(state)
+            live = self._live[state] = [b for b in range(256) if row[b] != DEAD]
+        return live
+
     def _allowed(self, state: int) -> np.ndarray:
-        """Sorted ids of the tokens whose walk from `state` never reaches DEAD."""
+        """Sorted ids of the tokens whose walk from `state` never reaches DEAD.
+
+        The trie is walked level by level. A live node whose subtree holds only bytes its
+        state loops on (its `below` groups avoid the state's open groups; always so in an
+        exit state) contributes its whole subtree without being walked further; any other
+        live node contributes the tokens ending there, and its children are walked. A
+        level's live (node, state) pairs are numpy arrays, or Python lists when there are
+        only a handful (numpy's per-call cost would dominate). Tokens are collected as
+        ranges of sorted positions."""
         index = self.index
-        if state == DEAD:
+        if state == DEAD or index.depth == 0:
             return np.empty(0, dtype=np.int32)
-        flat, exits, child_start = self._flat, self._exits_array, index.child_start
-        nodes = np.arange(index.root_children, dtype=np.int32)
-        states = flat[state * 256 + index.byte[:index.root_children]]
-        live_nodes: list[np.ndarray] = []
-        exit_nodes: list[np.ndarray] = []
+        starts: list[np.ndarray] = []            # sorted-position ranges
+        counts: list[np.ndarray] = []
+        few_starts: list[int] = []               # the same, from the Python-walked levels
+        few_counts: list[int] = []
+        roots = index.byte[:index.levels[1]]
+        states = self._flat[state * 256 + roots]
+        nodes = np.flatnonzero(states).astype(np.int32)
+        states = states[nodes]
+        pairs = None
         while True:
-            keep = states != DEAD
-            nodes, states = nodes[keep], states[keep]
-            if self._has_exits:
-                leaving = exits[states]
-                if leaving.any():
-                    exit_nodes.append(nodes[leaving])
-                    staying = ~leaving
-                    nodes, states = nodes[staying], states[staying]
-            if not nodes.size:
-                break
-            live_nodes.append(nodes)
-            first = child_start[nodes]
-            children = child_start[nodes + 1] - first
-            nodes = concatenated_ranges(first, children)
-            if not nodes.size:
-                break
-            states = flat[np.repeat(states * 256, children) + index.byte[nodes]]
-        # live nodes allow the tokens that end there; exit nodes their whole subtree
-        live = np.concatenate(live_nodes) if live_nodes else np.empty(0, dtype=np.int32)
-        leaving = np.concatenate(exit_nodes) if exit_nodes else np.empty(0, dtype=np.int32)
-        starts = np.concatenate((index.lo[live], index.lo[leaving]))
-        counts = np.concatenate((index.exact[live], index.hi[leaving] - index.lo[leaving]))
-        allowed = index.order[concatenated_ranges(starts, counts)]
-        allowed.sort()
-        return allowed
+            if pairs is None and len(nodes) <= PYTHON_FRONTIER:
+                pairs = list(zip(nodes.tolist(), states.tolist()))
+            if pairs is None:
+                nodes, states = self._numpy_level(nodes, states, starts, counts)
+                if not len(nodes):
+                    break
+            else:
+                pairs = self._python_level(pairs, few_starts, few_counts)
+                if not pairs:
+                    break
+                if len(pairs) > PYTHON_FRONTIER:
+                    nodes, states = np.array(pairs, dtype=np.int32).T
+                    pairs = None
+        if few_starts:
+            starts.append(np.array(few_starts, dtype=np.int32))
+            counts.append(np.array(few_counts, dtype=np.int32))
+        if not starts:
+            return np.empty(0, dtype=np.int32)
+        tokens = index.order[concatenated_ranges(np.concatenate(starts), np.concatenate(counts))]
+        if len(tokens) > DENSE_FRACTION * index.size:
+            flags = np.zeros(index.size, dtype=bool)
+            flags[tokens] = True
+            return np.flatnonzero(flags).astype(np.int32)
+        tokens.sort()
+        return tokens
+
+    def _numpy_level(self, nodes, states, starts, counts):
+        """One level of live pairs as arrays: record ranges, return the next level's."""
+        index = self.index
+        below, opened = index.below, self._open
+        closed = ((below[0][nodes] & opened[0][states]) | (below[1][nodes] & opened[1][states])) == 0
+        done = nodes[closed]
+        starts.append(index.lo[done])
+        counts.append(index.hi[done] - index.lo[done])
+        walked = ~closed
+        nodes, states = nodes[walked], states[walked]
+        starts.append(index.lo[nodes])
+        counts.append(index.exact[nodes])
+        first = index.child_start[nodes]
+        children = index.child_start[nodes + 1] - first
+        nodes = concatenated_ranges(first, children)
+        states = self._flat[np.repeat(states * 256, children) + index.byte[nodes]]
+        keep = states != DEAD
+        return nodes[keep], states[keep]
+
+    def _python_level(self, pairs, starts, counts):
+        """One level of a few live pairs in plain Python (list in, list out)."""
+        byte, child_start, lo, hi, exact, below_low, below_high = self._views
+        following = []
+        for node, state in pairs:
+            opened = self._open_words[state]
+            if not (below_low[node] & opened[0] or below_high[node] & opened[1]):
+                starts.append(lo[node])
+                counts.append(hi[node] - lo[node])
+                continue
+            if exact[node]:
+                starts.append(lo[node])
+                counts.append(exact[node])
+            row = self._row(state)
+            begin, end = child_start[node], child_start[node + 1]
+            live = self._live_bytes(state)
+            if end - begin <= len(live):
+                for child in range(begin, end):
+                    target = row[byte[child]]
+                    if target != DEAD:
+                        following.append((child, target))
+            else:
+                for b in live:
+                    child = bisect_left(byte, b, begin, end)
+                    if child < end and byte[child] == b:
+                        following.append((child, row[b]))
+        return following
+
+
+def _open_groups(transitions: np.ndarray) -> np.ndarray:
+    """Per state, the bits (`GROUP_BITS`, two words: shape (2, n_states)) of the byte
+    groups holding a byte that leaves the state: a subtree whose groups avoid them keeps
+    the state on every path."""
+    open_bits = np.zeros((2, len(transitions)), dtype=np.uint64)
+    for first in range(0, len(transitions), 1024):
+        block = transitions[first:first + 1024]
+        leaves = block != np.arange(first, first + len(block))[:, None]
+        for word in range(2):
+            open_bits[word, first:first + len(block)] = np.bitwise_or.reduce(
+                np.where(leaves, GROUP_BITS[word], np.uint64(0)), axis=1)
+    return open_bits
