@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import os
 import random
+import subprocess
+import sys
 from collections import deque
 
 import numpy as np
@@ -260,3 +262,23 @@ def test_a_corrupt_cache_file_is_rebuilt(tmp_path, monkeypatch):
     assert np.array_equal(index.order, VocabularyIndex.build(vocabulary.token_bytes).order)
     with np.load(path) as stored:
         assert np.array_equal(stored["order"], index.order)
+
+
+def test_concurrent_processes_share_one_cache_file(tmp_path):
+    """Processes building the same index at once all end with equal arrays, and the
+    cache directory holds one complete file (written to a temporary name, then renamed)."""
+    script = (
+        "import random, sys, numpy as np\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_token_masks import synthetic_vocabulary\n"
+        "from lmq.backends.vocabulary_index import vocabulary_index\n"
+        "index = vocabulary_index(synthetic_vocabulary(random.Random(5), 3000))\n"
+        "print(int(index.lo.sum()), int(index.order.sum()), index.node_count)\n")
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    workers = [subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__)],
+                                env=environment, stdout=subprocess.PIPE, text=True)
+               for _ in range(3)]
+    outputs = {worker.communicate(timeout=120)[0] for worker in workers}
+    assert all(worker.returncode == 0 for worker in workers)
+    assert len(outputs) == 1
+    assert [os.path.splitext(name)[1] for name in os.listdir(tmp_path / "lmq")] == [".npz"]

@@ -34,7 +34,7 @@ import numpy as np
 from lmq.backends.base import Vocabulary
 
 #: bump when the layout or the build changes: old cache files are then ignored
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 
 
 def _byte_groups() -> np.ndarray:
@@ -54,7 +54,7 @@ GROUP_COUNT = 103
 #: the group bit of each byte, as two words (low word row, high word row)
 GROUP_BITS = np.zeros((2, 256), dtype=np.uint64)
 GROUP_BITS[BYTE_GROUP // 64, np.arange(256)] = np.left_shift(np.uint64(1), (BYTE_GROUP % 64).astype(np.uint64))
-_ARRAYS = ("order", "levels", "byte", "child_start", "lo", "hi", "exact", "below")
+_ARRAYS = ("order", "rank", "levels", "byte", "child_start", "lo", "hi", "exact", "below")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +63,7 @@ class VocabularyIndex:
 
     size: int                 # vocabulary size V (token ids are 0 … V-1)
     order: np.ndarray         # int32 (T,): sorted position → token id, non-empty tokens only
+    rank: np.ndarray          # int32 (V,): token id → sorted position (T for empty tokens)
     levels: np.ndarray        # int32 (D+1,): the nodes of depth d are levels[d-1]:levels[d]
     byte: np.ndarray          # int32 (N,): the last byte of each node's prefix
     child_start: np.ndarray   # int32 (N+1,): children of node n are child_start[n]:child_start[n+1]
@@ -88,6 +89,8 @@ class VocabularyIndex:
         ids = sorted(np.flatnonzero(lengths).tolist(), key=token_bytes.__getitem__)
         order = np.asarray(ids, dtype=np.int32)
         count = len(order)
+        rank = np.full(size, count, dtype=np.int32)
+        rank[order] = np.arange(count, dtype=np.int32)
         joined = np.frombuffer(b"".join(token_bytes[t] for t in ids), dtype=np.uint8)
         length = lengths[order]
         start = np.zeros(count + 1, dtype=np.int64)
@@ -124,7 +127,7 @@ class VocabularyIndex:
         hi = node_pos + _subtree_token_counts(exact, child_start, levels)
         int32 = functools.partial(np.asarray, dtype=np.int32)
         return VocabularyIndex(
-            size=size, order=order, levels=int32(levels), byte=byte,
+            size=size, order=order, rank=rank, levels=int32(levels), byte=byte,
             child_start=int32(child_start), lo=int32(node_pos), hi=int32(hi),
             exact=int32(exact), below=_groups_below(byte, child_start, levels))
 

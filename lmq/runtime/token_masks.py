@@ -45,6 +45,7 @@ FEW_BLOCKED_FRACTION = 1 / 16
 #: at most this many live (node, state) pairs of a trie level are walked in plain Python
 PYTHON_FRONTIER = 48
 DEAD = 0
+ALL_GROUPS = (int(np.bitwise_or.reduce(GROUP_BITS[0])), int(np.bitwise_or.reduce(GROUP_BITS[1])))
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,16 +61,26 @@ class TokenMask:
     @staticmethod
     def of(allowed: np.ndarray, size: int) -> "TokenMask":
         """A mask of sorted int32 `allowed` ids; dense (bias row) above `DENSE_FRACTION`."""
+        if len(allowed) > DENSE_FRACTION * size:
+            flags = np.zeros(size, dtype=bool)
+            flags[allowed] = True
+            return TokenMask.of_flags(flags)
         allowed.flags.writeable = False
-        if len(allowed) <= DENSE_FRACTION * size:
-            hot = allowed.astype(np.intp)
-            hot.flags.writeable = False
-            return TokenMask(allowed, size, None, hot)
-        bias = np.full(size, -np.inf, dtype=np.float32)
-        bias[allowed] = 0.0
-        blocked = np.flatnonzero(bias)
-        bias.flags.writeable = blocked.flags.writeable = False
-        return TokenMask(allowed, size, bias, blocked)
+        hot = allowed.astype(np.intp)
+        hot.flags.writeable = False
+        return TokenMask(allowed, size, None, hot)
+
+    @staticmethod
+    def of_flags(flags: np.ndarray) -> "TokenMask":
+        """A mask of a bool row (True: allowed); dense above `DENSE_FRACTION`."""
+        allowed = np.flatnonzero(flags).astype(np.int32)
+        if len(allowed) <= DENSE_FRACTION * len(flags):
+            return TokenMask.of(allowed, len(flags))
+        bias = np.where(flags, np.float32(0.0), np.float32(-np.inf))
+        blocked = np.flatnonzero(~flags)
+        for array in (allowed, bias, blocked):
+            array.flags.writeable = False
+        return TokenMask(allowed, len(flags), bias, blocked)
 
     @property
     def count(self) -> int:
@@ -81,15 +92,16 @@ class TokenMask:
 
     def best(self, row: np.ndarray, scratch: np.ndarray | None = None) -> int:
         """The allowed token with the highest score in `row`, or -1 if none is allowed.
-        Dense masks first try the row's own argmax (usually allowed); `scratch` (float32,
-        length V) spares them an allocation otherwise."""
+        A dense mask blocking few tokens first tries the row's own argmax (usually
+        allowed); `scratch` (float32, length V) spares a dense mask an allocation."""
         if self.bias is None:
             if not len(self.hot):
                 return -1
             return int(self.hot[np.argmax(row[self.hot])])
-        top = int(np.argmax(row))
-        if self.bias[top] == 0.0:
-            return top
+        if len(self.hot) <= FEW_BLOCKED_FRACTION * self.size:
+            top = int(np.argmax(row))
+            if self.bias[top] == 0.0:
+                return top
         if scratch is None:
             scratch = np.empty(self.size, dtype=np.float32)
         return int(np.argmax(np.add(row, self.bias, out=scratch)))
@@ -133,8 +145,9 @@ class DfaTokenAutomaton:
         self._masks: dict[int, TokenMask] = {}
         self._next: dict[tuple[int, int], int] = {}
         self._forced: dict[int, bytes] = {}
-        self._open = _open_groups(dfa.transitions)
-        self._open_words = self._open.T.tolist()
+        self._open_table: np.ndarray | None = None
+        self._open_words: dict[int, tuple[int, int]] = {}
+        self._looping: list[bool] | None = None
         self._views = tuple(memoryview(array) for array in (
             index.byte, index.child_start, index.lo, index.hi, index.exact, *index.below))
 
@@ -155,7 +168,9 @@ class DfaTokenAutomaton:
     def mask(self, state: int) -> TokenMask:
         mask = self._masks.get(state)
         if mask is None:
-            mask = self._masks[state] = TokenMask.of(self._allowed(state), self.index.size)
+            allowed = self._allowed(state)
+            mask = self._masks[state] = (TokenMask.of_flags(allowed) if allowed.dtype == bool
+                                         else TokenMask.of(allowed, self.index.size))
         return mask
 
     def advance(self, state: int, token: int) -> int:
@@ -185,6 +200,20 @@ class DfaTokenAutomaton:
             row = self._rows[state] = self._flat[state * 256:(state + 1) * 256].tolist()
         return row
 
+    def _opened(self, state: int) -> tuple[int, int]:
+        """`_open_groups` of one state, as two Python ints (all groups when the state has
+        no loop, as in most states of a literal or an option list)."""
+        if self._looping is None:
+            self._looping = (self.dfa.transitions == np.arange(self.dfa.n_states)[:, None]).any(axis=1).tolist()
+        if not self._looping[state]:
+            opened = ALL_GROUPS
+        else:
+            leaving = self._flat[state * 256:(state + 1) * 256] != state
+            opened = (int(np.bitwise_or.reduce(GROUP_BITS[0][leaving])),
+                      int(np.bitwise_or.reduce(GROUP_BITS[1][leaving])))
+        self._open_words[state] = opened
+        return opened
+
     def _live_bytes(self, state: int) -> list[int]:
         live = self._live.get(state)
         if live is None:
@@ -193,7 +222,8 @@ class DfaTokenAutomaton:
         return live
 
     def _allowed(self, state: int) -> np.ndarray:
-        """Sorted ids of the tokens whose walk from `state` never reaches DEAD.
+        """The tokens whose walk from `state` never reaches DEAD: sorted ids, or a bool
+        row over the vocabulary when they are many (`DENSE_FRACTION`).
 
         The trie is walked level by level. A live node whose subtree holds only bytes its
         state loops on (its `below` groups avoid the state's open groups; always so in an
@@ -233,18 +263,31 @@ class DfaTokenAutomaton:
             counts.append(np.array(few_counts, dtype=np.int32))
         if not starts:
             return np.empty(0, dtype=np.int32)
-        tokens = index.order[concatenated_ranges(np.concatenate(starts), np.concatenate(counts))]
-        if len(tokens) > DENSE_FRACTION * index.size:
-            flags = np.zeros(index.size, dtype=bool)
-            flags[tokens] = True
-            return np.flatnonzero(flags).astype(np.int32)
+        starts, counts = np.concatenate(starts), np.concatenate(counts)
+        if int(counts.sum()) > DENSE_FRACTION * index.size:
+            return self._flags(starts, counts)
+        tokens = index.order[concatenated_ranges(starts, counts)]
         tokens.sort()
         return tokens
+
+    def _flags(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The bool row over the vocabulary of disjoint sorted-position ranges: +1 at each
+        start, -1 at each end, a running sum, then read through each token's rank."""
+        keep = counts > 0
+        starts = starts[keep]
+        marks = np.zeros(len(self.index.order) + 2, dtype=np.int8)
+        marks[starts] = 1
+        marks[starts + counts[keep]] -= 1
+        inside = np.cumsum(marks, dtype=np.int8).view(bool)
+        inside[-2:] = False                      # the rank of an empty token points here
+        return inside[self.index.rank]
 
     def _numpy_level(self, nodes, states, starts, counts):
         """One level of live pairs as arrays: record ranges, return the next level's."""
         index = self.index
-        below, opened = index.below, self._open
+        if self._open_table is None:
+            self._open_table = _open_groups(self.dfa.transitions)
+        below, opened = index.below, self._open_table
         closed = ((below[0][nodes] & opened[0][states]) | (below[1][nodes] & opened[1][states])) == 0
         done = nodes[closed]
         starts.append(index.lo[done])
@@ -265,7 +308,7 @@ class DfaTokenAutomaton:
         byte, child_start, lo, hi, exact, below_low, below_high = self._views
         following = []
         for node, state in pairs:
-            opened = self._open_words[state]
+            opened = self._open_words.get(state) or self._opened(state)
             if not (below_low[node] & opened[0] or below_high[node] & opened[1]):
                 starts.append(lo[node])
                 counts.append(hi[node] - lo[node])
