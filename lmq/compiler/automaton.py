@@ -70,38 +70,108 @@ class ByteDfa:
 # ---------------------------------------------------------------- normal form
 
 
-def _finish(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray,
-            exits: np.ndarray, initial: int) -> ByteDfa:
+Rows = list  # list[list[int]]: a classed transition table, one list of k targets per state
+_SMALL_TABLE = 4096   # states × classes below which pure Python beats numpy
+_MOORE_WORK = 20_000_000   # table cells Moore's refinement may visit before giving up
+
+
+def _finish(table: Rows | np.ndarray, byte_class: np.ndarray, accepting: Sequence[bool],
+            exits: Sequence[bool], initial: int, minimal: bool = False) -> ByteDfa:
     """Trim, minimize and renumber a classed automaton into a ByteDfa with the invariants.
 
-    `table` (n, k) may use any state as dead; `exits` rows are made absorbing here."""
-    table = np.array(table, dtype=np.int32, copy=True)
-    exits = np.asarray(exits, dtype=bool)
-    accepting = np.asarray(accepting, dtype=bool) & ~exits
-    own = np.arange(table.shape[0], dtype=np.int32)
-    table[exits] = own[exits, None]
-    useful = _reachable(table, initial) & _coreachable(table, accepting | exits)
-    if not useful[initial]:
+    `table` (n × k) may use any state as dead; `exits` rows are made absorbing here;
+    `minimal` skips minimization for constructions that are minimal once trimmed.
+    Pure Python on lists: the automata met in practice have few states, where numpy's
+    per-call overhead dominates; every step is linear except Hopcroft's n·k·log n."""
+    rows = table.tolist() if isinstance(table, np.ndarray) else list(table)
+    exits = _as_list(exits)
+    accepting = [flag and not exit_ for flag, exit_ in zip(_as_list(accepting), exits)]
+    width = len(rows[0]) if rows else 1
+    for state, exit_ in enumerate(exits):
+        if exit_:
+            rows[state] = [state] * width
+    order = [initial]                          # reachable states, breadth-first
+    seen = {initial}
+    for state in order:
+        for target in rows[state]:
+            if target not in seen:
+                seen.add(target)
+                order.append(target)
+    predecessors: dict[int, list[int]] = {state: [] for state in order}
+    for state in order:
+        for target in set(rows[state]):
+            predecessors[target].append(state)
+    stack = [state for state in order if accepting[state] or exits[state]]
+    live = set(stack)
+    while stack:
+        for source in predecessors[stack.pop()]:
+            if source not in live:
+                live.add(source)
+                stack.append(source)
+    if initial not in live:
         return empty()
-    # Keep the useful states (1..m) and one dead state 0 that every other state becomes.
-    keep = np.flatnonzero(useful)
-    remap = np.zeros(table.shape[0], dtype=np.int32)
-    remap[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
-    table = np.concatenate([np.zeros((1, table.shape[1]), np.int32), remap[table[keep]]])
-    accepting = np.concatenate([[False], accepting[keep]])
-    exits = np.concatenate([[False], exits[keep]])
-    # Moore refinement from dead / other / accepting / exit; the dead block stays 0.
-    block = (1 + accepting + 2 * exits).astype(np.int32)
-    block[0] = 0
-    block = _refine(table, block)
-    order = _bfs_order(table, block, int(block[remap[initial]]))
-    new_id = np.zeros(order.size + 1, dtype=np.int32)
-    new_id[order] = np.arange(1, order.size + 1, dtype=np.int32)
-    representative = np.zeros(order.size + 1, dtype=np.int64)
-    representative[block] = np.arange(table.shape[0])
-    rows = np.concatenate([[0], representative[order]])
-    return _seal(new_id[block[table[rows]]], byte_class, accepting[rows], exits[rows],
-                 int(new_id[block[remap[initial]]]))
+    keep = [state for state in order if state in live]
+    new_index = {state: index for index, state in enumerate(keep, 1)}
+    trimmed = [[0] * width] + [[new_index.get(target, 0) for target in rows[state]]
+                               for state in keep]
+    flags = [(False, False)] + [(accepting[state], exits[state]) for state in keep]
+    block_of = list(range(len(trimmed))) if minimal else _minimize(trimmed, flags)
+    # Renumber blocks breadth-first from the initial block (1); the dead block is 0.
+    number = {block_of[0]: 0, block_of[1]: 1}
+    members = [0, 1]
+    for state in members:
+        for target in trimmed[state]:
+            if block_of[target] not in number:
+                number[block_of[target]] = len(members)
+                members.append(target)
+    final = np.array([[number[block_of[target]] for target in trimmed[state]]
+                      for state in members], dtype=np.int32).reshape(len(members), width)
+    return _seal(final, byte_class, np.array([flags[state][0] for state in members]),
+                 np.array([flags[state][1] for state in members]), 1)
+
+
+def _as_list(flags: Sequence[bool]) -> list[bool]:
+    return flags.tolist() if isinstance(flags, np.ndarray) else [bool(flag) for flag in flags]
+
+
+def _minimize(rows: Rows, flags: list[tuple[bool, bool]]) -> list[int]:
+    """Moore's partition refinement: the block of each state in the coarsest partition
+    that separates `flags` and is stable under `rows` (state 0, dead, stays alone).
+
+    Small tables number signatures with a dict; large ones hash each row of block ids
+    with random 64-bit weights in numpy, verify that every row equals its group's first
+    row (so a hash collision can never merge states), and fall back to an exact sort.
+    Moore needs as many rounds as the longest distinguishing suffix; past `_MOORE_WORK`
+    cells the automaton is left unminimized (still trimmed, still correct)."""
+    n, width = len(rows), len(rows[0])
+    kinds: dict[tuple[bool, bool], int] = {}
+    block = [0] + [kinds.setdefault(flags[state], len(kinds) + 1) for state in range(1, n)]
+    count = len(kinds) + 1
+    rounds = max(1, _MOORE_WORK // (n * width))
+    if n * width <= _SMALL_TABLE:
+        for _ in range(rounds):
+            numbers: dict[tuple, int] = {}
+            block = [numbers.setdefault((block[state], *[block[t] for t in row]), len(numbers))
+                     for state, row in enumerate(rows)]
+            if len(numbers) == count:
+                return block
+            count = len(numbers)
+        return list(range(n))
+    table = np.asarray(rows, dtype=np.int64)
+    blocks = np.asarray(block, dtype=np.int64)
+    weights = np.random.default_rng(0).integers(1, 2 ** 63, size=width + 1, dtype=np.int64)
+    for _ in range(rounds):
+        signature = np.column_stack((blocks, blocks[table]))
+        hashed = (signature * weights).sum(axis=1)
+        _, first, new = np.unique(hashed, return_index=True, return_inverse=True)
+        if not (signature == signature[first[new.reshape(-1)]]).all():
+            new = np.unique(signature, axis=0, return_inverse=True)[1]
+        blocks = new.reshape(-1)
+        new_count = int(blocks.max()) + 1
+        if new_count == count:
+            return blocks.tolist()
+        count = new_count
+    return list(range(n))
 
 
 def _seal(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray,
@@ -112,58 +182,6 @@ def _seal(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray,
     dfa = ByteDfa(transitions, accepting, exits, initial)
     dfa.__dict__["byte_classes"] = (np.asarray(byte_class, dtype=np.intp), table)
     return dfa
-
-
-def _reachable(table: np.ndarray, initial: int) -> np.ndarray:
-    seen = np.zeros(table.shape[0], dtype=bool)
-    seen[initial] = True
-    frontier = np.array([initial])
-    while frontier.size:
-        targets = np.unique(table[frontier])
-        frontier = targets[~seen[targets]]
-        seen[frontier] = True
-    return seen
-
-
-def _coreachable(table: np.ndarray, goal: np.ndarray) -> np.ndarray:
-    live = goal.copy()
-    while True:
-        grown = live | live[table].any(axis=1)
-        if np.array_equal(grown, live):
-            return live
-        live = grown
-
-
-def _refine(table: np.ndarray, block: np.ndarray) -> np.ndarray:
-    """Coarsest stable refinement of `block` under `table` (Moore's algorithm)."""
-    count = int(np.unique(block).size)
-    while True:
-        signature = np.column_stack((block, block[table]))
-        if signature.shape[0] <= 64:
-            seen: dict[tuple, int] = {}
-            new = np.array([seen.setdefault(tuple(row), len(seen))
-                            for row in signature.tolist()], dtype=np.int32)
-        else:
-            new = np.unique(signature, axis=0, return_inverse=True)[1].reshape(-1)
-            new = new.astype(np.int32)
-        new_count = int(new.max()) + 1
-        if new_count == count:
-            return new
-        block, count = new, new_count
-
-
-def _bfs_order(table: np.ndarray, block: np.ndarray, first: int) -> np.ndarray:
-    """The live blocks (all but the dead block 0) in breadth-first order from `first`."""
-    block_table = np.zeros((int(block.max()) + 1, table.shape[1]), dtype=np.int32)
-    block_table[block] = block[table]
-    order = [first]
-    seen = {0, first}
-    for current in order:
-        for target in block_table[current].tolist():
-            if target not in seen:
-                seen.add(target)
-                order.append(target)
-    return np.array(order, dtype=np.int64)
 
 
 # ---------------------------------------------------------------- constructors
@@ -224,7 +242,8 @@ def contains(data: bytes) -> ByteDfa:
     table, winner = _phrase_matcher([data])
     done = winner >= 0
     table[done] = np.flatnonzero(done)[:, None]
-    return _finish(table, np.arange(256, dtype=np.intp), done, np.zeros_like(done), 1)
+    byte_class, first = _column_classes(table)
+    return _finish(table[:, first], byte_class, done, np.zeros_like(done), 1)
 
 
 def char_count(op: str, n: int) -> ByteDfa:
@@ -235,6 +254,8 @@ def char_count(op: str, n: int) -> ByteDfa:
                               f"(use one of {', '.join(CHAR_COUNT_OPS)})")
     if not isinstance(n, int) or isinstance(n, bool):
         raise ConstraintError(f"a character count bound must be an int, not {n!r}")
+    if op == ">=":                # ≥ n is > n − 1: keeps "exactly n" and "more" one state
+        op, n = ">", n - 1
     top = max(n, -1) + 1          # counts 0..top; top stands for "more than n"
     counts = np.arange(top + 1)
     test = {"<": counts < n, "<=": counts <= n, "==": counts == n, "!=": counts != n,
@@ -248,7 +269,7 @@ def char_count(op: str, n: int) -> ByteDfa:
     byte_class = np.zeros(256, np.intp)
     byte_class[0x80:0xC0] = 1
     accepting = np.concatenate([[False], test])
-    return _finish(table, byte_class, accepting, np.zeros(top + 2, bool), 1)
+    return _finish(table, byte_class, accepting, np.zeros(top + 2, bool), 1, minimal=True)
 
 
 def valid_utf8() -> ByteDfa:
@@ -260,7 +281,7 @@ def valid_utf8() -> ByteDfa:
 # ---------------------------------------------------------------- products
 
 
-def _joint_classes(dfas: Sequence[ByteDfa]) -> tuple[np.ndarray, list[np.ndarray]]:
+def _joint_classes(dfas: Sequence[ByteDfa]) -> tuple[np.ndarray, list[Rows]]:
     """The coarsest byte classes refining those of every automaton, and each automaton's
     table over them."""
     code = np.zeros(256, np.int64)
@@ -268,47 +289,40 @@ def _joint_classes(dfas: Sequence[ByteDfa]) -> tuple[np.ndarray, list[np.ndarray
         byte_class, table = dfa.byte_classes
         code = code * table.shape[1] + byte_class
     _, first, byte_class = np.unique(code, return_index=True, return_inverse=True)
-    return byte_class.reshape(256).astype(np.intp), [dfa.transitions[:, first] for dfa in dfas]
+    return (byte_class.reshape(256).astype(np.intp),
+            [dfa.transitions[:, first].tolist() for dfa in dfas])
 
 
-Classifier = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: component states → (accepting, exit, terminal); a terminal state is not expanded (it
+#: becomes absorbing, so a terminal state that is no exit is dead)
+Classifier = Callable[[tuple[int, ...]], tuple[bool, bool, bool]]
 
 
 def _product(dfas: Sequence[ByteDfa], classify: Classifier) -> ByteDfa:
-    """The reachable product of `dfas`. `classify(states)` gets an (m, len(dfas)) array of
-    component states and returns (accepting, exits, terminal): terminal states are not
-    expanded (they become absorbing, so a terminal non-exit state is dead)."""
+    """The reachable product of `dfas`, classified state by state."""
     byte_class, tables = _joint_classes(dfas)
-    sizes = np.array([dfa.n_states for dfa in dfas], np.int64)
-    strides = np.concatenate([np.cumprod(sizes[::-1])[::-1][1:], [1]]).astype(np.int64)
-    k = tables[0].shape[1]
-    start = np.array([[dfa.initial for dfa in dfas]], np.int64)
-    levels, codes = [], [start @ strides]
-    frontier = start
-    seen = codes[0]
-    accepting, exits, next_codes = [], [], []
-    while frontier.size:
-        acc, ex, term = classify(frontier)
-        nxt = np.zeros((frontier.shape[0], k), np.int64)
-        for i, table in enumerate(tables):
-            nxt += table[frontier[:, i]].astype(np.int64) * strides[i]
-        own = frontier @ strides
-        nxt[term] = own[term, None]
-        levels.append(frontier)
-        accepting.append(acc)
-        exits.append(ex)
-        next_codes.append(nxt)
-        new = np.unique(nxt)
-        new = new[~np.isin(new, seen, assume_unique=True)]
-        seen = np.union1d(seen, new)
-        codes.append(new)
-        frontier = (new[:, None] // strides) % sizes
-    all_codes = np.concatenate(codes[:-1]) if len(codes) > 1 else codes[0]
-    order = np.argsort(all_codes)
-    sorted_codes = all_codes[order]
-    table = np.concatenate(next_codes)
-    table = order[np.searchsorted(sorted_codes, table)].astype(np.int32)
-    return _finish(table, byte_class, np.concatenate(accepting), np.concatenate(exits), 0)
+    start = tuple(dfa.initial for dfa in dfas)
+    ids = {start: 0}
+    states = [start]
+    rows: Rows = []
+    accepting: list[bool] = []
+    exits: list[bool] = []
+    for index, state in enumerate(states):
+        accept, exit_, terminal = classify(state)
+        accepting.append(accept)
+        exits.append(exit_)
+        if terminal:
+            rows.append([index] * len(tables[0][0]))
+            continue
+        row = []
+        for target in zip(*(table[component] for table, component in zip(tables, state))):
+            number = ids.get(target)
+            if number is None:
+                number = ids[target] = len(states)
+                states.append(target)
+            row.append(number)
+        rows.append(row)
+    return _finish(rows, byte_class, accepting, exits, 0)
 
 
 def _no_exits(operation: str, *dfas: ByteDfa) -> None:
@@ -320,20 +334,23 @@ def _no_exits(operation: str, *dfas: ByteDfa) -> None:
 def intersect(a: ByteDfa, b: ByteDfa) -> ByteDfa:
     """L(a) ∩ L(b) (neither may have exits)."""
     _no_exits("the intersection", a, b)
+    a_accepts, b_accepts = a.accepting.tolist(), b.accepting.tolist()
 
-    def classify(states: np.ndarray):
-        acc = a.accepting[states[:, 0]] & b.accepting[states[:, 1]]
-        dead = (states[:, 0] == DEAD) | (states[:, 1] == DEAD)
-        return acc, np.zeros_like(acc), dead
+    def classify(state: tuple[int, ...]) -> tuple[bool, bool, bool]:
+        left, right = state
+        return a_accepts[left] and b_accepts[right], False, left == DEAD or right == DEAD
     return _product([a, b], classify)
 
 
 def union(a: ByteDfa, b: ByteDfa) -> ByteDfa:
     """L(a) ∪ L(b). Exits are kept: under `or`, each side's stop ends the value on its own."""
-    def classify(states: np.ndarray):
-        ex = a.exits[states[:, 0]] | b.exits[states[:, 1]]
-        acc = (a.accepting[states[:, 0]] | b.accepting[states[:, 1]]) & ~ex
-        return acc, ex, ex
+    a_accepts, b_accepts = a.accepting.tolist(), b.accepting.tolist()
+    a_exits, b_exits = a.exits.tolist(), b.exits.tolist()
+
+    def classify(state: tuple[int, ...]) -> tuple[bool, bool, bool]:
+        left, right = state
+        exit_ = a_exits[left] or b_exits[right]
+        return (a_accepts[left] or b_accepts[right]) and not exit_, exit_, exit_
     return _product([a, b], classify)
 
 
@@ -404,30 +421,35 @@ def _stops_product(a: ByteDfa, phrases: Sequence[tuple[bytes, bool]],
     if not phrases:
         return a
     table, winner = _phrase_matcher([phrase for phrase, _ in phrases])
-    matcher = _finish_matcher(table)
+    matcher = _unfinished(table)
     drop = sorted({phrase for phrase, keep in phrases if not keep})
-    checks = [concat(a, literal(phrase)) for phrase in drop]   # value·phrase ∈ L(a)·phrase
-    check_of = np.array([drop.index(phrase) if not keep else -1 for phrase, keep in phrases])
+    check_dfas = [] if drop_exits else [concat(a, literal(phrase)) for phrase in drop]
+    checks = [dfa.accepting.tolist() for dfa in check_dfas]
+    check_of = [drop.index(phrase) if not keep else -1 for phrase, keep in phrases]
+    winners = winner.tolist()
+    a_accepts = a.accepting.tolist()
 
-    def classify(states: np.ndarray):
-        won = winner[states[:, 1]]
-        stopped = won >= 0
-        ok = a.accepting[states[:, 0]].copy()
-        check = np.where(stopped, check_of[np.maximum(won, 0)], -1)
-        for j, dfa in enumerate(checks):
-            here = check == j
-            ok[here] = False if drop_exits else dfa.accepting[states[here, 2 + j]]
-        return ok & ~stopped, ok & stopped, stopped
-    return _product([a, matcher, *checks], classify)
+    def classify(state: tuple[int, ...]) -> tuple[bool, bool, bool]:
+        won = winners[state[1]]
+        if won < 0:
+            return a_accepts[state[0]], False, False
+        check = check_of[won]
+        if check < 0:
+            ok = a_accepts[state[0]]          # STOPS_AT: the value holds the phrase
+        else:                                 # STOPS_BEFORE: value·phrase ∈ L(a)·phrase
+            ok = not drop_exits and checks[check][state[2 + check]]
+        return False, ok, True
+    return _product([a, matcher, *check_dfas], classify)
 
 
-def _finish_matcher(table: np.ndarray) -> ByteDfa:
-    """The phrase matcher as a ByteDfa without trimming (every state is kept, state ids
-    unchanged) so winners stay indexed by state."""
+def _unfinished(table: np.ndarray) -> ByteDfa:
+    """An automaton with exactly these transitions (no trimming, ids kept) for products
+    whose classifier reads component state ids."""
     byte_class, first = _column_classes(table)
-    matcher = ByteDfa(table, np.zeros(len(table), bool), np.zeros(len(table), bool), 1)
-    matcher.__dict__["byte_classes"] = (byte_class, table[:, first])
-    return matcher
+    flags = np.zeros(len(table), bool)
+    dfa = ByteDfa(table, flags, flags, 1)
+    dfa.__dict__["byte_classes"] = (byte_class, table[:, first])
+    return dfa
 
 
 def _column_classes(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -545,12 +567,16 @@ class Nfa:
         byte_class = np.zeros(256, np.intp)
         for index, (low, high) in enumerate(zip(cuts, cuts[1:])):
             byte_class[low:high] = index
-        table = np.zeros((len(subsets), len(cuts) - 1), np.int32)
-        for state, row in enumerate(rows):
+        class_of = byte_class.tolist()
+        table: Rows = []
+        for row in rows:
+            classed = [DEAD] * (len(cuts) - 1)
             for low, high, target in row:
-                table[state, byte_class[low]:byte_class[high] + 1] = target
-        accepting = np.array([bool(subset & accept) for subset in subsets])
-        exit_flags = np.array([bool(subset & exits) for subset in subsets])
+                classed[class_of[low]:class_of[high] + 1] = \
+                    [target] * (class_of[high] + 1 - class_of[low])
+            table.append(classed)
+        accepting = [bool(subset & accept) for subset in subsets]
+        exit_flags = [bool(subset & exits) for subset in subsets]
         return _finish(table, byte_class, accepting, exit_flags, 1)
 
 
