@@ -251,7 +251,7 @@ def _constraint(fields: _Fields) -> Constraint | None:
             raise inner.fail('each stop must be {"phrase": non-empty string, "keep": bool}')
         rules.append((stop["phrase"], stop["keep"]))
     return Constraint(grammar=grammar, min_tokens=inner.int("min_tokens", 0, 0),
-                      max_tokens=inner.int("max_tokens", None, 0), stops=tuple(rules))
+                      max_tokens=inner.int("max_tokens", None, 1), stops=tuple(rules))
 
 
 def _score(fields: _Fields, limits: Limits) -> Score:

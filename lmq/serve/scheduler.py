@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lmq.backends.base import Backend, Sequence, common_prefix
@@ -36,6 +37,7 @@ class ModelWorker:
         self.active: list[Stream] = []
         self.waiting: deque[Stream] = deque()
         self.generated_tokens = 0
+        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="lmq-hole")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"lmq-model {model_id}", daemon=True)
         self._thread.start()
@@ -52,6 +54,7 @@ class ModelWorker:
     def stop(self, timeout: float = 5.0) -> None:
         self._commands.put(("stop",))
         self._thread.join(timeout)
+        self.executor.shutdown(wait=False)
 
     def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "busy_slots": self.slots - len(self.idle),
@@ -109,10 +112,10 @@ class ModelWorker:
             stream.sequence = slot
             self.active.append(stream)
             try:
-                element = stream.step(slot.logits(stream.prompt))
+                elements = stream.step(slot.logits(stream.prompt))
             except Exception as e:          # one stream's failure never stops the loop
-                element = stream.failed(_describe(e))
-            self._record(stream, element, out)
+                elements = [stream.failed(_describe(e))]
+            self._record(stream, elements, out)
 
     def _slot_for(self, stream: Stream) -> Sequence | None:
         """The idle slot sharing the longest prefix with the stream's prompt, once the
@@ -130,24 +133,33 @@ class ModelWorker:
         return slot
 
     def _advance(self, out: dict) -> None:
-        streams = self.active
-        try:
-            rows = self.backend.advance_many([(s.sequence, [s.next_token]) for s in streams])
-        except Exception as e:
-            for stream in list(streams):
-                self._record(stream, stream.failed(_describe(e)), out)
+        steps = []
+        for stream in list(self.active):
+            tokens = stream.request()
+            if tokens is None:               # it finished on its own (a hole's thread)
+                self._retire(stream)
+            else:
+                steps.append((stream, tokens))
+        if not steps:
             return
-        self.generated_tokens += len(streams)
-        for stream, row in zip(list(streams), rows):
+        try:
+            rows = self.backend.advance_many([(s.sequence, tokens) for s, tokens in steps])
+        except Exception as e:
+            for stream, _ in steps:
+                self._record(stream, [stream.failed(_describe(e))], out)
+            return
+        self.generated_tokens += sum(len(tokens) for _, tokens in steps)
+        for (stream, _), row in zip(steps, rows):
             try:
-                element = stream.step(row)
+                elements = stream.step(row)
             except Exception as e:
-                element = stream.failed(_describe(e))
-            self._record(stream, element, out)
+                elements = [stream.failed(_describe(e))]
+            self._record(stream, elements, out)
 
-    def _record(self, stream: Stream, element: dict[str, Any], out: dict) -> None:
-        out.setdefault(stream.owner, []).append(element)
-        if stream.finished:
+    def _record(self, stream: Stream, elements: list[dict[str, Any]], out: dict) -> None:
+        if elements:
+            out.setdefault(stream.owner, []).extend(elements)
+        if stream.finished and stream in self.active:
             self._retire(stream)
 
     def _retire(self, stream: Stream) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from lmq.serve.holes import HoleStream
 from lmq.serve.models import ModelRegistry
 from lmq.serve.protocol import (Cancel, Generate, Limits, ModelInfo, ProtocolError, Score,
                                 encode, parse_request)
@@ -207,6 +208,8 @@ def _stream(owner: Connection, request: Generate | Score, worker: ModelWorker) -
                             f"in the context of {context} tokens")
     if request.allow is not None and not set(request.allow) - set(request.deny or ()):
         raise ProtocolError("GENERATE: the mask allows no token")
+    if request.constraint is not None:
+        return HoleStream(owner, request, backend, worker.executor)
     return GenerateStream(owner, request, backend.vocabulary, context)
 
 

@@ -1,13 +1,10 @@
 """Server streams: what one GENERATE or SCORE does with each logits row it is given.
 
 The scheduler owns the model and hands every active stream the row after its newest
-token; the stream answers with one TOKEN element and the token to evaluate next (or
-finishes). A GENERATE stream applies, in this order, `logit_bias`, the hard `mask`, the
-constraint program's automaton mask and the hiding of end tokens while the constraint's
-minimum is not met; then the sampling knobs pick a token, and stop phrases, the budget
-and end tokens decide whether the stream ends. The per-token rules (stop detection,
-log-probability under the masked row) are the in-process decoder's own functions, so a
-hole gives the same tokens through the server as in process.
+tokens; the stream answers with its TOKEN elements and the tokens to evaluate next.
+An LMQL-style GENERATE adds `logit_bias` and the hard `mask` to the row and lets the
+sampling knobs pick; SCORE reads off the log-probability of each scored token. A GENERATE
+with a `constraint` program is a whole hole: see `lmq.serve.holes`.
 """
 
 from __future__ import annotations
@@ -17,10 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from lmq.backends.base import Sequence, Vocabulary
-from lmq.runtime.decoders import _find_stop, _logsumexp
-from lmq.runtime.hole import HolePlan, StopRule
+from lmq.runtime.decoders import _logsumexp
 from lmq.runtime.sampling import Sampler
-from lmq.serve.protocol import Constraint, Generate, ProtocolError, Score
+from lmq.serve.protocol import Generate, Score
 
 
 class Owner(Protocol):
@@ -30,7 +26,9 @@ class Owner(Protocol):
 
 
 class Stream:
-    """One request's token stream on a model."""
+    """One request's token stream on a model. The scheduler evaluates `prompt`, then
+    alternates: `step(row)` with the row after the newest tokens (→ the elements to send),
+    `request()` for the tokens to evaluate next (None once the stream is finished)."""
 
     def __init__(self, owner: Owner, stream_id: int, prompt: list[int], new_tokens: int):
         self.owner = owner
@@ -38,7 +36,7 @@ class Stream:
         self.prompt = prompt
         self.new_tokens = new_tokens          # most tokens this stream may add after its prompt
         self.sequence: Sequence | None = None
-        self.next_token: int | None = None    # the token to evaluate next; None once finished
+        self.next_tokens: list[int] | None = None
         self.finished = False
 
     @property
@@ -46,97 +44,59 @@ class Stream:
         """Cache cells this stream may occupy at most."""
         return len(self.prompt) + self.new_tokens
 
-    def step(self, row: np.ndarray) -> dict[str, Any]:
-        """The element for the row after the newest token; sets `next_token`/`finished`."""
+    def step(self, row: np.ndarray) -> list[dict[str, Any]]:
         raise NotImplementedError
+
+    def request(self) -> list[int] | None:
+        tokens, self.next_tokens = self.next_tokens, None
+        return None if self.finished else tokens
 
     def finish(self, element: dict[str, Any], reason: str) -> dict[str, Any]:
         element["finish_reason"] = reason
         self.finished = True
-        self.next_token = None
         return element
 
     def cancelled(self) -> dict[str, Any]:
         self.finished = True
         return {"stream_id": self.stream_id, "finish_reason": "cancelled"}
 
-    def failed(self, message: str) -> dict[str, Any]:
+    def failed(self, message: str, error_type: str | None = None) -> dict[str, Any]:
         self.finished = True
-        return {"stream_id": self.stream_id, "error": message}
-
-
-def plan_of(constraint: Constraint) -> HolePlan:
-    """The hole plan a constraint program describes."""
-    if constraint.grammar is not None:
-        raise ProtocolError("GENERATE constraint: grammar programs need the constraint engine, "
-                            "which this server does not have yet")
-    stops = tuple(StopRule(phrase.encode("utf-8"), keep) for phrase, keep in constraint.stops)
-    return HolePlan("constraint", min_tokens=constraint.min_tokens,
-                    max_tokens=constraint.max_tokens, stops=stops)
+        element = {"stream_id": self.stream_id, "error": message}
+        if error_type:
+            element["error_type"] = error_type
+        return element
 
 
 class GenerateStream(Stream):
+    """GENERATE as LMQL speaks it: bias, hard mask, sampling knobs, top log-probabilities."""
+
     def __init__(self, owner: Owner, request: Generate, vocabulary: Vocabulary, context_size: int):
-        plan = plan_of(request.constraint) if request.constraint else None
-        budget = request.max_tokens
-        if plan is not None and plan.max_tokens is not None:
-            budget = min(budget, plan.max_tokens)
         super().__init__(owner, request.stream_id, request.prompt,
-                         min(budget, context_size - len(request.prompt)))
-        self.plan = plan
+                         min(request.max_tokens, context_size - len(request.prompt)))
         self.top_logprobs = request.top_logprobs
         self.bias = _bias_row(request, vocabulary.size)
         self.sampler = Sampler(request.sampling, np.random.default_rng(request.seed))
         self.ends = vocabulary.end_ids
-        self.end_list = np.fromiter(vocabulary.end_ids, dtype=np.int64)
-        self.table = vocabulary.token_bytes
-        automaton = plan.automaton if plan else None
-        self.automaton = automaton
-        self.state = automaton.initial() if automaton is not None else None
         self.generated: list[int] = []
-        self.value = bytearray()
 
-    def step(self, row: np.ndarray) -> dict[str, Any]:
-        row = self._masked(row)
+    def step(self, row: np.ndarray) -> list[dict[str, Any]]:
+        if self.bias is not None:
+            row = row + self.bias
         token = self.sampler.pick(row, self.prompt[-64:] + self.generated[-64:])
         if row[token] == -np.inf:
-            return self.failed(f"no token satisfies the constraint after {bytes(self.value)!r}")
+            return [self.failed("the mask allows no token")]
         total = _logsumexp(row)
         element = {"stream_id": self.stream_id, "token": token,
                    "logprob": float(row[token]) - total, "finish_reason": None,
                    "top_logprobs": self._top(row, token, total)}
         if token in self.ends:
-            return self.finish(element, "stop")
+            return [self.finish(element, "stop")]
         self.generated.append(token)
-        start = len(self.value)
-        self.value += self.table[token]
-        plan = self.plan
-        if plan is not None:
-            if self.automaton is not None:
-                self.state = self.automaton.advance(self.state, token)
-            if plan.stops and len(self.generated) >= plan.min_tokens \
-                    and _find_stop(self.value, plan, start) is not None:
-                return self.finish(element, "stop")
         if len(self.generated) >= self.new_tokens:
-            return self.finish(element, "length")
-        self.next_token = token
-        return element
-
-    def _masked(self, row: np.ndarray) -> np.ndarray:
-        """The row with the request's bias, the constraint's mask and hidden end tokens
-        (a copy: the backend's row is never written)."""
-        plan = self.plan
-        mask = self.automaton.mask(self.state) if self.automaton is not None else None
-        may_end = plan is None or (len(self.generated) >= plan.min_tokens and
-                                   (self.automaton is None or self.automaton.accepts(self.state)))
-        if self.bias is None and mask is None and may_end:
-            return row
-        out = row + self.bias if self.bias is not None else row.copy()
-        if mask is not None:
-            out += mask
-        if not may_end:
-            out[self.end_list] = -np.inf
-        return out
+            return [self.finish(element, "length")]
+        self.next_tokens = [token]
+        return [element]
 
     def _top(self, row: np.ndarray, token: int, total: float) -> dict[str, float]:
         """The chosen token and the k most likely ones, as id-string → log-probability."""
@@ -155,15 +115,15 @@ class ScoreStream(Stream):
         self.scored = request.scored
         self.position = 0
 
-    def step(self, row: np.ndarray) -> dict[str, Any]:
+    def step(self, row: np.ndarray) -> list[dict[str, Any]]:
         token = self.scored[self.position]
         element = {"stream_id": self.stream_id, "token": token,
                    "logprob": float(row[token]) - _logsumexp(row), "finish_reason": None}
         self.position += 1
         if self.position == len(self.scored):
-            return self.finish(element, "stop")
-        self.next_token = token
-        return element
+            return [self.finish(element, "stop")]
+        self.next_tokens = [token]
+        return [element]
 
 
 def _bias_row(request: Generate, size: int) -> np.ndarray | None:
