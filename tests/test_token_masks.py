@@ -21,6 +21,7 @@ from lmq.compiler.automaton import ByteDfa
 from lmq.compiler.regex import INT_PATTERN, regex_dfa
 from lmq.backends.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
                                           vocabulary_key)
+from lmq.runtime.class_patterns import ClassPatterns
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
@@ -112,6 +113,10 @@ def test_masks_are_exact_against_brute_force():
     index = VocabularyIndex.build(vocabulary.token_bytes)
     alphabet = bytes(sorted(set(b"".join(vocabulary.token_bytes))))
     nontrivial = 0
+
+    def patterns(byte_class):
+        return ClassPatterns(index, byte_class, int(byte_class.max()) + 1)
+
     for _ in range(120):
         raw, trimmed = random_dfa(rng, alphabet)
         goals = set(np.flatnonzero(raw.accepting | raw.exits).tolist())
@@ -128,6 +133,9 @@ def test_masks_are_exact_against_brute_force():
             engine_state = state if state in live else 0
             mask = automaton.mask(engine_state)
             assert mask.allowed.tolist() == expected, (state, raw.transitions)
+            byte_class, classed = trimmed.byte_classes
+            through_patterns = patterns(byte_class).final_states(classed, engine_state) != 0
+            assert np.flatnonzero(through_patterns).tolist() == expected
             assert mask.count == len(expected)
             nontrivial += 0 < len(expected) < vocabulary.size - 3
             for token in expected:
@@ -227,6 +235,20 @@ def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, tmp_path, monkeypatch):
             after = tokens.advance(state, token)
             assert after == automaton.run(dfa, state, table[token]) != 0
             state = after
+
+
+def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab):
+    """`len(X) < 12` keeps almost every token alive in each of its states: after a couple
+    of whole-trie walks the automaton uses the class-pattern trie; masks stay exact."""
+    vocabulary = gguf_vocab.vocabulary()
+    table = vocabulary.token_bytes
+    dfa = automaton.char_count("<", 12)
+    tokens = DfaTokenAutomaton(dfa, vocabulary_index(vocabulary), table)
+    state = tokens.initial()
+    for _ in range(6):
+        assert tokens.mask(state).allowed.tolist() == walk_mask(dfa, state, table)
+        state = automaton.run(dfa, state, "é".encode())
+    assert tokens._patterns is not None
 
 
 def test_vocabulary_index_cache_is_served_from_disk(tmp_path, monkeypatch):

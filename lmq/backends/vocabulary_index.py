@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import marshal
 import os
 import tempfile
 import threading
@@ -34,7 +35,7 @@ import numpy as np
 from lmq.backends.base import Vocabulary
 
 #: bump when the layout or the build changes: old cache files are then ignored
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 
 
 def _byte_groups() -> np.ndarray:
@@ -54,7 +55,8 @@ GROUP_COUNT = 103
 #: the group bit of each byte, as two words (low word row, high word row)
 GROUP_BITS = np.zeros((2, 256), dtype=np.uint64)
 GROUP_BITS[BYTE_GROUP // 64, np.arange(256)] = np.left_shift(np.uint64(1), (BYTE_GROUP % 64).astype(np.uint64))
-_ARRAYS = ("order", "rank", "levels", "byte", "child_start", "lo", "hi", "exact", "below")
+_ARRAYS = ("order", "rank", "levels", "byte", "child_start", "lo", "hi", "exact", "terminal",
+           "below")
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +72,7 @@ class VocabularyIndex:
     lo: np.ndarray            # int32 (N,): first sorted position with the node's prefix
     hi: np.ndarray            # int32 (N,): one past the last such position
     exact: np.ndarray         # int32 (N,): how many tokens are exactly the node's prefix
+    terminal: np.ndarray      # int32 (T,): the node whose prefix is the token at each position
     below: np.ndarray         # uint64 (2, N): the byte groups (`BYTE_GROUP`) of every node
                               # below n, as bits in two words (0 for a leaf)
 
@@ -129,7 +132,8 @@ class VocabularyIndex:
         return VocabularyIndex(
             size=size, order=order, rank=rank, levels=int32(levels), byte=byte,
             child_start=int32(child_start), lo=int32(node_pos), hi=int32(hi),
-            exact=int32(exact), below=_groups_below(byte, child_start, levels))
+            exact=int32(exact), terminal=int32(terminal_of_position[owner]),
+            below=_groups_below(byte, child_start, levels))
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in _ARRAYS}
@@ -188,10 +192,9 @@ def _groups_below(byte: np.ndarray, child_start: np.ndarray, levels: np.ndarray)
 
 
 def vocabulary_key(token_bytes: tuple[bytes, ...]) -> str:
-    """A hash of the token bytes (lengths included, so the split is part of the key)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.fromiter(map(len, token_bytes), dtype=np.int32, count=len(token_bytes)).tobytes())
-    digest.update(b"".join(token_bytes))
+    """A hash of the token bytes. `marshal` writes each token's length before its bytes,
+    so two vocabularies that join to the same bytes but split them differently differ."""
+    digest = hashlib.blake2b(marshal.dumps(tuple(token_bytes)), digest_size=16)
     return f"v{FORMAT_VERSION}-{digest.hexdigest()}"
 
 

@@ -34,6 +34,7 @@ from lmq.backends.base import Vocabulary
 from lmq.backends.vocabulary_index import (GROUP_BITS, VocabularyIndex, concatenated_ranges,
                                           vocabulary_index)
 from lmq.compiler.automaton import ByteDfa, forced_bytes
+from lmq.runtime.class_patterns import ClassPatterns, class_patterns
 
 #: a mask allowing more than this fraction of the vocabulary is dense (keeps a bias row):
 #: measured at V = 151,936, an argmax over `row[allowed]` beats one over the whole row up
@@ -46,6 +47,10 @@ FEW_BLOCKED_FRACTION = 1 / 16
 PYTHON_FRONTIER = 48
 DEAD = 0
 ALL_GROUPS = (int(np.bitwise_or.reduce(GROUP_BITS[0])), int(np.bitwise_or.reduce(GROUP_BITS[1])))
+#: trie walks costing this many whole-trie walks switch an automaton to class patterns ...
+PATTERN_SWITCH = 2
+#: ... if its DFA has at most this many byte classes (else patterns are nearly the trie)
+PATTERN_CLASSES = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,7 +145,7 @@ class DfaTokenAutomaton:
         self._flat = np.ascontiguousarray(dfa.transitions, dtype=np.int32).ravel()
         self._accepting = dfa.accepting.tolist()
         self._exits = dfa.exits.tolist()
-        self._rows: dict[int, list[int]] = {}
+        self._table = memoryview(self._flat)     # state * 256 + byte → state, as Python ints
         self._live: dict[int, list[int]] = {}
         self._masks: dict[int, TokenMask] = {}
         self._next: dict[tuple[int, int], int] = {}
@@ -148,6 +153,8 @@ class DfaTokenAutomaton:
         self._open_table: np.ndarray | None = None
         self._open_words: dict[int, tuple[int, int]] = {}
         self._looping: list[bool] | None = None
+        self._walked = 0                         # (node, state) pairs visited by trie walks
+        self._patterns: ClassPatterns | None = None
         self._views = tuple(memoryview(array) for array in (
             index.byte, index.child_start, index.lo, index.hi, index.exact, *index.below))
 
@@ -168,10 +175,25 @@ class DfaTokenAutomaton:
     def mask(self, state: int) -> TokenMask:
         mask = self._masks.get(state)
         if mask is None:
-            allowed = self._allowed(state)
+            if self._patterns is not None:
+                byte_class, classed = self.dfa.byte_classes
+                allowed = self._patterns.final_states(classed, state) != DEAD
+            else:
+                allowed = self._allowed(state)
+                self._consider_patterns()
             mask = self._masks[state] = (TokenMask.of_flags(allowed) if allowed.dtype == bool
                                          else TokenMask.of(allowed, self.index.size))
         return mask
+
+    def _consider_patterns(self) -> None:
+        """Switch to the class-pattern trie once trie walks have cost about as much as
+        building it (two whole-trie walks) and the DFA has few byte classes: from then
+        on a mask costs a walk of the much smaller pattern trie."""
+        if self._walked > PATTERN_SWITCH * self.index.node_count:
+            byte_class, classed = self.dfa.byte_classes
+            if classed.shape[1] <= PATTERN_CLASSES:
+                self._patterns = class_patterns(self.index, byte_class)
+            self._walked = -1 << 62          # decided once
 
     def advance(self, state: int, token: int) -> int:
         """The state after `token`'s bytes (DEAD if the token was not allowed; an exit
@@ -179,11 +201,11 @@ class DfaTokenAutomaton:
         key = (state, token)
         successor = self._next.get(key)
         if successor is None:
-            successor = state
+            successor, table = state, self._table
             for byte in self.token_bytes[token]:
                 if successor == DEAD or self._exits[successor]:
                     break
-                successor = self._row(successor)[byte]
+                successor = table[successor * 256 + byte]
             self._next[key] = successor
         return successor
 
@@ -193,12 +215,6 @@ class DfaTokenAutomaton:
         if forced is None:
             forced = self._forced[state] = forced_bytes(self.dfa, state)
         return forced
-
-    def _row(self, state: int) -> list[int]:
-        row = self._rows.get(state)
-        if row is None:
-            row = self._rows[state] = self._flat[state * 256:(state + 1) * 256].tolist()
-        return row
 
     def _opened(self, state: int) -> tuple[int, int]:
         """`_open_groups` of one state, as two Python ints (all groups when the state has
@@ -217,8 +233,7 @@ class DfaTokenAutomaton:
     def _live_bytes(self, state: int) -> list[int]:
         live = self._live.get(state)
         if live is None:
-            row = self._row(state)
-            live = self._live[state] = [b for b in range(256) if row[b] != DEAD]
+            live = self._live[state] = self._flat[state * 256:(state + 1) * 256].nonzero()[0].tolist()
         return live
 
     def _allowed(self, state: int) -> np.ndarray:
@@ -292,6 +307,7 @@ class DfaTokenAutomaton:
         done = nodes[closed]
         starts.append(index.lo[done])
         counts.append(index.hi[done] - index.lo[done])
+        self._walked += len(nodes)
         walked = ~closed
         nodes, states = nodes[walked], states[walked]
         starts.append(index.lo[nodes])
@@ -306,6 +322,8 @@ class DfaTokenAutomaton:
     def _python_level(self, pairs, starts, counts):
         """One level of a few live pairs in plain Python (list in, list out)."""
         byte, child_start, lo, hi, exact, below_low, below_high = self._views
+        table = self._table
+        self._walked += len(pairs)
         following = []
         for node, state in pairs:
             opened = self._open_words.get(state) or self._opened(state)
@@ -316,19 +334,19 @@ class DfaTokenAutomaton:
             if exact[node]:
                 starts.append(lo[node])
                 counts.append(exact[node])
-            row = self._row(state)
+            row = state * 256
             begin, end = child_start[node], child_start[node + 1]
-            live = self._live_bytes(state)
-            if end - begin <= len(live):
+            live = self._live_bytes(state) if end - begin > 8 else None
+            if live is None or end - begin <= len(live):
                 for child in range(begin, end):
-                    target = row[byte[child]]
+                    target = table[row + byte[child]]
                     if target != DEAD:
                         following.append((child, target))
             else:
                 for b in live:
                     child = bisect_left(byte, b, begin, end)
                     if child < end and byte[child] == b:
-                        following.append((child, row[b]))
+                        following.append((child, table[row + b]))
         return following
 
 

@@ -1,0 +1,92 @@
+"""`ClassPatterns`: a vocabulary seen through a partition of the bytes into a few classes.
+
+Some automata keep most of the vocabulary alive in many states: `len(X) < 40` counts
+UTF-8 starter bytes, so every one of its 40 states allows almost every token and no
+subtree of the trie can be skipped; each mask would walk the whole trie. Such automata
+have few byte classes (bytes that lead every state to the same state; `ByteDfa.byte_classes`),
+and a token's effect depends only on its string of classes. The distinct class strings of
+a vocabulary form a much smaller trie (a few thousand nodes for 2 classes at 152k tokens),
+walked in full from any state in a fraction of a millisecond; each token then reads the
+state of its class string.
+
+Building the pattern trie costs about one full trie walk per level of numpy sorting, so it
+is built only once an automaton has spent that much on ordinary walks, and it is shared by
+every automaton with the same byte partition (all `len(X)` bounds share one).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from lmq.backends.vocabulary_index import VocabularyIndex
+
+#: pattern tries kept per (vocabulary index, byte partition)
+CACHE_SIZE = 16
+
+
+class ClassPatterns:
+    """The trie of the class strings of a vocabulary's tokens, level by level."""
+
+    def __init__(self, index: VocabularyIndex, byte_class: np.ndarray, classes: int):
+        self.classes = classes
+        self.parents: list[np.ndarray] = []      # per level: parent pattern, local to the level above
+        self.labels: list[np.ndarray] = []       # per level: the class of the last byte
+        levels, child_start = index.levels, index.child_start
+        node_pattern = np.empty(index.node_count, dtype=np.int32)
+        offset = 0
+        above: np.ndarray | None = None
+        for depth in range(1, index.depth + 1):
+            first, last = int(levels[depth - 1]), int(levels[depth])
+            key = byte_class[index.byte[first:last]]
+            if above is not None:
+                parent_first = int(levels[depth - 2])
+                per_parent = np.diff(child_start[parent_first:first + 1])
+                key = np.repeat(above, per_parent) * classes + key
+            patterns, local = np.unique(key, return_inverse=True)
+            self.parents.append(patterns // classes)
+            self.labels.append(patterns % classes)
+            node_pattern[first:last] = local + offset
+            above = local
+            offset += len(patterns)
+        self.size = offset
+        by_position = np.append(node_pattern[index.terminal], offset)   # empty tokens: a pattern
+        self.token_pattern = by_position[index.rank]                     # whose state stays DEAD
+
+    def final_states(self, classed: np.ndarray, state: int) -> np.ndarray:
+        """The state each token leads to from `state` (DEAD for empty tokens), given the
+        automaton's table over classes (n_states, classes)."""
+        flat = np.ascontiguousarray(classed, dtype=np.int32).ravel()
+        classes = self.classes
+        reached = np.empty(self.size + 1, dtype=np.int32)
+        reached[-1] = 0
+        start = 0
+        level = flat[state * classes + self.labels[0]]
+        for parents, labels in zip(self.parents, self.labels):
+            if start:
+                level = flat[level[parents] * classes + labels]
+            reached[start:start + len(level)] = level
+            start += len(level)
+        return reached[self.token_pattern]
+
+
+_cache: OrderedDict[tuple[int, bytes], tuple[VocabularyIndex, ClassPatterns]] = OrderedDict()
+_lock = threading.Lock()
+
+
+def class_patterns(index: VocabularyIndex, byte_class: np.ndarray) -> ClassPatterns:
+    """The pattern trie of `index` under `byte_class` (256 class ids), built once."""
+    key = (id(index), np.asarray(byte_class, dtype=np.uint8).tobytes())
+    with _lock:
+        entry = _cache.get(key)
+        if entry is not None and entry[0] is index:
+            _cache.move_to_end(key)
+            return entry[1]
+    patterns = ClassPatterns(index, np.asarray(byte_class, dtype=np.intp), int(byte_class.max()) + 1)
+    with _lock:
+        _cache[key] = (index, patterns)
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return patterns
