@@ -2,6 +2,9 @@
 
 | id                          | backend                                       |
 | `local:llama.cpp:PATH.gguf` | `LlamaCppBackend`, in process                 |
+| `llama.cpp:PATH.gguf`       | `LmtpBackend`: that model on an LMTP server   |
+|                             | (`endpoint=HOST:PORT`, default localhost:8080) |
+| `lmtp://HOST:PORT/MODEL`    | `LmtpBackend`: any model on an LMTP server    |
 | `random`                    | `RandomBackend` (`vocab=`, `seed=`)           |
 | none                        | `LMQ_MODEL`, else the embedded SmolLM2 model  |
 
@@ -68,9 +71,15 @@ def _create(model_id: str, kwargs: dict) -> Backend:
     if model_id.startswith("local:llama.cpp:"):
         from lmq.backends.llama_cpp import LlamaCppBackend
         return LlamaCppBackend(model_id[len("local:llama.cpp:"):], **kwargs)
-    if model_id.startswith(("llama.cpp:", "lmtp://")):
-        raise ModelError(f"model {model_id!r} names an LMTP model server; the server client is "
-                         "not available in this version (use local:llama.cpp:PATH)")
+    if model_id.startswith("llama.cpp:"):
+        from lmq.backends.lmtp import LmtpBackend
+        return LmtpBackend(model_id, **kwargs)
+    if model_id.startswith("lmtp://"):
+        from lmq.backends.lmtp import LmtpBackend
+        endpoint, slash, model = model_id[len("lmtp://"):].partition("/")
+        if not slash or not model:
+            raise ModelError(f"model {model_id!r}: expected lmtp://HOST:PORT/MODEL")
+        return LmtpBackend(model, endpoint=endpoint, **kwargs)
     if model_id.startswith("local:transformers:"):
         raise ModelError(f"model {model_id!r}: the transformers backend is not available in "
                          "this version")

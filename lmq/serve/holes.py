@@ -3,7 +3,7 @@
 The hole is decoded on the server by the in-process decoder itself (`Decoder.decode_hole`:
 masks, end-token hiding, fast-forward of forced text, stops, budget), so a hole gives the
 same tokens through the server as in process. The decoder runs on a thread of its own and
-sees a `BatchedLane`: each time it asks for the logits after new tokens, the request
+sees a `BatchedSequence`: each time it asks for the logits after new tokens, the request
 joins the model's next multi-sequence step and the thread waits for its row.
 
 Elements: each token is sent once the decoder has moved past it (forced tokens with
@@ -16,7 +16,6 @@ is an error element with `error_type`, the lmq error class name.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 from concurrent.futures import Executor
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lmq.backends.base import Backend
+from lmq.backends.base import Backend, Sequence
 from lmq.errors import LmqError, ModelError
 from lmq.runtime.decoders import DECODERS, Decoder, HoleOutput
 from lmq.runtime.hole import HolePlan, StopRule
@@ -116,10 +115,10 @@ class HoleStream(Stream):
     # --- the decoding thread ------------------------------------------------------------------
 
     def _decode(self, first_row: np.ndarray) -> None:
-        lane = BatchedLane(self, first_row)
+        sequence = BatchedSequence(self, first_row)
         try:
-            output = asyncio.run(self.decoder.decode_hole(lane, self.prompt, self.plan, self.backend,
-                                                          len(self.prompt) + self.new_tokens))
+            output = self.decoder.decode_hole(sequence, self.prompt, self.plan, self.backend,
+                                              len(self.prompt) + self.new_tokens)
             self._send(self._final(output), last=True)
         except _Cancelled:
             pass
@@ -169,29 +168,29 @@ class HoleStream(Stream):
         return elements
 
 
-class BatchedLane:
-    """The decoding thread's lane (the decoder's handle on its cache slot): every
-    evaluation is a request to the model's batching loop, answered with a copy of the row.
-    Its coroutines block the thread: the thread's event loop runs nothing else."""
+class BatchedSequence(Sequence):
+    """The decoding thread's cache slot, as the decoder sees it: every evaluation is a
+    request to the model's batching loop, answered with a copy of the row."""
 
     def __init__(self, stream: HoleStream, first_row: np.ndarray):
+        super().__init__()
         self.stream = stream
         self._first: np.ndarray | None = first_row
         self.tokens = list(stream.prompt)
 
-    async def logits(self, context: list[int]) -> np.ndarray:
-        if self._first is not None and context == self.tokens:
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        if self._first is not None and tokens == self.tokens:
             row, self._first = self._first, None
             return row
-        if context[:len(self.tokens)] != self.tokens or len(context) == len(self.tokens):
+        if tokens[:len(self.tokens)] != self.tokens or len(tokens) == len(self.tokens):
             raise ModelError("a server hole can only extend its tokens")
-        new = context[len(self.tokens):]
+        new = tokens[len(self.tokens):]
         self.stream._send([self.stream.element(t, 0.0) for t in new])     # forced tokens
         return self._evaluate(new)
 
-    async def advance(self, tokens: list[int]) -> np.ndarray:
-        self.stream._send([self.stream.chosen(t) for t in tokens])
-        return self._evaluate(list(tokens))
+    def advance(self, token: int) -> np.ndarray:
+        self.stream._send([self.stream.chosen(token)])
+        return self._evaluate([token])
 
     def _evaluate(self, tokens: list[int]) -> np.ndarray:
         self._first = None
@@ -201,3 +200,9 @@ class BatchedLane:
         if row is _CANCEL:
             raise _Cancelled
         return row
+
+    def fork(self) -> Sequence:
+        raise ModelError("a server hole cannot fork")
+
+    def release(self) -> None:
+        pass

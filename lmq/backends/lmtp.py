@@ -1,0 +1,238 @@
+"""The LMTP client backend: a model served by `lmq serve-model` (ids `llama.cpp:PATH`
+with `endpoint=`, and `lmtp://HOST:PORT/MODEL`).
+
+A server returns tokens, not logits rows, so this backend has no `Sequence`s. Instead it
+has the capability `generate_hole`, which `Decoder.decode_hole` uses when a backend offers
+it: the whole hole is one GENERATE carrying the hole's constraint program; the server
+masks every token itself (hard) with the same decoder, and streams the tokens back.
+Tokenizer, vocabulary bytes and chat template come from the model's GGUF read locally
+(the server names its path in MODEL_INFO; `vocab=` overrides), and are checked against
+the server's vocabulary size, so prompts, stops and values see the server's bytes.
+
+One websocket per event loop carries all concurrent holes of that loop (stream ids).
+A connection lost mid-hole is a `ModelError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import weakref
+from typing import Any, Callable
+
+from websockets.asyncio.client import ClientConnection, connect as connect_async
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.sync.client import connect as connect_sync
+
+import lmq.errors as errors
+from lmq.backends.base import Sequence
+from lmq.backends.gguf import GgufBackend, load_vocab_only
+from lmq.errors import ContextLimitError, ModelError, QueryArgumentError
+from lmq.runtime.sampling import SamplingSettings
+
+DEFAULT_ENDPOINT = "localhost:8080"
+_CONNECT_TIMEOUT = 30
+_LOST = object()
+
+
+class LmtpBackend(GgufBackend):
+    """A model on an LMTP server, decoding whole holes there."""
+
+    def __init__(self, model: str, endpoint: str = DEFAULT_ENDPOINT, token: str | None = None,
+                 vocab: str | None = None, **unknown: Any):
+        if unknown:
+            raise QueryArgumentError(f"unknown argument{'s' if len(unknown) > 1 else ''} of an LMTP "
+                                     f"model: {', '.join(sorted(unknown))} (endpoint, token, vocab)")
+        if not isinstance(endpoint, str) or not endpoint or "/" in endpoint:
+            raise QueryArgumentError(f"endpoint must be HOST:PORT, not {endpoint!r}")
+        self.model = model
+        self.url = f"ws://{endpoint}/"
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        info = self._model_info()
+        path = vocab or _local_gguf(info.get("tokenizer_gguf"), model)
+        if path is None:
+            raise ModelError(f"the tokenizer of {model} on {self.url} is not readable here: pass "
+                             "vocab=PATH.gguf (a GGUF with the same vocabulary)")
+        super().__init__(load_vocab_only(path), path)
+        if self.vocabulary.size != info.get("vocab_size"):
+            raise ModelError(f"the vocabulary of {path} ({self.vocabulary.size} tokens) is not the "
+                             f"one of {model} on {self.url} ({info.get('vocab_size')} tokens)")
+        self.context_size = int(info["context_size"])
+        self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client]" = \
+            weakref.WeakKeyDictionary()
+
+    def describe(self) -> str:
+        return f"{self.model} on {self.url}"
+
+    def sequence(self) -> Sequence:
+        raise ModelError(f"{self.describe()} returns tokens, not logits rows: only decoders that "
+                         "decode whole holes (argmax, sample) run on an LMTP model")
+
+    def _model_info(self) -> dict[str, Any]:
+        try:
+            with connect_sync(self.url, additional_headers=self._headers, proxy=None,
+                              compression=None, open_timeout=_CONNECT_TIMEOUT, max_size=None) as ws:
+                ws.send("MODEL_INFO " + json.dumps({"model": self.model, "stream_id": 0}))
+                kind, _, body = ws.recv(timeout=_CONNECT_TIMEOUT).partition(" ")
+        except InvalidStatus as e:
+            raise ModelError(f"the LMTP server at {self.url} refused the connection "
+                             f"(HTTP {e.response.status_code}; token=?)") from None
+        except (OSError, TimeoutError, WebSocketException) as e:
+            raise ModelError(f"cannot reach an LMTP server at {self.url}: {e}") from None
+        elements = json.loads(body)
+        answer = elements[0] if elements else {}
+        if "error" in answer:
+            raise ModelError(f"the LMTP server at {self.url}: {answer['error']}")
+        if kind != "MSG" or "model_info" not in answer:
+            raise ModelError(f"the server at {self.url} did not answer MODEL_INFO as LMTP does")
+        return answer["model_info"]
+
+    async def generate_hole(self, context: list[int], plan, max_len: int, decoder,
+                            on_text: Callable[[bytes], None] | None = None):
+        """One hole on the server: the same `HoleOutput` `decode_hole` returns in process."""
+        from lmq.runtime.decoders import HoleOutput
+
+        if plan.max_tokens == 0:
+            return HoleOutput([], b"", "length", 0.0)
+        request = {"model": self.model, "prompt": list(context), "max_tokens": max_len - len(context),
+                   "constraint": _program(plan), **_sampling(decoder)}
+        client = await self._client()
+        table = self.vocabulary.token_bytes
+        tokens: list[int] = []
+        shown = 0                      # bytes of the value passed to on_text so far
+        async for element in client.stream(request, plan.name):
+            if "error" in element:
+                raise _server_error(self.url, element, tokens, table)
+            token = element.get("token")
+            hole = element.get("hole")
+            if hole is None:
+                tokens.append(token)
+                if on_text:
+                    on_text(table[token])
+                shown += len(table[token])
+                continue
+            if hole["finish"] != "end" and token is not None:
+                tokens.append(token)
+            value = b"".join(table[t] for t in tokens)[:hole["value_bytes"]]
+            if on_text and len(value) > shown:
+                on_text(value[shown:])
+            return HoleOutput(tokens, value, hole["finish"], float(hole["logprob"]))
+        raise ModelError(f"the LMTP server at {self.url} ended {plan.name} without its last token")
+
+    async def _client(self) -> "_Client":
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None or client.closed:
+            try:
+                websocket = await connect_async(self.url, additional_headers=self._headers, proxy=None,
+                                                compression=None, open_timeout=_CONNECT_TIMEOUT,
+                                                max_size=None)
+            except (OSError, TimeoutError, WebSocketException) as e:
+                raise ModelError(f"cannot reach the LMTP server at {self.url}: {e}") from None
+            client = self._clients[loop] = _Client(websocket, self.url)
+        return client
+
+
+class _Client:
+    """One websocket: sends requests, routes each element to its stream's queue."""
+
+    def __init__(self, websocket: ClientConnection, url: str):
+        self.websocket = websocket
+        self.url = url
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._streams: dict[int, asyncio.Queue] = {}
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def stream(self, request: dict[str, Any], name: str):
+        """Send one GENERATE and yield its elements until the last; cancel it on the server
+        when the consumer stops early."""
+        stream_id = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[stream_id] = queue
+        finished = False
+        try:
+            await self.websocket.send("GENERATE " + json.dumps({**request, "stream_id": stream_id}))
+            while True:
+                element = await queue.get()
+                if element is _LOST:
+                    raise ModelError(f"the connection to the LMTP server at {self.url} was lost "
+                                     f"while generating {name}")
+                finished = "error" in element or element.get("finish_reason") is not None
+                yield element
+                if finished:
+                    return
+        except ConnectionClosed:
+            raise ModelError(f"the connection to the LMTP server at {self.url} was lost while "
+                             f"generating {name}") from None
+        finally:
+            self._streams.pop(stream_id, None)
+            if not finished and not self.closed:
+                try:
+                    await self.websocket.send("CANCEL " + json.dumps({"stream_id": stream_id}))
+                except ConnectionClosed:
+                    pass
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self.websocket:
+                kind, _, body = frame.partition(" ")
+                elements = json.loads(body)
+                for element in elements if isinstance(elements, list) else ():
+                    queue = self._streams.get(element.get("stream_id"))
+                    if queue is not None:
+                        queue.put_nowait(element)
+        except (ConnectionClosed, ValueError):
+            pass
+        finally:
+            self.closed = True
+            for queue in self._streams.values():
+                queue.put_nowait(_LOST)
+
+
+def _program(plan) -> dict[str, Any]:
+    """The hole's constraint program, as the server's decoder enforces it."""
+    if plan.automaton is not None or plan.excluded_counts:
+        raise errors.ConstraintError(f"{plan.name}: this constraint cannot be sent to an LMTP server "
+                                     "in this version (token counts and stop phrases can)")
+    return {"grammar": None, "min_tokens": plan.min_tokens, "max_tokens": plan.max_tokens,
+            "stops": [{"phrase": rule.phrase.decode("utf-8"), "keep": rule.keep}
+                      for rule in plan.stops]}
+
+
+def _sampling(decoder) -> dict[str, Any]:
+    """The decoder's sampling knobs as GENERATE fields (argmax: temperature 0)."""
+    if decoder.name == "argmax":
+        knobs = {"temperature": 0.0}
+    elif decoder.name == "sample":
+        knobs = {k: v for k, v in decoder.settings.items() if k in SamplingSettings.names()}
+        knobs.setdefault("temperature", 1.0)
+    else:
+        raise ModelError(f"decoder {decoder.name} needs logits rows, which an LMTP model does not "
+                         "provide (use argmax or sample)")
+    if decoder.settings.get("seed") is not None:
+        knobs["seed"] = decoder.settings["seed"]
+    return knobs
+
+
+def _server_error(url: str, element: dict[str, Any], tokens: list[int], table) -> Exception:
+    """The lmq error the server's decoder raised (by class name), else a ModelError."""
+    message = f"LMTP server {url}: {element['error']}"
+    cls = getattr(errors, str(element.get("error_type")), None)
+    if cls is ContextLimitError:
+        return ContextLimitError(message, result=(tokens, b"".join(table[t] for t in tokens)))
+    if isinstance(cls, type) and issubclass(cls, errors.LmqError):
+        return cls(message)
+    return ModelError(message)
+
+
+def _local_gguf(server_path: str | None, model: str) -> str | None:
+    """A GGUF readable here with the model's tokenizer: the server's path, else the
+    model id's own path."""
+    own = model.split("llama.cpp:", 1)[1] if "llama.cpp:" in model else None
+    for path in (server_path, own):
+        if path and os.path.isfile(path):
+            return path
+    return None
