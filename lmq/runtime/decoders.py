@@ -1,10 +1,11 @@
 """Decoders: how a hole's tokens are chosen from the (masked) logits.
 
-`Decoder.decode_hole` is the per-token loop shared by every decoder: ask the sequence
-for logits, apply the hole automaton's mask, hide end tokens while the value may not end,
+`Decoder.decode` is the per-token loop shared by every decoder (`decode_hole` runs it
+synchronously on a bare sequence): ask for logits, apply the hole automaton's mask, hide end tokens while the value may not end,
 pick a token (`_pick`, the one thing a decoder changes), check stops and the budget.
-Branching decoders (sample with n>1, beam, best_k) come with their own issue and plug in
-as further entries of `DECODERS`.
+The loop is a coroutine: it awaits its logits from a scheduler `Lane`
+(runtime/scheduler.py), so every running branch and query advances in one batch. The
+decoders of runtime/branching.py (sample, beam, best_k; n>1) register in `DECODERS`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.runtime.hole import HolePlan
+from lmq.runtime.scheduler import DirectLane, Lane, run_ready
 from lmq.runtime.token_masks import TokenMask
 
 #: arguments every decoder accepts (llama.cpp sampling knobs under their llama.cpp names)
@@ -46,21 +48,37 @@ class Decoder:
         if unknown:
             raise QueryArgumentError(f"unknown argument{'s' if len(unknown) > 1 else ''} of decoder "
                                      f"{self.name}: {', '.join(unknown)}")
-        if settings.get("n", 1) != 1:
-            raise QueryArgumentError(f"decoder {self.name} with n={settings['n']}: several results "
-                                     "need the branching decoders, not available in this version")
+        n = settings.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise QueryArgumentError(f"decoder {self.name}: n must be an int >= 1, not {n!r}")
+        self.n = n
         self.settings = settings
         self.max_len: int | None = settings.get("max_len")
         self._buffer: np.ndarray | None = None
 
-    def _pick(self, row: np.ndarray) -> int:
-        """The index of the chosen entry of a candidate row (-inf entries are not allowed)."""
+    def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
+        """The index of the chosen entry of a candidate row (-inf entries are not allowed);
+        `ids` are the entries' token ids when the row is a gathered subset."""
         return int(row.argmax())
+
+    async def _select(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
+                      end_list: np.ndarray) -> tuple[int, float]:
+        """The per-token choice; search decoders override it to decide across branches."""
+        return self._choose(row, mask, hidden, end_list)
 
     def decode_hole(self, sequence: Sequence, context: list[int], plan: HolePlan,
                     backend: Backend, max_len: int,
                     on_text: Callable[[bytes], None] | None = None) -> HoleOutput:
+        """`decode` on a bare sequence, synchronously (no scheduler, one sequence)."""
+        return run_ready(self.decode(DirectLane(sequence), context, plan, backend, max_len, on_text))
+
+    async def decode(self, lane: Lane, context: list[int], plan: HolePlan,
+                     backend: Backend, max_len: int,
+                     on_text: Callable[[bytes], None] | None = None) -> HoleOutput:
         """Generate one hole's value after `context` (the prompt tokens so far)."""
+        remote = getattr(backend, "generate_hole", None)
+        if remote is not None:          # a model server decodes the whole hole (LMTP client)
+            return await remote(context, plan, max_len, self, on_text)
         vocabulary = backend.vocabulary
         ends = vocabulary.end_ids
         end_list = np.fromiter(sorted(ends), dtype=np.int64)
@@ -72,7 +90,7 @@ class Decoder:
         logprob = 0.0
         if plan.max_tokens == 0:
             return HoleOutput(tokens, b"", "length", 0.0)
-        row = sequence.logits(context)
+        row = await lane.logits(context)
         while True:
             if automaton is not None:
                 forced = self._forced_tokens(automaton, state, backend, plan, len(tokens),
@@ -89,14 +107,14 @@ class Decoder:
                         on_text(bytes(value[start:cut]))
                     if cut is not None:
                         return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
-                    row = sequence.logits(context + tokens)
+                    row = await lane.logits(context + tokens)
             count = len(tokens)
             may_end = plan.may_end_at(count) and (automaton is None or automaton.accepts(state))
             mask = None
             if automaton is not None:
                 last = plan.max_tokens is not None and count + 1 == plan.max_tokens
                 mask = _final_mask(automaton, state) if last else automaton.mask(state)
-            token, token_logprob = self._choose(row, mask, None if may_end else end_list, end_list)
+            token, token_logprob = await self._select(row, mask, None if may_end else end_list, end_list)
             if token < 0:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
                                               f"{bytes(value)!r}" + (" within its token budget"
@@ -122,7 +140,7 @@ class Decoder:
             if len(context) + len(tokens) >= max_len:
                 raise ContextLimitError(f"max_len of {max_len} tokens reached while generating "
                                         f"{plan.name}", result=(tokens, bytes(value)))
-            row = sequence.advance(token)
+            row = await lane.advance([token])
 
     def _choose(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                 end_list: np.ndarray) -> tuple[int, float]:
@@ -144,7 +162,7 @@ class Decoder:
             candidates = np.add(row, mask.bias, out=self._scratch(row))
             if hidden is None:
                 candidates[end_list] = row[end_list]
-        index = self._pick(candidates)
+        index = self._pick(candidates, ids)
         chosen = float(candidates[index])
         if chosen == -np.inf:
             return -1, 0.0
@@ -205,7 +223,7 @@ def _final_mask(automaton, state) -> TokenMask:
 
 
 DECODERS: dict[str, type[Decoder]] = {"argmax": Decoder}
-PLANNED = ("sample", "beam", "beam_search", "best_k", "beam_var", "var")
+PLANNED = ("beam_var", "var")
 
 
 def make_decoder(name: str, settings: dict[str, Any]) -> Decoder:

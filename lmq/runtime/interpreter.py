@@ -17,16 +17,19 @@ from lmq.compiler.codegen import HoleSpec, PromptProgram
 from lmq.compiler.constraints import Constraint, Junction, Operand, TypeConstraint
 from lmq.errors import ConstraintViolation, ContextLimitError
 from lmq.runtime.decoders import Decoder, HoleOutput
+from lmq.runtime.decorators import DecoratorContext, HoleDecorators
 from lmq.runtime.hole import HolePlan, language_holds, plan_hole, stops_hold
 from lmq.runtime.prompt import PromptState
 from lmq.runtime.result import LMQResult
+from lmq.runtime.scheduler import Lane, scheduler_for
+from lmq.runtime.scoring import fill_distribution
 
 
 class Session:
     """One query run: backend, decoder, prompt state and the values produced."""
 
     def __init__(self, backend: Backend | None, decoder: Decoder,
-                 on_text: Callable[[str], None] | None = None):
+                 on_text: Callable[[str], None] | None = None, lane: Lane | None = None):
         self.backend = backend           # None: a query without holes, no model needed
         self.decoder = decoder
         self.prompt = PromptState(backend)
@@ -36,13 +39,15 @@ class Session:
         self.variables: dict[str, Any] = {}
         self.tokens: dict[str, list[int]] = {}
         self.logprob = 0.0
-        self._sequence = None
+        self.distribution: list[tuple[str, float]] | None = None
+        self._lane = lane
 
     @property
-    def sequence(self):
-        if self._sequence is None:
-            self._sequence = self.backend.sequence()
-        return self._sequence
+    def lane(self) -> Lane:
+        """This run's KV-cache sequence, through the model's scheduler (made on first use)."""
+        if self._lane is None:
+            self._lane = scheduler_for(self.backend).lane()
+        return self._lane
 
     def write(self, text: str) -> None:
         self.prompt.append_text(text)
@@ -51,12 +56,13 @@ class Session:
 
     def result(self) -> LMQResult:
         return LMQResult(prompt=self.prompt.final_text(), variables=dict(self.variables),
-                         tokens={k: list(v) for k, v in self.tokens.items()}, logprob=self.logprob)
+                         tokens={k: list(v) for k, v in self.tokens.items()}, logprob=self.logprob,
+                         distribution=self.distribution)
 
     def close(self) -> None:
-        if self._sequence is not None:
-            self._sequence.release()
-            self._sequence = None
+        if self._lane is not None:
+            self._lane.release()
+            self._lane = None
 
 
 class QueryContext:
@@ -82,26 +88,50 @@ class QueryContext:
     async def hole(self, index: int, local_scope: dict[str, Any]) -> Any:
         spec = self.program.holes[index]
         scope = {**self.namespace, **local_scope}
-        if spec.annotation is not None:
-            value = await self._annotated(spec, scope)
+        session = self.session
+        decorators = HoleDecorators([d.evaluate(scope) for d in spec.decorators])
+        context = DecoratorContext(spec.name, session.prompt.text, dict(session.variables))
+        mark = session.prompt.mark() if decorators.post else None
+        supplied, value = decorators.supplied_value(context)
+        if supplied:
+            session.write(str(value))
+        elif self._is_distribution(spec):
+            value = await fill_distribution(session, spec.name, self.program.distribution, scope)
+        elif spec.annotation is not None:
+            value = await self._annotated(spec, scope, decorators, context)
         else:
-            value = self._generate(spec, spec.where, scope)
-        for decorator in spec.decorators:
-            value = decorator.evaluate(scope)(value)
-        self.session.variables[spec.name] = value
+            value = await self._generate(spec, spec.where, scope, decorators, context)
+        if mark is not None:
+            shown = session.prompt.text[mark.text:]
+            value, replacement = decorators.post_process(value, shown, context)
+            if replacement != shown:
+                session.prompt.truncate(mark)
+                session.prompt.append_text(replacement)
+        session.variables[spec.name] = value
         return value
 
-    def _generate(self, spec: HoleSpec, where: Constraint | None, scope: dict[str, Any]) -> Any:
+    def _is_distribution(self, spec: HoleSpec) -> bool:
+        distribution = self.program.distribution
+        return distribution is not None and spec.name in distribution.variables
+
+    async def _generate(self, spec: HoleSpec, where: Constraint | None, scope: dict[str, Any],
+                        decorators: HoleDecorators, context: DecoratorContext) -> Any:
         session = self.session
         plan = plan_hole(spec.name, where, scope, session.backend.vocabulary)
         prompt = session.prompt
         on_text = None
-        if session.on_text:
+        if session.on_text or decorators.streaming:
+            partial = bytearray()
+
             def on_text(data: bytes) -> None:
-                session.on_text(data.decode("utf-8", "replace"))
+                if session.on_text:
+                    session.on_text(data.decode("utf-8", "replace"))
+                if decorators.streaming:
+                    partial.extend(data)
+                    decorators.stream(partial.decode("utf-8", "replace"), context)
         try:
-            output = session.decoder.decode_hole(session.sequence, prompt.context(), plan,
-                                                 session.backend, session.max_len, on_text)
+            output = await session.decoder.decode(session.lane, prompt.context(), plan,
+                                                  session.backend, session.max_len, on_text)
         except ContextLimitError as e:
             tokens, value = e.result
             session.variables[spec.name] = value.decode("utf-8", "replace")
@@ -121,14 +151,15 @@ class QueryContext:
         _check(spec, plan, output, value)
         return plan.convert(value) if plan.convert is not None else value
 
-    async def _annotated(self, spec: HoleSpec, scope: dict[str, Any]) -> Any:
+    async def _annotated(self, spec: HoleSpec, scope: dict[str, Any], decorators: HoleDecorators,
+                         context: DecoratorContext) -> Any:
         target, args, kwargs = _call_parts(spec.annotation, scope)
         if getattr(target, "is_lmq_query", False):
             return await self._nested(target, args, kwargs)
         typed = _annotation_constraint(spec, target)
         where = typed if spec.where is None else Junction(f"{spec.where.source} and {typed.source}",
                                                           "and", (spec.where, typed))
-        return self._generate(spec, where, {**scope, _ANNOTATION: target})
+        return await self._generate(spec, where, {**scope, _ANNOTATION: target}, decorators, context)
 
     async def _nested(self, query, args: tuple, kwargs: dict) -> Any:
         """Run a query function on this prompt; a returned value replaces its text."""

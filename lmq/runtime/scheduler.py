@@ -1,0 +1,230 @@
+"""One owner of an in-process model: every running branch and query of an event loop
+decodes through it, and each step evaluates all their new tokens in one multi-sequence
+batch (`Backend.advance_many`).
+
+Branches and concurrent queries are asyncio tasks. A task that needs logits submits a
+request and awaits it; the first request of a step schedules the step with `call_soon`,
+which runs after every task woken by the previous step has had its turn, so one step
+carries every task that is ready. A row handed out is valid until the next step: a task
+awaits the future itself (not through `gather`, whose callbacks may run after the next
+step) and uses the row before it awaits anything else.
+
+A `Lane` is a task's handle on a backend sequence. It gets its sequence at its first
+prefill: forked from the live lane that already holds the longest prefix of its context
+(the branches of one query share their prompt in the KV cache, evaluated once), else a
+fresh slot (which keeps what a finished query left there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lmq.backends.base import Backend, Sequence, common_prefix
+from lmq.errors import ContextLimitError
+
+
+class Lane:
+    """A branch's sequence, as the scheduler hands it out."""
+
+    def __init__(self, scheduler: "ModelScheduler"):
+        self.scheduler = scheduler
+        self.sequence: Sequence | None = None
+        #: set while a forked branch replays choices whose tokens the sequence holds
+        self.replaying = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sequence.tokens if self.sequence is not None else []
+
+    def logits(self, context: list[int]) -> "asyncio.Future[np.ndarray | None]":
+        """The row after `context` (the cache brought to exactly `context`); None while
+        replaying. Several lanes' requests made before awaiting share one step."""
+        if self.replaying:
+            return self.scheduler._resolved(None)
+        return self.scheduler._request(self, list(context), prefill=True)
+
+    def advance(self, tokens: list[int]) -> "asyncio.Future[np.ndarray | None]":
+        """The row after appending `tokens`; None while replaying."""
+        if self.replaying:
+            return self.scheduler._resolved(None)
+        return self.scheduler._request(self, list(tokens), prefill=False)
+
+    def fork(self) -> "Lane":
+        """A lane holding this one's tokens (the KV cache copied, nothing evaluated)."""
+        child = Lane(self.scheduler)
+        if self.sequence is not None:
+            child.sequence = self.sequence.fork()
+            self.scheduler._lanes.add(child)
+        return child
+
+    def release(self) -> None:
+        if self.sequence is not None:
+            self.scheduler._lanes.discard(self)
+            self.sequence.release()
+            self.sequence = None
+
+
+@dataclass
+class _Request:
+    lane: Lane
+    tokens: list[int]
+    prefill: bool
+    future: asyncio.Future = field(repr=False)
+
+
+class ModelScheduler:
+    """The step loop of one backend on one event loop."""
+
+    def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop):
+        self.backend = backend
+        self.loop = loop
+        self._pending: list[_Request] = []
+        self._lanes: set[Lane] = set()
+        self._lock = _backend_lock(backend)
+        #: steps run and sequences per step, for tests and benchmarks
+        self.steps = 0
+        self.batched = 0
+
+    def lane(self) -> Lane:
+        return Lane(self)
+
+    def _resolved(self, value: Any) -> asyncio.Future:
+        future = self.loop.create_future()
+        future.set_result(value)
+        return future
+
+    def _request(self, lane: Lane, tokens: list[int], prefill: bool) -> asyncio.Future:
+        future = self.loop.create_future()
+        if not self._pending:
+            self.loop.call_soon(self._step)
+        self._pending.append(_Request(lane, tokens, prefill, future))
+        return future
+
+    def _step(self) -> None:
+        pending, self._pending = self._pending, []
+        with self._lock:
+            for request in pending:
+                if request.prefill and not request.future.cancelled():
+                    _settle(request.future, self._prefill, request.lane, request.tokens)
+            advances = [r for r in pending if not r.prefill and not r.future.cancelled()]
+            ready = []
+            for request in advances:
+                held = len(request.lane.tokens) + len(request.tokens)
+                if held > self.backend.context_size:
+                    request.future.set_exception(ContextLimitError(
+                        f"the context of {self.backend.context_size} tokens is full"))
+                else:
+                    ready.append(request)
+            if ready:
+                try:
+                    rows = self.backend.advance_many([(r.lane.sequence, r.tokens) for r in ready])
+                except Exception as error:          # the engine failed: every waiter learns why
+                    for request in ready:
+                        request.future.set_exception(error)
+                else:
+                    for request, row in zip(ready, rows):
+                        request.future.set_result(row)
+                self.steps += 1
+                self.batched += len(ready)
+
+    def _prefill(self, lane: Lane, context: list[int]) -> np.ndarray:
+        """Bring the lane's sequence to `context`, forking the lane that holds the longest
+        prefix of it when that is more than the lane's own slot holds."""
+        if lane.sequence is None:
+            lane.sequence = self.backend.sequence()
+        shared, donor = common_prefix(lane.sequence.tokens, context), None
+        for other in self._lanes:
+            if other is not lane:
+                common = common_prefix(other.sequence.tokens, context)
+                if common > shared:
+                    shared, donor = common, other
+        if donor is not None:
+            lane.sequence.release()
+            lane.sequence = donor.sequence.fork()
+        self._lanes.add(lane)
+        return np.array(lane.sequence.logits(context))
+
+
+def _settle(future: asyncio.Future, function, *args) -> None:
+    try:
+        future.set_result(function(*args))
+    except Exception as error:
+        future.set_exception(error)
+
+
+_schedulers: "weakref.WeakKeyDictionary[Backend, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+_locks: "weakref.WeakKeyDictionary[Backend, threading.Lock]" = weakref.WeakKeyDictionary()
+_registry_lock = threading.RLock()
+
+
+def _backend_lock(backend: Backend) -> threading.Lock:
+    """One lock per backend: event loops in several threads never decode at once."""
+    with _registry_lock:
+        lock = _locks.get(backend)
+        if lock is None:
+            lock = _locks[backend] = threading.Lock()
+        return lock
+
+
+def scheduler_for(backend: Backend) -> ModelScheduler:
+    """The scheduler of `backend` on the running event loop (made on first use)."""
+    loop = asyncio.get_running_loop()
+    with _registry_lock:
+        per_loop = _schedulers.get(backend)
+        if per_loop is None:
+            per_loop = _schedulers[backend] = weakref.WeakKeyDictionary()
+        scheduler = per_loop.get(loop)
+        if scheduler is None:
+            scheduler = per_loop[loop] = ModelScheduler(backend, loop)
+        return scheduler
+
+
+class DirectLane:
+    """A lane on a bare sequence that evaluates at once (no scheduler, no event loop):
+    what a synchronous caller of the decoding coroutine drives it with."""
+
+    def __init__(self, sequence: Sequence):
+        self.sequence = sequence
+        self.replaying = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sequence.tokens
+
+    def logits(self, context: list[int]) -> "_Ready":
+        return _Ready(self.sequence.logits(context))
+
+    def advance(self, tokens: list[int]) -> "_Ready":
+        row = None
+        for token in tokens:
+            row = self.sequence.advance(token)
+        return _Ready(row)
+
+
+class _Ready:
+    """An awaitable that is already resolved (awaiting it never suspends)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __await__(self):
+        return self.value
+        yield  # a generator that returns at once
+
+
+def run_ready(coroutine) -> Any:
+    """Run a coroutine that awaits only resolved awaitables, synchronously."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("the decoding coroutine waited for a scheduler: drive it in an event loop")
