@@ -68,20 +68,26 @@ def stops_at(phrase: str) -> ByteDfa:
     return automaton.with_stops(automaton.any_bytes(), [(phrase.encode(), True)])
 
 
-def walk_allows(dfa, state: int, data: bytes) -> bool:
-    """Reference: the token's bytes walked from `state` one by one."""
-    for byte in data:
-        if dfa.exits[state]:
-            return True
-        state = int(dfa.transitions[state, byte])
-        if state == 0:
-            return False
-    return True
+class ColumnWalk:
+    """Reference masks without the trie: every token's bytes as a row of a padded matrix,
+    walked one byte column at a time over the tokens long enough (DEAD and exit states
+    are absorbing, so the final state says whether the walk ever died)."""
 
+    def __init__(self, token_bytes):
+        lengths = np.array([len(data) for data in token_bytes])
+        self.longest_first = np.argsort(-lengths, kind="stable")
+        self.longer_than = [int((lengths > d).sum()) for d in range(int(lengths.max()))]
+        self.columns = np.zeros((len(token_bytes), len(self.longer_than)), dtype=np.uint8)
+        for token, data in enumerate(token_bytes):
+            self.columns[token, :len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.nonempty = lengths > 0
 
-def walk_mask(dfa, state: int, token_bytes) -> list[int]:
-    return [t for t, data in enumerate(token_bytes) if data and state != 0
-            and walk_allows(dfa, state, data)]
+    def mask(self, dfa, state: int) -> list[int]:
+        states = np.full(len(self.nonempty), state, dtype=np.int64)
+        for depth, count in enumerate(self.longer_than):
+            tokens = self.longest_first[:count]
+            states[tokens] = dfa.transitions[states[tokens], self.columns[tokens, depth]]
+        return np.flatnonzero((states != 0) & self.nonempty).tolist()
 
 
 def synthetic_vocabulary(rng: random.Random, size: int = 400) -> Vocabulary:
@@ -199,6 +205,11 @@ def gguf_vocab(request):
     return load_vocab_only(request.param)
 
 
+@pytest.fixture(scope="module")
+def column_walk(gguf_vocab):
+    return ColumnWalk(gguf_vocab.vocabulary().token_bytes)
+
+
 def test_there_are_five_shared_vocabularies():
     assert len(VOCABULARIES) == 5
 
@@ -216,7 +227,7 @@ def test_gguf_token_bytes_are_real_bytes(gguf_vocab):
     assert not any(b"\xe2\x96\x81" in table[t] for t in gguf_vocab.tokenize(text))   # no '▁'
 
 
-def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, tmp_path, monkeypatch):
+def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, column_walk, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     vocabulary = gguf_vocab.vocabulary()
     index = vocabulary_index(vocabulary)
@@ -228,7 +239,7 @@ def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, tmp_path, monkeypatch):
         state = tokens.initial()
         for step in range(3):
             mask = tokens.mask(state)
-            assert mask.allowed.tolist() == walk_mask(dfa, state, table)
+            assert mask.allowed.tolist() == column_walk.mask(dfa, state)
             if not mask.count:
                 break
             token = int(mask.allowed[(step + 1) * len(mask.allowed) // 4])
@@ -237,7 +248,7 @@ def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, tmp_path, monkeypatch):
             state = after
 
 
-def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab):
+def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab, column_walk):
     """`len(X) < 12` keeps almost every token alive in each of its states: after a couple
     of whole-trie walks the automaton uses the class-pattern trie; masks stay exact."""
     vocabulary = gguf_vocab.vocabulary()
@@ -246,7 +257,7 @@ def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab)
     tokens = DfaTokenAutomaton(dfa, vocabulary_index(vocabulary), table)
     state = tokens.initial()
     for _ in range(6):
-        assert tokens.mask(state).allowed.tolist() == walk_mask(dfa, state, table)
+        assert tokens.mask(state).allowed.tolist() == column_walk.mask(dfa, state)
         state = automaton.run(dfa, state, "é".encode())
     assert tokens._patterns is not None
 

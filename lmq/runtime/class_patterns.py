@@ -9,9 +9,9 @@ a vocabulary form a much smaller trie (a few thousand nodes for 2 classes at 152
 walked in full from any state in a fraction of a millisecond; each token then reads the
 state of its class string.
 
-Building the pattern trie costs about one full trie walk per level of numpy sorting, so it
-is built only once an automaton has spent that much on ordinary walks, and it is shared by
-every automaton with the same byte partition (all `len(X)` bounds share one).
+Building the pattern trie costs about as much as one or two whole-trie walks (a sort per
+level), so an automaton builds it only once its ordinary walks have cost that much, and it
+is shared by every automaton with the same byte partition (all `len(X)` bounds share one).
 """
 
 from __future__ import annotations
