@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lmq.backends.base import Backend, Sequence
-from lmq.errors import LmqError, ModelError
+from lmq.errors import ContextLimitError, LmqError, ModelError
 from lmq.runtime.decoders import DECODERS, Decoder, HoleOutput
 from lmq.runtime.hole import HolePlan, StopRule
 from lmq.serve.protocol import Constraint, Generate, ProtocolError
@@ -123,8 +123,9 @@ class HoleStream(Stream):
         except _Cancelled:
             pass
         except LmqError as e:
-            self._send([{"stream_id": self.stream_id, "error": str(e),
-                         "error_type": type(e).__name__}], last=True)
+            made = e.result[0] if isinstance(e, ContextLimitError) and e.result else []
+            self._send(self._unsent(made) + [{"stream_id": self.stream_id, "error": str(e),
+                                              "error_type": type(e).__name__}], last=True)
         except Exception as e:        # a server fault ends this stream, never the server
             self._send([{"stream_id": self.stream_id,
                          "error": f"internal server error: {e!r}"}], last=True)
@@ -145,19 +146,25 @@ class HoleStream(Stream):
                 "finish_reason": None, "top_logprobs": {str(token): logprob}}
 
     def chosen(self, token: int) -> dict[str, Any]:
+        """The element of a token the decoder chose (else forced: log-probability 0)."""
         choice = self.decoder.choice
+        if choice is None or choice[0] != token:
+            return self.element(token, 0.0)
         self.decoder.choice = None
-        return self.element(token, choice[1] if choice and choice[0] == token else 0.0)
+        return self.element(token, choice[1])
+
+    def _unsent(self, tokens: list[int]) -> list[dict[str, Any]]:
+        """Elements for the hole's tokens not sent yet: forced ones (that a stop cut), and
+        the last choice."""
+        remaining = tokens[self.emitted:]
+        return [self.element(t, 0.0) for t in remaining[:-1]] + [self.chosen(t) for t in remaining[-1:]]
 
     def _final(self, output: HoleOutput) -> list[dict[str, Any]]:
         """The elements not sent yet; the last one finishes the stream."""
-        remaining = output.tokens[self.emitted:]
-        if output.finish == "end":           # the end token is the last choice, not a value token
-            elements = [self.element(t, 0.0) for t in remaining]
-            elements.append(self.chosen(self.decoder.choice[0]))
-        else:                                # forced tokens a stop cut, or the last choice
-            elements = [self.element(t, 0.0) for t in remaining[:-1]]
-            elements += [self.chosen(t) for t in remaining[-1:]]
+        end = self.decoder.choice if output.finish == "end" else None
+        elements = self._unsent(output.tokens)
+        if end is not None:                  # the end token is the last choice, not a value token
+            elements.append(self.element(*end))
         if not elements:
             elements.append({"stream_id": self.stream_id, "token": None, "logprob": 0.0,
                              "finish_reason": None, "top_logprobs": {}})
