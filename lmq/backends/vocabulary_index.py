@@ -84,6 +84,13 @@ class VocabularyIndex:
     def depth(self) -> int:
         return len(self.levels) - 1
 
+    @functools.cached_property
+    def views(self) -> tuple[memoryview, ...]:
+        """(byte, child_start, lo, hi, exact, below low word, below high word) as
+        memoryviews: indexing one gives a Python int, the fast path of small walks."""
+        return tuple(memoryview(array) for array in (
+            self.byte, self.child_start, self.lo, self.hi, self.exact, *self.below))
+
     @staticmethod
     def build(token_bytes: tuple[bytes, ...]) -> "VocabularyIndex":
         """Build the trie from token bytes (vectorized apart from one sort)."""

@@ -47,6 +47,8 @@ FEW_BLOCKED_FRACTION = 1 / 16
 PYTHON_FRONTIER = 48
 DEAD = 0
 ALL_GROUPS = (int(np.bitwise_or.reduce(GROUP_BITS[0])), int(np.bitwise_or.reduce(GROUP_BITS[1])))
+#: a live pair whose subtree holds at most this many tokens is walked depth first at once
+SMALL_SUBTREE = 32
 #: trie walks costing this many whole-trie walks switch an automaton to class patterns ...
 PATTERN_SWITCH = 2
 #: ... if its DFA has at most this many byte classes (else patterns are nearly the trie)
@@ -155,8 +157,7 @@ class DfaTokenAutomaton:
         self._looping: list[bool] | None = None
         self._walked = 0                         # (node, state) pairs visited by trie walks
         self._patterns: ClassPatterns | None = None
-        self._views = tuple(memoryview(array) for array in (
-            index.byte, index.child_start, index.lo, index.hi, index.exact, *index.below))
+        self._views = index.views
 
     @classmethod
     def for_vocabulary(cls, dfa: ByteDfa, vocabulary: Vocabulary) -> "DfaTokenAutomaton":
@@ -320,17 +321,21 @@ class DfaTokenAutomaton:
         return nodes[keep], states[keep]
 
     def _python_level(self, pairs, starts, counts):
-        """One level of a few live pairs in plain Python (list in, list out)."""
+        """One level of a few live pairs in plain Python (list in, list out). A pair whose
+        subtree holds at most `SMALL_SUBTREE` tokens is finished at once, depth first: a
+        long chain like a run of spaces would otherwise cost a level per byte."""
         byte, child_start, lo, hi, exact, below_low, below_high = self._views
         table = self._table
         self._walked += len(pairs)
-        following = []
-        for node, state in pairs:
+        following: list[tuple[int, int]] = []
+        small: list[tuple[int, int]] = []
+
+        def visit(node: int, state: int, out: list[tuple[int, int]]) -> None:
             opened = self._open_words.get(state) or self._opened(state)
             if not (below_low[node] & opened[0] or below_high[node] & opened[1]):
                 starts.append(lo[node])
                 counts.append(hi[node] - lo[node])
-                continue
+                return
             if exact[node]:
                 starts.append(lo[node])
                 counts.append(exact[node])
@@ -341,12 +346,18 @@ class DfaTokenAutomaton:
                 for child in range(begin, end):
                     target = table[row + byte[child]]
                     if target != DEAD:
-                        following.append((child, target))
+                        out.append((child, target))
             else:
                 for b in live:
                     child = bisect_left(byte, b, begin, end)
                     if child < end and byte[child] == b:
-                        following.append((child, table[row + b]))
+                        out.append((child, table[row + b]))
+
+        for node, state in pairs:
+            visit(node, state, small if hi[node] - lo[node] <= SMALL_SUBTREE else following)
+        while small:
+            node, state = small.pop()
+            visit(node, state, small)
         return following
 
 
