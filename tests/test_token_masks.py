@@ -178,7 +178,7 @@ def test_forced_bytes_follow_the_only_continuation():
 
 
 @pytest.mark.parametrize("count", [20, 600, 990])      # sparse; dense; dense, few blocked
-def test_best_gather_and_apply_agree_with_a_reference_row(count):
+def test_best_gather_apply_and_restrict_agree_with_a_reference_row(count):
     rng = np.random.default_rng(count)
     size = 1000
     allowed = np.sort(rng.choice(size, count, replace=False)).astype(np.int32)
@@ -196,6 +196,7 @@ def test_best_gather_and_apply_agree_with_a_reference_row(count):
         assert mask.best(row) == mask.best(row, np.empty_like(row)) == int(np.argmax(reference))
         assert np.array_equal(mask.gather(row), row[allowed])
         assert np.array_equal(row, before)
+        assert mask.restrict(row) is row and np.array_equal(row, reference)
     assert int(allowed[0]) in mask and int(blocked[0]) not in mask
     assert TokenMask.of(np.empty(0, dtype=np.int32), size).best(row) == -1
 

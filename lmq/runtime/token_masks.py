@@ -9,15 +9,22 @@ of it as overshoot.
 A mask is computed once per state, walking the vocabulary trie (`VocabularyIndex`) one
 level at a time: the live (node, state) pairs of a level are expanded to their children
 and pushed through the transition table in one gather, pairs reaching DEAD are dropped,
-and pairs reaching an exit state contribute their whole subtree of tokens without being
-walked further. The cost is proportional to the live part of the trie, not to V.
+and a node whose whole subtree keeps its state alive (an exit state, or only bytes the
+state loops on) contributes its subtree of tokens without being walked further. The cost
+is proportional to the part of the trie that decides, not to V. Automata whose states
+keep nearly every token alive, with few byte classes (`len(X) < N`), switch to the much
+smaller trie of class strings (`lmq.runtime.class_patterns`).
 
-How a decoder applies a mask to a float32 logits row, fastest first:
+How a decoder applies a mask to a float32 logits row, fastest first (a mask is sparse up
+to `DENSE_FRACTION` of the vocabulary, and then `bias` is set):
 
-- greedy choice: `mask.best(row)` (sparse: argmax over the gathered `row[allowed]`;
-  dense: one `np.add(row, bias)` into a scratch row, then argmax);
-- a full masked row (sampling, log-probabilities): `mask.apply(row, out)` (sparse: fill
-  with -inf and scatter `row[allowed]`; dense: `np.add(row, bias, out=out)`).
+- sparse: work on `mask.gather(row)`, the k allowed scores aligned with `mask.allowed`
+  (argmax, softmax, sampling: O(k), never touching the rest of the row); `mask.best(row)`
+  is the greedy choice;
+- dense, when the decoder may write the row (the backend's logits row is valid until the
+  next call): `mask.restrict(row)` writes -inf at the blocked ids in place (O(blocked)
+  when they are few, else one in-place add of `bias`);
+- a masked copy, leaving `row` untouched: `mask.apply(row, out)`.
 
 End tokens are never in a mask (their bytes are empty): the decoder allows them itself
 when `accepts(state)` holds.
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -59,11 +67,11 @@ PATTERN_CLASSES = 8
 class TokenMask:
     """The tokens allowed in one automaton state (computed once, shared, never mutated)."""
 
-    allowed: np.ndarray          # int32, sorted token ids
     size: int                    # vocabulary size V
+    count: int                   # how many tokens are allowed
     bias: np.ndarray | None      # float32 (V,): 0 allowed, -inf masked; dense masks only
-    hot: np.ndarray = field(repr=False)   # intp ids the hot path indexes with: `allowed`
-                                          # (sparse) or the blocked ids (dense)
+    hot: np.ndarray = field(repr=False)   # intp ids the hot path indexes with: the allowed
+                                          # ids (sparse) or the blocked ids (dense)
 
     @staticmethod
     def of(allowed: np.ndarray, size: int) -> "TokenMask":
@@ -75,23 +83,27 @@ class TokenMask:
         allowed.flags.writeable = False
         hot = allowed.astype(np.intp)
         hot.flags.writeable = False
-        return TokenMask(allowed, size, None, hot)
+        mask = TokenMask(size, len(allowed), None, hot)
+        mask.__dict__["allowed"] = allowed
+        return mask
 
     @staticmethod
     def of_flags(flags: np.ndarray) -> "TokenMask":
         """A mask of a bool row (True: allowed); dense above `DENSE_FRACTION`."""
-        allowed = np.flatnonzero(flags).astype(np.int32)
-        if len(allowed) <= DENSE_FRACTION * len(flags):
-            return TokenMask.of(allowed, len(flags))
-        bias = np.where(flags, np.float32(0.0), np.float32(-np.inf))
         blocked = np.flatnonzero(~flags)
-        for array in (allowed, bias, blocked):
-            array.flags.writeable = False
-        return TokenMask(allowed, len(flags), bias, blocked)
+        count = len(flags) - len(blocked)
+        if count <= DENSE_FRACTION * len(flags):
+            return TokenMask.of(np.flatnonzero(flags).astype(np.int32), len(flags))
+        bias = np.where(flags, np.float32(0.0), np.float32(-np.inf))
+        bias.flags.writeable = blocked.flags.writeable = False
+        return TokenMask(len(flags), count, bias, blocked)
 
-    @property
-    def count(self) -> int:
-        return len(self.allowed)
+    @cached_property
+    def allowed(self) -> np.ndarray:
+        """The allowed token ids, sorted (int32; built on first use for a dense mask)."""
+        allowed = np.flatnonzero(self.bias == 0.0).astype(np.int32)
+        allowed.flags.writeable = False
+        return allowed
 
     @property
     def dense(self) -> bool:
@@ -130,9 +142,23 @@ class TokenMask:
             np.add(row, self.bias, out=out)
         return out
 
+    def restrict(self, row: np.ndarray) -> np.ndarray:
+        """Write -inf into `row` itself at every token not allowed; returns `row`."""
+        if self.bias is None:
+            kept = row[self.hot]
+            row.fill(-np.inf)
+            row[self.hot] = kept
+        elif len(self.hot) <= FEW_BLOCKED_FRACTION * self.size:
+            row[self.hot] = -np.inf
+        else:
+            np.add(row, self.bias, out=row)
+        return row
+
     def __contains__(self, token: int) -> bool:
-        position = int(np.searchsorted(self.allowed, token))
-        return position < self.count and int(self.allowed[position]) == token
+        if self.bias is not None:
+            return 0 <= token < self.size and self.bias[token] == 0.0
+        position = int(np.searchsorted(self.hot, token))
+        return position < self.count and int(self.hot[position]) == token
 
 
 class DfaTokenAutomaton:
@@ -239,7 +265,8 @@ class DfaTokenAutomaton:
 
     def _allowed(self, state: int) -> np.ndarray:
         """The tokens whose walk from `state` never reaches DEAD: sorted ids, or a bool
-        row over the vocabulary when they are many (`DENSE_FRACTION`).
+        row over the vocabulary when they are many (`DENSE_FRACTION`; above half of the
+        vocabulary the row is built from the ranges directly, see `_flags`).
 
         The trie is walked level by level. A live node whose subtree holds only bytes its
         state loops on (its `below` groups avoid the state's open groups; always so in an
@@ -280,9 +307,14 @@ class DfaTokenAutomaton:
         if not starts:
             return np.empty(0, dtype=np.int32)
         starts, counts = np.concatenate(starts), np.concatenate(counts)
-        if int(counts.sum()) > DENSE_FRACTION * index.size:
+        total = int(counts.sum())
+        if total > len(index.order) // 2:
             return self._flags(starts, counts)
         tokens = index.order[concatenated_ranges(starts, counts)]
+        if total > DENSE_FRACTION * index.size:
+            flags = np.zeros(index.size, dtype=bool)
+            flags[tokens] = True
+            return flags
         tokens.sort()
         return tokens
 
