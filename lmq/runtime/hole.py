@@ -11,6 +11,7 @@ still satisfies them; `GRAMMAR` and `JSON` become a grammar automaton (llguidanc
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol
@@ -22,7 +23,10 @@ from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation,
                                       conjuncts)
 from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, language_dfa,
                                     stopped_dfa)
+from lmq.compiler.gbnf import Grammar, parse_gbnf
+from lmq.compiler.json_schema import json_constraint
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
+from lmq.runtime.grammar import GrammarTokenAutomaton
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 
@@ -113,8 +117,8 @@ def _build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
             raise ConstraintError(f"{plan.name}: a GRAMMAR/JSON constraint cannot be combined with "
                                   "other value constraints or stop phrases on the same hole "
                                   "(express them in the grammar)")
-        from lmq.runtime.grammar import grammar_automaton
-        plan.automaton = grammar_automaton(plan.grammar, vocabulary, plan.name)
+        plan.automaton = GrammarTokenAutomaton(_grammar_of(plan.grammar, plan.name), vocabulary,
+                                               variable=plan.name)
         return
     if plan.language is None:
         return
@@ -199,17 +203,22 @@ def _options(node: Constraint, value: Any) -> tuple[bytes, ...]:
 
 
 def _grammar(plan: HolePlan, item: TypeConstraint, scope: dict[str, Any]) -> None:
-    from lmq.runtime.grammar import json_constraint
-
     if plan.grammar is not None:
         raise ConstraintError(f"{plan.name}: only one GRAMMAR/JSON constraint per hole")
     argument = item.argument.evaluate(scope)
     if item.kind == "GRAMMAR":
         if not isinstance(argument, str):
-            raise ConstraintError(f"{item.source!r}: the grammar must be GBNF text, not {argument!r}")
-        plan.grammar = argument
+            raise ConstraintError(f"{item.source}: the grammar must be a string of GBNF, "
+                                  f"not {type(argument).__name__}")
+        plan.grammar = _grammar_of(argument, item.source).text
     else:
-        plan.grammar, plan.convert = json_constraint(argument, plan.name)
+        constraint = json_constraint(argument, owner=item.source)
+        plan.grammar, plan.convert = constraint.gbnf, constraint.value
+
+
+@functools.lru_cache(maxsize=256)
+def _grammar_of(text: str, owner: str) -> Grammar:
+    return parse_gbnf(text, owner=owner)
 
 
 def _bound_tokens(plan: HolePlan, item: TokenCount, bound: Any) -> None:
