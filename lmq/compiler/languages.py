@@ -64,3 +64,42 @@ def conjunction(keys: list[LanguageKey]) -> LanguageKey | None:
     if not keys:
         return None
     return keys[0] if len(keys) == 1 else ("and", tuple(keys))
+
+
+_CHAR_OPS = frozenset({"<", "<=", "==", "!=", ">", ">="})
+
+
+def key_to_json(key: LanguageKey) -> list:
+    """A language key as JSON (lists and strings; option bytes are UTF-8 text)."""
+    kind = key[0]
+    if kind == "in":
+        return ["in", [o.decode("utf-8") for o in key[1]]]
+    if kind == "contains":
+        return ["contains", key[1].decode("utf-8")]
+    if kind in ("and", "or"):
+        return [kind, [key_to_json(k) for k in key[1]]]
+    if kind == "not":
+        return ["not", key_to_json(key[1])]
+    return list(key)
+
+
+def key_from_json(data: object, depth: int = 0) -> LanguageKey:
+    """The language key a JSON form describes, validated (it may come from a network
+    client: nothing in it is evaluated, malformed input is a ValueError)."""
+    if depth > 32 or not isinstance(data, list) or not data or not isinstance(data[0], str):
+        raise ValueError("a language is a list [kind, …] (nesting at most 32)")
+    kind, rest = data[0], data[1:]
+    if kind == "in" and len(rest) == 1 and isinstance(rest[0], list) \
+            and all(isinstance(o, str) for o in rest[0]):
+        return ("in", tuple(sorted({o.encode("utf-8") for o in rest[0]})))
+    if kind == "contains" and len(rest) == 1 and isinstance(rest[0], str):
+        return ("contains", rest[0].encode("utf-8"))
+    if kind == "regex" and len(rest) == 1 and isinstance(rest[0], str):
+        return ("regex", rest[0])
+    if kind == "chars" and len(rest) == 2 and rest[0] in _CHAR_OPS and type(rest[1]) is int:
+        return ("chars", rest[0], rest[1])
+    if kind in ("and", "or") and len(rest) == 1 and isinstance(rest[0], list) and rest[0]:
+        return (kind, tuple(key_from_json(k, depth + 1) for k in rest[0]))
+    if kind == "not" and len(rest) == 1:
+        return ("not", key_from_json(rest[0], depth + 1))
+    raise ValueError(f"malformed language {data!r:.80}")

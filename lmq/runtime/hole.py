@@ -21,8 +21,9 @@ from lmq.compiler import automaton as fa
 from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation, PythonCheck,
                                       StopPhrase, TokenCount, TypeConstraint, ValueComparison,
                                       conjuncts)
-from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, language_dfa,
-                                    stopped_dfa)
+from lmq.compiler.gbnf_export import dfa_to_gbnf
+from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, key_from_json,
+                                    key_to_json, language_dfa, stopped_dfa)
 from lmq.compiler.gbnf import Grammar, parse_gbnf
 from lmq.compiler.json_schema import json_constraint
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
@@ -75,6 +76,51 @@ class HolePlan:
     def may_end_at(self, count: int) -> bool:
         """Whether a value of `count` tokens satisfies the token budget."""
         return count >= self.min_tokens and count not in self.excluded_counts
+
+    def gbnf(self) -> str | None:
+        """The plan's value language as GBNF (llama.cpp's dialect), None for any text."""
+        if self.grammar is not None:
+            return self.grammar
+        if self.language is None and not self.stops:
+            return None
+        stops = [(rule.phrase, rule.keep) for rule in self.stops]
+        base = language_dfa(self.language) if self.language is not None else fa.any_bytes()
+        return dfa_to_gbnf(fa.stop_values(base, stops) if stops else base)
+
+    def to_program(self) -> dict[str, Any]:
+        """The plan as an LMTP constraint program: a GRAMMAR/JSON constraint as its GBNF, a
+        regular one as lmq's exact language key (so an lmq server builds the very same
+        automaton and masks), the budget and the stops."""
+        return {"grammar": self.grammar,
+                "language": key_to_json(self.language) if self.language is not None else None,
+                "min_tokens": self.min_tokens, "max_tokens": self.max_tokens,
+                "excluded_counts": sorted(self.excluded_counts),
+                "stops": [{"phrase": r.phrase.decode("utf-8"), "keep": r.keep} for r in self.stops]}
+
+
+def plan_from_program(program: dict[str, Any], vocabulary: Vocabulary,
+                      name: str = "constraint") -> HolePlan:
+    """The plan a constraint program describes (the inverse of `HolePlan.to_program`; the
+    program comes from a network client and is validated, never evaluated). A program
+    with a language key is enforced through it; else its grammar, if any."""
+    try:
+        language = program.get("language")
+        plan = HolePlan(name, min_tokens=program.get("min_tokens", 0),
+                        max_tokens=program.get("max_tokens"),
+                        excluded_counts=frozenset(program.get("excluded_counts", ())),
+                        stops=tuple(StopRule(s["phrase"].encode("utf-8"), bool(s["keep"]))
+                                    for s in program.get("stops", ())),
+                        language=key_from_json(language) if language is not None else None)
+        if language is None:
+            plan.grammar = program.get("grammar")
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise ConstraintError(f"malformed constraint program: {e}") from None
+    if plan.grammar is not None:
+        if not isinstance(plan.grammar, str):
+            raise ConstraintError("malformed constraint program: the grammar must be GBNF text")
+        plan.grammar = _grammar_of(plan.grammar, name).text
+    _build_automaton(plan, vocabulary)
+    return plan
 
 
 def plan_hole(name: str, constraint: Constraint | None, scope: dict[str, Any],
