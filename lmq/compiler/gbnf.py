@@ -146,7 +146,7 @@ class _Parser:
     def fail(self, message: str) -> None:
         line = self.text.count("\n", 0, self.pos) + 1
         column = self.pos - (self.text.rfind("\n", 0, self.pos) + 1) + 1
-        source_line = self.text.splitlines()[line - 1] if self.text.strip() else ""
+        source_line = self.text.split("\n")[line - 1].rstrip("\r")
         raise ConstraintError(f"{self.owner}: invalid GBNF at line {line}, column {column}: "
                               f"{message}\n    {source_line}\n    {' ' * (column - 1)}^")
 
@@ -299,11 +299,13 @@ class _Parser:
         return value
 
     def literal(self) -> Node:
+        start = self.pos
         self.pos += 1
         chars = []
         while self.peek() != '"':
             if self.peek() == "":
-                self.fail("unterminated string literal")
+                self.pos = start
+                self.fail("unterminated string literal (opened here)")
             chars.append(chr(self.char()))
         self.pos += 1
         return Literal("".join(chars))
@@ -317,7 +319,8 @@ class _Parser:
         ranges = []
         while self.peek() != "]":
             if self.peek() == "":
-                self.fail("unterminated character class")
+                self.pos = start
+                self.fail("unterminated character class (opened here)")
             low = self.char()
             high = low
             if self.peek() == "-" and self.peek(1) not in ("]", ""):
@@ -376,9 +379,9 @@ def _productive(rules: dict[str, Node]) -> dict[str, bool]:
 
 
 def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
-    """llama.cpp refuses a rule that can reach itself before consuming a character,
-    including through an unbounded repetition of something that may be empty (it
-    expands `S*` into the rule `S' ::= S S' |`)."""
+    """llama.cpp refuses a rule that can reach itself before consuming a character;
+    lmq also refuses an unbounded repetition of something that may be empty, which
+    llama.cpp's check misses."""
     nullable = _fixpoint(rules, _nullable)
 
     def leftmost(node: Node) -> set[str]:
@@ -387,7 +390,7 @@ def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
         if isinstance(node, Repeat):
             if node.high is None and _nullable(node.item, nullable):
                 raise ConstraintError(f"{owner}: unbounded repetition of an item that may be empty "
-                                      "(llama.cpp rejects it as left recursion)")
+                                      "(the empty string would have infinitely many derivations)")
             return leftmost(node.item) if node.high != 0 else set()
         if isinstance(node, Sequence):
             found: set[str] = set()

@@ -111,6 +111,8 @@ class GrammarTokenAutomaton:
     def mask(self, state: llguidance.LLMatcher) -> TokenMask:
         state.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         if state.is_error():
+            if state.get_error().startswith("NoExtension"):    # no byte can follow
+                raise UnsatisfiableConstraint(f"no text continues {self.variable} under its grammar")
             raise ConstraintError(f"the grammar of {self.variable} failed: {state.get_error()}")
         np.bitwise_and(self._bitmask, self._end_clear, out=self._bitmask)
         bits = np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool)

@@ -1,0 +1,239 @@
+"""GRAMMAR constraints: lmq's GBNF checks agree with llama.cpp's parser, and
+`GrammarTokenAutomaton` (llguidance) enforces exactly llama.cpp's GBNF semantics: at
+every step of random walks its mask equals the token set llama.cpp's grammar sampler
+allows, and it accepts exactly where llama.cpp allows end-of-sequence. Real SmolLM2,
+qwen2 and llama-spm vocabularies; llama.cpp through llama-cpp-python."""
+
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from lmq.backends import default_model_path
+from lmq.backends.gguf import load_vocab_only
+from lmq.compiler.gbnf import parse_gbnf
+from lmq.compiler.lexemes import choose_lexemes
+from lmq.errors import ConstraintError, UnsatisfiableConstraint
+from lmq.runtime.grammar import GrammarTokenAutomaton
+
+VOCABULARIES = {
+    "smollm2": default_model_path(),
+    "qwen2": "/work/shared/vocab/ggml-vocab-qwen2.gguf",
+    "llama-spm": "/work/shared/vocab/ggml-vocab-llama-spm.gguf",
+}
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class LlamaGrammar:
+    """llama.cpp's own GBNF grammar sampler over a vocabulary: the reference semantics."""
+
+    def __init__(self, gguf, text: str):
+        self.gguf = gguf
+        self.sampler = llama_cpp.llama_sampler_init_grammar(gguf.vocab, text.encode(), b"root")
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.sampler)
+
+    def allowed(self, candidates: np.ndarray) -> np.ndarray:
+        """The candidate ids the grammar leaves at a finite logit."""
+        data = np.zeros(len(candidates), dtype=_TOKEN_DATA)
+        data["id"] = candidates
+        array = llama_cpp.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+            size=len(data), selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self.sampler, ctypes.byref(array))
+        return candidates[np.isfinite(data["logit"])]
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self.sampler, token)
+
+    def __del__(self):
+        if self.sampler:
+            llama_cpp.llama_sampler_free(self.sampler)
+
+
+@pytest.fixture(scope="module")
+def vocabularies():
+    loaded = {name: load_vocab_only(path) for name, path in VOCABULARIES.items()}
+    return {name: (gguf, gguf.vocabulary()) for name, gguf in loaded.items()}
+
+
+# --- the parser agrees with llama.cpp on what is a grammar -------------------------------
+
+INVALID = [
+    ('root ::= "a', "unterminated string literal"),
+    ("root ::= [a-", "unterminated character class"),
+    ('root ::= ("a"', "expected ')'"),
+    ('root ::= "a" b', "rule 'b' is used but never defined"),
+    ('start ::= "a"', "no 'root' rule"),
+    ('root = "a"', "expected '::='"),
+    ('root ::= *"a"', "'*' must follow an item"),
+    ('root ::= "\\q"', "unknown escape"),
+    ('root ::= "\\x4"', "needs 2 hex digits"),
+    ('root ::= "a"{2,1}', "maximum is below the minimum"),
+    ('root ::= "a"{3001}', "over 2000"),
+    ("root ::= root \"a\" | \"b\"", "left-recursive"),
+    ('root ::= x\nx ::= y "a"\ny ::= "b"? x', "left-recursive"),
+    ('root ::= ("a"?)*', "may be empty"),
+    ('root ::= <[42]>', "token references"),
+    ('root ::= "a" )', "expected a newline"),
+]
+
+
+#: token references need a vocabulary in llama.cpp (lmq refuses them: it constrains text);
+#: llama.cpp loops forever on a repetition whose maximum is below its minimum; its left
+#: recursion check misses a starred item that may be empty (infinitely many derivations
+#: of the empty string), which lmq refuses
+LLAMA_CPP_DIFFERS = {"token references", "maximum is below the minimum", "may be empty"}
+
+
+@pytest.mark.parametrize("text,message", INVALID)
+def test_invalid_grammars_are_named_errors_that_llama_cpp_also_rejects(vocabularies, text, message):
+    with pytest.raises(ConstraintError, match="GRAMMAR") as error:
+        parse_gbnf(text)
+    assert message in str(error.value)
+    if message not in LLAMA_CPP_DIFFERS:
+        assert not LlamaGrammar(vocabularies["smollm2"][0], text).valid
+
+
+def test_llama_cpp_quirks_lmq_refuses_loudly():
+    """llama.cpp reads an empty class as the empty string and keeps the last of two
+    definitions; both are almost surely mistakes, so lmq names them."""
+    with pytest.raises(ConstraintError, match="empty character class"):
+        parse_gbnf('root ::= "a" []')
+    with pytest.raises(ConstraintError, match="defined twice"):
+        parse_gbnf('root ::= x\nx ::= "a"\nx ::= "b"')
+    with pytest.raises(ConstraintError, match="must be a string"):
+        parse_gbnf(42)
+
+
+def test_an_empty_language_is_unsatisfiable():
+    with pytest.raises(UnsatisfiableConstraint, match="derives no string"):
+        parse_gbnf('root ::= "a" x\nx ::= "b" x')
+
+
+def test_error_positions_name_line_and_column():
+    with pytest.raises(ConstraintError) as error:
+        parse_gbnf('root ::= x\nx ::= "a" | [b-\n', owner="GRAMMAR(X)")
+    assert "GRAMMAR(X): invalid GBNF at line 2, column 13: unterminated character class" \
+        in str(error.value)
+
+
+# --- the automaton enforces llama.cpp's semantics exactly --------------------------------
+
+GRAMMARS = {
+    # greedy lexing would lose "aaa" (x takes every a): the translation must not
+    "greedy-trap": 'root ::= x "a"\nx ::= [a]*',
+    "split-words": "root ::= w w\nw ::= [a-z]+",
+    "arithmetic": 'root ::= expr\nexpr ::= term ([-+*/] term)*\n'
+                  'term ::= [0-9]+ | "(" expr ")"',
+    "json-ish": 'root ::= value\nvalue ::= obj | arr | str | num | "true" | "false" | "null"\n'
+                'obj ::= "{" (str ":" value ("," str ":" value)*)? "}"\n'
+                'arr ::= "[" (value ("," value)*)? "]"\n'
+                'str ::= "\\"" ([^"\\\\\\x00-\\x1f] | "\\\\" ["\\\\nt])* "\\""\n'
+                'num ::= "-"? ([0-9] | [1-9] [0-9]{1,5}) ("." [0-9]{1,3})?',
+    "unicode": 'root ::= "é" [α-ω]{1,3} ("😀" | [^a-z\\x00-\\x1f]) "."',
+    "keywords": 'root ::= ("if" | "in" | "int" | "i") (" " ("x" | "xy" | "xyz"))*',
+}
+
+
+#: bytes that occur in no valid UTF-8 text: llama.cpp's decoder lets tokens holding them
+#: match negated classes (`[^a-z]`); lmq never produces invalid UTF-8
+NEVER_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
+
+
+def _walk(automaton, reference, vocabulary, rng, steps: int, tokens_out: list[int]) -> bool:
+    """Follow random allowed tokens, checking each mask against llama.cpp's; True when
+    the walk ended in an accepting state."""
+    ends = np.array(sorted(vocabulary.end_ids), dtype=np.int32)
+    texted = np.array([t for t, data in enumerate(vocabulary.token_bytes)
+                       if data and not NEVER_UTF8.intersection(data)], dtype=np.int32)
+    lengths = np.array([len(data) for data in vocabulary.token_bytes])
+    state = automaton.initial()
+    for _ in range(steps):
+        mask = automaton.mask(state)
+        expected = reference.allowed(texted)
+        expected = np.setdiff1d(expected, ends)
+        if not np.array_equal(mask.allowed, expected):
+            text = b"".join(vocabulary.token_bytes[t] for t in tokens_out)
+            extra = [vocabulary.token_bytes[t] for t in np.setdiff1d(mask.allowed, expected)[:8]]
+            missing = [vocabulary.token_bytes[t] for t in np.setdiff1d(expected, mask.allowed)[:8]]
+            pytest.fail(f"after {text!r}: only lmq allows {extra}, only llama.cpp {missing}")
+        assert automaton.accepts(state) == (len(reference.allowed(ends[:1])) == 1)
+        if automaton.accepts(state) and (mask.count == 0 or rng.random() < 0.5):
+            return True
+        if mask.count == 0:
+            return False
+        choices = mask.allowed
+        if rng.random() < 0.7:       # mostly short tokens, so that walks reach their end
+            short = choices[lengths[choices] <= 1]
+            choices = short if len(short) else choices
+        token = int(choices[rng.integers(len(choices))])
+        tokens_out.append(token)
+        state = automaton.advance(state, token)
+        reference.accept(token)
+    return automaton.accepts(state)
+
+
+@pytest.mark.parametrize("vocab_name", list(VOCABULARIES))
+@pytest.mark.parametrize("grammar_name", list(GRAMMARS))
+def test_masks_equal_llama_cpp_grammar_sampler(vocabularies, vocab_name, grammar_name):
+    gguf, vocabulary = vocabularies[vocab_name]
+    text = GRAMMARS[grammar_name]
+    automaton = GrammarTokenAutomaton(parse_gbnf(text), vocabulary, variable="X")
+    finished = 0
+    walks, steps = (3, 12) if vocabulary.size > 100_000 else (5, 16)
+    for seed in range(walks):
+        rng = np.random.default_rng(seed)
+        tokens: list[int] = []
+        finished += _walk(automaton, LlamaGrammar(gguf, text), vocabulary, rng, steps, tokens)
+    assert finished >= 1, "no walk reached an accepting state"
+
+
+def test_greedy_trap_accepts_every_split(vocabularies):
+    """`x ::= [a]*` then "a": llama.cpp accepts "aaa"; so must lmq, token by token."""
+    gguf, vocabulary = vocabularies["smollm2"]
+    automaton = GrammarTokenAutomaton(parse_gbnf(GRAMMARS["greedy-trap"]), vocabulary, variable="X")
+    a = vocabulary.token_bytes.index(b"a")
+    state = automaton.initial()
+    for _ in range(3):
+        assert a in automaton.mask(state)
+        state = automaton.advance(state, a)
+    assert automaton.accepts(state)
+
+
+def test_json_grammar_reads_as_one_lexeme_and_split_words_do_not():
+    """The lexeme choice: a JSON value is prefix-free (one lexeme); `[a-z]+` is not; in a
+    recursive grammar the string rule is, and nothing else reads a lone quote."""
+    assert choose_lexemes(parse_gbnf(GRAMMARS["json-ish"]).rules) == {"str"}
+    assert choose_lexemes(parse_gbnf('root ::= "{" [a-z]* "}"').rules) == {"root"}
+    assert choose_lexemes(parse_gbnf(GRAMMARS["split-words"]).rules) == set()
+    assert choose_lexemes(parse_gbnf('root ::= s s\ns ::= "\\"" [a-z]* "\\""').rules) == {"root"}
+    assert choose_lexemes(parse_gbnf('root ::= s+\ns ::= "\\"" [a-z]* "\\""').rules) == {"s"}
+
+
+def test_forced_bytes_and_fork(vocabularies):
+    _, vocabulary = vocabularies["smollm2"]
+    automaton = GrammarTokenAutomaton(parse_gbnf('root ::= "{\\"key\\":" [0-9] "}"'), vocabulary,
+                                      variable="X")
+    state = automaton.initial()
+    assert automaton.forced(state) == b'{"key":'
+    brace = vocabulary.token_bytes.index(b"{")
+    assert brace in automaton.mask(state)           # not only the canonical tokenization
+    copy = automaton.fork(state)
+    state = automaton.advance(state, brace)
+    assert automaton.forced(state) == b'"key":'
+    assert automaton.forced(copy) == b'{"key":'     # the fork did not move
+
+
+def test_unsatisfiable_at_run_time_names_the_variable(vocabularies):
+    """A class excluding every character parses (llama.cpp accepts it) but no token fits."""
+    _, vocabulary = vocabularies["llama-spm"]
+    grammar = parse_gbnf('root ::= "a" [^\\x00-\\U0010FFFF]')
+    automaton = GrammarTokenAutomaton(grammar, vocabulary, variable="CODE")
+    with pytest.raises(UnsatisfiableConstraint, match="CODE"):
+        automaton.mask(automaton.initial())     # "a" leads nowhere, so it is not allowed
