@@ -205,34 +205,39 @@ def literal(data: bytes) -> ByteDfa:
 
 
 def options(strings: Iterable[bytes]) -> ByteDfa:
-    """Exactly one of `strings` (a trie, minimized: shared suffixes merge). An option that
-    is a prefix of another both accepts and continues."""
-    children: list[dict[int, int]] = [{}, {}]
+    """Exactly one of `strings`. An option that is a prefix of another both accepts and
+    continues. Built as a trie whose equal subtrees are merged bottom-up (the minimal
+    acyclic automaton, in one pass instead of a partition refinement)."""
+    children: list[dict[int, int]] = [{}, {}]        # node 0 stands for DEAD, 1 is the root
     accepting = [False, False]
     for data in strings:
         if not isinstance(data, (bytes, bytearray)):
             raise ConstraintError(f"an option must be bytes, not {data!r}")
         node = 1
         for byte in data:
-            node = children[node].get(byte) or _add_child(children, accepting, node, byte)
+            child = children[node].get(byte)
+            if child is None:
+                child = children[node][byte] = len(children)
+                children.append({})
+                accepting.append(False)
+            node = child
         accepting[node] = True
+    # A child always has a larger number than its parent: merge from the leaves up.
+    merged = list(range(len(children)))
+    shapes: dict[tuple, int] = {}
+    for node in range(len(children) - 1, 0, -1):
+        shape = (accepting[node], *sorted((byte, merged[child])
+                                          for byte, child in children[node].items()))
+        merged[node] = shapes.setdefault(shape, node)
     byte_set = sorted({byte for edges in children for byte in edges})
     byte_class = np.zeros(256, np.intp)
     byte_class[byte_set] = np.arange(1, len(byte_set) + 1)
-    column = {byte: i + 1 for i, byte in enumerate(byte_set)}
-    table = np.zeros((len(children), len(byte_set) + 1), np.int32)
+    column = {byte: index for index, byte in enumerate(byte_set, 1)}
+    table = [[0] * (len(byte_set) + 1) for _ in children]
     for node, edges in enumerate(children):
         for byte, child in edges.items():
-            table[node, column[byte]] = child
-    return _finish(table, byte_class, np.array(accepting), np.zeros(len(children), bool), 1)
-
-
-def _add_child(children: list[dict[int, int]], accepting: list[bool], node: int,
-               byte: int) -> int:
-    children.append({})
-    accepting.append(False)
-    children[node][byte] = len(children) - 1
-    return len(children) - 1
+            table[node][column[byte]] = merged[child]
+    return _finish(table, byte_class, accepting, [False] * len(children), 1, minimal=True)
 
 
 def contains(data: bytes) -> ByteDfa:
@@ -491,6 +496,7 @@ class Nfa:
         self.edges: list[list[tuple[int, int, int]]] = []   # (low, high inclusive, target)
         self.eps: list[list[int]] = []
         self.exits: set[int] = set()
+        self._closures: dict[int, frozenset[int]] = {}
 
     def state(self) -> int:
         self.edges.append([])
@@ -531,8 +537,18 @@ class Nfa:
         return base + dfa.initial, final
 
     def _closure(self, states: Iterable[int]) -> frozenset[int]:
-        seen = set(states)
-        stack = list(seen)
+        """The states reachable by ε-moves (each state's own closure computed once)."""
+        closed: set[int] = set()
+        for state in states:
+            own = self._closures.get(state)
+            if own is None:
+                own = self._closures[state] = self._closure_of(state)
+            closed |= own
+        return frozenset(closed)
+
+    def _closure_of(self, state: int) -> frozenset[int]:
+        seen = {state}
+        stack = [state]
         while stack:
             for target in self.eps[stack.pop()]:
                 if target not in seen:

@@ -102,16 +102,30 @@ class _Compiler:
         return self.nfa.state()
 
     def sequence(self, items: list, flags: int) -> tuple[int, int]:
-        start = end = self.state()
-        for op, argument in items:
-            first, last = self.item(op, argument, flags)
-            self.nfa.epsilon(end, first)
+        """Items one after the other; runs of literal characters become one byte chain."""
+        start = end = None
+        index = 0
+        while index < len(items):
+            if items[index][0] is sre.LITERAL:
+                run = index
+                while run < len(items) and items[run][0] is sre.LITERAL:
+                    run += 1
+                text = "".join(chr(argument) for _, argument in items[index:run])
+                first, last = self.chain(text.encode("utf-8", "surrogatepass"))
+                index = run
+            else:
+                first, last = self.item(*items[index], flags)
+                index += 1
+            if start is None:
+                start = first
+            else:
+                self.nfa.epsilon(end, first)
             end = last
+        if start is None:
+            start = end = self.state()
         return start, end
 
     def item(self, op, argument, flags: int) -> tuple[int, int]:
-        if op is sre.LITERAL:
-            return self.chain(chr(argument).encode("utf-8", "surrogatepass"))
         if op is sre.NOT_LITERAL:
             return self.code_points(_subtract(_ALL, ((argument, argument),)))
         if op is sre.ANY:
