@@ -10,6 +10,7 @@ decoders of runtime/branching.py (sample, beam, best_k; n>1) register in `DECODE
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ class Decoder:
 
     name = "argmax"
     arguments = COMMON_ARGUMENTS
+    distribution_norm = "sum"        # how a `distribution` clause aggregates token scores
 
     def __init__(self, **settings: Any):
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
@@ -55,6 +57,12 @@ class Decoder:
         self.settings = settings
         self.max_len: int | None = settings.get("max_len")
         self._buffer: np.ndarray | None = None
+
+    def branch(self, index: int) -> "Decoder":
+        """This decoder for branch `index` of a run with several results (own state)."""
+        child = copy.copy(self)
+        child._buffer = None
+        return child
 
     def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
         """The index of the chosen entry of a candidate row (-inf entries are not allowed);

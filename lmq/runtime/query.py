@@ -16,10 +16,14 @@ from typing import Any, Callable
 
 from lmq.backends import load_backend
 from lmq.backends.base import Backend
-from lmq.compiler.codegen import PromptProgram
+from lmq.compiler.codegen import PromptProgram, compile_query
 from lmq.errors import LmqError, QueryArgumentError
+from lmq.runtime.branching import is_branching, run_branches
 from lmq.runtime.decoders import make_decoder
 from lmq.runtime.interpreter import Session, execute
+from lmq.runtime.scoring import ScoreResult, check_aggregation, score
+
+_CONTINUATION = '"{prompt}[CONTINUATION]" where len(TOKENS(CONTINUATION)) <= max_tokens'
 
 
 class Model:
@@ -31,6 +35,33 @@ class Model:
 
     def backend(self) -> Backend:
         return load_backend(self.model_id, **self.kwargs)
+
+    async def score(self, prompt: str | list[int], values: list[str | list[int]]) -> ScoreResult:
+        """Token log-probabilities of each value as a continuation of `prompt`, all values
+        in one batch per token position: `.logprobs()`, `.probs()`, `.argmax()`."""
+        return await score(self.backend(), prompt, values)
+
+    def score_sync(self, prompt: str | list[int], values: list[str | list[int]]) -> ScoreResult:
+        return run_sync_coroutine(self.score(prompt, values))
+
+    async def generate(self, prompt: str, max_tokens: int = 32, decoder: str = "argmax",
+                       **decoder_kwargs: Any) -> str | list[str]:
+        """The continuation of `prompt` (no constraint but `max_tokens`) under any decoder;
+        a list of continuations for decoders with several results."""
+        if not isinstance(prompt, str):
+            raise QueryArgumentError(f"generate: the prompt must be a string, not {prompt!r}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise QueryArgumentError(f"generate: max_tokens must be an int >= 0, not {max_tokens!r}")
+        query = QueryFunction(compile_query(_CONTINUATION), {}, name="generate")
+        result = await query.run(prompt=prompt, max_tokens=max_tokens, model=self, decoder=decoder,
+                                 **decoder_kwargs)
+        if isinstance(result, list):
+            return [r.variables["CONTINUATION"] for r in result]
+        return result.variables["CONTINUATION"]
+
+    def generate_sync(self, prompt: str, max_tokens: int = 32, decoder: str = "argmax",
+                      **decoder_kwargs: Any) -> str | list[str]:
+        return run_sync_coroutine(self.generate(prompt, max_tokens, decoder, **decoder_kwargs))
 
     def __repr__(self) -> str:
         return f"lmq.model({self.model_id!r}{''.join(f', {k}={v!r}' for k, v in self.kwargs.items())})"
@@ -73,15 +104,17 @@ class QueryFunction:
         options = {**self.options, **{k: v for k, v in kwargs.items() if k not in params}}
         namespace, bound = self.bind(args, {k: v for k, v in kwargs.items() if k in params})
         model = options.pop("model", None)
-        decoder = make_decoder(*self._decoder(options, namespace))
-        if self.program.distribution is not None:
-            raise LmqError("distribution clauses are parsed, but scoring them is not available "
-                           "in this version of lmq")
+        name, settings = self._decoder(options, namespace)
+        norm = settings.pop("distribution_norm", "sum")
+        decoder = make_decoder(name, settings)
+        decoder.distribution_norm = check_aggregation(norm, "distribution_norm")
         backend = None
         if self.program.holes:           # a query without holes never touches a model
             if model is None and self.program.model is not None:
                 model = self.program.model.evaluate(namespace)
             backend = as_model(model).backend()
+        if is_branching(decoder):
+            return await run_branches(decoder, self.program, namespace, bound, backend)
         session = Session(backend, decoder, on_text)
         try:
             return await execute(self.program, namespace, bound, session)

@@ -94,12 +94,13 @@ class Sampler:
         child.mu = self.mu
         return child
 
-    def pick(self, row: np.ndarray, history: Iterable[int] = ()) -> int:
-        """Draw a token from the masked `row` (not modified) after the last tokens of
-        `history` (for the repetition penalties)."""
+    def pick(self, row: np.ndarray, history: Iterable[int] = (), ids: np.ndarray | None = None) -> int:
+        """Draw an entry of the masked `row` (not modified) after the last tokens of
+        `history` (for the repetition penalties); `ids` are the entries' token ids when
+        the row is a gathered subset of the vocabulary."""
         if self.settings.greedy:
             return int(row.argmax())
-        ids, probs = self._candidates(row, history)
+        ids, probs = self._candidates(row, history, ids)
         if self.settings.mirostat:
             return self._mirostat(ids, probs, row.shape[0])
         return int(ids[self._draw(probs)])
@@ -116,11 +117,12 @@ class Sampler:
         out[ids] = probs
         return out
 
-    def _candidates(self, row: np.ndarray, history: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, normalised probabilities) left after penalties, truncations and
+    def _candidates(self, row: np.ndarray, history: Iterable[int],
+                    token_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, normalised probabilities) left after penalties, truncations and
         temperature, sorted by descending probability where a knob needed sorting."""
         s = self.settings
-        logits = self._penalised(row, history)
+        logits = self._penalised(row, history, token_ids)
         ids = np.flatnonzero(np.isfinite(logits))
         if ids.size == 0:
             ids = np.array([int(row.argmax())])
@@ -143,7 +145,8 @@ class Sampler:
         temperature = s.temperature if s.temperature > 0 else 1.0
         return ids, _softmax(values / temperature)
 
-    def _penalised(self, row: np.ndarray, history: Iterable[int]) -> np.ndarray:
+    def _penalised(self, row: np.ndarray, history: Iterable[int],
+                   token_ids: np.ndarray | None) -> np.ndarray:
         s = self.settings
         if (s.repeat_penalty == 1 and not s.frequency_penalty and not s.presence_penalty) \
                 or not s.penalty_last_n:
@@ -152,6 +155,10 @@ class Sampler:
         if not recent:
             return row
         tokens, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
+        if token_ids is not None:               # a gathered row: penalise the entries of those ids
+            entries = np.flatnonzero(np.isin(token_ids, tokens))
+            counts = counts[np.searchsorted(tokens, token_ids[entries])]
+            tokens = entries
         out = row.astype(np.float32, copy=True)
         values = out[tokens]
         if s.repeat_penalty != 1:

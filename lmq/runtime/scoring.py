@@ -17,6 +17,7 @@ import numpy as np
 from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, ValueComparison
 from lmq.errors import ConstraintError, QueryArgumentError
+from lmq.runtime.decoders import _logsumexp
 from lmq.runtime.scheduler import Lane, scheduler_for
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class ScoreResult:
     def logprobs(self, agg: str = "sum") -> np.ndarray:
         """Each value's log-probability: the sum of its token log-probabilities, or their
         mean (`agg="mean"`)."""
-        _check_aggregation(agg)
+        check_aggregation(agg)
         if agg == "sum":
             return np.array([float(t.sum()) for t in self.token_logprobs])
         return np.array([float(t.mean()) if t.size else 0.0 for t in self.token_logprobs])
@@ -53,9 +54,10 @@ class ScoreResult:
         return self.values[int(np.argmax(self.logprobs(agg)))]
 
 
-def _check_aggregation(agg: str) -> None:
+def check_aggregation(agg: Any, name: str = "agg") -> str:
     if agg not in AGGREGATIONS:
-        raise QueryArgumentError(f"unknown aggregation {agg!r} (expected 'sum' or 'mean')")
+        raise QueryArgumentError(f"{name}={agg!r}: expected 'sum' or 'mean'")
+    return agg
 
 
 async def score_continuations(lane: Lane, context: list[int],
@@ -156,8 +158,3 @@ def _distribution_values(distribution: Constraint, scope: dict[str, Any]) -> lis
 
 def _log_softmax(row: np.ndarray) -> np.ndarray:
     return row.astype(np.float64) - _logsumexp(row)
-
-
-def _logsumexp(row: np.ndarray) -> float:
-    top = float(np.max(row))
-    return top + float(np.log(np.exp(np.asarray(row, dtype=np.float64) - top).sum()))
