@@ -1,17 +1,17 @@
 """`ClassPatterns`: a vocabulary seen through a partition of the bytes into a few classes.
 
-Some automata keep most of the vocabulary alive in many states: `len(X) < 40` counts
-UTF-8 starter bytes, so every one of its 40 states allows almost every token and no
-subtree of the trie can be skipped; each mask would walk the whole trie. Such automata
-have few byte classes (bytes that lead every state to the same state; `ByteDfa.byte_classes`),
-and a token's effect depends only on its string of classes. The distinct class strings of
-a vocabulary form a much smaller trie (a few thousand nodes for 2 classes at 152k tokens),
-walked in full from any state in a fraction of a millisecond; each token then reads the
-state of its class string.
+Some automata keep most of the vocabulary alive while changing state inside most tokens:
+`len(X) < 40` counts UTF-8 starter bytes, `[^x]*` tracks the continuation bytes of every
+multi-byte character, so no subtree of the trie can be skipped and a mask would walk the
+whole trie. Such automata have few byte classes (bytes that lead every state to the same
+state; `ByteDfa.byte_classes`), and a token's effect depends only on its string of
+classes. The distinct class strings of a vocabulary form a much smaller trie (hundreds to
+a few thousand nodes at 152k tokens), walked in full from any state in about a
+millisecond; each token then reads the state of its class string.
 
-Building the pattern trie costs about as much as one or two whole-trie walks (a sort per
-level), so an automaton builds it only once its ordinary walks have cost that much, and it
-is shared by every automaton with the same byte partition (all `len(X)` bounds share one).
+The token automaton hands a trie walk over to the patterns when the walk grows past a
+budget; the pattern trie is built once per (vocabulary, byte partition), without sorting
+(a presence table per level), and shared: every `len(X)` bound uses the same one.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class ClassPatterns:
                 parent_first = int(levels[depth - 2])
                 per_parent = np.diff(child_start[parent_first:first + 1])
                 key = np.repeat(above, per_parent) * classes + key
-            patterns, local = np.unique(key, return_inverse=True)
+            patterns, local = _distinct(key, len(self.parents[-1]) * classes if self.parents
+                                        else classes)
             self.parents.append(patterns // classes)
             self.labels.append(patterns % classes)
             node_pattern[first:last] = local + offset
@@ -70,6 +71,17 @@ class ClassPatterns:
             reached[start:start + len(level)] = level
             start += len(level)
         return reached[self.token_pattern]
+
+
+def _distinct(keys: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct keys, index of each key among them) for keys in [0, space): a
+    presence table when the key space is small (no sort), else `np.unique`."""
+    if space > 4 * len(keys) + 4096:
+        return np.unique(keys, return_inverse=True)
+    present = np.zeros(space, dtype=bool)
+    present[keys] = True
+    position = np.cumsum(present, dtype=np.int32) - 1
+    return np.flatnonzero(present), position[keys]
 
 
 _cache: OrderedDict[tuple[int, bytes], tuple[VocabularyIndex, ClassPatterns]] = OrderedDict()

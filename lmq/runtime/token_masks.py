@@ -57,10 +57,11 @@ DEAD = 0
 ALL_GROUPS = (int(np.bitwise_or.reduce(GROUP_BITS[0])), int(np.bitwise_or.reduce(GROUP_BITS[1])))
 #: a live pair whose subtree holds at most this many tokens is walked depth first at once
 SMALL_SUBTREE = 32
-#: trie walks costing this many whole-trie walks switch an automaton to class patterns ...
-PATTERN_SWITCH = 2
-#: ... if its DFA has at most this many byte classes (else patterns are nearly the trie)
-PATTERN_CLASSES = 8
+#: a trie walk visiting more (node, state) pairs than this fraction of the trie's nodes
+#: is handed to the class-pattern trie ...
+WALK_BUDGET = 1 / 16
+#: ... if the DFA has at most this many byte classes (else patterns are nearly the trie)
+PATTERN_CLASSES = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,8 +182,8 @@ class DfaTokenAutomaton:
         self._open_table: np.ndarray | None = None
         self._open_words: dict[int, tuple[int, int]] = {}
         self._looping: list[bool] | None = None
-        self._walked = 0                         # (node, state) pairs visited by trie walks
-        self._patterns: ClassPatterns | None = None
+        self._walked = 0                         # (node, state) pairs of the current walk
+        self._patterns: ClassPatterns | None | bool = None   # False: too many byte classes
         self._views = index.views
 
     @classmethod
@@ -202,25 +203,23 @@ class DfaTokenAutomaton:
     def mask(self, state: int) -> TokenMask:
         mask = self._masks.get(state)
         if mask is None:
-            if self._patterns is not None:
-                byte_class, classed = self.dfa.byte_classes
-                allowed = self._patterns.final_states(classed, state) != DEAD
-            else:
-                allowed = self._allowed(state)
-                self._consider_patterns()
+            allowed = self._allowed(state)
+            if allowed is None:                  # the walk was handed to the class patterns
+                allowed = self._patterns.final_states(self.dfa.byte_classes[1], state) != DEAD
             mask = self._masks[state] = (TokenMask.of_flags(allowed) if allowed.dtype == bool
                                          else TokenMask.of(allowed, self.index.size))
         return mask
 
-    def _consider_patterns(self) -> None:
-        """Switch to the class-pattern trie once trie walks have cost about as much as
-        building it (two whole-trie walks) and the DFA has few byte classes: from then
-        on a mask costs a walk of the much smaller pattern trie."""
-        if self._walked > PATTERN_SWITCH * self.index.node_count:
+    def _over_budget(self) -> bool:
+        """Whether the current walk has visited more pairs than `WALK_BUDGET` allows and
+        the DFA's few byte classes make the class-pattern trie the cheaper way."""
+        if self._walked <= WALK_BUDGET * self.index.node_count or self._patterns is False:
+            return False
+        if self._patterns is None:
             byte_class, classed = self.dfa.byte_classes
-            if classed.shape[1] <= PATTERN_CLASSES:
-                self._patterns = class_patterns(self.index, byte_class)
-            self._walked = -1 << 62          # decided once
+            self._patterns = (class_patterns(self.index, byte_class)
+                              if classed.shape[1] <= PATTERN_CLASSES else False)
+        return self._patterns is not False
 
     def advance(self, state: int, token: int) -> int:
         """The state after `token`'s bytes (DEAD if the token was not allowed; an exit
@@ -266,7 +265,8 @@ class DfaTokenAutomaton:
     def _allowed(self, state: int) -> np.ndarray:
         """The tokens whose walk from `state` never reaches DEAD: sorted ids, or a bool
         row over the vocabulary when they are many (`DENSE_FRACTION`; above half of the
-        vocabulary the row is built from the ranges directly, see `_flags`).
+        vocabulary the row is built from the ranges directly, see `_flags`); None when
+        the walk grew past its budget and the class patterns take over.
 
         The trie is walked level by level. A live node whose subtree holds only bytes its
         state loops on (its `below` groups avoid the state's open groups; always so in an
@@ -287,7 +287,10 @@ class DfaTokenAutomaton:
         nodes = np.flatnonzero(states).astype(np.int32)
         states = states[nodes]
         pairs = None
+        self._walked = 0
         while True:
+            if self._over_budget():
+                return None
             if pairs is None and len(nodes) <= PYTHON_FRONTIER:
                 pairs = list(zip(nodes.tolist(), states.tolist()))
             if pairs is None:
