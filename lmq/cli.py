@@ -73,21 +73,46 @@ def _run(options: argparse.Namespace) -> int:
     streaming = sys.stdout.isatty() and not options.json
     on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if streaming else None
     returned = run_sync_coroutine(query.run(on_text=on_text, **kwargs))
+    results = returned if isinstance(returned, list) and returned \
+        and all(isinstance(r, LMQResult) for r in returned) else None
     if options.json:
-        payload = returned.to_json() if isinstance(returned, LMQResult) else {"return": _jsonable(returned)}
+        if results is not None:
+            payload = [r.to_json() for r in results]
+        else:
+            payload = returned.to_json() if isinstance(returned, LMQResult) else {"return": _jsonable(returned)}
         print(json.dumps(payload, ensure_ascii=False, indent=2))
         return 0
-    if isinstance(returned, LMQResult):
+    if results is not None:
+        for number, result in enumerate(results, 1):
+            print(f"{'=' * 15} result {number} of {len(results)} (logprob {result.logprob:.4f})")
+            sys.stdout.write(result.prompt)
+            print("\n" + "-" * 40)
+            _print_variables(result)
+    elif isinstance(returned, LMQResult):
         if not streaming:
             sys.stdout.write(returned.prompt)
         print("\n" + "-" * 40)
-        for name, value in returned.variables.items():
-            print(f"{name} = {value!r}")
+        _print_variables(returned)
     else:
         if streaming:
             print("\n" + "-" * 40)
         print(returned)
     return 0
+
+
+def _print_variables(result: LMQResult) -> None:
+    """Each variable; a distribution `P(VAR)` as one line per value, the most likely
+    marked with `*` (its log-probabilities are in --json)."""
+    for name, value in result.variables.items():
+        if name.startswith("log P("):
+            continue
+        if name.startswith("P(") and isinstance(value, list):
+            best = max(range(len(value)), key=lambda i: value[i][1])
+            print(f"{name}:")
+            for i, (option, probability) in enumerate(value):
+                print(f"  {'*' if i == best else ' '} {option!r}: {probability:.4f}")
+        else:
+            print(f"{name} = {value!r}")
 
 
 def _jsonable(value: Any) -> Any:

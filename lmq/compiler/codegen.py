@@ -22,7 +22,7 @@ from typing import Any
 
 from lmq.compiler.ast import Expression, PromptStatement, QueryAST, Span
 from lmq.compiler.constraints import (CONSTRAINT_FUNCTIONS, Constraint, Junction, Operand,
-                                      WhereCompiler)
+                                      ValueComparison, WhereCompiler)
 from lmq.compiler.parser import parse_query
 from lmq.compiler.prompt_string import (ChatTagPart, HolePart, InterpolationPart, PromptScanError,
                                         TextPart, scan_prompt)
@@ -156,6 +156,8 @@ class _Generator:
         model = self._operand(query.model.text, query.model.span) if query.model else None
         operands += [model] if model else []
         distribution = self.where.compile(query.distribution) if query.distribution else None
+        if distribution is not None:
+            self._check_distribution(distribution, query.distribution.span.start)
         extra = _operand_names(operands, global_where, self.holes)
         assigned = _assigned_names(module)
         holes = frozenset(self.where.holes)
@@ -168,6 +170,16 @@ class _Generator:
         return PromptProgram(source=query.source, filename=query.filename, python=python,
                              code=code, free_names=parameters, holes=tuple(self.holes),
                              decoder=decoder, model=model, distribution=distribution)
+
+    def _check_distribution(self, distribution: Constraint, offset: int) -> None:
+        """`distribution VAR in [values]`: VAR is a hole and the last thing in the prompt
+        (its values are scored as continuations of everything before it)."""
+        if not (isinstance(distribution, ValueComparison) and distribution.op == "in"):
+            raise self._error("a distribution clause must be VAR in [values]", offset)
+        last = self.hole_parts[id(self.query.prompts[-1])] if self.query.prompts else []
+        if not last or not isinstance(last[-1], HolePart) or last[-1].name != distribution.variable:
+            raise self._error(f"the distribution variable {distribution.variable} must be the last "
+                              "thing in the prompt", offset)
 
     def _operand(self, text: str, span: Span) -> Operand:
         try:
