@@ -32,7 +32,7 @@ class ClassPatterns:
 
     def __init__(self, index: VocabularyIndex, byte_class: np.ndarray, classes: int):
         self.classes = classes
-        self.parents: list[np.ndarray] = []      # per level: parent pattern, local to the level above
+        self.parents: list[np.ndarray] = []      # per level: parent pattern (in the level above)
         self.labels: list[np.ndarray] = []       # per level: the class of the last byte
         levels, child_start = index.levels, index.child_start
         node_pattern = np.empty(index.node_count, dtype=np.int32)
@@ -96,7 +96,8 @@ def class_patterns(index: VocabularyIndex, byte_class: np.ndarray) -> ClassPatte
         if entry is not None and entry[0] is index:
             _cache.move_to_end(key)
             return entry[1]
-    patterns = ClassPatterns(index, np.asarray(byte_class, dtype=np.intp), int(byte_class.max()) + 1)
+    byte_class = np.asarray(byte_class, dtype=np.intp)
+    patterns = ClassPatterns(index, byte_class, int(byte_class.max()) + 1)
     with _lock:
         _cache[key] = (index, patterns)
         while len(_cache) > CACHE_SIZE:

@@ -243,26 +243,27 @@ class DfaTokenAutomaton:
         return forced
 
     def _opened(self, state: int) -> tuple[int, int]:
-        """`_open_groups` of one state, as two Python ints (all groups when the state has
-        no loop, as in most states of a literal or an option list)."""
+        """`_open_groups` of one state, as two Python ints (all groups, without looking
+        further, when the state has no loop, as in most states of an option list)."""
         if self._looping is None:
-            self._looping = (self.dfa.transitions == np.arange(self.dfa.n_states)[:, None]).any(axis=1).tolist()
-        if not self._looping[state]:
-            opened = ALL_GROUPS
-        else:
-            leaving = self._flat[state * 256:(state + 1) * 256] != state
-            opened = (int(np.bitwise_or.reduce(GROUP_BITS[0][leaving])),
-                      int(np.bitwise_or.reduce(GROUP_BITS[1][leaving])))
+            transitions = self.dfa.transitions
+            loops = transitions == np.arange(len(transitions))[:, None]
+            self._looping = loops.any(axis=1).tolist()
+        opened = ALL_GROUPS
+        if self._looping[state]:
+            low, high = _open_groups(self.dfa.transitions, np.array([state]))
+            opened = (int(low[0]), int(high[0]))
         self._open_words[state] = opened
         return opened
 
     def _live_bytes(self, state: int) -> list[int]:
         live = self._live.get(state)
         if live is None:
-            live = self._live[state] = self._flat[state * 256:(state + 1) * 256].nonzero()[0].tolist()
+            row = self._flat[state * 256:(state + 1) * 256]
+            live = self._live[state] = row.nonzero()[0].tolist()
         return live
 
-    def _allowed(self, state: int) -> np.ndarray:
+    def _allowed(self, state: int) -> np.ndarray | None:
         """The tokens whose walk from `state` never reaches DEAD: sorted ids, or a bool
         row over the vocabulary when they are many (`DENSE_FRACTION`; above half of the
         vocabulary the row is built from the ranges directly, see `_flags`); None when
@@ -337,9 +338,11 @@ class DfaTokenAutomaton:
         """One level of live pairs as arrays: record ranges, return the next level's."""
         index = self.index
         if self._open_table is None:
-            self._open_table = _open_groups(self.dfa.transitions)
+            self._open_table = _open_groups(self.dfa.transitions,
+                                            np.arange(len(self.dfa.transitions)))
         below, opened = index.below, self._open_table
-        closed = ((below[0][nodes] & opened[0][states]) | (below[1][nodes] & opened[1][states])) == 0
+        closed = ((below[0][nodes] & opened[0][states])
+                  | (below[1][nodes] & opened[1][states])) == 0
         done = nodes[closed]
         starts.append(index.lo[done])
         counts.append(index.hi[done] - index.lo[done])
@@ -396,14 +399,14 @@ class DfaTokenAutomaton:
         return following
 
 
-def _open_groups(transitions: np.ndarray) -> np.ndarray:
-    """Per state, the bits (`GROUP_BITS`, two words: shape (2, n_states)) of the byte
+def _open_groups(transitions: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """For each of `states`, the bits (`GROUP_BITS`; shape (2, len(states))) of the byte
     groups holding a byte that leaves the state: a subtree whose groups avoid them keeps
-    the state on every path."""
-    open_bits = np.zeros((2, len(transitions)), dtype=np.uint64)
-    for first in range(0, len(transitions), 1024):
-        block = transitions[first:first + 1024]
-        leaves = block != np.arange(first, first + len(block))[:, None]
+    the state on every path. Blocks of 1024 states bound the temporary arrays."""
+    open_bits = np.zeros((2, len(states)), dtype=np.uint64)
+    for first in range(0, len(states), 1024):
+        block = states[first:first + 1024]
+        leaves = transitions[block] != block[:, None]
         for word in range(2):
             open_bits[word, first:first + len(block)] = np.bitwise_or.reduce(
                 np.where(leaves, GROUP_BITS[word], np.uint64(0)), axis=1)
