@@ -72,7 +72,8 @@ class ByteDfa:
 
 Rows = list  # list[list[int]]: a classed transition table, one list of k targets per state
 _SMALL_TABLE = 4096   # states × classes below which pure Python beats numpy
-_MOORE_WORK = 20_000_000   # table cells Moore's refinement may visit before giving up
+# table cells Moore's refinement may visit before giving up (pure Python / numpy rounds)
+_MOORE_WORK_PYTHON, _MOORE_WORK_NUMPY = 2_000_000, 4_000_000
 
 
 def _finish(table: Rows | np.ndarray, byte_class: np.ndarray, accepting: Sequence[bool],
@@ -141,15 +142,15 @@ def _minimize(rows: Rows, flags: list[tuple[bool, bool]]) -> list[int]:
     Small tables number signatures with a dict; large ones hash each row of block ids
     with random 64-bit weights in numpy, verify that every row equals its group's first
     row (so a hash collision can never merge states), and fall back to an exact sort.
-    Moore needs as many rounds as the longest distinguishing suffix; past `_MOORE_WORK`
-    cells the automaton is left unminimized (still trimmed, still correct)."""
+    Moore needs as many rounds as the longest distinguishing suffix; past a work bound
+    (`_MOORE_WORK_*` cells) the automaton is left unminimized (still trimmed and correct:
+    long counters such as `[a-z]{1,5000}` are near-minimal as constructed)."""
     n, width = len(rows), len(rows[0])
     kinds: dict[tuple[bool, bool], int] = {}
     block = [0] + [kinds.setdefault(flags[state], len(kinds) + 1) for state in range(1, n)]
     count = len(kinds) + 1
-    rounds = max(1, _MOORE_WORK // (n * width))
     if n * width <= _SMALL_TABLE:
-        for _ in range(rounds):
+        for _ in range(max(1, _MOORE_WORK_PYTHON // (n * width))):
             numbers: dict[tuple, int] = {}
             block = [numbers.setdefault((block[state], *[block[t] for t in row]), len(numbers))
                      for state, row in enumerate(rows)]
@@ -160,7 +161,7 @@ def _minimize(rows: Rows, flags: list[tuple[bool, bool]]) -> list[int]:
     table = np.asarray(rows, dtype=np.int64)
     blocks = np.asarray(block, dtype=np.int64)
     weights = np.random.default_rng(0).integers(1, 2 ** 63, size=width + 1, dtype=np.int64)
-    for _ in range(rounds):
+    for _ in range(max(1, _MOORE_WORK_NUMPY // (n * width))):
         signature = np.column_stack((blocks, blocks[table]))
         hashed = (signature * weights).sum(axis=1)
         _, first, new = np.unique(hashed, return_index=True, return_inverse=True)
