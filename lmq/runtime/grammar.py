@@ -115,12 +115,11 @@ class GrammarTokenAutomaton:
                 raise UnsatisfiableConstraint(f"no text continues {self.variable} under its grammar")
             raise ConstraintError(f"the grammar of {self.variable} failed: {state.get_error()}")
         np.bitwise_and(self._bitmask, self._end_clear, out=self._bitmask)
-        bits = np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool)
-        allowed = np.flatnonzero(bits).astype(np.int32)
-        if not len(allowed) and not state.is_accepting():
+        mask = TokenMask.of_flags(np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool))
+        if not mask.count and not state.is_accepting():
             raise UnsatisfiableConstraint(f"no token of the vocabulary continues {self.variable} "
                                           "under its grammar, and the value is not complete")
-        return TokenMask.of(allowed, self.size)
+        return mask
 
 
 def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -> llguidance.LLMatcher:
