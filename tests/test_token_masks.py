@@ -22,6 +22,7 @@ from lmq.compiler.regex import INT_PATTERN, regex_dfa
 from lmq.backends.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
                                           vocabulary_key)
 from lmq.runtime.class_patterns import ClassPatterns
+from lmq.runtime import token_masks
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
@@ -261,6 +262,22 @@ def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab,
         assert tokens.mask(state).allowed.tolist() == column_walk.mask(dfa, state)
         state = automaton.run(dfa, state, "é".encode())
     assert tokens._patterns is not None
+
+
+def test_dense_masks_kept_per_automaton_are_bounded(monkeypatch):
+    """Old dense masks are dropped beyond `DENSE_MASKS_KEPT` and recomputed equal."""
+    monkeypatch.setattr(token_masks, "DENSE_MASKS_KEPT", 3)
+    vocabulary = synthetic_vocabulary(random.Random(2))
+    dfa = automaton.char_count("<", 12)
+    tokens = DfaTokenAutomaton(dfa, VocabularyIndex.build(vocabulary.token_bytes),
+                               vocabulary.token_bytes)
+    states, state = [], tokens.initial()
+    for _ in range(6):
+        states.append(state)
+        state = automaton.run(dfa, state, b"a")
+    first = [tokens.mask(s).allowed.tolist() for s in states]
+    assert sum(mask.dense for mask in tokens._masks.values()) <= 3
+    assert [tokens.mask(s).allowed.tolist() for s in states] == first
 
 
 def test_vocabulary_index_cache_is_served_from_disk(tmp_path, monkeypatch):

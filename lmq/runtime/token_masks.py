@@ -33,6 +33,7 @@ when `accepts(state)` holds.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -51,6 +52,9 @@ DENSE_FRACTION = 1 / 32
 #: a dense mask blocking at most this fraction of the vocabulary is applied by copying the
 #: row and writing -inf at the blocked ids (cheaper than adding the bias row)
 FEW_BLOCKED_FRACTION = 1 / 16
+#: dense masks kept per automaton (each holds a 4V-byte bias row: 600 kB at 152k tokens);
+#: the oldest is dropped first (`len(X) < N` visits its N states once each, in order)
+DENSE_MASKS_KEPT = 64
 #: at most this many live (node, state) pairs of a trie level are walked in plain Python
 PYTHON_FRONTIER = 48
 DEAD = 0
@@ -177,6 +181,7 @@ class DfaTokenAutomaton:
         self._table = memoryview(self._flat)     # state * 256 + byte → state, as Python ints
         self._live: dict[int, list[int]] = {}
         self._masks: dict[int, TokenMask] = {}
+        self._dense_states: deque[int] = deque()    # cached dense masks, oldest first
         self._next: dict[tuple[int, int], int] = {}
         self._forced: dict[int, bytes] = {}
         self._open_table: np.ndarray | None = None
@@ -208,6 +213,10 @@ class DfaTokenAutomaton:
                 allowed = self._patterns.final_states(self.dfa.byte_classes[1], state) != DEAD
             mask = self._masks[state] = (TokenMask.of_flags(allowed) if allowed.dtype == bool
                                          else TokenMask.of(allowed, self.index.size))
+            if mask.dense:
+                self._dense_states.append(state)
+                if len(self._dense_states) > DENSE_MASKS_KEPT:
+                    del self._masks[self._dense_states.popleft()]
         return mask
 
     def _over_budget(self) -> bool:
