@@ -5,12 +5,14 @@ The token-mask engine walks token bytes through `transitions`, so the automaton 
 bytes, not characters: a value is constrained exactly as the bytes it becomes, including
 UTF-8 characters split across tokens.
 
-Invariants of every ByteDfa handed out (all constructors and operations return trimmed,
-minimal automata): state 0 is DEAD (absorbing, neither accepting nor exit) and every state
-from which no accepting or exit state can be reached is state 0, so "this prefix can still
+Invariants of every ByteDfa handed out (all constructors and operations return trimmed
+automata): state 0 is DEAD (absorbing, neither accepting nor exit) and every state from
+which no accepting or exit state can be reached is state 0, so "this prefix can still
 become a valid value" is `state != 0`. Exit states are absorbing over every byte and never
-accepting (the value has already ended there). States are numbered in breadth-first order
-from `initial`; the arrays are read-only.
+accepting (the value has already ended there). `initial` is 1, or 0 for the empty
+language; states are numbered breadth-first from it; the arrays are read-only. Automata
+are minimal, except where Moore's refinement would exceed a work bound (counters of
+thousands of states, which are near-minimal as constructed).
 
 Constructors: `literal(s)`, `options(strings)`, `any_bytes()`, `empty()`, `contains(s)`,
 `char_count(op, n)`, `valid_utf8()`.
@@ -18,7 +20,8 @@ Operations: `intersect(a, b)`, `union(a, b)`, `complement(a)`, `concat(a, b)`,
 `with_stops(a, phrases)` (exit states for STOPS_AT / STOPS_BEFORE), `stop_values(a, phrases)`
 (the language of final values under those stops).
 Helpers: `run`, `matches`, `is_empty`, `forced_bytes`.
-`lmq.compiler.regex.regex_dfa` compiles regexes; `lmq.compiler.gbnf.dfa_to_gbnf` exports.
+`lmq.compiler.regex.regex_dfa` compiles regexes; `lmq.compiler.gbnf_export.dfa_to_gbnf`
+exports GBNF.
 
 Internally automata are built in "classed" form: a table over byte classes (bytes that
 behave alike in every state) plus the byte → class map, which keeps products and
@@ -83,7 +86,7 @@ def _finish(table: Rows | np.ndarray, byte_class: np.ndarray, accepting: Sequenc
     `table` (n × k) may use any state as dead; `exits` rows are made absorbing here;
     `minimal` skips minimization for constructions that are minimal once trimmed.
     Pure Python on lists: the automata met in practice have few states, where numpy's
-    per-call overhead dominates; every step is linear except Hopcroft's n·k·log n."""
+    per-call overhead dominates; every step is linear except the (bounded) refinement."""
     rows = table.tolist() if isinstance(table, np.ndarray) else list(table)
     exits = _as_list(exits)
     accepting = [flag and not exit_ for flag, exit_ in zip(_as_list(accepting), exits)]
