@@ -8,11 +8,13 @@ docs/architecture.md.
 from lmq.api import F, model, query, run, run_sync
 from lmq.errors import (ConstraintError, ConstraintViolation, ContextLimitError, LmqError,
                         LmqSyntaxError, ModelError, QueryArgumentError, UnsatisfiableConstraint)
+from lmq.runtime.decorators import pre, streaming
 from lmq.runtime.query import Model, QueryFunction
 from lmq.runtime.result import LMQResult
 
 __version__ = "0.1.0"
 
-__all__ = ["F", "LMQResult", "Model", "QueryFunction", "model", "query", "run", "run_sync",
+__all__ = ["F", "LMQResult", "Model", "QueryFunction", "model", "pre", "query", "run", "run_sync",
+           "streaming",
            "ConstraintError", "ConstraintViolation", "ContextLimitError", "LmqError",
            "LmqSyntaxError", "ModelError", "QueryArgumentError", "UnsatisfiableConstraint"]

@@ -109,9 +109,10 @@ class ModelScheduler:
     def _step(self) -> None:
         pending, self._pending = self._pending, []
         with self._lock:
+            prefilled: dict[tuple[int, ...], tuple[Lane, np.ndarray]] = {}
             for request in pending:
                 if request.prefill and not request.future.cancelled():
-                    _settle(request.future, self._prefill, request.lane, request.tokens)
+                    _settle(request.future, self._prefill, request.lane, request.tokens, prefilled)
             advances = [r for r in pending if not r.prefill and not r.future.cancelled()]
             ready = []
             for request in advances:
@@ -133,9 +134,19 @@ class ModelScheduler:
                 self.steps += 1
                 self.batched += len(ready)
 
-    def _prefill(self, lane: Lane, context: list[int]) -> np.ndarray:
+    def _prefill(self, lane: Lane, context: list[int],
+                 prefilled: dict[tuple[int, ...], tuple[Lane, np.ndarray]]) -> np.ndarray:
         """Bring the lane's sequence to `context`, forking the lane that holds the longest
-        prefix of it when that is more than the lane's own slot holds."""
+        prefix of it when that is more than the lane's own slot holds. Branches asking for
+        the same context in one step share its row: nothing is evaluated again."""
+        key = tuple(context)
+        same = prefilled.get(key)
+        if same is not None and same[0].sequence is not None and same[0].sequence.tokens == context:
+            if lane.sequence is not None:
+                lane.sequence.release()
+            lane.sequence = same[0].sequence.fork()
+            self._lanes.add(lane)
+            return same[1]
         if lane.sequence is None:
             lane.sequence = self.backend.sequence()
         shared, donor = common_prefix(lane.sequence.tokens, context), None
@@ -148,7 +159,9 @@ class ModelScheduler:
             lane.sequence.release()
             lane.sequence = donor.sequence.fork()
         self._lanes.add(lane)
-        return np.array(lane.sequence.logits(context))
+        row = np.array(lane.sequence.logits(context))
+        prefilled[key] = (lane, row)
+        return row
 
 
 def _settle(future: asyncio.Future, function, *args) -> None:
