@@ -79,6 +79,9 @@ def check_normal_form(dfa: fa.ByteDfa) -> None:
     assert table.dtype == np.int32 and table.shape == (dfa.n_states, 256)
     assert (table[0] == 0).all() and not dfa.accepting[0] and not dfa.exits[0]
     assert not (dfa.accepting & dfa.exits).any()
+    byte_class, classed = dfa.byte_classes      # what the mask engine walks: coarsest classes
+    assert (classed[:, byte_class] == table).all()
+    assert classed.shape[1] == np.unique(table, axis=1).shape[1]
     for state in np.flatnonzero(dfa.exits):
         assert (table[state] == state).all()
     if dfa.initial == 0:

@@ -128,9 +128,13 @@ def _finish(table: Rows | np.ndarray, byte_class: np.ndarray, accepting: Sequenc
             if block_of[target] not in number:
                 number[block_of[target]] = len(members)
                 members.append(target)
-    final = np.array([[number[block_of[target]] for target in trimmed[state]]
-                      for state in members], dtype=np.int32).reshape(len(members), width)
-    return _seal(final, byte_class, np.array([flags[state][0] for state in members]),
+    final = [[number[block_of[target]] for target in trimmed[state]] for state in members]
+    # Merge byte classes that became equal (coarsest classes: fewer for the mask engine).
+    merged: dict[tuple[int, ...], int] = {}
+    class_of = [merged.setdefault(column, len(merged)) for column in zip(*final)]
+    table = np.array(list(merged), dtype=np.int32).T.reshape(len(members), len(merged))
+    return _seal(table, np.asarray(class_of, np.intp)[byte_class],
+                 np.array([flags[state][0] for state in members]),
                  np.array([flags[state][1] for state in members]), 1)
 
 
