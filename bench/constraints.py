@@ -256,6 +256,7 @@ def throughput(model: lmq.Model, reference: llama_cpp.Llama, raw: RawLoop, cases
         value = result.variables["X"]
         count = len(tokens)
         prompt = raw.tokenize(case.prompt)
+        raw.generate(prompt, count)
         run_reference(count)
         runs: dict[str, list[float]] = {"lmq_hole_s": [], "lmq_call_s": [], "raw_s": [],
                                         "reference_s": [], "reference_tokens": []}
@@ -501,8 +502,9 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
         figures["sections_s"][name] = time.perf_counter() - start
 
     section("vocabulary", lambda: vocabulary_preparation(vocab_path, 1 if smoke else 5))
-    model = lmq.model(f"local:llama.cpp:{path}", n_threads=arguments.threads)
-    reference = llama_cpp.Llama(path, n_ctx=4096, n_threads=arguments.threads, verbose=False)
+    threads = {"n_threads": arguments.threads, "n_threads_batch": arguments.threads}
+    model = lmq.model(f"local:llama.cpp:{path}", **threads)
+    reference = llama_cpp.Llama(path, n_ctx=4096, verbose=False, **threads)
     raw = RawLoop(reference)
     figures["model"]["vocabulary"] = raw.n_vocab
     try:

@@ -65,9 +65,11 @@ class RawLoop:
     @classmethod
     def load(cls, path: str, *, n_threads: int | None = None, n_ctx: int = 4096,
              n_seq_max: int = 1) -> "RawLoop":
-        """Load `path` on its own (the defaults are lmq's llama.cpp defaults)."""
+        """Load `path` on its own (the defaults are lmq's llama.cpp defaults); prompts and
+        single tokens are evaluated with the same number of threads."""
         threads = n_threads or os.cpu_count() or 1
-        llama = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, verbose=False)
+        llama = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                verbose=False)
         return cls(llama, n_seq_max)
 
     def tokenize(self, text: str) -> list[int]:
