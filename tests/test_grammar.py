@@ -237,3 +237,14 @@ def test_unsatisfiable_at_run_time_names_the_variable(vocabularies):
     automaton = GrammarTokenAutomaton(grammar, vocabulary, variable="CODE")
     with pytest.raises(UnsatisfiableConstraint, match="CODE"):
         automaton.mask(automaton.initial())     # "a" leads nowhere, so it is not allowed
+
+
+@pytest.mark.model
+def test_grammar_hole_on_smollm2_yields_a_string_llama_cpp_accepts():
+    import lmq
+    from gbnf_check import GbnfOracle
+
+    grammar = 'root ::= [A-Z] [a-z]+ (", " [A-Z] [a-z]+){2} "."'
+    result = lmq.run_sync('"Three cities in France: [CITIES]" where GRAMMAR(CITIES, grammar)',
+                          grammar=grammar)
+    assert GbnfOracle().accepts(grammar, result.variables["CITIES"].encode())

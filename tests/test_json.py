@@ -270,3 +270,16 @@ def test_bad_schemas_are_constraint_errors():
         json_constraint({"enum": [object()]})
     with pytest.raises(ConstraintError, match="does not support"):
         json_constraint({"type": "decimal"})
+
+
+# --- end to end on SmolLM2 -----------------------------------------------------------------
+
+@pytest.mark.model
+def test_json_hole_on_smollm2_binds_the_parsed_document():
+    import lmq
+
+    schema = SCHEMAS["person"]
+    result = lmq.run_sync('"A person as JSON: [P]" where JSON(P, schema)', schema=schema)
+    person = result.variables["P"]
+    assert isinstance(person, dict) and valid(schema, person)
+    assert json.loads(result.prompt[len("A person as JSON: "):]) == person
