@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from lmq.compiler.codegen import compile_query
 from lmq.errors import LmqError, QueryArgumentError
+from lmq.runtime.hole import static_plan
 from lmq.runtime.query import QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
 from lmq.serve.command import add_parser as add_serve_parser, serve_model
@@ -124,9 +125,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _compile(options: argparse.Namespace) -> int:
-    if options.gbnf:
-        raise _UsageError("--gbnf needs the token-mask engine, not available in this version")
     program = compile_query(_read(options.file), options.file)
+    if options.gbnf:
+        _print_grammars(program)
+        return 0
     print(f"# parameters: {', '.join(program.free_names) or '(none)'}")
     if program.decoder:
         print(f"# decoder: {program.decoder.name}")
@@ -135,6 +137,29 @@ def _compile(options: argparse.Namespace) -> int:
         print(f"# hole {hole.index}: {hole.name} (line {hole.line}) where {where}")
     print(program.python)
     return 0
+
+
+def _print_grammars(program) -> None:
+    """Per hole: its GBNF grammar (llama.cpp's dialect), token budget and stop phrases."""
+    for hole in program.holes:
+        print(f"# hole {hole.index}: {hole.name} (line {hole.line})")
+        plan = static_plan(hole)
+        if plan is None:
+            print("# its constraints read run-time values: the grammar is made when it runs\n")
+            continue
+        low, high = plan.min_tokens, plan.max_tokens
+        budget = ("any number of tokens" if high is None and not low else
+                  f"at least {low} tokens" if high is None else f"{low} to {high} tokens")
+        if plan.excluded_counts:
+            budget += f", not {', '.join(map(str, sorted(plan.excluded_counts)))}"
+        print(f"# token budget: {budget}")
+        stops = ", ".join(f"{'STOPS_AT' if r.keep else 'STOPS_BEFORE'} {r.phrase.decode('utf-8')!r}"
+                          for r in plan.stops)
+        print(f"# stops: {stops or '(none)'}")
+        checks = ", ".join(source for source, _ in plan.checks)
+        if checks:
+            print(f"# checked on the final value only (no grammar form): {checks}")
+        print((plan.gbnf() or 'root ::= [^\\x00]*').rstrip("\n") + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

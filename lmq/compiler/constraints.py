@@ -140,12 +140,14 @@ class PythonCheck(Constraint):
 
 
 def conjuncts(constraint: Constraint | None) -> Iterable[Constraint]:
-    """The top-level `and` items of a constraint."""
+    """The `and` items of a constraint, nested `and`s flattened."""
     if constraint is None:
-        return ()
+        return
     if isinstance(constraint, Junction) and constraint.op == "and":
-        return constraint.items
-    return (constraint,)
+        for item in constraint.items:
+            yield from conjuncts(item)
+    else:
+        yield constraint
 
 
 class WhereCompiler:

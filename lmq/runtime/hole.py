@@ -11,16 +11,19 @@ still satisfies them; `GRAMMAR` and `JSON` become a grammar automaton (llguidanc
 
 from __future__ import annotations
 
+import builtins
 import functools
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Protocol
 
 from lmq.backends.base import Vocabulary
 from lmq.compiler import automaton as fa
-from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation, PythonCheck,
-                                      StopPhrase, TokenCount, TypeConstraint, ValueComparison,
-                                      conjuncts)
+from lmq.compiler.codegen import HoleSpec, PromptProgram
+from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation, Operand,
+                                      PythonCheck, StopPhrase, TokenCount, TypeConstraint,
+                                      ValueComparison, conjuncts)
 from lmq.compiler.gbnf_export import dfa_to_gbnf
 from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, key_from_json,
                                     key_to_json, language_dfa, stopped_dfa)
@@ -125,7 +128,15 @@ def plan_from_program(program: dict[str, Any], vocabulary: Vocabulary,
 
 def plan_hole(name: str, constraint: Constraint | None, scope: dict[str, Any],
               vocabulary: Vocabulary) -> HolePlan:
-    """Lower the conjuncts of `constraint` that concern hole `name`."""
+    """The plan of hole `name`, with its token automaton over `vocabulary`."""
+    plan = lower_hole(name, constraint, scope)
+    _build_automaton(plan, vocabulary)
+    return plan
+
+
+def lower_hole(name: str, constraint: Constraint | None, scope: dict[str, Any]) -> HolePlan:
+    """Lower the conjuncts of `constraint` that concern hole `name` (no vocabulary needed:
+    contradictions are found here, before any model is involved)."""
     plan = HolePlan(name)
     stops: list[StopRule] = []
     keys: list[LanguageKey] = []
@@ -141,6 +152,9 @@ def plan_hole(name: str, constraint: Constraint | None, scope: dict[str, Any],
                 stops.extend(_stop_rules(alternative, alternative.phrases.evaluate(scope)))
         elif isinstance(item, PythonCheck):
             plan.checks.append((item.source, _python_check(item, scope, name)))
+        elif len(item.variables) > 1:
+            raise ConstraintError(f"{item.source!r} constrains several holes at once inside "
+                                  "'or'/'not'; write it as separate constraints per hole")
         elif isinstance(item, TypeConstraint) and item.kind in ("GRAMMAR", "JSON"):
             _grammar(plan, item, scope)
         else:
@@ -153,27 +167,80 @@ def plan_hole(name: str, constraint: Constraint | None, scope: dict[str, Any],
             f"at most {plan.max_tokens} tokens")
     plan.stops = tuple(stops)
     plan.language = conjunction(keys)
-    _build_automaton(plan, vocabulary)
+    if plan.grammar is not None and (plan.language is not None or plan.stops):
+        raise ConstraintError(f"{name}: a GRAMMAR/JSON constraint cannot be combined with other "
+                              "value constraints or stop phrases on the same hole (express them "
+                              "in the grammar)")
+    if plan.language is not None:
+        if plan.stops and plan.min_tokens > 0:
+            raise ConstraintError(f"{name}: a stop phrase together with a minimum token count and "
+                                  "a value constraint is not supported")
+        language = language_dfa(plan.language)
+        if fa.is_empty(language) or (plan.max_tokens == 0 and not language.accepting[language.initial]):
+            raise UnsatisfiableConstraint(f"no value of {name} satisfies its constraints")
     return plan
+
+
+def static_plan(spec: HoleSpec) -> HolePlan | None:
+    """The plan of a hole as far as its literal operands decide it before the query runs
+    (None when its constraints read any name: parameters, earlier holes, query variables,
+    which only the run knows)."""
+    scope: dict[str, Any] = {"__builtins__": {}}
+    where = spec.where
+    if spec.annotation is not None:
+        source = spec.annotation.source
+        known, target = (True, {"int": int, "float": float}[source]) if source in ("int", "float") \
+            else spec.annotation.constant()
+        if not known:
+            return None
+        scope[ANNOTATION] = target
+        where = annotated_where(spec, target)
+    try:
+        return lower_hole(spec.name, where, scope)
+    except NameError:
+        return None
+
+
+_checked: "weakref.WeakSet[PromptProgram]" = weakref.WeakSet()
+
+
+def check_satisfiable(program: PromptProgram) -> None:
+    """Compile-time contradictions (`X in ["a"] and X in ["b"]`, impossible token bounds)
+    as `UnsatisfiableConstraint` naming the variable, once per compiled program."""
+    if program not in _checked:
+        for spec in program.holes:
+            static_plan(spec)
+        _checked.add(program)
+
+
+ANNOTATION = "__lmq_annotation__"
+
+
+def annotated_where(spec: HoleSpec, target: Any) -> Constraint:
+    """The hole's where clause and its annotation's constraint: `[X: int]` is INT(X),
+    `[X: float]` FLOAT(X), `[X: r"…"]` REGEX(X, …), any other type JSON(X, type) (the
+    annotation's value is bound to `ANNOTATION` in the scope)."""
+    name = spec.name
+    if target is int:
+        typed = TypeConstraint(f"INT({name})", name, "INT", None)
+    elif target is float:
+        typed = TypeConstraint(f"FLOAT({name})", name, "FLOAT", None)
+    else:
+        kind = "REGEX" if isinstance(target, str) else "JSON"
+        typed = TypeConstraint(f"{kind}({name}, {spec.annotation.source})", name, kind,
+                               Operand.of(ANNOTATION))
+    if spec.where is None:
+        return typed
+    return Junction(f"{spec.where.source} and {typed.source}", "and", (spec.where, typed))
 
 
 def _build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
     if plan.grammar is not None:
-        if plan.language is not None or plan.stops:
-            raise ConstraintError(f"{plan.name}: a GRAMMAR/JSON constraint cannot be combined with "
-                                  "other value constraints or stop phrases on the same hole "
-                                  "(express them in the grammar)")
         plan.automaton = GrammarTokenAutomaton(_grammar_of(plan.grammar, plan.name), vocabulary,
                                                variable=plan.name)
         return
     if plan.language is None:
         return
-    if plan.stops and plan.min_tokens > 0:
-        raise ConstraintError(f"{plan.name}: a stop phrase together with a minimum token count "
-                              "and a value constraint is not supported")
-    language = language_dfa(plan.language)
-    if fa.is_empty(language) or (plan.max_tokens == 0 and not language.accepting[language.initial]):
-        raise UnsatisfiableConstraint(f"no value of {plan.name} satisfies its constraints")
     stops = tuple((rule.phrase, rule.keep) for rule in plan.stops)
     plan.automaton = _dfa_automaton(plan.language, stops, vocabulary)
 

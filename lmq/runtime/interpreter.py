@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 from lmq.backends.base import Backend
 from lmq.compiler.codegen import HoleSpec, PromptProgram
-from lmq.compiler.constraints import Constraint, Junction, Operand, TypeConstraint
+from lmq.compiler.constraints import Constraint, Operand
 from lmq.errors import ConstraintViolation, ContextLimitError
 from lmq.runtime.decoders import Decoder, HoleOutput
 from lmq.runtime.decorators import DecoratorContext, HoleDecorators
-from lmq.runtime.hole import HolePlan, language_holds, plan_hole, stops_hold
+from lmq.runtime.hole import (ANNOTATION, HolePlan, annotated_where, language_holds, plan_hole,
+                              stops_hold)
 from lmq.runtime.prompt import PromptState
 from lmq.runtime.result import LMQResult
 from lmq.runtime.scheduler import Lane, scheduler_for
@@ -178,22 +179,6 @@ class QueryContext:
         prompt.truncate(mark)
         self.session.write(str(returned))
         return returned
-
-
-_ANNOTATION = "__lmq_annotation__"
-
-
-def _annotation_constraint(spec: HoleSpec, target: Any) -> Constraint:
-    """`[X: int]` is INT(X), `[X: float]` FLOAT(X), `[X: r"…"]` REGEX(X, …), any other
-    type JSON(X, type)."""
-    name = spec.name
-    if target is int:
-        return TypeConstraint(f"INT({name})", name, "INT", None)
-    if target is float:
-        return TypeConstraint(f"FLOAT({name})", name, "FLOAT", None)
-    kind = "REGEX" if isinstance(target, str) else "JSON"
-    return TypeConstraint(f"{kind}({name}, {spec.annotation.source})", name, kind,
-                          Operand.of(_ANNOTATION))
 
 
 def _check(spec: HoleSpec, plan: HolePlan, output: HoleOutput, value: str) -> None:
