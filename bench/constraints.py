@@ -87,12 +87,13 @@ SMOKE_SCHEMA = {"type": "object",
 @dataclass(frozen=True)
 class Case:
     """One constraint on hole `{var}`: its prompt, its where clause (`{n}`: the token
-    budget), the same constraint for llama-cpp-python, and the check of a value."""
+    budget) and how llama-cpp-python's reference expresses it: the GBNF lmq exports for
+    the constraint (`HolePlan.gbnf`) as a `LlamaGrammar`, or stop phrases."""
 
     name: str
     prompt: str
     where: str
-    gbnf: str | None                       # LlamaGrammar of the reference (None: unconstrained)
+    grammar: bool = True                   # the reference runs lmq's GBNF of the constraint
     stops: tuple[str, ...] = ()            # stop phrases of the reference
     has_mask: bool = True                  # the hole has a token automaton
 
@@ -109,28 +110,16 @@ def _prompt_literal(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _gbnf_string(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def make_cases(options: list[str], schema: dict) -> list[Case]:
-    """The benchmarked constraints, in the order they are run and printed."""
-    from lmq.compiler.json_schema import schema_to_gbnf
-
-    return [
-        Case("regex", STORY_PROMPT, 'REGEX({var}, r"[a-z ]+") and len(TOKENS({var})) == {n}',
-             "root ::= [a-z ]+"),
-        Case("in", "Write one sentence about the sea.\n", "{var} in OPTIONS",
-             "root ::= " + " | ".join(_gbnf_string(o) for o in options)),
-        Case("int", "Write a very large number.\n", "INT({var}) and len(TOKENS({var})) == {n}",
-             'root ::= " "? "-"? ("0" | [1-9] [0-9]*)'),
-        Case("stops_at", STORY_PROMPT,
-             f'STOPS_AT({{var}}, "{STOP_PHRASE}") and len(TOKENS({{var}})) <= {{n}}', None,
-             stops=(STOP_PHRASE,), has_mask=False),
-        Case("json", "Describe a fictional person as a JSON object with name, age, city, "
-                     "occupation and hobbies.\n", "JSON({var}, SCHEMA)", schema_to_gbnf(schema)),
-        Case("none", STORY_PROMPT, "len(TOKENS({var})) == {n}", None, has_mask=False),
-    ]
+CASES = (
+    Case("regex", STORY_PROMPT, 'REGEX({var}, r"[a-z ]+") and len(TOKENS({var})) == {n}'),
+    Case("in", "Write one sentence about the sea.\n", "{var} in OPTIONS"),
+    Case("int", "Write a very large number.\n", "INT({var}) and len(TOKENS({var})) == {n}"),
+    Case("stops_at", STORY_PROMPT, f'STOPS_AT({{var}}, "{STOP_PHRASE}") and len(TOKENS({{var}})) <= {{n}}',
+         grammar=False, stops=(STOP_PHRASE,), has_mask=False),
+    Case("json", "Describe a fictional person as a JSON object with name, age, city, occupation "
+                 "and hobbies.\n", "JSON({var}, SCHEMA)"),
+    Case("none", STORY_PROMPT, "len(TOKENS({var})) == {n}", grammar=False, has_mask=False),
+)
 
 
 def sentence_options(slots: tuple[tuple[str, ...], ...]) -> list[str]:
@@ -235,7 +224,9 @@ def throughput(model: lmq.Model, reference: llama_cpp.Llama, raw: RawLoop, cases
     for case in cases:
         progress(f"throughput {case.name}")
         query = case.query(n)
-        grammar = llama_cpp.LlamaGrammar.from_string(case.gbnf, verbose=False) if case.gbnf else None
+        gbnf = (plan_hole("X", _where(case.clause("X", n)), scope, backend.vocabulary).gbnf()
+                if case.grammar else None)
+        grammar = llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False) if gbnf else None
 
         def run_lmq() -> tuple[Any, float, float, int]:
             evaluated = backend.evaluated_tokens
@@ -273,7 +264,7 @@ def throughput(model: lmq.Model, reference: llama_cpp.Llama, raw: RawLoop, cases
         raw_s = median(runs["raw_s"])
         reference_speed = median([t / s for t, s in zip(runs["reference_tokens"], runs["reference_s"])])
         results[case.name] = {
-            "query": query, "tokens": count, "value": value, "lmq_evaluated_tokens": evaluated,
+            "query": query, "reference_gbnf": gbnf, "tokens": count, "value": value, "lmq_evaluated_tokens": evaluated,
             "problem": value_problem(case, value, tokens, n, options, schema),
             **runs,
             # throughput ratio = time ratio for the same tokens (JSON: the time ratio)
@@ -486,7 +477,7 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
     options = sentence_options(SMOKE_SLOTS if smoke else SENTENCE_SLOTS)
     schema = SMOKE_SCHEMA if smoke else SCHEMA
     scope = {"OPTIONS": options, "SCHEMA": schema}
-    cases = make_cases(options, schema)
+    cases = list(CASES)
     path = resolve_model(arguments.model)
     vocab_path = str(arguments.mask_vocab)
     started = time.perf_counter()
