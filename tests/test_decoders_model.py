@@ -1,0 +1,91 @@
+"""Branching decoders on SmolLM2 through llama.cpp: beam scores against `score`, seeds,
+argmax(n), constraints on every branch, generate.
+
+Scores recomputed by `score` agree with the decoders' to float rounding of llama.cpp's
+kernels: a KV cache computed in batches of another size gives logits that differ in the
+last digits, so comparisons allow a few hundredths of a nat per token, and "same seed, same
+samples" is checked on fresh models (the same cache history)."""
+
+import pytest
+from conftest import PinnedModel
+
+import lmq
+from lmq.backends import default_model_path
+from lmq.backends.llama_cpp import LlamaCppBackend
+
+pytestmark = pytest.mark.model
+
+PROMPT = "Q: Name a fruit.\nA:"
+
+
+def tolerance(tokens: int) -> float:
+    return 0.02 + 0.02 * tokens
+
+
+def test_beam_scores_are_sorted_and_equal_the_model_log_probabilities():
+    model = lmq.model()
+    results = lmq.run_sync(r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) < 5', model=model,
+                           decoder="beam(n=3)")
+    assert 1 <= len(results) <= 3
+    scores = [r.logprob for r in results]
+    assert scores == sorted(scores, reverse=True)
+    full = [r for r in results if len(r.tokens["X"]) == 4]       # not ended by an end token
+    assert full
+    rescored = model.score_sync(PROMPT, [r.tokens["X"] for r in full]).logprobs()
+    for result, expected in zip(full, rescored):
+        assert result.logprob == pytest.approx(expected, abs=tolerance(4))
+
+
+def test_beam_scores_the_text_between_holes():
+    model = lmq.model()
+    query = (r'"Q: Name a fruit.\nA:[X]\nQ: And a colour?\nA:[Y]" '
+             'where len(TOKENS(X)) < 4 and len(TOKENS(Y)) < 3')
+    results = lmq.run_sync(query, model=model, decoder="beam(n=2)")
+    between = model.backend().tokenize("\nQ: And a colour?\nA:")
+    full = [r for r in results if len(r.tokens["X"]) == 3 and len(r.tokens["Y"]) == 2]
+    assert full
+    for result in full:                   # no end token chosen, so no end-token score to add
+        continuation = result.tokens["X"] + between + result.tokens["Y"]
+        expected = model.score_sync(PROMPT, [continuation]).logprobs()[0]
+        assert result.logprob == pytest.approx(expected, abs=tolerance(len(continuation)))
+    assert results[0].logprob >= results[-1].logprob
+
+
+def test_sample_same_seed_same_results_and_constraints_on_every_branch():
+    query = r'"Q: Name a fruit.\nA:[X]" where STOPS_AT(X, ".") and len(TOKENS(X)) < 8'
+
+    def run(seed):      # a fresh model each time: the same cache history, the same logits
+        backend = LlamaCppBackend(default_model_path(), n_ctx=512)
+        try:
+            return lmq.run_sync(query, model=PinnedModel(backend),
+                                decoder=f"sample(n=4, seed={seed}, temperature=1.2)")
+        finally:
+            backend.close()
+
+    first, again = run(11), run(11)
+    assert [r.variables for r in first] == [r.variables for r in again]
+    assert len(first) == 4
+    for result in first:
+        value = result.variables["X"]
+        assert len(result.tokens["X"]) <= 7
+        assert "." not in value[:-1]
+        assert result.prompt == PROMPT + value
+
+
+def test_argmax_n_repeats_the_greedy_result():
+    query = r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) < 6'
+    single = lmq.run_sync(query)
+    results = lmq.run_sync(query, decoder="argmax(n=3)")
+    assert [r.variables["X"] for r in results] == [single.variables["X"]] * 3
+
+
+def test_generate_continues_the_prompt_under_any_decoder():
+    model = lmq.model()
+    greedy = model.generate_sync(PROMPT, max_tokens=5)
+    query_value = lmq.run_sync(r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) <= 5').variables["X"]
+    assert greedy == query_value
+    samples = model.generate_sync(PROMPT, max_tokens=4, decoder="sample", n=3, seed=2)
+    assert isinstance(samples, list) and len(samples) == 3
+    assert all(len(model.backend().tokenize(s)) <= 6 for s in samples)
+    with pytest.raises(lmq.QueryArgumentError, match="max_tokens"):
+        model.generate_sync(PROMPT, max_tokens=-1)
