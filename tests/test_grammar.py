@@ -15,7 +15,7 @@ import pytest
 from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.compiler.gbnf import parse_gbnf
-from lmq.compiler.lexemes import choose_lexemes
+from lmq.compiler.llguidance_lark import choose_lexemes
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 from lmq.runtime.grammar import GrammarTokenAutomaton
 

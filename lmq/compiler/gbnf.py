@@ -1,19 +1,12 @@
 """GBNF, llama.cpp's grammar dialect: a parser that checks a grammar the way llama.cpp
-does (and names what is wrong), and its translation to llguidance's Lark dialect.
-
-The translation keeps llama.cpp's semantics exactly. GBNF is matched character by
-character with full backtracking over every derivation; llguidance lexes greedily (a
-terminal takes the longest match), so `x ::= [a]*` followed by `"a"` would lose strings
-if `x` became a terminal. Every lexeme of the translation is therefore exactly one
-character (one code point), and all structure, repetition included, stays in the
-Earley rules, where llguidance explores every derivation.
-"""
+does and names what is wrong, into a tree of rules (`Grammar`). The translation for
+llguidance is `lmq.compiler.llguidance_lark`."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Union
+from typing import Iterator, Union
 
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 
@@ -69,32 +62,6 @@ class Grammar:
 
     text: str
     rules: dict[str, Node]
-
-    @functools.cached_property
-    def lark(self) -> str:
-        """The grammar in llguidance's Lark dialect: the rules `choose_lexemes` picks
-        become terminals (lexed greedily, which is exact for them), every other
-        character is a lexeme of its own. Rules used inside a lexeme are written once
-        more as helper terminals (`H…`), which no rule references."""
-        from lmq.compiler.lexemes import choose_lexemes
-
-        lexemes = choose_lexemes(self.rules)
-        rules, helpers = _reachable(self.rules, lexemes)
-        index = {name: f"{i}_{name.replace('-', '_')}" for i, name in enumerate(self.rules)}
-
-        def helper(name: str) -> str:
-            return f"H{index[name].upper()}"
-
-        def reference(name: str) -> str:
-            return f"T{index[name].upper()}" if name in lexemes else f"r{index[name].lower()}"
-
-        lines = [f"start: {reference('root')}"]
-        for name in rules:
-            inner = helper if name in lexemes else reference
-            lines.append(f"{reference(name)}: {_lark(self.rules[name], inner, top=True)}")
-        for name in helpers:
-            lines.append(f"{helper(name)}: {_lark(self.rules[name], helper, top=True)}")
-        return "\n".join(lines) + "\n"
 
 
 def parse_gbnf(text: str, *, owner: str = "GRAMMAR") -> Grammar:
@@ -338,6 +305,24 @@ def _is_word_char(c: str) -> bool:
     return c != "" and c.isascii() and (c.isalnum() or c == "-")
 
 
+def nodes_of(node: Node) -> Iterator[Node]:
+    """`node` and every node inside it, depth first."""
+    yield node
+    if isinstance(node, Repeat):
+        yield from nodes_of(node.item)
+    elif isinstance(node, Sequence):
+        for item in node.items:
+            yield from nodes_of(item)
+    elif isinstance(node, Choice):
+        for item in node.alternatives:
+            yield from nodes_of(item)
+
+
+def nullable_rules(rules: dict[str, Node]) -> dict[str, bool]:
+    """Which rules derive the empty string."""
+    return _fixpoint(rules, _nullable)
+
+
 def _nullable(node: Node, nullable: dict[str, bool]) -> bool:
     if isinstance(node, Literal):
         return node.text == ""
@@ -382,7 +367,7 @@ def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
     """llama.cpp refuses a rule that can reach itself before consuming a character;
     lmq also refuses an unbounded repetition of something that may be empty, which
     llama.cpp's check misses."""
-    nullable = _fixpoint(rules, _nullable)
+    nullable = nullable_rules(rules)
 
     def leftmost(node: Node) -> set[str]:
         if isinstance(node, RuleRef):
@@ -414,67 +399,3 @@ def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
             if name not in seen:
                 seen.add(name)
                 stack.extend(edges[name])
-
-
-def _reachable(rules: dict[str, Node], lexemes: set[str]) -> tuple[list[str], list[str]]:
-    """The rules reachable from root without entering a lexeme (lexemes included), and
-    the rules used inside lexemes, each in order of definition."""
-    from lmq.compiler.lexemes import _walk
-
-    def references(name: str) -> list[str]:
-        return [n.name for n in _walk(rules[name]) if isinstance(n, RuleRef)]
-
-    outer, inner = set(), set()
-    stack = ["root"]
-    while stack:
-        name = stack.pop()
-        if name not in outer:
-            outer.add(name)
-            if name in lexemes:
-                pending = references(name)
-                while pending:
-                    sub = pending.pop()
-                    if sub not in inner:
-                        inner.add(sub)
-                        pending.extend(references(sub))
-            else:
-                stack.extend(references(name))
-    return [n for n in rules if n in outer], [n for n in rules if n in inner]
-
-
-def _lark(node: Node, reference, top: bool = False) -> str:
-    """Lark text of `node`; `reference(name)` renders a rule reference."""
-    if isinstance(node, Literal):
-        if not node.text:
-            return '""'
-        text = " ".join(_lark_char(ord(c)) for c in node.text)
-        return text if len(node.text) == 1 or top else f"({text})"
-    if isinstance(node, CharClass):
-        body = "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in node.ranges)
-        return f"/[{'^' if node.negated else ''}{body}]/"
-    if isinstance(node, AnyChar):
-        return "/(?s:.)/"
-    if isinstance(node, RuleRef):
-        return reference(node.name)
-    if isinstance(node, Repeat):
-        if node.high == 0:
-            return '""'
-        inner = _lark(node.item, reference)
-        suffix = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((node.low, node.high))
-        if suffix is None:
-            suffix = f"{{{node.low},{'' if node.high is None else node.high}}}"
-        return inner + suffix
-    if isinstance(node, Sequence):
-        if not node.items:
-            return '""'
-        text = " ".join(_lark(item, reference) for item in node.items)
-        return text if top else f"({text})"
-    text = " | ".join(_lark(item, reference, top=True) for item in node.alternatives)
-    return text if top else f"({text})"
-
-
-def _lark_char(code: int) -> str:
-    c = chr(code)
-    if 0x20 <= code < 0x7F and c not in '"\\/':
-        return f'"{c}"'
-    return f"/\\x{{{code:x}}}/"

@@ -7,7 +7,7 @@ llguidance computes each one by walking its token trie in Rust. Two llguidance
 defaults are turned off because they break lmq's promises: byte forcing (with it, the
 mask of a state with forced text allows only the canonical tokenization of that text;
 lmq allows every tokenization and fast-forwards forced text itself, from `forced`), and
-greedy multi-character lexemes (see `lmq.compiler.gbnf`).
+greedy lexing where it could lose strings (see `lmq.compiler.llguidance_lark`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from lmq.backends.base import Vocabulary
 from lmq.compiler.gbnf import Grammar
+from lmq.compiler.llguidance_lark import to_lark
 from lmq.errors import ConstraintError, ConstraintViolation, UnsatisfiableConstraint
 from lmq.runtime.token_masks import TokenMask
 
@@ -131,7 +132,7 @@ def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -
         if matcher is not None:
             _compiled.move_to_end(key)
             return matcher
-    lark = _LARK_HEADER + grammar.lark
+    lark = _LARK_HEADER + to_lark(grammar)
     matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
     if matcher.is_error():
         raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")

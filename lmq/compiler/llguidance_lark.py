@@ -1,4 +1,5 @@
-"""Which GBNF rules llguidance may read as single lexemes without changing the language.
+"""A checked GBNF grammar in llguidance's Lark dialect (`to_lark`), with exactly
+llama.cpp's semantics, and which rules it may read as single lexemes (`choose_lexemes`).
 
 llguidance lexes greedily: once a lexeme has matched, it keeps extending it while it can,
 and never backtracks into a shorter match. GBNF has no lexer; a string belongs to the
@@ -23,7 +24,7 @@ from typing import Iterable
 
 from lmq.compiler import gbnf as g
 
-MAX_CODE_POINT = 0x10FFFF
+MAX_CODE_POINT = g.MAX_CODE_POINT
 #: candidates larger than this many NFA states stay split (the check is quadratic)
 MAX_LEXEME_STATES = 3000
 #: pairs explored by one check before giving up on promotion
@@ -55,6 +56,30 @@ def choose_lexemes(rules: dict[str, g.Node]) -> set[str]:
             demoted.add(conflict)
 
 
+def to_lark(grammar: g.Grammar) -> str:
+    """The grammar in llguidance's Lark dialect: the rules `choose_lexemes` picks
+    become terminals (lexed greedily, which is exact for them), every other
+    character is a lexeme of its own. Rules used inside a lexeme are written once
+    more as helper terminals (`H…`), which no rule references."""
+    lexemes = choose_lexemes(grammar.rules)
+    rules, helpers = _reachable(grammar.rules, lexemes)
+    index = {name: f"{i}_{name.replace('-', '_')}" for i, name in enumerate(grammar.rules)}
+
+    def helper(name: str) -> str:
+        return f"H{index[name].upper()}"
+
+    def reference(name: str) -> str:
+        return f"T{index[name].upper()}" if name in lexemes else f"r{index[name].lower()}"
+
+    lines = [f"start: {reference('root')}"]
+    for name in rules:
+        inner = helper if name in lexemes else reference
+        lines.append(f"{reference(name)}: {_lark(grammar.rules[name], inner, top=True)}")
+    for name in helpers:
+        lines.append(f"{helper(name)}: {_lark(grammar.rules[name], helper, top=True)}")
+    return "\n".join(lines) + "\n"
+
+
 def _character_rules(rules: dict[str, g.Node]) -> set[str]:
     """Rules that reference, transitively, no recursive rule and may not be empty."""
     def references(node: g.Node) -> Iterable[str]:
@@ -75,7 +100,7 @@ def _character_rules(rules: dict[str, g.Node]) -> set[str]:
             if name not in closed and refs[name] <= closed:
                 closed.add(name)
                 changed = True
-    nullable = g._fixpoint(rules, g._nullable)
+    nullable = g.nullable_rules(rules)
     return {name for name in closed if not nullable[name]}
 
 
@@ -94,7 +119,7 @@ def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], 
         if name in candidates:
             lexemes.add(name)
             continue
-        for node in _walk(rules[name]):
+        for node in g.nodes_of(rules[name]):
             if isinstance(node, g.RuleRef):
                 stack.append(node.name)
             elif isinstance(node, g.Literal):
@@ -102,18 +127,6 @@ def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], 
             elif isinstance(node, (g.CharClass, g.AnyChar)):
                 chars.extend(_ranges(node))
     return lexemes, _normalize(chars)
-
-
-def _walk(node: g.Node) -> Iterable[g.Node]:
-    yield node
-    if isinstance(node, g.Repeat):
-        yield from _walk(node.item)
-    elif isinstance(node, g.Sequence):
-        for item in node.items:
-            yield from _walk(item)
-    elif isinstance(node, g.Choice):
-        for item in node.alternatives:
-            yield from _walk(item)
 
 
 def _normalize(ranges: Iterable[tuple[int, int]]) -> Ranges:
@@ -280,3 +293,65 @@ class _Nfa:
                 return owner[b]
             step(left, right)
         return None
+
+
+def _reachable(rules: dict[str, g.Node], lexemes: set[str]) -> tuple[list[str], list[str]]:
+    """The rules reachable from root without entering a lexeme (lexemes included), and
+    the rules used inside lexemes, each in order of definition."""
+    def references(name: str) -> list[str]:
+        return [n.name for n in g.nodes_of(rules[name]) if isinstance(n, g.RuleRef)]
+
+    outer, inner = set(), set()
+    stack = ["root"]
+    while stack:
+        name = stack.pop()
+        if name not in outer:
+            outer.add(name)
+            if name in lexemes:
+                pending = references(name)
+                while pending:
+                    sub = pending.pop()
+                    if sub not in inner:
+                        inner.add(sub)
+                        pending.extend(references(sub))
+            else:
+                stack.extend(references(name))
+    return [n for n in rules if n in outer], [n for n in rules if n in inner]
+
+
+def _lark(node: g.Node, reference, top: bool = False) -> str:
+    """Lark text of `node`; `reference(name)` renders a rule reference."""
+    if isinstance(node, g.Literal):
+        if not node.text:
+            return '""'
+        text = " ".join(_lark_char(ord(c)) for c in node.text)
+        return text if len(node.text) == 1 or top else f"({text})"
+    if isinstance(node, g.CharClass):
+        body = "".join(f"\\x{{{a:x}}}" if a == b else f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in node.ranges)
+        return f"/[{'^' if node.negated else ''}{body}]/"
+    if isinstance(node, g.AnyChar):
+        return "/(?s:.)/"
+    if isinstance(node, g.RuleRef):
+        return reference(node.name)
+    if isinstance(node, g.Repeat):
+        if node.high == 0:
+            return '""'
+        inner = _lark(node.item, reference)
+        suffix = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((node.low, node.high))
+        if suffix is None:
+            suffix = f"{{{node.low},{'' if node.high is None else node.high}}}"
+        return inner + suffix
+    if isinstance(node, g.Sequence):
+        if not node.items:
+            return '""'
+        text = " ".join(_lark(item, reference) for item in node.items)
+        return text if top else f"({text})"
+    text = " | ".join(_lark(item, reference, top=True) for item in node.alternatives)
+    return text if top else f"({text})"
+
+
+def _lark_char(code: int) -> str:
+    c = chr(code)
+    if 0x20 <= code < 0x7F and c not in '"\\/':
+        return f'"{c}"'
+    return f"/\\x{{{code:x}}}/"
