@@ -53,10 +53,16 @@ def language_dfa(key: LanguageKey) -> ByteDfa:
 
 
 @functools.lru_cache(maxsize=1024)
-def stopped_dfa(key: LanguageKey | None, stops: tuple[tuple[bytes, bool], ...]) -> ByteDfa:
+def value_dfa(key: LanguageKey) -> ByteDfa:
+    """The values of a hole under `key`: its language, in well-formed UTF-8 only (a value
+    is text; a complement or a length bound alone would also admit broken byte strings)."""
+    return fa.intersect(language_dfa(key), fa.valid_utf8())
+
+
+@functools.lru_cache(maxsize=1024)
+def stopped_dfa(key: LanguageKey, stops: tuple[tuple[bytes, bool], ...]) -> ByteDfa:
     """The language of generated streams: `key`'s values, ended by the first stop phrase."""
-    base = language_dfa(key) if key is not None else fa.any_bytes()
-    return fa.with_stops(base, list(stops)) if stops else base
+    return fa.with_stops(value_dfa(key), list(stops)) if stops else value_dfa(key)
 
 
 def conjunction(keys: list[LanguageKey]) -> LanguageKey | None:

@@ -26,7 +26,7 @@ from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation,
                                       ValueComparison, conjuncts)
 from lmq.compiler.gbnf_export import dfa_to_gbnf
 from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, key_from_json,
-                                    key_to_json, language_dfa, stopped_dfa)
+                                    key_to_json, stopped_dfa, value_dfa)
 from lmq.compiler.gbnf import Grammar, parse_gbnf
 from lmq.compiler.json_schema import json_constraint
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
@@ -87,7 +87,7 @@ class HolePlan:
         if self.language is None and not self.stops:
             return None
         stops = [(rule.phrase, rule.keep) for rule in self.stops]
-        base = language_dfa(self.language) if self.language is not None else fa.any_bytes()
+        base = value_dfa(self.language) if self.language is not None else fa.valid_utf8()
         return dfa_to_gbnf(fa.stop_values(base, stops) if stops else base)
 
     def to_program(self) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def lower_hole(name: str, constraint: Constraint | None, scope: dict[str, Any]) 
         if plan.stops and plan.min_tokens > 0:
             raise ConstraintError(f"{name}: a stop phrase together with a minimum token count and "
                                   "a value constraint is not supported")
-        language = language_dfa(plan.language)
+        language = value_dfa(plan.language)
         if fa.is_empty(language) or (plan.max_tokens == 0 and not language.accepting[language.initial]):
             raise UnsatisfiableConstraint(f"no value of {name} satisfies its constraints")
     return plan

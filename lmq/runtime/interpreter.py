@@ -157,10 +157,8 @@ class QueryContext:
         target, args, kwargs = _call_parts(spec.annotation, scope)
         if getattr(target, "is_lmq_query", False):
             return await self._nested(target, args, kwargs)
-        typed = _annotation_constraint(spec, target)
-        where = typed if spec.where is None else Junction(f"{spec.where.source} and {typed.source}",
-                                                          "and", (spec.where, typed))
-        return await self._generate(spec, where, {**scope, _ANNOTATION: target}, decorators, context)
+        return await self._generate(spec, annotated_where(spec, target), {**scope, ANNOTATION: target},
+                                    decorators, context)
 
     async def _nested(self, query, args: tuple, kwargs: dict) -> Any:
         """Run a query function on this prompt; a returned value replaces its text."""

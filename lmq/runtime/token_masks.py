@@ -183,6 +183,7 @@ class DfaTokenAutomaton:
         self._masks: dict[int, TokenMask] = {}
         self._dense_states: deque[int] = deque()    # cached dense masks, oldest first
         self._next: dict[tuple[int, int], int] = {}
+        self._final: dict[int, TokenMask] = {}
         self._forced: dict[int, bytes] = {}
         self._open_table: np.ndarray | None = None
         self._open_words: dict[int, tuple[int, int]] = {}
@@ -204,6 +205,20 @@ class DfaTokenAutomaton:
 
     def is_exit(self, state: int) -> bool:
         return self._exits[state]
+
+    def fork(self, state: int) -> int:
+        return state                    # states are plain ints: nothing to copy
+
+    def final_mask(self, state: int) -> TokenMask:
+        """The tokens after which the value is complete (an accepting or exit state): the
+        mask of the last token a budget allows. Computed from the state's mask once."""
+        final = self._final.get(state)
+        if final is None:
+            allowed = self.mask(state).allowed
+            ends = [t for t in allowed.tolist()
+                    if self._accepting[self.advance(state, t)] or self._exits[self.advance(state, t)]]
+            final = self._final[state] = TokenMask.of(np.array(ends, dtype=np.int32), self.index.size)
+        return final
 
     def mask(self, state: int) -> TokenMask:
         mask = self._masks.get(state)

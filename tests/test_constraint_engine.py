@@ -1,0 +1,214 @@
+"""The constraint engine end to end: random combinations of every regular constraint on the
+random backend over the five shared vocabularies (soundness, checked by an independent
+Python reading of the where clause), typed holes, fast-forward, unsatisfiable constraints,
+the soundness net, and `lmq compile --gbnf`."""
+
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lmq
+from lmq.backends.base import Sequence
+from lmq.compiler.languages import TYPE_PATTERNS
+
+VOCABULARIES = sorted((Path(__file__).resolve().parents[2] / "shared" / "vocab").glob("*.gguf"))
+COMBINATIONS_PER_VOCABULARY = 400
+
+OPTIONS = ["a", " a", "ab", " yes", " no", "é", " café", "日本", "12", "-3", "x y", ""]
+SUBSTRINGS = ["a", "e", " ", "ab", "é", "1"]
+PATTERNS = [r"[a-z]+", r"[0-9]{1,3}", r"(ab|c)*d?", r"[^a-z]{2,4}", r".{0,3}", r"é+|x",
+            r"\d+", r"\w{1,3}", r" ?[A-Z][a-z]*", r"(yes|no)\.?"]
+COMPARISONS = ["<", "<=", "==", "!=", ">", ">="]
+
+
+def _atom(rng: random.Random) -> str:
+    kind = rng.randrange(9)
+    if kind == 0:
+        return f"X in {rng.sample(OPTIONS, rng.randint(1, 4))!r}"
+    if kind == 1:
+        return f"X not in {rng.sample(OPTIONS, rng.randint(1, 3))!r}"
+    if kind == 2:
+        return f"X {rng.choice(['==', '!='])} {rng.choice(OPTIONS)!r}"
+    if kind == 3:
+        return f"{rng.choice(SUBSTRINGS)!r} {rng.choice(['in', 'not in'])} X"
+    if kind == 4:
+        return f"len(X) {rng.choice(COMPARISONS)} {rng.randint(0, 6)}"
+    if kind == 5:
+        return f"{rng.choice(['INT', 'FLOAT'])}(X)"
+    return f"REGEX(X, r{rng.choice(PATTERNS)!r})"
+
+
+def _formula(rng: random.Random, depth: int = 0) -> str:
+    roll = rng.random()
+    if depth < 2 and roll < 0.25:
+        return f"({_formula(rng, depth + 1)} {rng.choice(['and', 'or'])} {_formula(rng, depth + 1)})"
+    if depth < 2 and roll < 0.35:
+        return f"not ({_formula(rng, depth + 1)})"
+    return _atom(rng)
+
+
+def random_clause(rng: random.Random) -> str:
+    clause = f"{_formula(rng)} and len(TOKENS(X)) < {rng.randint(6, 16)}"
+    if rng.random() < 0.3:
+        clause += f" and {rng.choice(['STOPS_AT', 'STOPS_BEFORE'])}(X, {rng.choice(SUBSTRINGS)!r})"
+    return clause
+
+
+def python_verdict(clause: str, value: str, tokens: list[int]) -> bool:
+    """The clause as Python reads it, on the final value: the reference lmq must agree with."""
+    def stops(_value, phrase, keep):
+        position = value.find(phrase)
+        return position < 0 or (keep and position + len(phrase) == len(value))
+
+    names = {"X": value, "TOKENS": lambda _: tokens,
+             "INT": lambda v: re.fullmatch(TYPE_PATTERNS["INT"], v) is not None,
+             "FLOAT": lambda v: re.fullmatch(TYPE_PATTERNS["FLOAT"], v) is not None,
+             "REGEX": lambda v, p: re.fullmatch(p, v) is not None,
+             "STOPS_AT": lambda v, p: stops(v, p, True),
+             "STOPS_BEFORE": lambda v, p: stops(v, p, False)}
+    return bool(eval(clause, {"__builtins__": {"len": len}}, names))
+
+
+@pytest.mark.parametrize("vocab", VOCABULARIES, ids=lambda p: p.stem)
+def test_random_constraint_combinations_are_sound(vocab):
+    rng = random.Random(f"lmq-{vocab.stem}")
+    produced = unsatisfiable = 0
+    for i in range(COMBINATIONS_PER_VOCABULARY):
+        clause = random_clause(rng)
+        model = lmq.model("random", vocab=str(vocab), seed=i, end_probability=0.3)
+        try:
+            result = lmq.run_sync(f'"Start:[X]" where {clause}', model=model)
+        except lmq.UnsatisfiableConstraint:
+            unsatisfiable += 1
+            continue
+        value, tokens = result.variables["X"], result.tokens["X"]
+        if isinstance(value, (int, float)):        # INT/FLOAT at the top level convert
+            value = result.prompt[len("Start:"):]
+        assert python_verdict(clause, value, tokens), (clause, value, tokens)
+        produced += 1
+    assert produced > 0.6 * COMBINATIONS_PER_VOCABULARY, (produced, unsatisfiable)
+
+
+def test_options_are_reached_through_every_tokenization(random_model):
+    options = [" apple pie", " apple", " banana"]
+    seen = set()
+    tokenizations = set()
+    for seed in range(60):
+        result = lmq.run_sync('"Pick:[X]" where X in options', options=options,
+                              model=random_model(seed, end_probability=0.5))
+        assert result.variables["X"] in options
+        seen.add(result.variables["X"])
+        tokenizations.add(tuple(result.tokens["X"]))
+    assert seen == set(options)
+    assert len(tokenizations) > len(options)        # not only the canonical tokenization
+
+
+def test_typed_holes_give_typed_values(random_model):
+    for seed in range(20):
+        result = lmq.run_sync('"[N: int] [F: float] [D: r\'[0-9]{2}-[a-z]{3}\']"\n'
+                              'return N, F, D', model=random_model(seed, end_probability=0.5))
+        number, real, date = result
+        assert type(number) is int and type(real) is float
+        assert re.fullmatch(r"[0-9]{2}-[a-z]{3}", date)
+
+
+def test_int_in_the_where_clause_converts_the_value_and_keeps_the_text(random_model):
+    result = lmq.run_sync('"n =[N]" where INT(N) and len(TOKENS(N)) < 5', model=random_model(3))
+    assert type(result.variables["N"]) is int
+    assert result.prompt == "n =" + result.prompt[3:] and int(result.prompt[3:]) == result.variables["N"]
+
+
+class CountingSequence(Sequence):
+    """Wraps a sequence and counts one-token steps and batch evaluations."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.steps, self.batches = inner, 0, []
+
+    def logits(self, tokens):
+        self.batches.append(len(tokens) - len(self.inner.tokens))
+        return self.inner.logits(tokens)
+
+    def advance(self, token):
+        self.steps += 1
+        return self.inner.advance(token)
+
+    def fork(self):
+        return self.inner.fork()
+
+    def release(self):
+        self.inner.release()
+
+
+def test_forced_text_is_fast_forwarded_in_one_batch(pinned_model):
+    backend = lmq.model("random", seed=1).backend()
+    counters = []
+    make = backend.sequence
+
+    def sequence():
+        counters.append(CountingSequence(make()))
+        return counters[-1]
+
+    backend.sequence = sequence
+    option = " the quick brown fox jumps over the lazy dog"
+    result = lmq.run_sync('"Say:[X]" where X in [" the quick brown fox jumps over the lazy dog"]',
+                          model=pinned_model(backend))
+    assert result.variables["X"] == option
+    counter = counters[-1]
+    generated = len(result.tokens["X"])
+    assert generated >= 8
+    assert counter.steps < generated / 2                # most tokens were not decoded one by one
+    assert max(counter.batches) >= generated / 2        # they were evaluated as one batch
+
+
+def test_unsatisfiable_constraints_name_the_variable(random_model):
+    for query in ['"[X]" where X in ["a"] and X in ["b"]',
+                  '"[X]" where INT(X) and REGEX(X, r"[a-z]+")',
+                  '"[X]" where len(TOKENS(X)) < 1 and X == "a"',
+                  '"[X]" where len(X) > 3 and len(X) < 2']:
+        with pytest.raises(lmq.UnsatisfiableConstraint, match=r"\bX\b"):
+            lmq.query(query)                          # at compile time: literal operands
+    with pytest.raises(lmq.UnsatisfiableConstraint, match=r"\bY\b"):
+        lmq.run_sync('"[Y]" where Y in a and Y in b', a=["x"], b=["y"], model=random_model())
+
+
+def test_the_soundness_check_stays_on(random_model, monkeypatch):
+    """An engine that let a wrong value through is caught by the re-check."""
+    from lmq.compiler import automaton
+    from lmq.runtime import hole
+
+    monkeypatch.setattr(hole, "stopped_dfa", lambda key, stops: automaton.any_bytes())
+    hole._automata.clear()
+    with pytest.raises(lmq.ConstraintViolation, match="X"):
+        for seed in range(5):
+            lmq.run_sync('"[X]" where X in [" yes", " no"] and len(TOKENS(X)) < 4',
+                         model=random_model(seed))
+    hole._automata.clear()
+
+
+def test_unsupported_combinations_are_named(random_model):
+    with pytest.raises(lmq.ConstraintError, match=r"len\(TOKENS\(X\)\) < 3"):
+        lmq.run_sync('"[X]" where len(TOKENS(X)) < 3 or INT(X)', model=random_model())
+    with pytest.raises(lmq.ConstraintError, match="several holes"):
+        lmq.run_sync('"[X][Y]" where INT(X) or INT(Y)', model=random_model())
+    with pytest.raises(lmq.ConstraintError, match="unsupported|not supported|lookahead|anchor"):
+        lmq.run_sync('"[X]" where REGEX(X, r"(?=a)a")', model=random_model())
+
+
+def test_compile_gbnf_prints_grammar_budget_and_stops(tmp_path):
+    query = tmp_path / "q.lmq"
+    query.write_text('"A:[ANSWER]" where STOPS_AT(ANSWER, ".") and len(TOKENS(ANSWER)) < 30\n'
+                     '"[N: int] [C]" where C in [" red", " green"]\n'
+                     '"[P]" where P in options\n')
+    done = subprocess.run([sys.executable, "-m", "lmq.cli", "compile", str(query), "--gbnf"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    sections = done.stdout.split("# hole ")[1:]
+    assert len(sections) == 4
+    assert "0 to 29 tokens" in sections[0] and "STOPS_AT '.'" in sections[0]
+    assert "root ::=" in sections[1] and '"green"' in sections[2]
+    assert "run-time values" in sections[3]
