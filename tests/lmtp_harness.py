@@ -20,22 +20,23 @@ READY_TIMEOUT = 120
 class ServerProcess:
     """`lmq serve-model MODEL --port 0 …`; `url` once it says it listens."""
 
-    def __init__(self, model_id: str, *args: str, cwd: str | None = None):
+    def __init__(self, model_id: str, *args: str, cwd: str | None = None, wait: bool = True):
         command = [sys.executable, "-m", "lmq.cli", "serve-model", model_id, "--port", "0", *args]
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, cwd=cwd, env=env)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.url = self._wait_ready()
+        self.url = self.wait_ready() if wait else None
 
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.put(line)
         self.lines.put(None)
 
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + READY_TIMEOUT
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> str:
+        """The server's ws:// URL once it says it listens (the model is loaded)."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 line = self.lines.get(timeout=1)
@@ -44,7 +45,8 @@ class ServerProcess:
             if line is None:
                 break
             if "listening on ws://" in line:
-                return line.strip().rsplit(" ", 1)[-1]
+                self.url = line.strip().rsplit(" ", 1)[-1]
+                return self.url
         self.kill()
         raise RuntimeError(f"server did not start: {self.process.stderr.read()}")
 

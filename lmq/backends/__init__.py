@@ -5,6 +5,7 @@
 | `llama.cpp:PATH.gguf`       | `LmtpBackend`: that model on an LMTP server   |
 |                             | (`endpoint=HOST:PORT`, default localhost:8080) |
 | `lmtp://HOST:PORT/MODEL`    | `LmtpBackend`: any model on an LMTP server    |
+| `local:transformers:DIR`    | `TransformersBackend` (`gguf_file=`, `device=`, `dtype=`) |
 | `random`                    | `RandomBackend` (`vocab=`, `seed=`)           |
 | none                        | `LMQ_MODEL`, else the embedded SmolLM2 model  |
 
@@ -81,6 +82,6 @@ def _create(model_id: str, kwargs: dict) -> Backend:
             raise ModelError(f"model {model_id!r}: expected lmtp://HOST:PORT/MODEL")
         return LmtpBackend(model, endpoint=endpoint, **kwargs)
     if model_id.startswith("local:transformers:"):
-        raise ModelError(f"model {model_id!r}: the transformers backend is not available in "
-                         "this version")
+        from lmq.backends.transformers import TransformersBackend
+        return TransformersBackend(model_id[len("local:transformers:"):], **kwargs)
     raise ModelError(f"unknown model id {model_id!r} (expected local:llama.cpp:PATH.gguf or random)")

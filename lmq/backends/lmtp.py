@@ -60,6 +60,7 @@ class LmtpBackend(GgufBackend):
             raise ModelError(f"the vocabulary of {path} ({self.vocabulary.size} tokens) is not the "
                              f"one of {model} on {self.url} ({info.get('vocab_size')} tokens)")
         self.context_size = int(info["context_size"])
+        self.max_tokens = int(info.get("max_tokens") or self.context_size)   # the server's cap
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client]" = \
             weakref.WeakKeyDictionary()
 
@@ -96,7 +97,8 @@ class LmtpBackend(GgufBackend):
 
         if plan.max_tokens == 0:
             return HoleOutput([], b"", "length", 0.0)
-        request = {"model": self.model, "prompt": list(context), "max_tokens": max_len - len(context),
+        room = max_len - len(context)
+        request = {"model": self.model, "prompt": list(context), "max_tokens": min(room, self.max_tokens),
                    "constraint": _program(plan), **_sampling(decoder)}
         client = await self._client()
         table = self.vocabulary.token_bytes
@@ -104,6 +106,9 @@ class LmtpBackend(GgufBackend):
         shown = 0                      # bytes of the value passed to on_text so far
         async for element in client.stream(request, plan.name):
             if "error" in element:
+                if element.get("error_type") == "ContextLimitError" and room > self.max_tokens:
+                    raise ModelError(f"{plan.name} needs more than the {self.max_tokens} tokens "
+                                     f"the server at {self.url} allows a hole (its --max-tokens)")
                 raise _server_error(self.url, element, tokens, table)
             token = element.get("token")
             hole = element.get("hole")

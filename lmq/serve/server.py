@@ -172,7 +172,8 @@ class Connection:
         worker = await self.server.registry.get(request.model)
         if isinstance(request, ModelInfo):
             self._outbox.put_nowait(("MSG", [{"stream_id": request.stream_id,
-                                              "model_info": model_info(request.model, worker)}]))
+                                              "model_info": model_info(request.model, worker,
+                                                                         self.server.limits)}]))
             return
         if request.stream_id in self.open:
             raise ProtocolError(f"stream {request.stream_id} is already open on this connection")
@@ -213,7 +214,7 @@ def _stream(owner: Connection, request: Generate | Score, worker: ModelWorker) -
     return GenerateStream(owner, request, backend.vocabulary, context)
 
 
-def model_info(model_id: str, worker: ModelWorker) -> dict[str, Any]:
+def model_info(model_id: str, worker: ModelWorker, limits: Limits) -> dict[str, Any]:
     """MODEL_INFO's answer: what a client needs to tokenize and decode for this model."""
     from lmq import __version__
 
@@ -224,7 +225,8 @@ def model_info(model_id: str, worker: ModelWorker) -> dict[str, Any]:
             "eos_token_id": vocabulary.eos_id, "eot_token_id": vocabulary.eot_id,
             "end_token_ids": sorted(vocabulary.end_ids), "add_bos": vocabulary.add_bos,
             "context_size": backend.context_size, "tokenizer_gguf": getattr(backend, "path", None),
-            "backend": backend.describe(), "version": f"lmq {__version__}", **worker.stats()}
+            "backend": backend.describe(), "version": f"lmq {__version__}",
+            "max_tokens": limits.max_tokens, **worker.stats()}
 
 
 def _merge(batch: list[tuple[str, list]]) -> list[tuple[str, list]]:
