@@ -19,7 +19,7 @@ from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.compiler.gbnf import parse_gbnf
 from lmq.compiler.json_schema import json_constraint, type_schema, typed_value
-from lmq.errors import ConstraintError
+from lmq.errors import ConstraintError, UnsatisfiableConstraint
 from lmq.runtime.grammar import GrammarTokenAutomaton
 
 VOCABULARIES = {
@@ -263,6 +263,16 @@ def test_recursive_dataclass_is_refused():
     Node.__annotations__["children"] = list[Node]
     with pytest.raises(ConstraintError, match="Node contains itself"):
         json_constraint(Node)
+
+
+@pytest.mark.parametrize("schema,named", [
+    ({"enum": []}, "an empty enum"),
+    ({"type": "object", "properties": {"a": {"anyOf": []}}}, "an empty anyOf"),
+    ({"type": "array", "items": {"type": "integer"}, "minItems": 3, "maxItems": 1}, "minItems 3 > maxItems 1"),
+])
+def test_contradictory_schemas_are_unsatisfiable(schema, named):
+    with pytest.raises(UnsatisfiableConstraint, match=named):
+        json_constraint(schema, owner="JSON(X)")
 
 
 def test_bad_schemas_are_constraint_errors():

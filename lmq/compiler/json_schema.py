@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from llama_cpp.llama_grammar import SchemaConverter
 
-from lmq.errors import ConstraintError, ConstraintViolation
+from lmq.errors import ConstraintError, ConstraintViolation, UnsatisfiableConstraint
 
 _COMPACT_SPACE = 'space ::= ""'
 _JSON_CHAR = r'char ::= [^"\\\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
@@ -71,7 +71,28 @@ def schema_to_gbnf(schema: dict, *, owner: str = "JSON") -> str:
         text = json.dumps(schema)
     except (TypeError, ValueError) as e:
         raise ConstraintError(f"{owner}: the schema is not JSON: {e}") from None
+    contradiction = _contradiction(schema)
+    if contradiction:
+        raise UnsatisfiableConstraint(f"{owner}: no JSON value satisfies the schema ({contradiction})")
     return _converted(text, owner)
+
+
+def _contradiction(schema: Any) -> str | None:
+    """An empty choice or crossed bounds anywhere in the schema (the converter would
+    silently emit a broken grammar or ignore the maximum)."""
+    if isinstance(schema, list):
+        return next(filter(None, map(_contradiction, schema)), None)
+    if not isinstance(schema, dict):
+        return None
+    for key in ("enum", "anyOf", "oneOf"):
+        if schema.get(key) == []:
+            return f"an empty {key}"
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength"),
+                      ("minProperties", "maxProperties")):
+        if isinstance(schema.get(low), int) and isinstance(schema.get(high), int) \
+                and schema[low] > schema[high]:
+            return f"{low} {schema[low]} > {high} {schema[high]}"
+    return next(filter(None, map(_contradiction, schema.values())), None)
 
 
 @functools.lru_cache(maxsize=256)
