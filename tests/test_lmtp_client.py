@@ -20,6 +20,10 @@ QUERIES = [
     'STOPS_AT(B, "\\n") and len(TOKENS(A)) < 8 and len(TOKENS(B)) < 8',
     'for i in range(2):\n    "Item {i}:[ITEM]\\n" where STOPS_BEFORE(ITEM, "\\n") and len(TOKENS(ITEM)) < 5',
     '"{:user}Name a planet.{:assistant}[P]" where len(TOKENS(P)) < 6',
+    '"A number between 1 and 100:[N]" where INT(N) and len(TOKENS(N)) < 4',
+    '"My favourite colour is[C]" where C in [" red", " green", " dark blue"]',
+    '"Licence plate:[X]" where REGEX(X, "[A-Z]{3}-[0-9]{2}")',
+    '"Tokens:[X]" where len(TOKENS(X)) < 5 and len(TOKENS(X)) != 2 and STOPS_AT(X, " ")',
 ]
 
 

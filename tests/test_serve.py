@@ -126,6 +126,20 @@ def test_score_answers_each_token_log_probability(client, local):
         sequence.release()
 
 
+def test_constraint_program_is_enforced_and_checked(client, local):
+    prompt = prompt_of(local, "Pick a digit:")
+    program = {"grammar": None, "language": ["regex", "[0-9]"], "min_tokens": 0, "max_tokens": 3,
+               "stops": []}
+    elements = client.generate(MODEL, prompt, max_tokens=10, constraint=program)
+    value = b"".join(local.vocabulary.token_bytes[e["token"]] for e in elements
+                     if e["token"] not in local.vocabulary.end_ids)
+    assert value.decode().isdigit() and len(value) == 1
+    assert elements[-1]["hole"]["finish"] in ("end", "stop", "length")
+    bad = {**program, "language": ["eval", "__import__('os')"]}
+    [element] = client.generate(MODEL, prompt, stream_id=2, max_tokens=10, constraint=bad)
+    assert element["error_type"] == "ConstraintError" and "malformed" in element["error"]
+
+
 def test_cancel_ends_the_stream(client, local):
     client.send("GENERATE", {"model": MODEL, "prompt": prompt_of(local, "Once upon a time"),
                              "stream_id": 4, "max_tokens": 200})

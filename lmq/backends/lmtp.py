@@ -99,7 +99,7 @@ class LmtpBackend(GgufBackend):
             return HoleOutput([], b"", "length", 0.0)
         room = max_len - len(context)
         request = {"model": self.model, "prompt": list(context), "max_tokens": min(room, self.max_tokens),
-                   "constraint": _program(plan), **_sampling(decoder)}
+                   "constraint": plan.to_program(), **_sampling(decoder)}
         client = await self._client()
         table = self.vocabulary.token_bytes
         tokens: list[int] = []
@@ -195,16 +195,6 @@ class _Client:
             self.closed = True
             for queue in self._streams.values():
                 queue.put_nowait(_LOST)
-
-
-def _program(plan) -> dict[str, Any]:
-    """The hole's constraint program, as the server's decoder enforces it."""
-    if plan.automaton is not None or plan.excluded_counts:
-        raise errors.ConstraintError(f"{plan.name}: this constraint cannot be sent to an LMTP server "
-                                     "in this version (token counts and stop phrases can)")
-    return {"grammar": None, "min_tokens": plan.min_tokens, "max_tokens": plan.max_tokens,
-            "stops": [{"phrase": rule.phrase.decode("utf-8"), "keep": rule.keep}
-                      for rule in plan.stops]}
 
 
 def _sampling(decoder) -> dict[str, Any]:

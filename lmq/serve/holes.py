@@ -26,8 +26,8 @@ import numpy as np
 from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, LmqError, ModelError
 from lmq.runtime.decoders import DECODERS, Decoder, HoleOutput
-from lmq.runtime.hole import HolePlan, StopRule
-from lmq.serve.protocol import Constraint, Generate, ProtocolError
+from lmq.runtime.hole import plan_from_program
+from lmq.serve.protocol import Generate, ProtocolError
 from lmq.serve.streams import Owner, Stream
 
 _CANCEL = object()
@@ -47,16 +47,6 @@ class _RecordingChoices:
         token, logprob = super()._choose(*args)
         self.choice = (token, logprob)
         return token, logprob
-
-
-def plan_of(constraint: Constraint) -> HolePlan:
-    """The hole plan a constraint program describes."""
-    if constraint.grammar is not None:
-        raise ProtocolError("GENERATE constraint: grammar programs need the constraint engine's "
-                            "program import, which this server does not have yet")
-    stops = tuple(StopRule(phrase.encode("utf-8"), keep) for phrase, keep in constraint.stops)
-    return HolePlan("constraint", min_tokens=constraint.min_tokens,
-                    max_tokens=constraint.max_tokens, stops=stops)
 
 
 def _decoder(request: Generate) -> Decoder:
@@ -80,7 +70,7 @@ class HoleStream(Stream):
                                 "logit_bias or mask")
         super().__init__(owner, request.stream_id, request.prompt,
                          min(request.max_tokens, backend.context_size - len(request.prompt)))
-        self.plan = plan_of(request.constraint)
+        self.program = request.constraint
         self.decoder = _decoder(request)
         self.backend = backend
         self.executor = executor
@@ -117,7 +107,8 @@ class HoleStream(Stream):
     def _decode(self, first_row: np.ndarray) -> None:
         sequence = BatchedSequence(self, first_row)
         try:
-            output = self.decoder.decode_hole(sequence, self.prompt, self.plan, self.backend,
+            plan = plan_from_program(self.program, self.backend.vocabulary)
+            output = self.decoder.decode_hole(sequence, self.prompt, plan, self.backend,
                                               len(self.prompt) + self.new_tokens)
             self._send(self._final(output), last=True)
         except _Cancelled:

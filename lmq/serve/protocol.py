@@ -38,16 +38,6 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class Constraint:
-    """An lmq constraint program: what the server enforces on every token of a stream."""
-
-    grammar: str | None
-    min_tokens: int
-    max_tokens: int | None
-    stops: tuple[tuple[str, bool], ...]       # (phrase, keep)
-
-
-@dataclass(frozen=True)
 class Generate:
     stream_id: int
     model: str
@@ -57,7 +47,7 @@ class Generate:
     logit_bias: dict[int, float] = field(default_factory=dict)
     allow: list[int] | None = None            # `mask: {"allow": …}`
     deny: list[int] | None = None             # `mask: {"deny": …}`
-    constraint: Constraint | None = None
+    constraint: dict[str, Any] | None = None   # an lmq constraint program (`HolePlan.to_program`)
     seed: int | None = None
     sampling: SamplingSettings = SamplingSettings(temperature=0.0)
 
@@ -231,27 +221,25 @@ def _sampling(fields: _Fields) -> SamplingSettings:
         raise fields.fail(str(e)) from None
 
 
-def _constraint(fields: _Fields) -> Constraint | None:
+def _constraint(fields: _Fields) -> dict[str, Any] | None:
+    """The program's shape; its language and grammar are checked when the plan is built."""
     program = fields.payload.get("constraint")
     if program is None:
         return None
     if not isinstance(program, dict):
         raise fields.fail('field "constraint" must be an object')
     inner = _Fields(f"{fields.kind} constraint", program)
-    grammar = program.get("grammar")
-    if grammar is not None and not isinstance(grammar, str):
+    if not isinstance(program.get("grammar"), (str, type(None))):
         raise inner.fail('field "grammar" must be GBNF text or null')
+    inner.int("min_tokens", 0, 0)
+    inner.int("max_tokens", None, 1)
+    inner.ids("excluded_counts", program.get("excluded_counts", []), allow_empty=True)
     stops = program.get("stops", [])
-    if not isinstance(stops, list):
-        raise inner.fail('field "stops" must be a list')
-    rules = []
-    for stop in stops:
-        if (not isinstance(stop, dict) or not isinstance(stop.get("phrase"), str)
-                or not stop["phrase"] or not isinstance(stop.get("keep"), bool)):
-            raise inner.fail('each stop must be {"phrase": non-empty string, "keep": bool}')
-        rules.append((stop["phrase"], stop["keep"]))
-    return Constraint(grammar=grammar, min_tokens=inner.int("min_tokens", 0, 0),
-                      max_tokens=inner.int("max_tokens", None, 1), stops=tuple(rules))
+    if not isinstance(stops, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("phrase"), str) and s["phrase"]
+            and isinstance(s.get("keep"), bool) for s in stops):
+        raise inner.fail('"stops" must be a list of {"phrase": non-empty string, "keep": bool}')
+    return program
 
 
 def _score(fields: _Fields, limits: Limits) -> Score:
