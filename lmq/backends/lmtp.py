@@ -208,6 +208,9 @@ def _sampling(decoder) -> dict[str, Any]:
         raise ModelError(f"decoder {decoder.name} needs logits rows, which an LMTP model does not "
                          "provide (use argmax or sample)")
     if decoder.settings.get("seed") is not None:
+        if decoder.n > 1 and decoder.name == "sample":
+            raise ModelError("sample(n>1) with a seed cannot run on an LMTP model in this version "
+                             "(every branch would draw the same sample): leave the seed out")
         knobs["seed"] = decoder.settings["seed"]
     return knobs
 

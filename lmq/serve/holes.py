@@ -27,6 +27,7 @@ from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, LmqError, ModelError
 from lmq.runtime.decoders import DECODERS, Decoder, HoleOutput
 from lmq.runtime.hole import plan_from_program
+from lmq.runtime.sampling import SamplingSettings
 from lmq.serve.protocol import Generate, ProtocolError
 from lmq.serve.streams import Owner, Stream
 
@@ -54,7 +55,9 @@ def _decoder(request: Generate) -> Decoder:
     cls = DECODERS.get(name)
     if cls is None:
         raise ProtocolError(f"GENERATE constraint: decoder {name} is not available on this server")
-    knobs = {} if name == "argmax" else {k: v for k, v in vars(request.sampling).items()}
+    neutral = SamplingSettings()
+    knobs = {} if name == "argmax" else {k: v for k, v in vars(request.sampling).items()
+                                        if v != getattr(neutral, k)}
     if request.seed is not None:
         knobs["seed"] = request.seed
     try:
