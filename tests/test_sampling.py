@@ -183,3 +183,17 @@ def test_same_seed_same_draws_and_branches_differ():
 def test_bad_knob_values_are_errors_naming_them(knobs, culprit):
     with pytest.raises(lmq.QueryArgumentError, match=culprit):
         SamplingSettings.of(knobs)
+
+
+def test_penalties_on_a_gathered_row_follow_the_token_ids():
+    ids = np.array([3, 7, 20, 41], dtype=np.int64)        # a sparse mask's allowed tokens
+    gathered = np.array([1.0, 2.0, 0.5, -1.0], dtype=np.float32)
+    full = np.full(50, -np.inf, dtype=np.float32)
+    full[ids] = gathered
+    s = sampler(repeat_penalty=2.0, frequency_penalty=0.3)
+    history = [7, 7, 41, 9]
+    expected = s.distribution(full, history)[ids]
+    counts = np.bincount([s.pick(gathered, history, ids) for _ in range(DRAWS)], minlength=4)
+    sigma = np.sqrt(DRAWS * expected * (1 - expected))
+    assert np.all(np.abs(counts - DRAWS * expected) <= 5 * sigma + 1)
+    assert expected[1] < softmax(gathered)[1]
