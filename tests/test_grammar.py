@@ -6,12 +6,10 @@ qwen2 and llama-spm vocabularies; llama.cpp through llama-cpp-python."""
 
 from __future__ import annotations
 
-import ctypes
-
-import llama_cpp
 import numpy as np
 import pytest
 
+from llama_grammar import LlamaGrammar, checked_walk
 from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.compiler.gbnf import parse_gbnf
@@ -24,36 +22,6 @@ VOCABULARIES = {
     "qwen2": "/work/shared/vocab/ggml-vocab-qwen2.gguf",
     "llama-spm": "/work/shared/vocab/ggml-vocab-llama-spm.gguf",
 }
-_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-
-
-class LlamaGrammar:
-    """llama.cpp's own GBNF grammar sampler over a vocabulary: the reference semantics."""
-
-    def __init__(self, gguf, text: str):
-        self.gguf = gguf
-        self.sampler = llama_cpp.llama_sampler_init_grammar(gguf.vocab, text.encode(), b"root")
-
-    @property
-    def valid(self) -> bool:
-        return bool(self.sampler)
-
-    def allowed(self, candidates: np.ndarray) -> np.ndarray:
-        """The candidate ids the grammar leaves at a finite logit."""
-        data = np.zeros(len(candidates), dtype=_TOKEN_DATA)
-        data["id"] = candidates
-        array = llama_cpp.llama_token_data_array(
-            data=data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
-            size=len(data), selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(self.sampler, ctypes.byref(array))
-        return candidates[np.isfinite(data["logit"])]
-
-    def accept(self, token: int) -> None:
-        llama_cpp.llama_sampler_accept(self.sampler, token)
-
-    def __del__(self):
-        if self.sampler:
-            llama_cpp.llama_sampler_free(self.sampler)
 
 
 @pytest.fixture(scope="module")
@@ -141,44 +109,6 @@ GRAMMARS = {
 }
 
 
-#: bytes that occur in no valid UTF-8 text: llama.cpp's decoder lets tokens holding them
-#: match negated classes (`[^a-z]`); lmq never produces invalid UTF-8
-NEVER_UTF8 = frozenset({0xC0, 0xC1, *range(0xF5, 0x100)})
-
-
-def _walk(automaton, reference, vocabulary, rng, steps: int, tokens_out: list[int]) -> bool:
-    """Follow random allowed tokens, checking each mask against llama.cpp's; True when
-    the walk ended in an accepting state."""
-    ends = np.array(sorted(vocabulary.end_ids), dtype=np.int32)
-    texted = np.array([t for t, data in enumerate(vocabulary.token_bytes)
-                       if data and not NEVER_UTF8.intersection(data)], dtype=np.int32)
-    lengths = np.array([len(data) for data in vocabulary.token_bytes])
-    state = automaton.initial()
-    for _ in range(steps):
-        mask = automaton.mask(state)
-        expected = reference.allowed(texted)
-        expected = np.setdiff1d(expected, ends)
-        if not np.array_equal(mask.allowed, expected):
-            text = b"".join(vocabulary.token_bytes[t] for t in tokens_out)
-            extra = [vocabulary.token_bytes[t] for t in np.setdiff1d(mask.allowed, expected)[:8]]
-            missing = [vocabulary.token_bytes[t] for t in np.setdiff1d(expected, mask.allowed)[:8]]
-            pytest.fail(f"after {text!r}: only lmq allows {extra}, only llama.cpp {missing}")
-        assert automaton.accepts(state) == (len(reference.allowed(ends[:1])) == 1)
-        if automaton.accepts(state) and (mask.count == 0 or rng.random() < 0.5):
-            return True
-        if mask.count == 0:
-            return False
-        choices = mask.allowed
-        if rng.random() < 0.7:       # mostly short tokens, so that walks reach their end
-            short = choices[lengths[choices] <= 1]
-            choices = short if len(short) else choices
-        token = int(choices[rng.integers(len(choices))])
-        tokens_out.append(token)
-        state = automaton.advance(state, token)
-        reference.accept(token)
-    return automaton.accepts(state)
-
-
 @pytest.mark.parametrize("vocab_name", list(VOCABULARIES))
 @pytest.mark.parametrize("grammar_name", list(GRAMMARS))
 def test_masks_equal_llama_cpp_grammar_sampler(vocabularies, vocab_name, grammar_name):
@@ -190,7 +120,7 @@ def test_masks_equal_llama_cpp_grammar_sampler(vocabularies, vocab_name, grammar
     for seed in range(walks):
         rng = np.random.default_rng(seed)
         tokens: list[int] = []
-        finished += _walk(automaton, LlamaGrammar(gguf, text), vocabulary, rng, steps, tokens)
+        finished += checked_walk(automaton, LlamaGrammar(gguf, text), vocabulary, rng, steps, tokens)
     assert finished >= 1, "no walk reached an accepting state"
 
 

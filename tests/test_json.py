@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gbnf_check import GbnfOracle
+from llama_grammar import LlamaGrammar, checked_walk
 from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.compiler.gbnf import parse_gbnf
@@ -195,6 +196,20 @@ def _plain(value: Any, data: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item, data[key]) for key, item in value.items()}
     return value
+
+
+@pytest.mark.parametrize("target", [SCHEMAS["person"], SCHEMAS["mixed"], Shape],
+                         ids=["person", "mixed", "shape"])
+def test_json_masks_equal_llama_cpp_grammar_sampler(target):
+    """Completeness too: each mask is exactly the token set llama.cpp's own sampler allows
+    for the same GBNF (JSON grammars are read as a few large lexemes; see
+    `lmq.compiler.llguidance_lark`)."""
+    gguf = load_vocab_only(VOCABULARIES["smollm2"])
+    gbnf = json_constraint(target).gbnf
+    automaton = GrammarTokenAutomaton(parse_gbnf(gbnf), gguf.vocabulary(), variable="X")
+    for seed in range(3):
+        checked_walk(automaton, LlamaGrammar(gguf, gbnf), gguf.vocabulary(),
+                     np.random.default_rng(seed), 25, [])
 
 
 # --- typed conversions ----------------------------------------------------------------
