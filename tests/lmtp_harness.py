@@ -20,8 +20,10 @@ READY_TIMEOUT = 120
 class ServerProcess:
     """`lmq serve-model MODEL --port 0 …`; `url` once it says it listens."""
 
-    def __init__(self, model_id: str, *args: str, cwd: str | None = None, wait: bool = True):
-        command = [sys.executable, "-m", "lmq.cli", "serve-model", model_id, "--port", "0", *args]
+    def __init__(self, model_id: str | None, *args: str, cwd: str | None = None, wait: bool = True):
+        """`model_id` None: a server that loads models on demand only."""
+        command = [sys.executable, "-m", "lmq.cli", "serve-model", *([model_id] if model_id else []),
+                   "--port", "0", *args]
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, cwd=cwd, env=env)

@@ -55,6 +55,16 @@ def test_queries_give_the_in_process_argmax_results(query, remote, local):
     assert there.logprob == pytest.approx(here.logprob, abs=1e-4)
 
 
+def test_seeded_sampling_draws_what_it_draws_in_process(remote, local):
+    query = '"Say something:[A]" where len(TOKENS(A)) < 6'
+    decoder = "sample(temperature=0.8, top_k=40, seed=3)"
+    here = lmq.run_sync(query, model=local, decoder=decoder)
+    there = lmq.run_sync(query, model=remote, decoder=decoder)
+    assert there.tokens == here.tokens
+    with pytest.raises(lmq.ModelError, match="logits rows"):
+        lmq.run_sync(query, model=remote, decoder="beam(n=2)")
+
+
 def test_lmtp_url_ids_and_concurrent_queries(server, local):
     model = lmq.model(server.url.replace("ws://", "lmtp://") + f"llama.cpp:{PATH}")
 

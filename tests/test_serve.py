@@ -4,6 +4,8 @@ way an LMQL 0.7 client speaks: answers are checked against the same model in pro
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -283,3 +285,35 @@ def test_relative_model_path_names_the_same_model_and_sigterm_ends_streams(local
         assert server.process.wait(30) == 0
     finally:
         server.kill()
+
+
+def test_models_load_on_demand_without_static(local):
+    server = ServerProcess(None, "--n_ctx=256", "--slots", "1", "--max-models", "1")
+    try:
+        client = RawClient(server.url)
+        directory, name = os.path.split(default_model_path())
+        client.send("MODEL_INFO", {"model": f"local:llama.cpp:{directory}/./{name}", "stream_id": 1})
+        _, [element] = client.frame()
+        assert element["model_info"]["vocab_size"] == local.vocabulary.size   # loaded now
+        assert element["model_info"]["context_size"] == 256                  # with the flags
+        assert client.generate(MODEL, prompt_of(local, "Hi"), stream_id=3, max_tokens=1)[0][
+            "finish_reason"] == "length"                                       # same model, by path
+        client.send("MODEL_INFO", {"model": "llama.cpp:/nonexistent/model.gguf", "stream_id": 2})
+        _, [element] = client.frame()
+        assert "--max-models" in element["error"]
+        client.close()
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["--n_ctx", "256"], 2, "not a model id"),
+    (["--static"], 2, "--static needs a MODEL"),
+    ([MODEL, "--slots", "0"], 2, "--slots must be at least 1"),
+    ([MODEL, "stray"], 2, "unexpected argument 'stray'"),
+    (["llama.cpp:/nonexistent/model.gguf"], 1, "model file not found: /nonexistent/model.gguf"),
+])
+def test_command_line_errors_name_the_culprit(args, code, words):
+    process = subprocess.run([sys.executable, "-m", "lmq.cli", "serve-model", *args],
+                             capture_output=True, text=True, timeout=60)
+    assert process.returncode == code and words in process.stderr, process.stderr

@@ -65,6 +65,10 @@ def serve_model(options: argparse.Namespace, extra: list[str]) -> int:
     from lmq.serve.protocol import Limits
     from lmq.serve.server import LmtpServer
 
+    if options.model is not None and ":" not in options.model:
+        raise QueryArgumentError(f"serve-model: {options.model!r} is not a model id (llama.cpp:PATH.gguf "
+                                 "or transformers:DIR): name the model first, or write backend "
+                                 "arguments as --key=value")
     if options.static and not options.model:
         raise QueryArgumentError("serve-model: --static needs a MODEL to serve")
     for name in ("slots", "max_models", "max_frame_bytes", "max_streams", "max_tokens"):
