@@ -21,6 +21,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from lmq import __version__
 from lmq.serve.holes import HoleStream
 from lmq.serve.models import ModelRegistry
 from lmq.serve.protocol import (Cancel, Generate, Limits, ModelInfo, ProtocolError, Score,
@@ -216,8 +217,6 @@ def _stream(owner: Connection, request: Generate | Score, worker: ModelWorker) -
 
 def model_info(model_id: str, worker: ModelWorker, limits: Limits) -> dict[str, Any]:
     """MODEL_INFO's answer: what a client needs to tokenize and decode for this model."""
-    from lmq import __version__
-
     backend = worker.backend
     vocabulary = backend.vocabulary
     return {"model": model_id, "model_type": worker.model_id.split(":", 1)[0],
