@@ -50,7 +50,7 @@ class _VocabularyTokens:
 
 
 _tokenizers: dict[int, tuple[weakref.ref, llguidance.LLTokenizer]] = {}
-_compiled: OrderedDict[tuple[str, int], llguidance.LLMatcher] = OrderedDict()
+_compiled: OrderedDict[tuple[str, int], tuple[llguidance.LLTokenizer, llguidance.LLMatcher]] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -124,20 +124,20 @@ class GrammarTokenAutomaton:
 
 
 def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -> llguidance.LLMatcher:
-    """A fresh matcher of `grammar`, compiled once per (grammar, vocabulary)."""
+    """The template matcher of `grammar`, compiled once per (grammar, vocabulary)."""
     tokenizer = lltokenizer(vocabulary)
     key = (grammar.text, id(tokenizer))
     with _lock:
-        matcher = _compiled.get(key)
-        if matcher is not None:
+        entry = _compiled.get(key)
+        if entry is not None and entry[0] is tokenizer:     # not a reused id
             _compiled.move_to_end(key)
-            return matcher
+            return entry[1]
     lark = _LARK_HEADER + to_lark(grammar)
     matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
     if matcher.is_error():
         raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")
     with _lock:
-        _compiled[key] = matcher
+        _compiled[key] = (tokenizer, matcher)
         while len(_compiled) > COMPILED_CACHE_SIZE:
             _compiled.popitem(last=False)
     return matcher
