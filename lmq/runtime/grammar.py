@@ -64,8 +64,12 @@ def lltokenizer(vocabulary: Vocabulary) -> llguidance.LLTokenizer:
     source = _VocabularyTokens(vocabulary)
     ends = sorted(vocabulary.end_ids) or [source.eos_token_id]
     tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(source), eos_token=ends)
+    def forget(ref: weakref.ref) -> None:     # no lock: the collector may run inside it
+        if _tokenizers.get(key, (None,))[0] is ref:
+            _tokenizers.pop(key, None)
+
     with _lock:
-        _tokenizers[key] = (weakref.ref(vocabulary, lambda _: _tokenizers.pop(key, None)), tokenizer)
+        _tokenizers[key] = (weakref.ref(vocabulary, forget), tokenizer)
     return tokenizer
 
 
