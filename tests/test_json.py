@@ -265,7 +265,8 @@ def test_pydantic_models_use_their_schema_and_validation(vocabularies, oracle):
 
 
 @pytest.mark.parametrize("target,named", [(set[int], "set"), (dict[int, str], "non-string keys"),
-                                          (bytes, "bytes"), (complex, "complex")])
+                                          (bytes, "bytes"), (complex, "complex"),
+                                          ([1, 2], "neither a JSON schema"), (3, "type 3")])
 def test_unsupported_types_are_named(target, named):
     with pytest.raises(ConstraintError, match=named):
         json_constraint(target)

@@ -56,7 +56,7 @@ class Choice:
 Node = Union[Literal, CharClass, AnyChar, RuleRef, Repeat, Sequence, Choice]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Grammar:
     """A checked GBNF grammar: its text and its rules in order of definition."""
 
@@ -69,8 +69,10 @@ def parse_gbnf(text: str, *, owner: str = "GRAMMAR") -> Grammar:
 
     Raises ConstraintError for what llama.cpp rejects (syntax, undefined rules, no
     `root`, left recursion, repetition counts over 2000) and for what it silently
-    misreads (a rule defined twice, an empty character class), and
-    UnsatisfiableConstraint when `root` derives no string at all.
+    misreads or mishandles (a rule defined twice, an empty character class, a
+    repetition whose maximum is below its minimum, an unbounded repetition of
+    something that may be empty), and UnsatisfiableConstraint when `root` derives no
+    string at all.
     """
     if not isinstance(text, str):
         raise ConstraintError(f"{owner}: the grammar must be a string of GBNF, not {type(text).__name__}")
@@ -154,7 +156,7 @@ class _Parser:
         self.space(newlines=False)
         if not self.text.startswith("::=", self.pos):
             self.fail(f"expected '::=' after the rule name '{name}'")
-        if name in self.rules or name in self.defined_at:
+        if name in self.defined_at:
             self.pos = start
             first = self.text.count("\n", 0, self.defined_at[name]) + 1
             self.fail(f"rule '{name}' is defined twice (first on line {first})")

@@ -22,6 +22,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -114,6 +115,8 @@ def type_schema(target: Any, *, owner: str = "JSON") -> dict:
 
 
 def _schema(target: Any, owner: str, enclosing: tuple) -> dict:
+    if not isinstance(target, Hashable):
+        raise ConstraintError(f"{owner}: {_short(repr(target))} is neither a JSON schema (a dict) nor a type")
     if target in _SCALARS:
         return dict(_SCALARS[target])
     if target is Any:
