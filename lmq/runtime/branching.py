@@ -74,7 +74,9 @@ class SearchDecoder(Decoder):
 
     def __init__(self, **settings: Any):
         settings = dict(settings)
-        settings.setdefault("n", settings.pop("k", 2))
+        if "k" in self.arguments and "k" in settings:
+            settings.setdefault("n", settings.pop("k"))
+        settings.setdefault("n", 2)
         super().__init__(**settings)
         self.search: BeamSearch | None = None
         self.session: Session | None = None

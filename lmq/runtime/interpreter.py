@@ -91,9 +91,10 @@ class QueryContext:
         scope = {**self.namespace, **local_scope}
         session = self.session
         decorators = HoleDecorators([d.evaluate(scope) for d in spec.decorators])
-        context = DecoratorContext(spec.name, session.prompt.text, dict(session.variables))
+        context = DecoratorContext(spec.name, session.prompt.text, dict(session.variables)) \
+            if decorators else None
         mark = session.prompt.mark() if decorators.post else None
-        supplied, value = decorators.supplied_value(context)
+        supplied, value = decorators.supplied_value(context) if decorators.pre else (False, None)
         if supplied:
             session.write(str(value))
         elif self._is_distribution(spec):
@@ -116,7 +117,7 @@ class QueryContext:
         return distribution is not None and spec.name in distribution.variables
 
     async def _generate(self, spec: HoleSpec, where: Constraint | None, scope: dict[str, Any],
-                        decorators: HoleDecorators, context: DecoratorContext) -> Any:
+                        decorators: HoleDecorators, context: DecoratorContext | None) -> Any:
         session = self.session
         plan = plan_hole(spec.name, where, scope, session.backend.vocabulary)
         prompt = session.prompt
@@ -153,7 +154,7 @@ class QueryContext:
         return plan.convert(value) if plan.convert is not None else value
 
     async def _annotated(self, spec: HoleSpec, scope: dict[str, Any], decorators: HoleDecorators,
-                         context: DecoratorContext) -> Any:
+                         context: DecoratorContext | None) -> Any:
         target, args, kwargs = _call_parts(spec.annotation, scope)
         if getattr(target, "is_lmq_query", False):
             return await self._nested(target, args, kwargs)
