@@ -205,9 +205,11 @@ def wait_for_idle_slots(client, timeout=60):
 
 def test_disconnect_mid_stream_frees_the_slots(server, client, local):
     leaving = RawClient(server.url)
-    for stream_id in (1, 2, 3):
+    hole = {"constraint": {"grammar": None, "min_tokens": 400, "max_tokens": 500, "stops": []}}
+    for stream_id in (1, 2, 3):                 # two LMQL-style streams and one whole hole
         leaving.send("GENERATE", {"model": MODEL, "prompt": prompt_of(local, f"Story {stream_id}:"),
-                                  "stream_id": stream_id, "max_tokens": 500})
+                                  "stream_id": stream_id, "max_tokens": 500,
+                                  **(hole if stream_id == 3 else {})})
     leaving.frame()                       # they are running
     client.send("MODEL_INFO", {"model": MODEL, "stream_id": 0})
     _, [element] = client.frame()
