@@ -18,8 +18,9 @@ from pathlib import Path
 import llama_cpp
 
 from lmq.backends.gguf import load_vocab_only
+from vocab_paths import vocab
 
-VOCAB_DIR = Path("/work/shared/vocab")
+VOCAB_DIR = Path(vocab("gpt-2")).parent
 BYTE_VOCAB = VOCAB_DIR / "ggml-vocab-gpt-2.gguf"
 
 

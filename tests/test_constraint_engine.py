@@ -7,15 +7,15 @@ import random
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import lmq
 from lmq.backends.base import Sequence
 from lmq.compiler.languages import TYPE_PATTERNS
+from vocab_paths import VOCAB_DIR
 
-VOCABULARIES = sorted((Path(__file__).resolve().parents[2] / "shared" / "vocab").glob("*.gguf"))
+VOCABULARIES = sorted(VOCAB_DIR.glob("*.gguf"))
 COMBINATIONS_PER_VOCABULARY = 400
 
 OPTIONS = ["a", " a", "ab", " yes", " no", "é", " café", "日本", "12", "-3", "x y", ""]

@@ -16,11 +16,12 @@ from lmq.compiler.gbnf import parse_gbnf
 from lmq.compiler.llguidance_lark import choose_lexemes
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 from lmq.runtime.grammar import GrammarTokenAutomaton
+from vocab_paths import vocab
 
 VOCABULARIES = {
     "smollm2": default_model_path(),
-    "qwen2": "/work/shared/vocab/ggml-vocab-qwen2.gguf",
-    "llama-spm": "/work/shared/vocab/ggml-vocab-llama-spm.gguf",
+    "qwen2": vocab("qwen2"),
+    "llama-spm": vocab("llama-spm"),
 }
 
 

@@ -9,9 +9,10 @@ import pytest
 
 import lmq
 from lmq.compiler.codegen import compile_query
+from vocab_paths import vocab
 
 NO_MODEL = "local:llama.cpp:/nonexistent/model.gguf"
-GPT2_VOCAB = "/work/shared/vocab/ggml-vocab-gpt-2.gguf"    # a GGUF without a chat template
+GPT2_VOCAB = vocab("gpt-2")    # a GGUF without a chat template
 
 
 def token_text(model, tokens):
