@@ -60,7 +60,7 @@ from lmq.runtime.decoders import Decoder
 from lmq.runtime.hole import plan_hole
 
 QWEN2_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "ggml-vocab-qwen2.gguf"
-INT_REGEX = r" ?-?(0|[1-9][0-9]*)"
+LETTERS = "[a-z ]+"
 STOP_PHRASE = "THE END"
 STORY_PROMPT = "Write a long story about a cat who lives in a small town by the sea.\n"
 # `in` options: every combination of the slots, so the hole both chooses (masks) and
@@ -75,7 +75,7 @@ SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 24},
                          "age": {"type": "integer"},
                          "city": {"enum": ["Paris", "London", "New York", "Tokyo", "Sydney"]},
-                         "occupation": {"type": "string", "maxLength": 32},
+                         "occupation": {"type": "string", "maxLength": 24},
                          "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20},
                                      "maxItems": 3}},
           "required": ["name", "age", "city", "occupation", "hobbies"]}
@@ -111,7 +111,7 @@ def _prompt_literal(text: str) -> str:
 
 
 CASES = (
-    Case("regex", STORY_PROMPT, 'REGEX({var}, r"[a-z ]+") and len(TOKENS({var})) == {n}'),
+    Case("regex", STORY_PROMPT, f'REGEX({{var}}, r"{LETTERS}") and len(TOKENS({{var}})) == {{n}}'),
     Case("in", "Write one sentence about the sea.\n", "{var} in OPTIONS"),
     Case("int", "Write a very large number.\n", "INT({var}) and len(TOKENS({var})) == {n}"),
     Case("stops_at", STORY_PROMPT, f'STOPS_AT({{var}}, "{STOP_PHRASE}") and len(TOKENS({{var}})) <= {{n}}',
@@ -133,7 +133,7 @@ def value_problem(case: Case, value: Any, tokens: list[int], n: int,
                   options: list[str], schema: dict) -> str | None:
     """Why a generated value breaks its constraint (None if it satisfies it)."""
     if case.name == "regex":
-        ok = isinstance(value, str) and re.fullmatch(r"[a-z ]+", value) and len(tokens) == n
+        ok = isinstance(value, str) and re.fullmatch(LETTERS, value) and len(tokens) == n
     elif case.name == "in":
         ok = value in options
     elif case.name == "int":
