@@ -212,3 +212,34 @@ def test_compile_gbnf_prints_grammar_budget_and_stops(tmp_path):
     assert "0 to 29 tokens" in sections[0] and "STOPS_AT '.'" in sections[0]
     assert "root ::=" in sections[1] and '"green"' in sections[2]
     assert "run-time values" in sections[3]
+
+
+GBNF_CASES = ['X in [" yes", " no", " maybe so"]', 'X != " no"', 'X not in ["a", "b"]',
+              '"e" in X', 'not "e" in X', 'len(X) <= 4', 'INT(X)', 'FLOAT(X)',
+              'REGEX(X, r"[a-z]+(-[a-z]+)?")', 'STOPS_AT(X, ".")', 'STOPS_BEFORE(X, ", ")',
+              '(INT(X) or X in [" none"]) and not X == "0"',
+              'GRAMMAR(X, \'root ::= "(" [a-c]* ")"\')',
+              'JSON(X, {"type": "array", "items": {"type": "boolean"}})']
+
+
+@pytest.mark.parametrize("clause", GBNF_CASES)
+def test_values_the_engine_makes_are_accepted_by_llama_cpp_for_the_exported_grammar(clause, random_model):
+    """The grammar `lmq compile --gbnf` prints accepts every value the mask engine lets the
+    decoder produce (checked by llama.cpp's own GBNF engine)."""
+    from gbnf_check import GbnfOracle
+    from lmq.compiler.codegen import compile_query
+    from lmq.runtime.hole import static_plan
+
+    oracle = GbnfOracle()
+    query = f'"Start:[X]" where {clause} and len(TOKENS(X)) < 10'
+    grammar = static_plan(compile_query(query).holes[0]).gbnf()
+    values = set()
+    for seed in range(15):
+        try:
+            result = lmq.run_sync(query, model=random_model(seed, end_probability=0.3))
+        except lmq.UnsatisfiableConstraint:        # the token budget ran out before a value
+            continue
+        values.add(result.prompt[len("Start:"):])
+    assert values
+    for value in values:
+        assert oracle.accepts(grammar, value.encode("utf-8")), (clause, value, grammar)

@@ -26,6 +26,8 @@ from lmq.runtime.token_masks import TokenMask
 COMMON_ARGUMENTS = frozenset({"max_len", "seed", "n", "temperature", "top_k", "top_p", "min_p",
                               "typical_p", "repeat_penalty", "frequency_penalty",
                               "presence_penalty", "mirostat", "mirostat_tau", "mirostat_eta"})
+#: how many of the most likely tokens a grammar hole tries for its last budgeted token
+FINAL_CANDIDATES = 256
 ALIASES = {"repetition_penalty": "repeat_penalty"}
 
 
@@ -121,7 +123,7 @@ class Decoder:
             mask = None
             if automaton is not None:
                 last = plan.max_tokens is not None and count + 1 == plan.max_tokens
-                mask = _final_mask(automaton, state) if last else automaton.mask(state)
+                mask = _final_mask(automaton, state, row) if last else automaton.mask(state)
             token, token_logprob = await self._select(row, mask, None if may_end else end_list, end_list)
             if token < 0:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
@@ -223,11 +225,19 @@ def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
     return None if best is None else best[2]
 
 
-def _final_mask(automaton, state) -> TokenMask:
-    """The mask of the last token a budget allows: only tokens that complete a value
-    (automata that cannot tell return their ordinary mask)."""
+def _final_mask(automaton, state, row: np.ndarray) -> TokenMask:
+    """The mask of the last token a budget allows: only tokens that complete a value.
+    A DFA knows them exactly (`final_mask`); for a grammar the `FINAL_CANDIDATES` most
+    likely allowed tokens are tried one by one on a copy of the parser state (sound; a
+    completing token ranked lower is not found, and the hole then fails loudly)."""
     final = getattr(automaton, "final_mask", None)
-    return final(state) if final is not None else automaton.mask(state)
+    if final is not None:
+        return final(state)
+    allowed = automaton.mask(state).allowed
+    ranked = allowed[np.argsort(-row[allowed], kind="stable")[:FINAL_CANDIDATES]]
+    completing = [t for t in ranked.tolist()
+                  if automaton.accepts(automaton.advance(automaton.fork(state), t))]
+    return TokenMask.of(np.array(sorted(completing), dtype=np.int32), len(row))
 
 
 DECODERS: dict[str, type[Decoder]] = {"argmax": Decoder}
