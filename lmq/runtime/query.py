@@ -20,6 +20,7 @@ from lmq.compiler.codegen import PromptProgram, compile_query
 from lmq.errors import LmqError, QueryArgumentError
 from lmq.runtime.branching import is_branching, run_branches
 from lmq.runtime.decoders import make_decoder
+from lmq.runtime.hole import check_satisfiable
 from lmq.runtime.interpreter import Session, execute
 from lmq.runtime.scoring import ScoreResult, check_aggregation, score
 
@@ -83,6 +84,7 @@ class QueryFunction:
     def __init__(self, program: PromptProgram, scope: dict[str, Any], *,
                  signature: inspect.Signature | None = None, is_async: bool = False,
                  name: str = "query", options: dict[str, Any] | None = None):
+        check_satisfiable(program)
         self.program = program
         self.scope = scope
         self.signature = signature
