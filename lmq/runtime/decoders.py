@@ -59,11 +59,12 @@ class Decoder:
         self.settings = settings
         self.max_len: int | None = settings.get("max_len")
         self._buffer: np.ndarray | None = None
+        self._spare_row: np.ndarray | None = None
 
     def branch(self, index: int) -> "Decoder":
         """This decoder for branch `index` of a run with several results (own state)."""
         child = copy.copy(self)
-        child._buffer = None
+        child._buffer = child._spare_row = None
         return child
 
     def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
@@ -176,12 +177,19 @@ class Decoder:
         chosen = float(candidates[index])
         if chosen == -np.inf:
             return -1, 0.0
-        return (int(ids[index]) if ids is not None else index), chosen - _logsumexp(candidates)
+        spare = self._spare(candidates) if ids is None else None
+        return (int(ids[index]) if ids is not None else index), chosen - _logsumexp(candidates, spare)
 
     def _scratch(self, row: np.ndarray) -> np.ndarray:
         if self._buffer is None or self._buffer.shape != row.shape:
             self._buffer = np.empty_like(row)
         return self._buffer
+
+    def _spare(self, row: np.ndarray) -> np.ndarray:
+        """A second reused row (the first may hold the candidates themselves)."""
+        if self._spare_row is None or self._spare_row.shape != row.shape:
+            self._spare_row = np.empty_like(row)
+        return self._spare_row
 
     @staticmethod
     def _forced_tokens(automaton, state, backend: Backend, plan: HolePlan, count: int,
@@ -203,9 +211,13 @@ class Decoder:
             limit = min(limit, plan.max_tokens - count - 1)
         return tokens[:max(0, min(limit, room - count - 1))]
 
-def _logsumexp(row: np.ndarray) -> float:
-    top = float(row.max())
-    return top + float(np.log(np.exp(row - top).sum()))
+def _logsumexp(row: np.ndarray, out: np.ndarray | None = None) -> float:
+    """log Σ exp(row), stable; `out` (same shape) spares a full row the two temporaries."""
+    top = row.max()
+    if top == -np.inf:
+        return float(top)
+    shifted = np.subtract(row, top, out=out)
+    return float(top) + float(np.log(np.exp(shifted, out=shifted).sum()))
 
 
 def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
