@@ -79,6 +79,13 @@ class SamplingSettings:
     def greedy(self) -> bool:
         return self.temperature == 0 and not self.mirostat
 
+    @property
+    def plain(self) -> bool:
+        """Only a temperature: the draw needs no candidate set (the per-token hot path)."""
+        return (not self.top_k and self.top_p == 1 and self.min_p == 0 and self.typical_p == 1
+                and self.repeat_penalty == 1 and not self.frequency_penalty
+                and not self.presence_penalty and not self.mirostat)
+
 
 class Sampler:
     """One branch's sampler: knobs, its own random stream and mirostat's running `mu`."""
@@ -100,6 +107,8 @@ class Sampler:
         the row is a gathered subset of the vocabulary."""
         if self.settings.greedy:
             return int(row.argmax())
+        if self.settings.plain:
+            return self._draw_scaled(row)
         ids, probs = self._candidates(row, history, ids)
         if self.settings.mirostat:
             return self._mirostat(ids, probs, row.shape[0])
@@ -166,6 +175,15 @@ class Sampler:
         values = values - counts * s.frequency_penalty - s.presence_penalty
         out[tokens] = np.where(np.isfinite(row[tokens]), values, -np.inf)
         return out
+
+    def _draw_scaled(self, row: np.ndarray) -> int:
+        """A draw from softmax(row / temperature) in a few passes over the row; masked
+        entries weigh exp(-inf) = 0 and a right-sided search never lands on them."""
+        scaled = row if self.settings.temperature == 1 else row * np.float32(1 / self.settings.temperature)
+        weights = np.exp(scaled - scaled.max())
+        cumulative = np.cumsum(weights, dtype=np.float64)
+        index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+        return min(index, row.size - 1)
 
     def _draw(self, probs: np.ndarray) -> int:
         cumulative = np.cumsum(probs)
