@@ -64,19 +64,13 @@ class GbnfOracle:
 
     def accepts(self, grammar: str, data: bytes) -> bool:
         """Whether the grammar derives exactly `data` (every byte allowed, then the end)."""
-        sampler = self.sampler(grammar)
-        try:
-            for byte in data:
-                token = self.byte_tokens[byte]
-                if not self.allowed(sampler, token):
-                    return False
-                llama_cpp.llama_sampler_accept(sampler, token)
-            return self.allowed(sampler, self.eos)
-        finally:
-            llama_cpp.llama_sampler_free(sampler)
+        return self._feed(grammar, data, then_end=True)
 
     def allowed_prefix(self, grammar: str, data: bytes) -> bool:
         """Whether every byte of `data` is allowed (a prefix of some derivation)."""
+        return self._feed(grammar, data, then_end=False)
+
+    def _feed(self, grammar: str, data: bytes, then_end: bool) -> bool:
         sampler = self.sampler(grammar)
         try:
             for byte in data:
@@ -84,6 +78,6 @@ class GbnfOracle:
                 if not self.allowed(sampler, token):
                     return False
                 llama_cpp.llama_sampler_accept(sampler, token)
-            return True
+            return self.allowed(sampler, self.eos) if then_end else True
         finally:
             llama_cpp.llama_sampler_free(sampler)

@@ -23,6 +23,7 @@ from collections import deque
 from typing import Iterable
 
 from lmq.compiler import gbnf as g
+from lmq.compiler.regex import merge_ranges
 
 MAX_CODE_POINT = g.MAX_CODE_POINT
 #: candidates larger than this many NFA states stay split (the check is quadratic)
@@ -126,23 +127,13 @@ def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], 
                 chars.extend((ord(c), ord(c)) for c in node.text)
             elif isinstance(node, (g.CharClass, g.AnyChar)):
                 chars.extend(_ranges(node))
-    return lexemes, _normalize(chars)
-
-
-def _normalize(ranges: Iterable[tuple[int, int]]) -> Ranges:
-    merged: list[list[int]] = []
-    for low, high in sorted(ranges):
-        if merged and low <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], high)
-        else:
-            merged.append([low, high])
-    return tuple((low, high) for low, high in merged)
+    return lexemes, merge_ranges(chars)
 
 
 def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
     if isinstance(node, g.AnyChar):
         return ((0, MAX_CODE_POINT),)
-    ranges = _normalize((min(a, b), max(a, b)) for a, b in node.ranges)
+    ranges = merge_ranges((min(a, b), max(a, b)) for a, b in node.ranges)
     if not node.negated:
         return ranges
     complement, next_low = [], 0

@@ -199,7 +199,7 @@ class _Compiler:
                 ranges.extend(_category(argument, flags))
             else:
                 raise self.refuse(f"the class item {op}")
-        ranges = _normalize(ranges)
+        ranges = merge_ranges(ranges)
         return _subtract(_ALL, ranges) if negate else ranges
 
     def code_points(self, ranges: CodePointRanges) -> tuple[int, int]:
@@ -227,7 +227,8 @@ def _category(category, flags: int) -> CodePointRanges:
 _ALL: CodePointRanges = ((0, MAX_CODE_POINT),)
 
 
-def _normalize(ranges) -> CodePointRanges:
+def merge_ranges(ranges) -> CodePointRanges:
+    """Sorted, disjoint, non-adjacent code-point ranges covering `ranges`."""
     merged: list[list[int]] = []
     for low, high in sorted(ranges):
         if merged and low <= merged[-1][1] + 1:
@@ -320,7 +321,7 @@ def _split_digits(values: CodePointRanges, unit: int) -> list[tuple[int, int, Co
     digits: list[tuple[int, int, CodePointRanges]] = []      # one entry per digit run
     for low, high, rest in pieces:
         if digits and digits[-1][1] == low:                  # two ranges share this digit
-            digits[-1] = (low, high, _normalize(digits[-1][2] + rest))
+            digits[-1] = (low, high, merge_ranges(digits[-1][2] + rest))
         else:
             digits.append((low, high, rest))
     groups: list[tuple[int, int, CodePointRanges]] = []
