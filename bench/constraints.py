@@ -113,7 +113,7 @@ def _prompt_literal(text: str) -> str:
 CASES = (
     Case("regex", STORY_PROMPT, f'REGEX({{var}}, r"{LETTERS}") and len(TOKENS({{var}})) == {{n}}'),
     Case("in", "Write one sentence about the sea.\n", "{var} in OPTIONS"),
-    Case("int", "Write a very large number.\n", "INT({var}) and len(TOKENS({var})) == {n}"),
+    Case("int", "Write a number with 50 digits: ", "INT({var}) and len(TOKENS({var})) <= {n}"),
     Case("stops_at", STORY_PROMPT, f'STOPS_AT({{var}}, "{STOP_PHRASE}") and len(TOKENS({{var}})) <= {{n}}',
          grammar=False, stops=(STOP_PHRASE,), has_mask=False),
     Case("json", "Describe a fictional person as a JSON object with name, age, city, occupation "
@@ -137,7 +137,7 @@ def value_problem(case: Case, value: Any, tokens: list[int], n: int,
     elif case.name == "in":
         ok = value in options
     elif case.name == "int":
-        ok = isinstance(value, int) and len(tokens) == n
+        ok = isinstance(value, int) and len(tokens) <= n
     elif case.name == "stops_at":
         position = value.find(STOP_PHRASE) if isinstance(value, str) else -2
         ok = len(tokens) <= n and position in (-1, len(value) - len(STOP_PHRASE))

@@ -107,7 +107,7 @@ def test_generated_values_satisfy_their_constraints(smoke):
         assert rows[name]["tokens"] >= 1
     assert re.fullmatch(r"[a-z ]+", rows["regex"]["value"]) and rows["regex"]["tokens"] == n
     assert rows["in"]["value"] in figures["settings"]["options"]
-    assert isinstance(rows["int"]["value"], int) and rows["int"]["tokens"] == n
+    assert isinstance(rows["int"]["value"], int) and rows["int"]["tokens"] <= n
     stopped = rows["stops_at"]["value"]
     assert rows["stops_at"]["tokens"] <= n
     assert "THE END" not in stopped or stopped.index("THE END") == len(stopped) - len("THE END")
