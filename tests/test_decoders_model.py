@@ -89,3 +89,25 @@ def test_generate_continues_the_prompt_under_any_decoder():
     assert all(len(model.backend().tokenize(s)) <= 6 for s in samples)
     with pytest.raises(lmq.QueryArgumentError, match="max_tokens"):
         model.generate_sync(PROMPT, max_tokens=-1)
+
+
+def test_branches_fill_a_small_cache_that_released_slots_give_back():
+    """Released slots keep their tokens in the shared KV cache; when a later query needs
+    the room, llama.cpp gets them back instead of failing."""
+    backend = LlamaCppBackend(default_model_path(), n_ctx=256)
+    model = PinnedModel(backend)
+    try:
+        lmq.run_sync('"Story:[X]" where len(TOKENS(X)) == 50', model=model, decoder="sample(n=4, seed=1)")
+        assert sum(len(t) for t in backend._kept.values()) > 150
+        other = "A completely different prompt about the weather in the mountains today. " * 6
+        results = lmq.run_sync('"{other}[X]" where len(TOKENS(X)) == 50', other=other, model=model,
+                               decoder="sample(n=2, seed=1)")
+        assert [len(r.tokens["X"]) for r in results] == [50, 50]
+    finally:
+        backend.close()
+
+
+def test_best_k_returns_k_sorted_results():
+    results = lmq.run_sync(r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) < 4', decoder="best_k(k=2)")
+    assert 1 <= len(results) <= 2
+    assert [r.logprob for r in results] == sorted((r.logprob for r in results), reverse=True)

@@ -98,9 +98,22 @@ class LlamaCppBackend(GgufBackend):
         batch.logits[len(entries) - 1] = 1
         batch.n_tokens = len(entries)
         status = llama_cpp.llama_decode(self.ctx, batch)
+        if status == 1 and self._forget_kept():       # 1: no room in the KV cache
+            status = llama_cpp.llama_decode(self.ctx, batch)
         if status != 0:
             raise ModelError(f"llama_decode failed with status {status} "
                              f"(context {self.context_size} tokens)")
+
+    def _forget_kept(self) -> bool:
+        """Give back the cells that released sequences kept (only to spare re-evaluating a
+        repeated prompt) when the cache, shared by every sequence, is full; True if any."""
+        freed = False
+        for seq_id, tokens in self._kept.items():
+            if tokens:
+                llama_cpp.llama_memory_seq_rm(self.memory, seq_id, 0, -1)
+                self._kept[seq_id] = []
+                freed = True
+        return freed
 
     def advance_many(self, steps: list[tuple["LlamaSequence", list[int]]]) -> list[np.ndarray]:
         """All sequences' new tokens in one llama_decode (chunked by n_batch); each row is
