@@ -98,7 +98,8 @@ class RawLoop:
         feed = [prompt[-1]] * n_sequences
         position = len(prompt) - 1
         ctx, batch, n_vocab = self.ctx, self._batch, self.n_vocab
-        decode, logits_ith, as_array = llama_cpp.llama_decode, llama_cpp.llama_get_logits_ith, np.ctypeslib.as_array
+        decode, logits_ith = llama_cpp.llama_decode, llama_cpp.llama_get_logits_ith
+        as_array = np.ctypeslib.as_array
         start = time.perf_counter()
         for step in range(n_tokens):
             for k in range(n_sequences):

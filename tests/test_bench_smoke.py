@@ -50,7 +50,8 @@ def test_every_figure_is_produced_finite_and_positive(smoke):
         for key in ("ratio", "call_ratio", "time_ratio", "reference_ratio", "raw_tokens_per_s",
                     "tokens", "lmq_evaluated_tokens"):
             assert key in row, (name, key)
-        for key in ("lmq_hole_s", "lmq_call_s", "raw_s", "reference_s", "reference_tokens"):
+        for key in ("token_counts", "lmq_hole_s", "lmq_call_s", "raw_s", "reference_s",
+                    "reference_tokens"):
             assert len(row[key]) == figures["settings"]["reps"], (name, key)
     assert set(MASKED) | {"all"} <= set(figures["mask_step"])
     assert figures["mask_step"]["size"] == 151936
