@@ -51,7 +51,7 @@ def test_every_figure_is_produced_finite_and_positive(smoke):
                     "tokens", "lmq_evaluated_tokens"):
             assert key in row, (name, key)
         for key in ("token_counts", "lmq_hole_s", "lmq_call_s", "raw_s", "reference_s",
-                    "reference_tokens"):
+                    "reference_tokens", "reference_raw_s"):
             assert len(row[key]) == figures["settings"]["reps"], (name, key)
     assert set(MASKED) | {"all"} <= set(figures["mask_step"])
     assert figures["mask_step"]["size"] == 151936
