@@ -24,7 +24,7 @@ def test_question_with_stops_at_answers_and_stops(backend):
 def test_two_holes_evaluate_each_prompt_token_once(backend, pinned_model):
     query = ('"Q: Name a fruit.\\nA:[A]\\nQ: Name a colour.\\nA:[B]\\nThe end." '
              'where STOPS_AT(A, "\\n") and STOPS_AT(B, "\\n") and len(TOKENS(A)) < 12 and len(TOKENS(B)) < 12')
-    fresh = lmq.model(None, n_ctx=1024)       # its own context: nothing cached yet
+    fresh = lmq.model(None, n_ctx=1056)       # a context no other test uses: nothing cached yet
     model = pinned_model(fresh.backend())
     result = lmq.run_sync(query, model=model)
     # every token in the cache was evaluated exactly once: the count equals the number of

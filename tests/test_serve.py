@@ -30,7 +30,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def local():
-    return load_backend(None, n_ctx=1024)
+    # the server's configuration, in an instance of its own (other tests' cache history
+    # shifts llama.cpp's logits in the last digits)
+    return load_backend(None, n_ctx=1024, n_batch=512)
 
 
 @pytest.fixture

@@ -118,8 +118,8 @@ class LmtpBackend(GgufBackend):
                     on_text(table[token])
                 shown += len(table[token])
                 continue
-            if hole["finish"] != "end" and token is not None:
-                tokens.append(token)
+            if token is not None and token not in self.vocabulary.end_ids:
+                tokens.append(token)          # a value's last token (not the end token)
             value = b"".join(table[t] for t in tokens)[:hole["value_bytes"]]
             if on_text and len(value) > shown:
                 on_text(value[shown:])

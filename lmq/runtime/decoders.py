@@ -124,7 +124,8 @@ class Decoder:
             mask = None
             if automaton is not None:
                 last = plan.max_tokens is not None and count + 1 == plan.max_tokens
-                mask = _final_mask(automaton, state, row) if last else automaton.mask(state)
+                mask = (_final_mask(automaton, state, row) if last
+                        else _viable_mask(automaton, state, plan.min_tokens - count - 1))
             token, token_logprob = await self._select(row, mask, None if may_end else end_list, end_list)
             if token < 0:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
@@ -138,6 +139,10 @@ class Decoder:
             value += table[token]
             if automaton is not None:
                 state = automaton.advance(state, token)
+                if _complete(automaton, state) and plan.may_end_at(len(tokens)):
+                    if on_text:                 # nothing can follow: end without a decode
+                        on_text(table[token])
+                    return HoleOutput(tokens, bytes(value), "end", logprob)
             if plan.stops and plan.may_end_at(len(tokens)):
                 cut = _find_stop(value, plan, start)
                 if cut is not None:
@@ -235,6 +240,20 @@ def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
         if best is None or candidate < best:
             best = candidate
     return None if best is None else best[2]
+
+
+def _viable_mask(automaton, state, more: int) -> TokenMask:
+    """The state's mask, narrowed while a minimum token count is still ahead (for automata
+    that can tell which tokens leave room for `more` tokens)."""
+    viable = getattr(automaton, "viable_mask", None)
+    return viable(state, more) if viable is not None and more > 0 else automaton.mask(state)
+
+
+def _complete(automaton, state) -> bool:
+    """A finished value that nothing may extend (the last `in` option, a closed JSON
+    document), known without a mask computation where the automaton caches masks."""
+    cached = getattr(automaton, "final_mask", None) is not None
+    return cached and automaton.accepts(state) and automaton.mask(state).count == 0
 
 
 def _final_mask(automaton, state, row: np.ndarray) -> TokenMask:

@@ -184,6 +184,8 @@ class DfaTokenAutomaton:
         self._dense_states: deque[int] = deque()    # cached dense masks, oldest first
         self._next: dict[tuple[int, int], int] = {}
         self._final: dict[int, TokenMask] = {}
+        self._viable: dict[tuple[int, int], TokenMask] = {}
+        self._longest: list[float] | None = None
         self._forced: dict[int, bytes] = {}
         self._open_table: np.ndarray | None = None
         self._open_words: dict[int, tuple[int, int]] = {}
@@ -219,6 +221,64 @@ class DfaTokenAutomaton:
                     if self._accepting[self.advance(state, t)] or self._exits[self.advance(state, t)]]
             final = self._final[state] = TokenMask.of(np.array(ends, dtype=np.int32), self.index.size)
         return final
+
+    def viable_mask(self, state: int, more: int) -> TokenMask:
+        """The tokens after which the value can still grow by at least `more` tokens (a
+        minimum token count still to reach). Every byte is a token of its own in the
+        vocabularies lmq reads, so that is: the longest path to an accepting state from
+        the state after the token is at least `more` bytes."""
+        key = (state, more)
+        viable = self._viable.get(key)
+        if viable is None:
+            longest = self._longest_values()
+            mask = self.mask(state)
+            if more <= 0 or min(longest) >= more:
+                viable = mask
+            else:
+                kept = [t for t in mask.allowed.tolist() if longest[self.advance(state, t)] >= more]
+                viable = TokenMask.of(np.array(kept, dtype=np.int32), self.index.size)
+            self._viable[key] = viable
+        return viable
+
+    def _longest_values(self) -> list[float]:
+        """Per state, the longest byte string to an accepting state (inf on a cycle)."""
+        if self._longest is None:
+            _, table = self.dfa.byte_classes
+            successors = [sorted({int(t) for t in row if t != DEAD}) for row in table]
+            longest: list[float] = [0.0] * len(table)
+            colour = [0] * len(table)           # 0 new, 1 on the stack, 2 done
+            for root in range(1, len(table)):
+                stack = [(root, iter(successors[root]))]
+                colour[root] = 1
+                while stack:
+                    node, children = stack[-1]
+                    child = next(children, None)
+                    if child is None:
+                        stack.pop()
+                        colour[node] = 2
+                        best = 0.0 if self._accepting[node] else -np.inf
+                        for c in successors[node]:
+                            best = max(best, 1.0 + longest[c])
+                        longest[node] = best
+                    elif colour[child] == 1:
+                        longest[child] = np.inf          # a back edge: on a cycle
+                    elif colour[child] == 0:
+                        colour[child] = 1
+                        stack.append((child, iter(successors[child])))
+            self._longest = self._propagate_cycles(longest, successors)
+        return self._longest
+
+    @staticmethod
+    def _propagate_cycles(longest: list[float], successors: list[list[int]]) -> list[float]:
+        """Every state that reaches a cycle is unbounded too."""
+        changed = True
+        while changed:
+            changed = False
+            for node, children in enumerate(successors):
+                if longest[node] != np.inf and any(longest[c] == np.inf for c in children):
+                    longest[node] = np.inf
+                    changed = True
+        return longest
 
     def mask(self, state: int) -> TokenMask:
         mask = self._masks.get(state)

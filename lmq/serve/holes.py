@@ -155,8 +155,8 @@ class HoleStream(Stream):
 
     def _final(self, output: HoleOutput) -> list[dict[str, Any]]:
         """The elements not sent yet; the last one finishes the stream."""
-        end = self.decoder.choice if output.finish == "end" else None
         elements = self._unsent(output.tokens)
+        end = self.decoder.choice if output.finish == "end" else None
         if end is not None:                  # the end token is the last choice, not a value token
             elements.append(self.element(*end))
         if not elements:
