@@ -243,3 +243,22 @@ def test_values_the_engine_makes_are_accepted_by_llama_cpp_for_the_exported_gram
     assert values
     for value in values:
         assert oracle.accepts(grammar, value.encode("utf-8")), (clause, value, grammar)
+
+
+def test_a_minimum_token_count_never_dead_ends_a_finite_branch(random_model):
+    """`INT(X) and len(TOKENS(X)) == 4`: a leading "0" ends INT, so it is masked while
+    tokens are still owed."""
+    for seed in range(80):
+        result = lmq.run_sync('"N: [X]" where INT(X) and len(TOKENS(X)) == 4', model=random_model(seed))
+        assert len(result.tokens["X"]) == 4
+        assert re.fullmatch(TYPE_PATTERNS["INT"], result.prompt[len("N: "):])
+
+
+def test_a_value_nothing_can_extend_ends_without_another_decode(pinned_model):
+    backend = lmq.model("random", seed=2).backend()
+    result = lmq.run_sync('"Pick:[X]" where X in [" yes", " no"]', model=pinned_model(backend))
+    vocabulary = backend.vocabulary
+    context = [vocabulary.bos_id] * vocabulary.add_bos + backend.tokenize("Pick:")
+    # the prompt and every generated token but the last were evaluated: the last one
+    # completed the value, and no end token had to be decoded after it
+    assert backend.evaluated_tokens == len(context) + len(result.tokens["X"]) - 1

@@ -100,10 +100,26 @@ class ModelScheduler:
         return future
 
     def _request(self, lane: Lane, tokens: list[int], prefill: bool) -> asyncio.Future:
+        if not prefill and not self._pending and len(tokens) == 1 and self._alone(lane):
+            return self._advance_alone(lane, tokens[0])
         future = self.loop.create_future()
         if not self._pending:
             self.loop.call_soon(self._step)
         self._pending.append(_Request(lane, tokens, prefill, future))
+        return future
+
+    def _alone(self, lane: Lane) -> bool:
+        """Whether `lane` is the only live lane: no other branch or query can share its step."""
+        return len(self._lanes) == 1 and lane in self._lanes
+
+    def _advance_alone(self, lane: Lane, token: int) -> asyncio.Future:
+        """One sequence's next token, decoded at once: the per-token path of a single query
+        goes through no event-loop round trip (a done future is awaited without yielding)."""
+        future = self.loop.create_future()
+        with self._lock:            # a full context is the sequence's own ContextLimitError
+            _settle(future, lane.sequence.advance, token)
+        self.steps += 1
+        self.batched += 1
         return future
 
     def _step(self) -> None:
