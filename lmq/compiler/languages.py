@@ -56,7 +56,22 @@ def language_dfa(key: LanguageKey) -> ByteDfa:
 def value_dfa(key: LanguageKey) -> ByteDfa:
     """The values of a hole under `key`: its language, in well-formed UTF-8 only (a value
     is text; a complement or a length bound alone would also admit broken byte strings)."""
-    return fa.intersect(language_dfa(key), fa.valid_utf8())
+    language = language_dfa(key)
+    return language if _only_text(key) else fa.intersect(language, fa.valid_utf8())
+
+
+def _only_text(key: LanguageKey) -> bool:
+    """Whether every string of the key's language is well-formed UTF-8 by construction
+    (options and regexes come from Python strings; a complement, a substring or a length
+    bound alone admit any bytes)."""
+    kind = key[0]
+    if kind in ("in", "regex"):
+        return True
+    if kind == "and":
+        return any(_only_text(k) for k in key[1])
+    if kind == "or":
+        return all(_only_text(k) for k in key[1])
+    return False
 
 
 @functools.lru_cache(maxsize=1024)
