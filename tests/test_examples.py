@@ -1,6 +1,7 @@
 """Every examples/*.lmq runs as is on the default model (through the CLI)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def run(name):
 
 
 def test_every_example_is_tested():
-    tested = {"capital.lmq", "shopping_list.lmq", "chat.lmq", "nested.lmq", "translate.lmq"}
+    tested = {"capital.lmq", "shopping_list.lmq", "chat.lmq", "nested.lmq", "translate.lmq",
+              "order.lmq"}
     assert {p.name for p in EXAMPLES.glob("*.lmq")} == tested
 
 
@@ -52,3 +54,11 @@ def test_translate():
     result = run("translate.lmq")
     assert result["prompt"].startswith("Translate English words to French.\nEnglish: dog\nFrench: chien\n")
     assert "\n" not in result["variables"]["TRANSLATION"]
+
+
+def test_order():
+    order = run("order.lmq")["return"]
+    assert order["size"] in ("small", "medium", "large")
+    assert isinstance(order["count"], int)
+    assert re.fullmatch(r"[0-2][0-9]:[0-5][0-9]", order["time"])
+    assert isinstance(order["customer"], str)
