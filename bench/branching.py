@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import lmq
 from bench.constraints import resolve_model
+from bench.options import bench_arguments
 from bench.raw import RawLoop
 from bench.stats import median
 from lmq.backends import load_backend
@@ -107,16 +106,8 @@ async def _sequential(model: lmq.Model, tokens: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.branching", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a GGUF path")
-    parser.add_argument("--reps", type=int, help="timed repetitions (default 5, smoke 1)")
-    parser.add_argument("--tokens", type=int, help="tokens per hole (default 32, smoke 4)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", type=Path, help="write every figure to this file")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-    arguments = parser.parse_args(argv)
-    arguments.reps = arguments.reps or (1 if arguments.smoke else 5)
-    arguments.tokens = arguments.tokens or (4 if arguments.smoke else 32)
+    arguments = bench_arguments("python -m bench.branching", __doc__.split("\n")[0], argv,
+                                tokens=(32, 4))
     figures = run(arguments)
     print(f"model {figures['model']}, {BRANCHES} branches x {arguments.tokens} tokens, "
           f"{arguments.reps} reps, {arguments.threads} threads (medians)")

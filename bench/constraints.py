@@ -47,6 +47,7 @@ import llama_cpp
 import numpy as np
 
 import lmq
+from bench.options import bench_arguments
 from bench.raw import RawLoop
 from bench.stats import median, percentile
 from lmq.backends import default_model_path, load_backend
@@ -526,19 +527,12 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.constraints", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a GGUF path")
-    parser.add_argument("--reps", type=int, help="timed repetitions (default 5, smoke 1)")
-    parser.add_argument("--tokens", type=int, help="token budget of the holes (default 48, smoke 8)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--mask-vocab", type=Path, default=QWEN2_VOCAB,
-                        help="vocabulary GGUF of the mask-step, compile and vocabulary figures")
-    parser.add_argument("--json", type=Path, help="write every figure to this file")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-    arguments = parser.parse_args(argv)
-    for name in ("reps", "tokens", "threads"):
-        if getattr(arguments, name) is not None and getattr(arguments, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    arguments = bench_arguments(
+        "python -m bench.constraints", __doc__.split("\n")[0], argv, tokens=(48, 8),
+        what="token budget of the holes",
+        extra=lambda parser: parser.add_argument(
+            "--mask-vocab", type=Path, default=QWEN2_VOCAB,
+            help="vocabulary GGUF of the mask-step, compile and vocabulary figures"))
     figures = run(arguments)
     print_report(figures)
     if arguments.json:

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import multiprocessing
 import multiprocessing.pool
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import lmq
 from bench.constraints import progress, resolve_model
+from bench.options import bench_arguments
 from bench.raw import RawLoop
 from bench.stats import median
 
@@ -170,15 +169,11 @@ def print_report(figures: dict[str, Any], out=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3 or a GGUF path")
-    parser.add_argument("--clients", type=int, help="concurrent clients (default 8, smoke 2)")
-    parser.add_argument("--reps", type=int, help="timed repetitions (default 5, smoke 1)")
-    parser.add_argument("--tokens", type=int, help="tokens per query (default 32, smoke 4)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", type=Path, help="write every figure to this file")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
-    arguments = parser.parse_args(argv)
+    arguments = bench_arguments(
+        "python -m bench.server", __doc__.split("\n")[0], argv, tokens=(32, 4),
+        what="tokens per query",
+        extra=lambda parser: parser.add_argument(
+            "--clients", type=int, help="concurrent clients (default 8, smoke 2)"))
     figures = run(arguments)
     print_report(figures)
     if arguments.json:

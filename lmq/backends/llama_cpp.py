@@ -9,7 +9,6 @@ cache and evaluates only the new suffix, so a prompt is never evaluated twice.
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import os
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import CodeType
 from typing import Any
 
-from lmq.compiler.ast import Expression, PromptStatement, QueryAST, Span
+from lmq.compiler.ast import PromptStatement, QueryAST, Span
 from lmq.compiler.constraints import (CONSTRAINT_FUNCTIONS, Constraint, Junction, Operand,
                                       ValueComparison, WhereCompiler)
 from lmq.compiler.parser import parse_query

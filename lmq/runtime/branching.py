@@ -16,7 +16,6 @@ a split point therefore runs once per branch; side effects repeat (README, langu
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 from collections import deque
 from typing import Any

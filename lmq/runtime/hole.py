@@ -11,7 +11,6 @@ still satisfies them; `GRAMMAR` and `JSON` become a grammar automaton (llguidanc
 
 from __future__ import annotations
 
-import builtins
 import functools
 import re
 import weakref
