@@ -15,6 +15,7 @@ Random backends are made fresh each time, so each starts from its seed.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import threading
@@ -24,6 +25,17 @@ from lmq.errors import ModelError
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _loaded: dict[tuple, Backend] = {}
+
+
+@atexit.register
+def _close_loaded() -> None:
+    """Free loaded models while llama-cpp-python can still do it (its own finalizers
+    fail noisily once the interpreter is tearing its modules down)."""
+    for backend in _loaded.values():
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+    _loaded.clear()
 _lock = threading.Lock()
 
 __all__ = ["Backend", "Sequence", "Vocabulary", "default_model_path", "load_backend", "resolve_model_id"]
