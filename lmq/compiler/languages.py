@@ -25,10 +25,11 @@ from __future__ import annotations
 import functools
 from lmq.compiler import automaton as fa
 from lmq.compiler.automaton import ByteDfa
+from lmq.compiler.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
 
 LanguageKey = tuple
 #: the fixed languages of INT(X) and FLOAT(X) (constraints.md)
-TYPE_PATTERNS = {"INT": r" ?-?(0|[1-9][0-9]*)", "FLOAT": r" ?-?(0|[1-9][0-9]*)(\.[0-9]+)?"}
+TYPE_PATTERNS = {"INT": INT_PATTERN, "FLOAT": FLOAT_PATTERN}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -42,7 +43,6 @@ def language_dfa(key: LanguageKey) -> ByteDfa:
     if kind == "chars":
         return fa.char_count(key[1], key[2])
     if kind == "regex":
-        from lmq.compiler.regex import regex_dfa
         return regex_dfa(key[1])
     if kind == "not":
         return fa.complement(language_dfa(key[1]))

@@ -23,11 +23,11 @@ from lmq.compiler.codegen import HoleSpec, PromptProgram
 from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation, Operand,
                                       PythonCheck, StopPhrase, TokenCount, TypeConstraint,
                                       ValueComparison, conjuncts)
+from lmq.compiler.gbnf import Grammar, parse_gbnf
 from lmq.compiler.gbnf_export import dfa_to_gbnf
+from lmq.compiler.json_schema import json_constraint
 from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, key_from_json,
                                     key_to_json, stopped_dfa, value_dfa)
-from lmq.compiler.gbnf import Grammar, parse_gbnf
-from lmq.compiler.json_schema import json_constraint
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 from lmq.runtime.grammar import GrammarTokenAutomaton
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
