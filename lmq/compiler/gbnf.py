@@ -325,18 +325,27 @@ def nullable_rules(rules: dict[str, Node]) -> dict[str, bool]:
     return _fixpoint(rules, _nullable)
 
 
+def _productive(rules: dict[str, Node]) -> dict[str, bool]:
+    """Which rules derive some string at all."""
+    return _fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True))
+
+
 def _nullable(node: Node, nullable: dict[str, bool]) -> bool:
-    if isinstance(node, Literal):
-        return node.text == ""
+    return _derives(node, nullable, lambda terminal: isinstance(terminal, Literal) and terminal.text == "")
+
+
+def _derives(node: Node, known: dict[str, bool], terminal) -> bool:
+    """Whether `node` derives a string of a kind: `known` says it of each rule so far,
+    `terminal` of a literal or character class."""
     if isinstance(node, RuleRef):
-        return nullable[node.name]
+        return known[node.name]
     if isinstance(node, Repeat):
-        return node.low == 0 or _nullable(node.item, nullable)
+        return node.low == 0 or _derives(node.item, known, terminal)
     if isinstance(node, Sequence):
-        return all(_nullable(item, nullable) for item in node.items)
+        return all(_derives(item, known, terminal) for item in node.items)
     if isinstance(node, Choice):
-        return any(_nullable(item, nullable) for item in node.alternatives)
-    return False
+        return any(_derives(item, known, terminal) for item in node.alternatives)
+    return terminal(node)
 
 
 def _fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
@@ -349,20 +358,6 @@ def _fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
             if not value[name] and holds(node, value):
                 value[name] = changed = True
     return value
-
-
-def _productive(rules: dict[str, Node]) -> dict[str, bool]:
-    def productive(node: Node, known: dict[str, bool]) -> bool:
-        if isinstance(node, RuleRef):
-            return known[node.name]
-        if isinstance(node, Repeat):
-            return node.low == 0 or productive(node.item, known)
-        if isinstance(node, Sequence):
-            return all(productive(item, known) for item in node.items)
-        if isinstance(node, Choice):
-            return any(productive(item, known) for item in node.alternatives)
-        return True
-    return _fixpoint(rules, productive)
 
 
 def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
