@@ -244,20 +244,22 @@ def _build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
     plan.automaton = _dfa_automaton(plan.language, stops, vocabulary)
 
 
-_automata: dict[tuple, DfaTokenAutomaton] = {}
+#: (language, stops, id of the vocabulary) → (the vocabulary, kept alive so its id stays
+#: its own, and the token automaton)
+_automata: dict[tuple, tuple[Vocabulary, DfaTokenAutomaton]] = {}
 
 
 def _dfa_automaton(key: LanguageKey, stops: tuple, vocabulary: Vocabulary) -> DfaTokenAutomaton:
     """One token automaton per (language, stops, vocabulary), so masks computed for a
     state serve every later hole with the same constraint."""
     cache_key = (key, stops, id(vocabulary))
-    automaton = _automata.get(cache_key)
-    if automaton is None:
-        automaton = DfaTokenAutomaton.for_vocabulary(stopped_dfa(key, stops), vocabulary)
+    cached = _automata.get(cache_key)
+    if cached is None:
         if len(_automata) > 256:
             _automata.clear()
-        _automata[cache_key] = automaton
-    return automaton
+        cached = _automata[cache_key] = (
+            vocabulary, DfaTokenAutomaton.for_vocabulary(stopped_dfa(key, stops), vocabulary))
+    return cached[1]
 
 
 def _stop_alternatives(item: Constraint) -> bool:
