@@ -27,7 +27,7 @@ from typing import Any
 
 import lmq
 from bench.constraints import resolve_model
-from bench.options import bench_arguments
+from bench.options import bench_arguments, model_options
 from bench.raw import RawLoop
 from bench.stats import median
 from lmq.backends import load_backend
@@ -50,10 +50,9 @@ async def topic(number, tokens):
 
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     path = resolve_model(arguments.model)
-    model = lmq.model(f"local:llama.cpp:{path}", n_threads=arguments.threads,
-                      n_threads_batch=arguments.threads)
+    model = lmq.model(f"local:llama.cpp:{path}", **model_options(arguments))
     backend = load_backend(model.model_id, **model.kwargs)
-    raw = RawLoop(backend.llama, n_seq_max=BRANCHES)
+    raw = RawLoop(backend.model, n_seq_max=BRANCHES)
     prompt_tokens = raw.tokenize(PROMPT)
     hole = lmq.query(_hole(arguments.tokens))
 

@@ -47,7 +47,7 @@ import llama_cpp
 import numpy as np
 
 import lmq
-from bench.options import bench_arguments
+from bench.options import bench_arguments, model_options
 from bench.raw import RawLoop
 from bench.stats import median, percentile
 from lmq.backends import default_model_path, load_backend
@@ -445,6 +445,8 @@ TARGETS = (
 def verdicts(figures: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for label, path, op, target in TARGETS:
+        if path[0] not in figures:                  # a section left out with --sections
+            continue
         value = functools.reduce(lambda d, k: d[k], path, figures)
         passed = value >= target if op == ">=" else value <= target
         rows.append({"figure": label, "value": value, "target": f"{op} {target:g}", "pass": passed})
@@ -456,21 +458,24 @@ def print_report(figures: dict[str, Any], out=sys.stdout) -> None:
           f"{figures['model']['threads']} threads, {figures['settings']['reps']} reps", file=out)
     print(f"\n{'constraint':<10} {'tokens':>6} {'raw tok/s':>9} {'lmq/raw':>8} {'call/raw':>8} "
           f"{'llama-cpp-python/raw':>21} {'(tokens)':>8}", file=out)
-    for name, row in figures["throughput"].items():
+    for name, row in figures.get("throughput", {}).items():
         print(f"{name:<10} {row['tokens']:>6} {row['raw_tokens_per_s']:>9.1f} {row['ratio']:>8.3f} "
               f"{row['call_ratio']:>8.3f} {row['reference_ratio']:>21.3f} "
               f"{row['reference_tokens'][-1]:>8}", file=out)
-    steps = figures["mask_step"]
-    print(f"\nmask step at {steps['size']} tokens (µs): " + ", ".join(
-        f"{k} {v['median_us']:.1f} / p99 {v['p99_us']:.1f}" for k, v in steps.items()
-        if isinstance(v, dict)), file=out)
-    print("compile p50 ms cold / warm: " + ", ".join(
-        f"{k} {v['cold_p50_ms']:.3f} / {v['warm_p50_ms']:.3f}" for k, v in figures["compile"].items()),
-        file=out)
-    vocab = figures["vocabulary"]
-    print(f"vocabulary {vocab['size']} tokens: index cold {vocab['cold_s']:.3f} s, cached "
-          f"{vocab['cached_s'] * 1e3:.1f} ms; llguidance tokenizer {vocab['llguidance_tokenizer_s']:.3f} s; "
-          f"token bytes from GGUF {vocab['token_bytes_s']:.3f} s", file=out)
+    if "mask_step" in figures:
+        steps = figures["mask_step"]
+        print(f"\nmask step at {steps['size']} tokens (µs): " + ", ".join(
+            f"{k} {v['median_us']:.1f} / p99 {v['p99_us']:.1f}" for k, v in steps.items()
+            if isinstance(v, dict)), file=out)
+    if "compile" in figures:
+        print("compile p50 ms cold / warm: " + ", ".join(
+            f"{k} {v['cold_p50_ms']:.3f} / {v['warm_p50_ms']:.3f}" for k, v in figures["compile"].items()),
+            file=out)
+    if "vocabulary" in figures:
+        vocab = figures["vocabulary"]
+        print(f"vocabulary {vocab['size']} tokens: index cold {vocab['cold_s']:.3f} s, cached "
+              f"{vocab['cached_s'] * 1e3:.1f} ms; llguidance tokenizer {vocab['llguidance_tokenizer_s']:.3f} s; "
+              f"token bytes from GGUF {vocab['token_bytes_s']:.3f} s", file=out)
     print(f"\n{'figure':<32} {'value':>10} {'target':>10}", file=out)
     for row in figures["targets"]:
         print(f"{row['figure']:<32} {row['value']:>10.3f} {row['target']:>10}  "
@@ -500,16 +505,18 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
         "sections_s": {}}
 
     def section(name: str, action: Callable[[], Any]) -> None:
+        if name not in arguments.sections:
+            return
         progress(name)
         start = time.perf_counter()
         figures[name] = action()
         figures["sections_s"][name] = time.perf_counter() - start
 
     section("vocabulary", lambda: vocabulary_preparation(vocab_path, 1 if smoke else 5))
-    threads = {"n_threads": arguments.threads, "n_threads_batch": arguments.threads}
-    model = lmq.model(f"local:llama.cpp:{path}", **threads)
-    reference = llama_cpp.Llama(path, n_ctx=4096, verbose=False, **threads)
-    raw = RawLoop(reference)
+    llama_options = model_options(arguments)
+    model = lmq.model(f"local:llama.cpp:{path}", **llama_options)
+    reference = llama_cpp.Llama(path, n_ctx=4096, verbose=False, **llama_options)
+    raw = RawLoop(load_backend(model.model_id, **model.kwargs).model)
     figures["model"]["vocabulary"] = raw.n_vocab
     try:
         section("throughput", lambda: throughput(model, reference, raw, cases, reps, n, scope,
@@ -519,25 +526,34 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
         reference.close()
     section("mask_step", lambda: mask_step(vocab_path, cases, n, 2 if smoke else 4,
                                            2 if smoke else 5, scope))
-    mask_vocabulary = load_backend("random", vocab=vocab_path).vocabulary
-    section("compile", lambda: compile_times(mask_vocabulary, cases, n, 3 if smoke else 21, scope))
+    section("compile", lambda: compile_times(load_backend("random", vocab=vocab_path).vocabulary,
+                                             cases, n, 3 if smoke else 21, scope))
     figures["targets"] = verdicts(figures)
     figures["wall_s"] = time.perf_counter() - started
     return figures
+
+
+SECTIONS = ("vocabulary", "throughput", "mask_step", "compile")
+
+
+def _extra_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mask-vocab", type=Path, default=QWEN2_VOCAB,
+                        help="vocabulary GGUF of the mask-step, compile and vocabulary figures")
+    parser.add_argument("--sections", type=lambda text: text.split(","), default=list(SECTIONS),
+                        help=f"which figures, comma-separated (default all: {','.join(SECTIONS)}); "
+                             "a GPU run needs only throughput")
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = bench_arguments(
         "python -m bench.constraints", __doc__.split("\n")[0], argv, tokens=(48, 8),
         what="token budget of the holes",
-        extra=lambda parser: parser.add_argument(
-            "--mask-vocab", type=Path, default=QWEN2_VOCAB,
-            help="vocabulary GGUF of the mask-step, compile and vocabulary figures"))
+        extra=_extra_arguments)
     figures = run(arguments)
     print_report(figures)
     if arguments.json:
         arguments.json.write_text(json.dumps(figures, indent=1, default=str))
-    problems = [row["problem"] for row in figures["throughput"].values() if row["problem"]]
+    problems = [row["problem"] for row in figures.get("throughput", {}).values() if row["problem"]]
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
     return 1 if problems else 0

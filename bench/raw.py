@@ -3,8 +3,8 @@
 Same GGUF, same process, same threads, no constraint and no other work: one `llama_decode`
 per generated token on a one-token batch, the logits row read zero-copy through
 `llama_get_logits_ith`, `numpy.argmax`. `RawLoop` owns a llama.cpp context of its own on
-an already loaded model (sharing its weights) with a copy of that model's context
-parameters, so lmq's backend, llama-cpp-python's `Llama` and the raw loop differ only in
+a model lmq loaded (`LlamaModel`: sharing its weights, a copy of its context parameters,
+flash attention and offload included), so lmq's backend and the raw loop differ only in
 what they do per token.
 
 The n-sequence form (`generate_batch`) decodes n sequences together, one token each per
@@ -17,13 +17,14 @@ already in the cache.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import llama_cpp
 import numpy as np
+
+from lmq.backends.llama_model import LlamaModel
 
 
 @dataclass(frozen=True)
@@ -46,35 +47,30 @@ class RawRun:
 class RawLoop:
     """A llama.cpp context on a loaded model, decoded with nothing but the C API."""
 
-    def __init__(self, llama: llama_cpp.Llama, n_seq_max: int = 1):
-        self.llama = llama
-        params = llama_cpp.llama_context_params.from_buffer_copy(llama.context_params)
-        params.n_seq_max = n_seq_max
-        params.kv_unified = n_seq_max > 1
-        self.ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
-        if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not create a context of {n_seq_max} sequences")
+    def __init__(self, model: LlamaModel, n_seq_max: int = 1, owned: bool = False):
+        self.model = model
+        self.owned = owned
+        self.ctx = model.new_context(n_seq_max=n_seq_max, kv_unified=n_seq_max > 1)
         self.n_seq_max = n_seq_max
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.vocab = llama_cpp.llama_model_get_vocab(llama._model.model)
+        self.vocab = llama_cpp.llama_model_get_vocab(model.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self._batch = llama_cpp.llama_batch_init(max(self.n_batch, n_seq_max), 0, 1)
 
     @classmethod
-    def load(cls, path: str, *, n_threads: int | None = None, n_ctx: int = 4096,
-             n_seq_max: int = 1) -> "RawLoop":
-        """Load `path` on its own (the defaults are lmq's llama.cpp defaults); prompts and
-        single tokens are evaluated with the same number of threads."""
-        threads = n_threads or os.cpu_count() or 1
-        llama = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                verbose=False)
-        return cls(llama, n_seq_max)
+    def load(cls, path: str, *, n_seq_max: int = 1, **options) -> "RawLoop":
+        """Load `path` on its own with lmq's llama.cpp defaults and `options` (the model
+        keywords of `local:llama.cpp:`); closing the loop frees the model."""
+        return cls(LlamaModel(path, **options), n_seq_max, owned=True)
 
     def tokenize(self, text: str) -> list[int]:
         """The prompt tokens of `text` as the model sees them (BOS added where it wants one)."""
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        data = text.encode("utf-8")
+        buffer = (llama_cpp.llama_token * (len(data) + 16))()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), True, False)
+        return buffer[:n]
 
     def generate(self, prompt: Sequence[int], n_tokens: int,
                  follow: Sequence[int] | None = None) -> RawRun:
@@ -146,4 +142,6 @@ class RawLoop:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ctx)
             self._batch = None
+            if self.owned:
+                self.model.close()
 

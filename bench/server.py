@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import lmq
 from bench.constraints import progress, resolve_model
-from bench.options import bench_arguments
+from bench.options import bench_arguments, model_options
 from bench.raw import RawLoop
 from bench.stats import median
 
@@ -46,10 +46,11 @@ TARGETS = (("many clients / raw batch", "many_clients", 0.85),
 class Server:
     """`lmq serve-model` in a subprocess, ready once it prints its address."""
 
-    def __init__(self, path: str, slots: int, threads: int, n_ctx: int):
+    def __init__(self, path: str, slots: int, n_ctx: int, options: dict[str, int]):
         command = [sys.executable, "-m", "lmq.cli", "serve-model", f"llama.cpp:{path}", "--port", "0",
-                   "--slots", str(slots), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
-                   "--n_threads_batch", str(threads), "--static"]
+                   "--slots", str(slots), "--n_ctx", str(n_ctx), "--static"]
+        for name, value in options.items():
+            command += [f"--{name}", str(value)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         for line in self.process.stdout:
             if "listening on ws://" in line:
@@ -114,14 +115,13 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
     text = query(n)
     started = time.perf_counter()
     progress(f"starting lmq serve-model with {clients} slots")
-    server = Server(path, clients, threads, n_ctx=2048)
-    raw = RawLoop.load(path, n_threads=threads, n_ctx=2048, n_seq_max=clients)
+    server = Server(path, clients, 2048, model_options(arguments))
+    raw = RawLoop.load(path, n_ctx=2048, n_seq_max=clients, **model_options(arguments))
     pool = multiprocessing.get_context("spawn").Pool(
         clients, _client_setup, (text, f"llama.cpp:{path}", server.endpoint, n))
     try:
         remote = lmq.model(f"llama.cpp:{path}", endpoint=server.endpoint)
-        local = lmq.model(f"local:llama.cpp:{path}", n_ctx=2048, n_threads=threads,
-                          n_threads_batch=threads)
+        local = lmq.model(f"local:llama.cpp:{path}", n_ctx=2048, **model_options(arguments))
         prompt = raw.tokenize(PROMPT)
         progress(f"many clients: {clients} × {n} tokens, {reps} reps")
         many = interleaved(reps, {

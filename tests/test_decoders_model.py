@@ -3,8 +3,9 @@ argmax(n), constraints on every branch, generate.
 
 Scores recomputed by `score` agree with the decoders' to float rounding of llama.cpp's
 kernels: a KV cache computed in batches of another size gives logits that differ in the
-last digits, so comparisons allow a few hundredths of a nat per token, and "same seed, same
-samples" is checked on fresh models (the same cache history)."""
+last digits (more with flash attention, llama.cpp's automatic default, whose CPU kernel
+accumulates in half precision), so comparisons allow a few hundredths of a nat per token,
+and "same seed, same samples" is checked on fresh models (the same cache history)."""
 
 import pytest
 from conftest import PinnedModel
@@ -19,7 +20,7 @@ PROMPT = "Q: Name a fruit.\nA:"
 
 
 def tolerance(tokens: int) -> float:
-    return 0.02 + 0.02 * tokens
+    return 0.02 + 0.05 * tokens
 
 
 def test_beam_scores_are_sorted_and_equal_the_model_log_probabilities():

@@ -24,6 +24,8 @@ QUERIES = [
     '"My favourite colour is[C]" where C in [" red", " green", " dark blue"]',
     '"Licence plate:[X]" where REGEX(X, "[A-Z]{3}-[0-9]{2}")',
     '"Tokens:[X]" where len(TOKENS(X)) < 5 and len(TOKENS(X)) != 2 and STOPS_AT(X, " ")',
+    '"[A]" where A == "1"',                                    # no text before the first hole
+    '"[X], then[Y]" where len(TOKENS(X)) < 4 and Y in [" yes", " no"]',
 ]
 
 
@@ -55,14 +57,18 @@ def test_queries_give_the_in_process_argmax_results(query, remote, local):
     assert there.logprob == pytest.approx(here.logprob, abs=1e-4)
 
 
-def test_seeded_sampling_draws_what_it_draws_in_process(remote, local):
-    query = '"Say something:[A]" where len(TOKENS(A)) < 6'
+@pytest.mark.parametrize("query", ['"Say something:[A]" where len(TOKENS(A)) < 6',
+                                   '"[A]" where len(TOKENS(A)) < 6'])
+def test_seeded_sampling_draws_what_it_draws_in_process(query, remote, local):
     decoder = "sample(temperature=0.8, top_k=40, seed=3)"
     here = lmq.run_sync(query, model=local, decoder=decoder)
     there = lmq.run_sync(query, model=remote, decoder=decoder)
     assert there.tokens == here.tokens
+
+
+def test_search_decoders_are_refused_over_lmtp(remote):
     with pytest.raises(lmq.ModelError, match="logits rows"):
-        lmq.run_sync(query, model=remote, decoder="beam(n=2)")
+        lmq.run_sync('"Say something:[A]" where len(TOKENS(A)) < 6', model=remote, decoder="beam(n=2)")
 
 
 def test_lmtp_url_ids_and_concurrent_queries(server, local):

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+
+from lmq.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,23 @@ class Vocabulary:
     @property
     def size(self) -> int:
         return len(self.token_bytes)
+
+    @property
+    def prompt_start(self) -> list[int]:
+        """The tokens every prompt begins with: BOS where the model adds one."""
+        return [self.bos_id] if self.add_bos and self.bos_id is not None else []
+
+    def nonempty(self, tokens: list[int]) -> list[int]:
+        """`tokens`, or for an empty prompt what llama.cpp gives one: BOS where the model
+        has one, else its document separator (EOS), so a query may begin with a hole on
+        every model."""
+        if tokens:
+            return tokens
+        start = self.bos_id if self.bos_id is not None else self.eos_id
+        if start is None:
+            raise ModelError("the prompt is empty and the model has neither a BOS nor an EOS "
+                             "token to start from")
+        return [start]
 
 
 class Sequence(ABC):
@@ -47,6 +67,13 @@ class Sequence(ABC):
     def advance(self, token: int) -> np.ndarray:
         """Append one token to the cached ones and return the logits row after it (the
         per-token hot path: no list comparison, no copy)."""
+
+    def advance_later(self, token: int) -> Callable[[], np.ndarray]:
+        """Start appending one token; the returned function gives the row after it. An
+        engine that computes asynchronously (llama.cpp on a GPU) works while the caller
+        prepares its next step before asking; here it is evaluated at once."""
+        row = self.advance(token)
+        return lambda: row
 
     @abstractmethod
     def fork(self) -> "Sequence":

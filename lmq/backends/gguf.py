@@ -14,20 +14,20 @@ import llama_cpp
 from lmq.backends.base import Backend, Vocabulary
 from lmq.errors import ModelError
 
-_silenced = False
 
 
 @llama_cpp.llama_log_callback
-def _drop_log(level, text, user_data):  # llama.cpp's log goes nowhere unless LMQ_DEBUG is set
+def _drop_log(level, text, user_data):
     return None
 
 
-def silence_llama_log() -> None:
-    """llama.cpp logs every load to stderr; lmq's own messages are what a user reads."""
-    global _silenced
-    if not _silenced and not os.environ.get("LMQ_DEBUG"):
+def show_llama_log(shown: bool = False) -> None:
+    """llama.cpp logs every load to stderr; lmq's own messages are what a user reads, so
+    the log goes nowhere unless asked for (`verbose=True` on a model, or LMQ_DEBUG set)."""
+    if shown or os.environ.get("LMQ_DEBUG"):
+        llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
+    else:
         llama_cpp.llama_log_set(_drop_log, ctypes.c_void_p(0))
-        _silenced = True
 
 
 def check_gguf(path: str) -> str:
@@ -105,7 +105,7 @@ class GgufVocab:
 def load_vocab_only(path: str) -> GgufVocab:
     """Load just the tokenizer of a GGUF (no weights, no context)."""
     resolved = check_gguf(path)
-    silence_llama_log()
+    show_llama_log()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(resolved.encode(), params)

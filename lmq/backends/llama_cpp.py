@@ -1,26 +1,64 @@
 """llama.cpp in process, through llama-cpp-python's low-level API.
 
-`Llama(...)` loads the model and context (so every llama.cpp keyword works as documented
-there); decoding bypasses its high-level loop: our own `llama_batch`, `llama_decode`, and
-the logits row read zero-copy from `llama_get_logits_ith`. Each `Sequence` is a KV-cache
-sequence id; bringing it to a new token list removes only the divergent tail from the
-cache and evaluates only the new suffix, so a prompt is never evaluated twice.
+The weights and the context are lmq's own (`LlamaModel`: llama_model_load_from_file and
+llama_init_from_model with lmq's parameters); decoding is our own `llama_batch`,
+`llama_decode`, and the logits row read zero-copy from `llama_get_logits_ith`. The batch
+lives in numpy arrays, so filling it is a few slice assignments, not per-field ctypes
+writes. Each `Sequence` is a KV-cache sequence id of one unified cache; bringing it to a
+new token list removes only the divergent tail from the cache and evaluates only the new
+suffix, so a prompt is never evaluated twice.
 """
 
 from __future__ import annotations
 
-import inspect
-import os
+import ctypes
+from typing import Callable
 
 import llama_cpp
 import numpy as np
 
 from lmq.backends.base import Sequence, common_prefix
-from lmq.backends.gguf import GgufBackend, GgufVocab, check_gguf, silence_llama_log
-from lmq.errors import ContextLimitError, ModelError, QueryArgumentError
+from lmq.backends.gguf import GgufBackend, GgufVocab, check_gguf, show_llama_log
+from lmq.backends.llama_model import LlamaModel
+from lmq.errors import ContextLimitError, ModelError
 
-_LLAMA_KEYWORDS = frozenset(inspect.signature(llama_cpp.Llama.__init__).parameters) - {"self", "kwargs", "model_path"}
-_DEFAULTS = {"n_ctx": 4096, "n_threads": os.cpu_count() or 1}
+
+class TokenBatch:
+    """A `llama_batch` whose arrays are numpy arrays (one sequence id per token)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        int32_p = ctypes.POINTER(ctypes.c_int32)
+        base, size = self.seq.ctypes.data, self.seq.itemsize
+        self._seq_pointers = (int32_p * capacity)(*(ctypes.cast(base + i * size, int32_p)
+                                                    for i in range(capacity)))
+        self.batch = llama_cpp.llama_batch(
+            n_tokens=0, token=self.token.ctypes.data_as(int32_p), embd=None,
+            pos=self.pos.ctypes.data_as(int32_p), n_seq_id=self.n_seq_id.ctypes.data_as(int32_p),
+            seq_id=self._seq_pointers, logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
+
+    def fill(self, seq_id: int, tokens: list[int], start: int) -> None:
+        """`tokens` of one sequence at positions start…, logits for the last one only."""
+        n = len(tokens)
+        self.token[:n] = tokens
+        self.pos[:n] = np.arange(start, start + n, dtype=np.int32)
+        self.seq[:n] = seq_id
+        self.logits[:n] = 0
+        self.logits[n - 1] = 1
+        self.batch.n_tokens = n
+
+    def fill_one(self, seq_id: int, token: int, position: int) -> None:
+        """The per-token case: one token of one sequence."""
+        self.token[0] = token
+        self.pos[0] = position
+        self.seq[0] = seq_id
+        self.logits[0] = 1
+        self.batch.n_tokens = 1
 
 
 class LlamaCppBackend(GgufBackend):
@@ -31,48 +69,34 @@ class LlamaCppBackend(GgufBackend):
     DEFAULT_SEQUENCES = 16
 
     def __init__(self, path: str, n_seq_max: int = DEFAULT_SEQUENCES, **kwargs):
-        unknown = sorted(set(kwargs) - _LLAMA_KEYWORDS)
-        if unknown:
-            raise QueryArgumentError(f"unknown llama.cpp argument{'s' if len(unknown) > 1 else ''}: "
-                                     f"{', '.join(unknown)}")
         self.path = check_gguf(path)
-        silence_llama_log()
-        options = {**_DEFAULTS, **kwargs, "verbose": False}
+        show_llama_log(bool(kwargs.get("verbose")))
+        self.model = LlamaModel(self.path, **kwargs)
         try:
-            self.llama = llama_cpp.Llama(self.path, **options)
-        except (ValueError, RuntimeError) as e:
-            raise ModelError(f"llama.cpp could not load {path}: {e}") from None
-        if n_seq_max > 1:
-            self._use_sequences(n_seq_max)
-        self.ctx = self.llama._ctx.ctx
+            self.ctx = self.model.new_context(n_seq_max=n_seq_max, kv_unified=n_seq_max > 1)
+        except ModelError:
+            self.model.close()
+            raise
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        super().__init__(GgufVocab(self.llama._model.model), self.path)
+        super().__init__(GgufVocab(self.model.model), self.path)
         self.context_size = llama_cpp.llama_n_ctx(self.ctx)
-        self.n_batch = self.llama.n_batch
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.gguf.vocab)
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._free_ids = list(range(self.llama.context_params.n_seq_max))
+        self._batch = TokenBatch(self.n_batch)
+        self._decode_batch = llama_cpp.llama_decode
+        self._logits_ith = llama_cpp.llama_get_logits_ith
+        self._free_ids = list(range(self.n_seq_max))
         self._kept: dict[int, list[int]] = {}    # tokens a released sequence left in the cache
         self._logits_owner: tuple[int, int] | None = None   # (seq id, length) of current logits
-
-    def _use_sequences(self, n_seq_max: int) -> None:
-        """Llama() makes a one-sequence context; replace it by a unified multi-sequence one."""
-        from llama_cpp import _internals
-
-        params = self.llama.context_params
-        params.n_seq_max = n_seq_max
-        params.kv_unified = True
-        self.llama._ctx.close()
-        self.llama._ctx = _internals.LlamaContext(model=self.llama._model, params=params, verbose=False)
 
     def describe(self) -> str:
         return f"llama.cpp {self.path}"
 
     def sequence(self) -> "LlamaSequence":
         if not self._free_ids:
-            raise ModelError(f"all {self.llama.context_params.n_seq_max} llama.cpp sequences are in "
-                             "use (branches and concurrent queries): load the model with a larger "
-                             "n_seq_max=")
+            raise ModelError(f"all {self.n_seq_max} llama.cpp sequences are in use (branches and "
+                             "concurrent queries): load the model with a larger n_seq_max=")
         sequence = LlamaSequence(self, self._free_ids.pop(0))
         sequence.tokens = self._kept.pop(sequence.seq_id, [])
         return sequence
@@ -80,25 +104,16 @@ class LlamaCppBackend(GgufBackend):
     def _decode(self, seq_id: int, tokens: list[int], start: int) -> None:
         """Evaluate `tokens` at positions start… of `seq_id`, in chunks of n_batch."""
         for offset in range(0, len(tokens), self.n_batch):
-            chunk = tokens[offset:offset + self.n_batch]
-            self._run_batch([(seq_id, token, start + offset + i, False) for i, token in enumerate(chunk)])
+            self._batch.fill(seq_id, tokens[offset:offset + self.n_batch], start + offset)
+            self._run_batch()
         self.evaluated_tokens += len(tokens)
 
-    def _run_batch(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        """One llama_decode of (seq id, token, position, wants logits) entries; the last
-        entry always gets logits (row -1)."""
-        batch = self._batch
-        for i, (seq_id, token, position, wants_logits) in enumerate(entries):
-            batch.token[i] = token
-            batch.pos[i] = position
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq_id
-            batch.logits[i] = wants_logits
-        batch.logits[len(entries) - 1] = 1
-        batch.n_tokens = len(entries)
-        status = llama_cpp.llama_decode(self.ctx, batch)
+    def _run_batch(self) -> None:
+        """One llama_decode of the filled batch."""
+        batch = self._batch.batch
+        status = self._decode_batch(self.ctx, batch)
         if status == 1 and self._forget_kept():       # 1: no room in the KV cache
-            status = llama_cpp.llama_decode(self.ctx, batch)
+            status = self._decode_batch(self.ctx, batch)
         if status != 0:
             raise ModelError(f"llama_decode failed with status {status} "
                              f"(context {self.context_size} tokens)")
@@ -117,39 +132,50 @@ class LlamaCppBackend(GgufBackend):
     def advance_many(self, steps: list[tuple["LlamaSequence", list[int]]]) -> list[np.ndarray]:
         """All sequences' new tokens in one llama_decode (chunked by n_batch); each row is
         a zero-copy view when one decode sufficed, else a copy."""
-        entries = []
-        for k, (sequence, tokens) in enumerate(steps):
-            if not tokens:
+        seq_ids, tokens, positions, last = [], [], [], []
+        for sequence, new in steps:
+            if not new:
                 raise ModelError("advance_many needs at least one token per sequence")
             start = len(sequence.tokens)
-            if start + len(tokens) > self.context_size:
+            if start + len(new) > self.context_size:
                 raise ContextLimitError(f"the context of {self.context_size} tokens is full")
-            last = len(tokens) - 1
-            entries.extend((k, sequence.seq_id, token, start + i, i == last) for i, token in enumerate(tokens))
+            seq_ids.extend([sequence.seq_id] * len(new))
+            positions.extend(range(start, start + len(new)))
+            tokens.extend(new)
+            last.append(len(tokens) - 1)
         rows: list[np.ndarray] = [None] * len(steps)   # type: ignore[list-item]
-        single = len(entries) <= self.n_batch
-        for offset in range(0, len(entries), self.n_batch):
-            chunk = entries[offset:offset + self.n_batch]
-            self._run_batch([e[1:] for e in chunk])
-            for i, (k, _, _, _, wants_logits) in enumerate(chunk):
-                if wants_logits:
-                    row = self._logits_row(i)
-                    rows[k] = row if single else row.copy()
-        for sequence, tokens in steps:
-            sequence.tokens.extend(tokens)
-        self.evaluated_tokens += len(entries)
+        batch, size = self._batch, self.n_batch
+        single = len(tokens) <= size
+        wanted = np.zeros(len(tokens), dtype=np.int8)
+        wanted[last] = 1
+        owner = {index: k for k, index in enumerate(last)}
+        for offset in range(0, len(tokens), size):
+            n = min(size, len(tokens) - offset)
+            batch.token[:n] = tokens[offset:offset + n]
+            batch.pos[:n] = positions[offset:offset + n]
+            batch.seq[:n] = seq_ids[offset:offset + n]
+            batch.logits[:n] = wanted[offset:offset + n]
+            batch.logits[n - 1] = 1
+            batch.batch.n_tokens = n
+            self._run_batch()
+            for i in np.flatnonzero(wanted[offset:offset + n]).tolist():
+                row = self._logits_row(i)
+                rows[owner[offset + i]] = row if single else row.copy()
+        for sequence, new in steps:
+            sequence.tokens.extend(new)
+        self.evaluated_tokens += len(tokens)
         self._logits_owner = None
         return rows
 
     def _logits_row(self, index: int = -1) -> np.ndarray:
-        pointer = llama_cpp.llama_get_logits_ith(self.ctx, index)
+        pointer = self._logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def close(self) -> None:
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        self.llama.close()
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+            self.model.close()
 
 
 class LlamaSequence(Sequence):
@@ -162,7 +188,8 @@ class LlamaSequence(Sequence):
         backend = self.backend
         if len(tokens) > backend.context_size:
             raise ContextLimitError(f"{len(tokens)} tokens do not fit the context of "
-                                    f"{backend.context_size} tokens")
+                                    f"{backend.context_size} tokens (over by "
+                                    f"{len(tokens) - backend.context_size})")
         if not tokens:
             raise ModelError("cannot evaluate an empty token sequence")
         cached = self.tokens
@@ -178,13 +205,26 @@ class LlamaSequence(Sequence):
         return backend._logits_row()
 
     def advance(self, token: int) -> np.ndarray:
+        return self.advance_later(token)()
+
+    def advance_later(self, token: int) -> Callable[[], np.ndarray]:
+        """llama_decode returns once the work is queued (on a GPU, before it is done); the
+        row is read, which waits for it, when the caller asks."""
         backend = self.backend
-        if len(self.tokens) >= backend.context_size:
+        position = len(self.tokens)
+        if position >= backend.context_size:
             raise ContextLimitError(f"the context of {backend.context_size} tokens is full")
-        backend._decode(self.seq_id, [token], len(self.tokens))
+        backend._batch.fill_one(self.seq_id, token, position)
+        backend._run_batch()
+        backend.evaluated_tokens += 1
         self.tokens.append(token)
-        backend._logits_owner = (self.seq_id, len(self.tokens))
-        return backend._logits_row()
+        owner = backend._logits_owner = (self.seq_id, position + 1)
+
+        def row() -> np.ndarray:
+            if backend._logits_owner != owner:       # another sequence decoded meanwhile
+                return self.logits(self.tokens)
+            return backend._logits_row()
+        return row
 
     def fork(self) -> "LlamaSequence":
         child = self.backend.sequence()
@@ -199,4 +239,3 @@ class LlamaSequence(Sequence):
         self.backend._kept[self.seq_id] = self.tokens
         self.tokens = []
         self.backend._free_ids.insert(0, self.seq_id)
-

@@ -56,6 +56,11 @@ class SampleDecoder(Decoder):
             self._sampler = make_sampler(self.settings, self.settings.get("seed"))
         return self._sampler.pick(row, self._lane.tokens if self._lane is not None else (), ids)
 
+    def _log_normalizer(self, candidates: np.ndarray, ids: np.ndarray | None, chosen: float) -> float:
+        """A draw at temperature 1 has summed the row's exponentials already."""
+        known = self._sampler.log_normalizer
+        return known if known is not None else _logsumexp(candidates, self._spare(candidates) if ids is None else None)
+
 
 class _Pruned(BaseException):
     """Ends a branch the search dropped (a BaseException, so query code cannot catch it)."""
@@ -162,10 +167,13 @@ class SearchDecoder(Decoder):
         top = np.argpartition(-row, width - 1)[:width] if width < row.size else np.arange(row.size)
         top = top[np.argsort(-row[top], kind="stable")]
         top = top[np.isfinite(row[top])]
-        total = _logsumexp(row)
+        total = self._total = _logsumexp(row)
         self._candidates = [(int(ids[i]) if ids is not None else int(i), float(row[i]) - total)
                             for i in top]
         return int(top[0]) if top.size else 0
+
+    def _log_normalizer(self, candidates: np.ndarray, ids: np.ndarray | None, chosen: float) -> float:
+        return self._total                # summed by _pick for the search's candidates
 
 
 class BestKDecoder(SearchDecoder):

@@ -8,7 +8,9 @@ where the template puts the assistant's reply, for any template.
 
 from __future__ import annotations
 
-from jinja2 import TemplateError
+from functools import lru_cache
+
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmq.backends.base import Backend
@@ -21,11 +23,18 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+@lru_cache(maxsize=32)
+def _compile(source: str) -> Template:
+    """A template compiled once per source text (Jinja takes milliseconds to compile one,
+    and every query run on a chat model renders through it)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = _raise
+    return environment.from_string(source)
+
+
 class ChatTemplate:
     def __init__(self, source: str, bos: str, eos: str):
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        environment.globals["raise_exception"] = _raise
-        self.template = environment.from_string(source)
+        self.template = _compile(source)
         self.bos = bos
         self.eos = eos
 

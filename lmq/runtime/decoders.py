@@ -101,12 +101,16 @@ class Decoder:
         logprob = 0.0
         if plan.max_tokens == 0:
             return HoleOutput(tokens, b"", "length", 0.0)
-        row = await lane.logits(context)
+        pending = lane.logits(context)
         while True:
+            # Everything up to `await pending` runs while the engine evaluates the last token.
+            mask = None
+            last = False
             if automaton is not None:
                 forced = self._forced_tokens(automaton, state, backend, plan, len(tokens),
                                              max_len - len(context))
                 if forced:
+                    await pending                  # one request per lane at a time
                     start = len(value)
                     for token in forced:
                         state = automaton.advance(state, token)
@@ -118,14 +122,16 @@ class Decoder:
                         on_text(bytes(value[start:cut]))
                     if cut is not None:
                         return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
-                    row = await lane.logits(context + tokens)
+                    pending = lane.logits(context + tokens)
+                count = len(tokens)
+                last = plan.max_tokens is not None and count + 1 == plan.max_tokens
+                if not last:
+                    mask = _viable_mask(automaton, state, plan.min_tokens - count - 1)
             count = len(tokens)
             may_end = plan.may_end_at(count) and (automaton is None or automaton.accepts(state))
-            mask = None
-            if automaton is not None:
-                last = plan.max_tokens is not None and count + 1 == plan.max_tokens
-                mask = (_final_mask(automaton, state, row) if last
-                        else _viable_mask(automaton, state, plan.min_tokens - count - 1))
+            row = await pending
+            if last:
+                mask = _final_mask(automaton, state, row)
             token, token_logprob = await self._select(row, mask, None if may_end else end_list, end_list)
             if token < 0:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
@@ -149,14 +155,18 @@ class Decoder:
                     if on_text and cut > start:
                         on_text(bytes(value[start:cut]))
                     return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
-            if on_text:
-                on_text(table[token])
             if plan.max_tokens is not None and len(tokens) >= plan.max_tokens:
+                if on_text:
+                    on_text(table[token])
                 return HoleOutput(tokens, bytes(value), "length", logprob)
             if len(context) + len(tokens) >= max_len:
+                if on_text:
+                    on_text(table[token])
                 raise ContextLimitError(f"max_len of {max_len} tokens reached while generating "
                                         f"{plan.name}", result=(tokens, bytes(value)))
-            row = await lane.advance([token])
+            pending = lane.advance([token])
+            if on_text:
+                on_text(table[token])
 
     def _choose(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                 end_list: np.ndarray) -> tuple[int, float]:
@@ -182,8 +192,12 @@ class Decoder:
         chosen = float(candidates[index])
         if chosen == -np.inf:
             return -1, 0.0
-        spare = self._spare(candidates) if ids is None else None
-        return (int(ids[index]) if ids is not None else index), chosen - _logsumexp(candidates, spare)
+        return (int(ids[index]) if ids is not None else index), chosen - self._log_normalizer(candidates, ids, chosen)
+
+    def _log_normalizer(self, candidates: np.ndarray, ids: np.ndarray | None, chosen: float) -> float:
+        """log Σ exp(candidates) for the chosen token's log-probability; the pick was the
+        maximum, which spares the logsumexp its own pass to find it."""
+        return _logsumexp(candidates, self._spare(candidates) if ids is None else None, top=chosen)
 
     def _scratch(self, row: np.ndarray) -> np.ndarray:
         if self._buffer is None or self._buffer.shape != row.shape:
@@ -216,9 +230,11 @@ class Decoder:
             limit = min(limit, plan.max_tokens - count - 1)
         return tokens[:max(0, min(limit, room - count - 1))]
 
-def _logsumexp(row: np.ndarray, out: np.ndarray | None = None) -> float:
-    """log Σ exp(row), stable; `out` (same shape) spares a full row the two temporaries."""
-    top = row.max()
+def _logsumexp(row: np.ndarray, out: np.ndarray | None = None, top: float | None = None) -> float:
+    """log Σ exp(row), stable; `out` (same shape) spares a full row the two temporaries;
+    `top`, the row's maximum where the caller knows it."""
+    if top is None:
+        top = row.max()
     if top == -np.inf:
         return float(top)
     shifted = np.subtract(row, top, out=out)

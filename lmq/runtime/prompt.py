@@ -27,8 +27,7 @@ class PromptMark:
 class PromptState:
     def __init__(self, backend: Backend | None):
         self.backend = backend
-        vocabulary = backend.vocabulary if backend else None
-        self._start = [vocabulary.bos_id] if vocabulary and vocabulary.add_bos and vocabulary.bos_id is not None else []
+        self._start = backend.vocabulary.prompt_start if backend else []
         self.text = ""
         self.tokens: list[int] = list(self._start)
         self._pending = ""
@@ -54,9 +53,12 @@ class PromptState:
         return None
 
     def context(self) -> list[int]:
-        """The token list the model must see before the next generated token."""
+        """The token list the model must see before the next generated token (never empty:
+        a query that begins with a hole starts from the model's empty-prompt token)."""
         if self.messages is None:
             self._flush()
+            if not self.tokens:
+                self.tokens = self.backend.vocabulary.nonempty(self.tokens)
             return self.tokens
         tokens = self.backend.tokenize(self.template.render(self.messages, partial=True), special=True)
         self.tokens = tokens if tokens[:1] == self._start else self._start + tokens

@@ -94,6 +94,10 @@ class Sampler:
         self.settings = settings
         self.rng = rng
         self.mu = 2.0 * settings.mirostat_tau
+        #: log Σ exp(row) of the last row `pick` drew from at temperature 1, else None
+        self.log_normalizer: float | None = None
+        self._weights: np.ndarray | None = None
+        self._cumulative: np.ndarray | None = None
 
     def fork(self, rng: np.random.Generator) -> "Sampler":
         """A sampler continuing this one's state on another random stream."""
@@ -105,6 +109,7 @@ class Sampler:
         """Draw an entry of the masked `row` (not modified) after the last tokens of
         `history` (for the repetition penalties); `ids` are the entries' token ids when
         the row is a gathered subset of the vocabulary."""
+        self.log_normalizer = None
         if self.settings.greedy:
             return int(row.argmax())
         if self.settings.plain:
@@ -177,12 +182,24 @@ class Sampler:
         return out
 
     def _draw_scaled(self, row: np.ndarray) -> int:
-        """A draw from softmax(row / temperature) in a few passes over the row; masked
-        entries weigh exp(-inf) = 0 and a right-sided search never lands on them."""
-        scaled = row if self.settings.temperature == 1 else row * np.float32(1 / self.settings.temperature)
-        weights = np.exp(scaled - scaled.max())
-        cumulative = np.cumsum(weights, dtype=np.float64)
-        index = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
+        """A draw from softmax(row / temperature) in four passes over the row, in reused
+        buffers; masked entries weigh exp(-inf) = 0 and a right-sided search never lands
+        on them. At temperature 1 the sum is the row's normalizer (kept for the caller)."""
+        if self._weights is None or self._weights.shape != row.shape:
+            self._weights = np.empty(row.shape, dtype=np.float32)
+            self._cumulative = np.empty(row.shape, dtype=np.float64)
+        weights, cumulative = self._weights, self._cumulative
+        temperature = self.settings.temperature
+        top = row.max()
+        np.subtract(row, top, out=weights)
+        if temperature != 1:
+            np.multiply(weights, np.float32(1 / temperature), out=weights)
+        np.exp(weights, out=weights)
+        np.cumsum(weights, dtype=np.float64, out=cumulative)
+        total = cumulative[-1]
+        if temperature == 1:
+            self.log_normalizer = float(top) + math.log(total)
+        index = int(np.searchsorted(cumulative, self.rng.random() * total, side="right"))
         return min(index, row.size - 1)
 
     def _draw(self, probs: np.ndarray) -> int:

@@ -21,7 +21,7 @@ import asyncio
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -112,15 +112,15 @@ class ModelScheduler:
         """Whether `lane` is the only live lane: no other branch or query can share its step."""
         return len(self._lanes) == 1 and lane in self._lanes
 
-    def _advance_alone(self, lane: Lane, token: int) -> asyncio.Future:
+    def _advance_alone(self, lane: Lane, token: int) -> "_Later":
         """One sequence's next token, decoded at once: the per-token path of a single query
-        goes through no event-loop round trip (a done future is awaited without yielding)."""
-        future = self.loop.create_future()
+        goes through no event-loop round trip (awaiting the result never yields), and the
+        engine works while the caller prepares its next step before awaiting."""
         with self._lock:            # a full context is the sequence's own ContextLimitError
-            _settle(future, lane.sequence.advance, token)
+            row = lane.sequence.advance_later(token)
         self.steps += 1
         self.batched += 1
-        return future
+        return _Later(row, self._lock)
 
     def _step(self) -> None:
         pending, self._pending = self._pending, []
@@ -229,7 +229,9 @@ class DirectLane:
     def logits(self, context: list[int]) -> "_Ready":
         return _Ready(self.sequence.logits(context))
 
-    def advance(self, tokens: list[int]) -> "_Ready":
+    def advance(self, tokens: list[int]) -> "_Ready | _Later":
+        if len(tokens) == 1:
+            return _Later(self.sequence.advance_later(tokens[0]))
         row = None
         for token in tokens:
             row = self.sequence.advance(token)
@@ -246,6 +248,24 @@ class _Ready:
 
     def __await__(self):
         return self.value
+        yield  # a generator that returns at once
+
+
+class _Later:
+    """An awaitable whose value is computed when awaited, without suspending (the row of
+    a decode already under way), under the backend's lock where there is one."""
+
+    __slots__ = ("compute", "lock")
+
+    def __init__(self, compute: Callable[[], Any], lock: threading.Lock | None = None):
+        self.compute = compute
+        self.lock = lock
+
+    def __await__(self):
+        if self.lock is None:
+            return self.compute()
+        with self.lock:
+            return self.compute()
         yield  # a generator that returns at once
 
 

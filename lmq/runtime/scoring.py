@@ -102,16 +102,12 @@ async def score(backend: Backend, prompt: str | list[int], values: list[str | li
 
 def _prompt_tokens(backend: Backend, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        vocabulary = backend.vocabulary
-        start = [vocabulary.bos_id] if vocabulary.add_bos and vocabulary.bos_id is not None else []
-        tokens = start + backend.tokenize(prompt)
+        tokens = backend.vocabulary.prompt_start + backend.tokenize(prompt)
     elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         tokens = list(prompt)
     else:
         raise QueryArgumentError(f"score: the prompt must be a string or a list of token ids, not {prompt!r}")
-    if not tokens:
-        raise QueryArgumentError("score: the prompt is empty and the model has no BOS token to start from")
-    return tokens
+    return backend.vocabulary.nonempty(tokens)
 
 
 def _value_tokens(backend: Backend, value: str | list[int]) -> list[int]:
