@@ -3,9 +3,10 @@ argmax(n), constraints on every branch, generate.
 
 Scores recomputed by `score` agree with the decoders' to float rounding of llama.cpp's
 kernels: a KV cache computed in batches of another size gives logits that differ in the
-last digits (more with flash attention, llama.cpp's automatic default, whose CPU kernel
-accumulates in half precision), so comparisons allow a few hundredths of a nat per token,
-and "same seed, same samples" is checked on fresh models (the same cache history)."""
+last digits, so comparisons allow a few hundredths of a nat per token (on a model with
+flash attention off: llama.cpp's CPU flash-attention kernel, its automatic default,
+accumulates in half precision and differs by up to a tenth), and "same seed, same
+samples" is checked on fresh models (the same cache history)."""
 
 import pytest
 from conftest import PinnedModel
@@ -20,11 +21,11 @@ PROMPT = "Q: Name a fruit.\nA:"
 
 
 def tolerance(tokens: int) -> float:
-    return 0.02 + 0.05 * tokens
+    return 0.02 + 0.02 * tokens
 
 
 def test_beam_scores_are_sorted_and_equal_the_model_log_probabilities():
-    model = lmq.model()
+    model = lmq.model(None, flash_attn=False)
     results = lmq.run_sync(r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) < 5', model=model,
                            decoder="beam(n=3)")
     assert 1 <= len(results) <= 3
@@ -38,7 +39,7 @@ def test_beam_scores_are_sorted_and_equal_the_model_log_probabilities():
 
 
 def test_beam_scores_the_text_between_holes():
-    model = lmq.model()
+    model = lmq.model(None, flash_attn=False)
     query = (r'"Q: Name a fruit.\nA:[X]\nQ: And a colour?\nA:[Y]" '
              'where len(TOKENS(X)) < 4 and len(TOKENS(Y)) < 3')
     results = lmq.run_sync(query, model=model, decoder="beam(n=2)")

@@ -89,6 +89,7 @@ class LlamaCppBackend(GgufBackend):
         self._free_ids = list(range(self.n_seq_max))
         self._kept: dict[int, list[int]] = {}    # tokens a released sequence left in the cache
         self._logits_owner: tuple[int, int] | None = None   # (seq id, length) of current logits
+        self._rows: dict[int, np.ndarray] = {}
 
     def describe(self) -> str:
         return f"llama.cpp {self.path}"
@@ -168,8 +169,16 @@ class LlamaCppBackend(GgufBackend):
         return rows
 
     def _logits_row(self, index: int = -1) -> np.ndarray:
-        pointer = self._logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+        """The row as a zero-copy view; views are kept per address (making one costs
+        more than a small model's whole per-token bookkeeping)."""
+        address = ctypes.cast(self._logits_ith(self.ctx, index), ctypes.c_void_p).value
+        row = self._rows.get(address)
+        if row is None:
+            if len(self._rows) >= 4 * self.n_seq_max:
+                self._rows.clear()
+            row = self._rows[address] = np.ctypeslib.as_array(
+                (ctypes.c_float * self.n_vocab).from_address(address))
+        return row
 
     def close(self) -> None:
         if self.ctx is not None:

@@ -56,10 +56,11 @@ class SampleDecoder(Decoder):
             self._sampler = make_sampler(self.settings, self.settings.get("seed"))
         return self._sampler.pick(row, self._lane.tokens if self._lane is not None else (), ids)
 
-    def _log_normalizer(self, candidates: np.ndarray, ids: np.ndarray | None, chosen: float) -> float:
+    picks_maximum = False
+
+    def _known_normalizer(self) -> float | None:
         """A draw at temperature 1 has summed the row's exponentials already."""
-        known = self._sampler.log_normalizer
-        return known if known is not None else _logsumexp(candidates, self._spare(candidates) if ids is None else None)
+        return self._sampler.log_normalizer
 
 
 class _Pruned(BaseException):
@@ -172,7 +173,7 @@ class SearchDecoder(Decoder):
                             for i in top]
         return int(top[0]) if top.size else 0
 
-    def _log_normalizer(self, candidates: np.ndarray, ids: np.ndarray | None, chosen: float) -> float:
+    def _known_normalizer(self) -> float | None:
         return self._total                # summed by _pick for the search's candidates
 
 

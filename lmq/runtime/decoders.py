@@ -73,9 +73,11 @@ class Decoder:
         return int(row.argmax())
 
     async def _select(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
-                      end_list: np.ndarray) -> tuple[int, float]:
-        """The per-token choice; search decoders override it to decide across branches."""
-        return self._choose(row, mask, hidden, end_list)
+                      end_list: np.ndarray) -> tuple[int, float | Callable[[], float]]:
+        """The per-token choice: the token and its log-probability, or a function giving
+        it (called once the next decode is under way); search decoders override it to
+        decide across branches."""
+        return self._choose_later(row, mask, hidden, end_list)
 
     def decode_hole(self, sequence: Sequence, context: list[int], plan: HolePlan,
                     backend: Backend, max_len: int,
@@ -132,14 +134,13 @@ class Decoder:
             row = await pending
             if last:
                 mask = _final_mask(automaton, state, row)
-            token, token_logprob = await self._select(row, mask, None if may_end else end_list, end_list)
+            token, score = await self._select(row, mask, None if may_end else end_list, end_list)
             if token < 0:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
                                               f"{bytes(value)!r}" + (" within its token budget"
                                                                      if mask is not None and last else ""))
-            logprob += token_logprob
             if token in ends:
-                return HoleOutput(tokens, bytes(value), "end", logprob)
+                return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
             tokens.append(token)
             start = len(value)
             value += table[token]
@@ -148,31 +149,42 @@ class Decoder:
                 if _complete(automaton, state) and plan.may_end_at(len(tokens)):
                     if on_text:                 # nothing can follow: end without a decode
                         on_text(table[token])
-                    return HoleOutput(tokens, bytes(value), "end", logprob)
+                    return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
             if plan.stops and plan.may_end_at(len(tokens)):
                 cut = _find_stop(value, plan, start)
                 if cut is not None:
                     if on_text and cut > start:
                         on_text(bytes(value[start:cut]))
-                    return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
+                    return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob + _value(score))
             if plan.max_tokens is not None and len(tokens) >= plan.max_tokens:
                 if on_text:
                     on_text(table[token])
-                return HoleOutput(tokens, bytes(value), "length", logprob)
+                return HoleOutput(tokens, bytes(value), "length", logprob + _value(score))
             if len(context) + len(tokens) >= max_len:
                 if on_text:
                     on_text(table[token])
                 raise ContextLimitError(f"max_len of {max_len} tokens reached while generating "
                                         f"{plan.name}", result=(tokens, bytes(value)))
             pending = lane.advance([token])
+            logprob += _value(score)            # while the engine evaluates the token
             if on_text:
                 on_text(table[token])
 
     def _choose(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                 end_list: np.ndarray) -> tuple[int, float]:
         """(token, its log-probability under the masked distribution), or (-1, 0) when
-        nothing is allowed. Sparse masks gather only the allowed entries; dense masks and
-        hidden end tokens work on a reused scratch row (the backend's row is never written)."""
+        nothing is allowed."""
+        token, score = self._choose_later(row, mask, hidden, end_list)
+        return token, score()
+
+    def _choose_later(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
+                      end_list: np.ndarray) -> tuple[int, Callable[[], float]]:
+        """(token, a function giving its log-probability under the masked distribution),
+        or (-1, …) when nothing is allowed: the normalizer, a full pass over the row, can
+        be summed while the engine evaluates the token. Sparse masks gather only the
+        allowed entries; dense masks and hidden end tokens work on a reused scratch row
+        (the backend's row is never written, and is copied where the sum needs it later:
+        the next decode rewrites it)."""
         ids = None
         if mask is None:
             candidates = row if hidden is None else self._scratch(row)
@@ -182,7 +194,7 @@ class Decoder:
         elif mask.bias is None:
             ids = mask.allowed if hidden is not None else np.concatenate((mask.allowed, end_list))
             if len(ids) == 0:
-                return -1, 0.0
+                return -1, _nothing
             candidates = row[ids]
         else:
             candidates = np.add(row, mask.bias, out=self._scratch(row))
@@ -191,13 +203,23 @@ class Decoder:
         index = self._pick(candidates, ids)
         chosen = float(candidates[index])
         if chosen == -np.inf:
-            return -1, 0.0
-        return (int(ids[index]) if ids is not None else index), chosen - self._log_normalizer(candidates, ids, chosen)
+            return -1, _nothing
+        token = int(ids[index]) if ids is not None else index
+        known = self._known_normalizer()
+        if known is not None:
+            return token, lambda: chosen - known
+        if candidates is row:
+            candidates = self._scratch(row)
+            np.copyto(candidates, row)
+        spare = self._spare(candidates) if ids is None else None
+        return token, lambda: chosen - _logsumexp(candidates, spare, top=chosen if self.picks_maximum else None)
 
-    def _log_normalizer(self, candidates: np.ndarray, ids: np.ndarray | None, chosen: float) -> float:
-        """log Σ exp(candidates) for the chosen token's log-probability; the pick was the
-        maximum, which spares the logsumexp its own pass to find it."""
-        return _logsumexp(candidates, self._spare(candidates) if ids is None else None, top=chosen)
+    #: whether `_pick` takes the row's maximum (its logsumexp then skips finding it)
+    picks_maximum = True
+
+    def _known_normalizer(self) -> float | None:
+        """log Σ exp(candidates) where `_pick` has summed it already, else None."""
+        return None
 
     def _scratch(self, row: np.ndarray) -> np.ndarray:
         if self._buffer is None or self._buffer.shape != row.shape:
@@ -229,6 +251,15 @@ class Decoder:
         if plan.max_tokens is not None:
             limit = min(limit, plan.max_tokens - count - 1)
         return tokens[:max(0, min(limit, room - count - 1))]
+
+def _nothing() -> float:
+    return 0.0
+
+
+def _value(score: float | Callable[[], float]) -> float:
+    """A score `_select` gave: a number, or a function computing it."""
+    return score() if callable(score) else score
+
 
 def _logsumexp(row: np.ndarray, out: np.ndarray | None = None, top: float | None = None) -> float:
     """log Σ exp(row), stable; `out` (same shape) spares a full row the two temporaries;

@@ -20,6 +20,8 @@ from lmq.errors import QueryArgumentError
 #: LMQL's spellings of llama.cpp's knobs
 KNOB_ALIASES = {"repetition_penalty": "repeat_penalty"}
 _MIROSTAT_M = 100          # llama.cpp's sample size for mirostat 1's s estimate
+#: entries per block of a plain draw (block sums, then one block's cumulative sum)
+DRAW_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,8 @@ class Sampler:
         self.mu = 2.0 * settings.mirostat_tau
         #: log Σ exp(row) of the last row `pick` drew from at temperature 1, else None
         self.log_normalizer: float | None = None
-        self._weights: np.ndarray | None = None
-        self._cumulative: np.ndarray | None = None
+        self._weights: np.ndarray | None = None      # exponentials, padded to whole blocks
+        self._size = 0
 
     def fork(self, rng: np.random.Generator) -> "Sampler":
         """A sampler continuing this one's state on another random stream."""
@@ -182,25 +184,34 @@ class Sampler:
         return out
 
     def _draw_scaled(self, row: np.ndarray) -> int:
-        """A draw from softmax(row / temperature) in four passes over the row, in reused
-        buffers; masked entries weigh exp(-inf) = 0 and a right-sided search never lands
-        on them. At temperature 1 the sum is the row's normalizer (kept for the caller)."""
-        if self._weights is None or self._weights.shape != row.shape:
-            self._weights = np.empty(row.shape, dtype=np.float32)
-            self._cumulative = np.empty(row.shape, dtype=np.float64)
-        weights, cumulative = self._weights, self._cumulative
+        """A draw from softmax(row / temperature) in three passes over the row, in reused
+        buffers: exponentials, their sums per block of `DRAW_BLOCK`, then a search among
+        the block sums and inside one block (a cumulative sum over the whole row is the
+        slow part of a plain inverse-CDF draw). Masked entries weigh exp(-inf) = 0 and are
+        never drawn. At temperature 1 the sum is the row's normalizer (kept for the caller)."""
+        size = row.shape[0]
+        if self._weights is None or self._size != size:
+            self._size = size
+            self._weights = np.zeros(-(-size // DRAW_BLOCK) * DRAW_BLOCK, dtype=np.float32)
+        weights = self._weights[:size]
         temperature = self.settings.temperature
         top = row.max()
         np.subtract(row, top, out=weights)
         if temperature != 1:
             np.multiply(weights, np.float32(1 / temperature), out=weights)
         np.exp(weights, out=weights)
-        np.cumsum(weights, dtype=np.float64, out=cumulative)
-        total = cumulative[-1]
+        blocks = np.cumsum(self._weights.reshape(-1, DRAW_BLOCK).sum(axis=1), dtype=np.float64)
+        total = float(blocks[-1])
         if temperature == 1:
             self.log_normalizer = float(top) + math.log(total)
-        index = int(np.searchsorted(cumulative, self.rng.random() * total, side="right"))
-        return min(index, row.size - 1)
+        target = self.rng.random() * total
+        block = min(int(np.searchsorted(blocks, target, side="right")), blocks.size - 1)
+        start = block * DRAW_BLOCK
+        inside = np.cumsum(self._weights[start:start + DRAW_BLOCK], dtype=np.float64)
+        offset = int(np.searchsorted(inside, target - (blocks[block - 1] if block else 0.0), side="right"))
+        if offset >= DRAW_BLOCK or self._weights[start + offset] == 0:   # rounding at the edge
+            offset = int(np.flatnonzero(self._weights[start:start + DRAW_BLOCK])[-1])
+        return min(start + offset, size - 1)
 
     def _draw(self, probs: np.ndarray) -> int:
         cumulative = np.cumsum(probs)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,10 +44,11 @@ class _RecordingChoices:
 
     choice: tuple[int, float] | None = None
 
-    def _choose(self, *args: Any) -> tuple[int, float]:
-        token, logprob = super()._choose(*args)
+    def _choose_later(self, *args: Any) -> tuple[int, Callable[[], float]]:
+        token, score = super()._choose_later(*args)
+        logprob = score()
         self.choice = (token, logprob)
-        return token, logprob
+        return token, lambda: logprob
 
 
 def _decoder(request: Generate) -> Decoder:
