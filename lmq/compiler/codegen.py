@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
+import re
 import symtable
 from dataclasses import dataclass
 from types import CodeType
@@ -23,7 +24,8 @@ from typing import Any
 from lmq.compiler.ast import PromptStatement, QueryAST, Span
 from lmq.compiler.constraints import (CONSTRAINT_FUNCTIONS, Constraint, Junction, Operand,
                                       ValueComparison, WhereCompiler)
-from lmq.compiler.parser import parse_query
+from lmq.compiler.nesting import TOO_DEEP, parse_python
+from lmq.compiler.parser import error_at, parse_query
 from lmq.compiler.prompt_string import (ChatTagPart, HolePart, InterpolationPart, PromptScanError,
                                         TextPart, scan_prompt)
 from lmq.errors import LmqSyntaxError
@@ -32,6 +34,7 @@ PROGRAM_NAME = "__lmq_program__"
 CONTEXT_NAME = "_ctx"
 _MARK = "\ue000"        # stands in for a non-text part while Python unescapes the literal
 _BUILTINS = frozenset(dir(builtins))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,7 @@ class _Generator:
         self.where = WhereCompiler(names, query.filename, query.source)
 
     def _error(self, message: str, offset: int) -> LmqSyntaxError:
-        line = self.query.source.count("\n", 0, offset) + 1
-        column = offset - (self.query.source.rfind("\n", 0, offset) + 1) + 1
-        return LmqSyntaxError(message, filename=self.query.filename, line=line, column=column,
-                              source_line=self.lines[line - 1])
+        return error_at(self.query.source, offset, message, self.query.filename)
 
     def _scan(self, statement: PromptStatement) -> list:
         parts: list = []
@@ -109,8 +109,27 @@ class _Generator:
                 scanned = scan_prompt(literal.body)
             except PromptScanError as e:
                 raise self._error(e.message, literal.body_offset + e.offset) from None
+            for part in scanned:
+                self._check_nesting(part, literal.body_offset)
             parts.extend(self._unescape(literal, scanned))
         return parts
+
+    def _check_nesting(self, part, body_offset: int) -> None:
+        """Python inside a prompt string (an interpolation, a hole's annotation and
+        decorators) nested too deeply, placed at the part; its other errors are Python's,
+        reported where the part is compiled."""
+        if isinstance(part, InterpolationPart):
+            sources = [part.expression]
+        elif isinstance(part, HolePart):
+            sources = [s for s in (part.annotation, *part.decorators) if s]
+        else:
+            return
+        for source in sources:
+            try:
+                parse_python("(" + source + ")")
+            except SyntaxError as e:
+                if e.msg == TOO_DEEP:
+                    raise self._error(TOO_DEEP, body_offset + part.offset) from None
 
     def _unescape(self, literal, parts: list) -> list:
         """Turn TextPart sources into str values the way Python reads the literal."""
@@ -119,7 +138,14 @@ class _Generator:
         body = "".join(p.source.replace("{{", "{").replace("}}", "}") if isinstance(p, TextPart)
                        else _MARK for p in parts)
         prefix = literal.prefix.replace("f", "").replace("F", "")
-        value = ast.literal_eval(prefix + literal.quote + body + literal.quote)
+        try:
+            value = ast.literal_eval(prefix + literal.quote + body + literal.quote)
+        except SyntaxError as e:         # a malformed escape: \x4, \N{NO SUCH NAME}
+            raise self._error(f"invalid prompt string: {e.msg}", literal.span.start) from None
+        surrogate = _SURROGATE.search(value)
+        if surrogate is not None:
+            raise self._error(f"the escape for U+{ord(surrogate.group()):04X} is a lone surrogate, "
+                              "not a character", literal.span.start)
         texts = iter(value.split(_MARK))
         out: list = []
         for part in parts:
@@ -216,7 +242,7 @@ class _Generator:
     def _module(self, python: str) -> ast.Module:
         self.python_lines = python.split("\n")
         try:
-            module = ast.parse(python, self.query.filename)
+            module = parse_python(python, "exec", self.query.filename)
         except SyntaxError as e:
             raise self._python_error(e) from None
         if self.query.decoder is not None and not self.query.inline_body:
