@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
-import re
 import symtable
 from dataclasses import dataclass
 from types import CodeType
@@ -26,15 +25,14 @@ from lmq.compiler.constraints import (CONSTRAINT_FUNCTIONS, Constraint, Junction
                                       ValueComparison, WhereCompiler)
 from lmq.compiler.nesting import TOO_DEEP, parse_python
 from lmq.compiler.parser import error_at, parse_query
-from lmq.compiler.prompt_string import (ChatTagPart, HolePart, InterpolationPart, PromptScanError,
-                                        TextPart, scan_prompt)
+from lmq.compiler.prompt_string import (LONE_SURROGATE, ChatTagPart, HolePart, InterpolationPart,
+                                        PromptScanError, TextPart, scan_prompt)
 from lmq.errors import LmqSyntaxError
 
 PROGRAM_NAME = "__lmq_program__"
 CONTEXT_NAME = "_ctx"
 _MARK = "\ue000"        # stands in for a non-text part while Python unescapes the literal
 _BUILTINS = frozenset(dir(builtins))
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,7 @@ class _Generator:
             value = ast.literal_eval(prefix + literal.quote + body + literal.quote)
         except SyntaxError as e:         # a malformed escape: \x4, \N{NO SUCH NAME}
             raise self._error(f"invalid prompt string: {e.msg}", literal.span.start) from None
-        surrogate = _SURROGATE.search(value)
+        surrogate = LONE_SURROGATE.search(value)
         if surrogate is not None:
             raise self._error(f"the escape for U+{ord(surrogate.group()):04X} is a lone surrogate, "
                               "not a character", literal.span.start)
@@ -245,6 +243,11 @@ class _Generator:
             module = parse_python(python, "exec", self.query.filename)
         except SyntaxError as e:
             raise self._python_error(e) from None
+        generator = _program_yield(module)
+        if generator is not None:
+            raise self._python_error(SyntaxError(
+                "'yield' outside a def: a query is not a generator",
+                (self.query.filename, generator.lineno, generator.col_offset + 1, None)))
         if self.query.decoder is not None and not self.query.inline_body:
             module.body = module.body[0].body      # the `if True:` standing for the decoder
         return module
@@ -293,6 +296,19 @@ def _replace(source: str, replacements: list[tuple[Span, str]]) -> str:
         position = span.end
     out.append(source[position:])
     return "".join(out)
+
+
+def _program_yield(module: ast.Module) -> ast.AST | None:
+    """A `yield` of the program itself (not of a def or class inside it): it would turn the
+    program function into an async generator."""
+    stack: list[ast.AST] = list(module.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Yield, ast.YieldFrom)):
+            return node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+    return None
 
 
 def _free_names(module: ast.Module, python: str) -> list[str]:

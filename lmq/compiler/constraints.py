@@ -10,7 +10,7 @@ one hole into a `HolePlan` (token budget, stop phrases, token automaton, final c
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import CodeType
 from typing import Any, Iterable
 
@@ -281,6 +281,20 @@ class WhereCompiler:
         if used:
             raise self._error(f"{sorted(used)[0]} cannot be used inside the expression {text!r}", node)
         return PythonCheck(text, self._operand(node), names & self.holes)
+
+
+def lowered_operands(constraint: Constraint | None) -> Iterable[Operand]:
+    """The Python operands that lowering a constraint evaluates, in order (a Python
+    check's expression is evaluated only on the final value)."""
+    if constraint is None:
+        return
+    for item in _walk(constraint):
+        if isinstance(item, PythonCheck):
+            continue
+        for f in fields(item):
+            value = getattr(item, f.name)
+            if isinstance(value, Operand):
+                yield value
 
 
 def _walk(constraint: Constraint) -> Iterable[Constraint]:

@@ -11,6 +11,7 @@ already turns into an `LmqSyntaxError` with line and column.
 from __future__ import annotations
 
 import ast
+from typing import Any
 
 #: the deepest Python AST a query may have; a third of what `ast.unparse` survives
 MAX_NESTING = 100
@@ -41,3 +42,18 @@ def _first_too_deep(tree: ast.AST) -> tuple[int, int]:
             return position
         stack.extend((child, depth + 1, position) for child in reversed(list(ast.iter_child_nodes(node))))
     return 0, 0
+
+
+def literal_or_text(text: str) -> Any:
+    """A command-line value: the Python literal `text` spells (`21`, `[1, 2]`, `True`), else
+    `text` itself; SyntaxError `TOO_DEEP` for a literal nested beyond the limit."""
+    try:
+        tree = parse_python(text)
+    except SyntaxError as e:
+        if e.msg == TOO_DEEP:
+            raise
+        return text
+    try:
+        return ast.literal_eval(tree)
+    except (ValueError, TypeError, SyntaxError):     # not a literal, or `{[1]: 2}`
+        return text

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 
 import lark.grammars
 from lark import Lark, Token, Tree
@@ -25,13 +24,13 @@ from lark.indenter import DedentError, PythonIndenter
 from lmq.compiler.ast import (DecoderClause, Expression, PromptStatement, QueryAST, Span,
                               StringLiteral)
 from lmq.compiler.nesting import MAX_NESTING, TOO_DEEP
+from lmq.compiler.prompt_string import LONE_SURROGATE
 from lmq.errors import LmqSyntaxError
 
 #: operator chains `a + b + …`, flat in the parse tree, nested one level per operator in
 #: Python's AST
 _CHAINS = {f"python__{name}" for name in ("or_expr", "xor_expr", "and_expr", "shift_expr",
                                           "arith_expr", "term")}
-_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
 _GRAMMAR = os.path.join(os.path.dirname(__file__), "lmq.lark")
 _NOT_PROMPT_SCOPES = {"python__funcdef", "python__async_funcdef", "python__classdef"}
 _STRING_NODES = {"python__string", "string_concat"}
@@ -57,12 +56,13 @@ def parse_query(source: str, filename: str = "<query>") -> QueryAST:
     """Parse a query of either form; malformed input raises `LmqSyntaxError`."""
     text = source.replace("\r\n", "\n").replace("\r", "\n")
     text = text if text.endswith("\n") else text + "\n"
-    bad = _NOT_TEXT.search(text)
-    if bad is not None:
-        message = ("a NUL character cannot be query text; write it as \\x00 in a string"
-                   if bad.group() == "\x00" else
-                   f"a lone surrogate U+{ord(bad.group()):04X} is not a character")
-        raise error_at(text, bad.start(), message, filename)
+    if "\x00" in text:
+        raise error_at(text, text.index("\x00"), "a NUL character cannot be query text; write it "
+                       "as \\x00 in a string", filename)
+    surrogate = LONE_SURROGATE.search(text)
+    if surrogate is not None:
+        raise error_at(text, surrogate.start(), f"a lone surrogate U+{ord(surrogate.group()):04X} "
+                       "is not a character", filename)
     try:
         tree = _lark().parse(text, start="program")
         form = "program"
