@@ -90,10 +90,7 @@ def _arguments(pairs: list[str]) -> dict[str, Any]:
         name, equals, text = pair.partition("=")
         if not equals or not name.isidentifier():
             raise _UsageError(f"--arg expects NAME=VALUE, got {pair!r}")
-        try:
-            values[name] = literal_or_text(text)
-        except SyntaxError as e:
-            raise _UsageError(f"--arg {name}: the value is {e.msg}") from None
+        values[name] = literal_or_text(text)
     return values
 
 

@@ -318,23 +318,26 @@ def _free_names(module: ast.Module, python: str) -> list[str]:
         "    " + line for line in body.split("\n"))
     table = next(t for t in symtable.symtable(wrapped, "<query>", "exec").get_children()
                  if t.get_name() == PROGRAM_NAME)
-    free: set[str] = set()
-
-    def visit(scope: symtable.SymbolTable) -> None:
-        for symbol in scope.get_symbols():
-            if symbol.is_global() and not symbol.is_declared_global() and symbol.is_referenced():
-                free.add(symbol.get_name())
-        for child in scope.get_children():
-            visit(child)
-
-    visit(table)
-    free.difference_update((CONTEXT_NAME, "locals"))
+    free = _unbound_names(table) - {CONTEXT_NAME, "locals"}
     first_use: dict[str, tuple[int, int]] = {}
     for node in ast.walk(module):
         if isinstance(node, ast.Name) and node.id in free:
             key = (node.lineno, node.col_offset)
             first_use[node.id] = min(first_use.get(node.id, key), key)
     return sorted(free, key=lambda n: first_use.get(n, (0, 0)))
+
+
+def _unbound_names(table: symtable.SymbolTable) -> set[str]:
+    """Names read in `table` or its inner scopes (comprehensions, lambdas, defs) that none
+    of them binds."""
+    names: set[str] = set()
+    stack = [table]
+    while stack:
+        scope = stack.pop()
+        names.update(symbol.get_name() for symbol in scope.get_symbols()
+                     if symbol.is_global() and not symbol.is_declared_global() and symbol.is_referenced())
+        stack.extend(scope.get_children())
+    return names
 
 
 def _assigned_names(module: ast.Module) -> set[str]:
@@ -357,7 +360,8 @@ def _operand_names(operands: list[Operand], where: list[Constraint], holes: list
               [h.where.source for h in holes if h.where is not None]
     names: list[str] = []
     for source in sources:
+        unbound = _unbound_names(symtable.symtable(source, "<operand>", "eval"))
         for node in ast.walk(ast.parse(source, mode="eval")):
-            if isinstance(node, ast.Name) and node.id not in names:
+            if isinstance(node, ast.Name) and node.id in unbound and node.id not in names:
                 names.append(node.id)
     return [n for n in names if n not in CONSTRAINT_FUNCTIONS and n not in _BUILTINS]

@@ -46,14 +46,8 @@ def _first_too_deep(tree: ast.AST) -> tuple[int, int]:
 
 def literal_or_text(text: str) -> Any:
     """A command-line value: the Python literal `text` spells (`21`, `[1, 2]`, `True`), else
-    `text` itself; SyntaxError `TOO_DEEP` for a literal nested beyond the limit."""
+    `text` itself (also for a literal nested beyond the limit)."""
     try:
-        tree = parse_python(text)
-    except SyntaxError as e:
-        if e.msg == TOO_DEEP:
-            raise
-        return text
-    try:
-        return ast.literal_eval(tree)
+        return ast.literal_eval(parse_python(text))
     except (ValueError, TypeError, SyntaxError):     # not a literal, or `{[1]: 2}`
         return text

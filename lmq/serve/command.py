@@ -53,10 +53,7 @@ def backend_arguments(extra: list[str]) -> dict[str, Any]:
             raise QueryArgumentError(f"serve-model: {item!r} is not a backend argument name")
         if not equals:
             text = items.pop(0) if items and not items[0].startswith("--") else "True"
-        try:
-            kwargs[key] = literal_or_text(text)
-        except SyntaxError as e:
-            raise QueryArgumentError(f"serve-model: --{key}: the value is {e.msg}") from None
+        kwargs[key] = literal_or_text(text)
     return kwargs
 
 
