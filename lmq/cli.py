@@ -1,6 +1,7 @@
 """The `lmq` command: `lmq run FILE.lmq` and `lmq compile FILE.lmq`.
 
-Exit codes: 0 success, 1 query error (syntax, constraint, context, model), 2 usage error.
+Exit codes: 0 success, 1 query error (syntax, constraint, context, model, an exception
+of the query's own code), 2 usage error. User errors print a message, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import codecs
 import json
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 from lmq.compiler.codegen import compile_query
@@ -217,6 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:             # `lmq compile … | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        if options.command != "run" or frames[-1].filename != options.file:
+            raise                       # not the query's own code: lmq's, a library's
+        print(f"lmq: {type(e).__name__} in the query: {e}", file=sys.stderr)
+        for frame in frames:
+            if frame.filename == options.file:
+                print(f"  {frame.filename}, line {frame.lineno}: {(frame.line or '').strip()}",
+                      file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

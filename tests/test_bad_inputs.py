@@ -74,6 +74,13 @@ def test_crlf_line_ends_are_line_ends():
     assert program.holes[0].line == 2
 
 
+@pytest.mark.parametrize("clause", ['X in ["\\ud800", "b"]', 'X == "\\udc80"', '"\\ud800" in X',
+                                    'STOPS_AT(X, "\\ud800")'])
+def test_a_surrogate_in_a_where_operand_is_a_constraint_error(clause):
+    with pytest.raises(lmq.ConstraintError, match="lone surrogate U\\+D[8C]"):
+        lmq.query(f'"a [X]" where {clause}')
+
+
 def test_a_surrogate_interpolated_at_run_time_is_an_lmq_error(random_model):
     with pytest.raises(lmq.LmqError, match="lone surrogate U\\+D800"):
         lmq.run_sync('"{s} [X]" where len(TOKENS(X)) < 3', s="a\ud800", model=random_model())
@@ -260,3 +267,12 @@ def test_names_bound_inside_a_where_clause_are_not_parameters(random_model):
     query = lmq.query('"a [X]" where X in [w.strip() for w in words] and len(TOKENS(X)) < 3')
     assert query.program.free_names == ("words",)
     assert query(words=[" b "], model=random_model()).variables["X"] == "b"
+
+
+def test_an_exception_of_the_querys_own_code_is_a_message_with_its_lines(tmp_path):
+    path = tmp_path / "q.lmq"
+    path.write_text("x = 1\ndef f(v):\n    return len(v)\nreturn f(x)\n")
+    done = lmq_cli("run", str(path))
+    assert done.returncode == 1
+    assert done.stderr == (f"lmq: TypeError in the query: object of type 'int' has no len()\n"
+                           f"  {path}, line 4: return f(x)\n  {path}, line 3: return len(v)\n")

@@ -318,7 +318,7 @@ def _language_key(node: Constraint, scope: dict[str, Any], name: str) -> Languag
 def _string(node: Constraint, value: Any) -> bytes:
     if not isinstance(value, str):
         raise ConstraintError(f"{node.source!r}: {value!r} is not a string (hole values are strings)")
-    return value.encode("utf-8")
+    return _utf8(node, value)
 
 
 def _options(node: Constraint, value: Any) -> tuple[bytes, ...]:
@@ -369,7 +369,15 @@ def _stop_rules(item: StopPhrase, phrases: Any) -> list[StopRule]:
                               f"strings, not {phrases!r}")
     if any(p == "" for p in phrases):
         raise ConstraintError(f"{item.source!r}: a stop phrase cannot be empty")
-    return [StopRule(p.encode("utf-8"), item.keep) for p in phrases]
+    return [StopRule(_utf8(item, p), item.keep) for p in phrases]
+
+
+def _utf8(node: Constraint, text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConstraintError(f"{node.source!r}: {text[:40]!r} holds a lone surrogate "
+                              f"U+{ord(text[e.start]):04X}, which is not a character") from None
 
 
 def _python_check(item: PythonCheck, scope: dict[str, Any], name: str) -> Callable[[Any], bool]:
