@@ -224,10 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command != "run" or frames[-1].filename != options.file:
             raise                       # not the query's own code: lmq's, a library's
         print(f"lmq: {type(e).__name__} in the query: {e}", file=sys.stderr)
-        for frame in frames:
-            if frame.filename == options.file:
-                print(f"  {frame.filename}, line {frame.lineno}: {(frame.line or '').strip()}",
-                      file=sys.stderr)
+        lines = [f"  {f.filename}, line {f.lineno}: {(f.line or '').strip()}"
+                 for f in frames if f.filename == options.file]
+        if len(lines) > 8:                  # a deep recursion: its ends
+            lines[4:-4] = [f"  … {len(lines) - 8} more"]
+        print("\n".join(lines), file=sys.stderr)
         return 1
 
 

@@ -1,4 +1,4 @@
-"""Python text of a query parsed with its nesting bounded.
+"""Python text of a query (and a command-line literal) parsed with its nesting bounded.
 
 Python's compiler, `ast.unparse`, `ast.literal_eval` and `symtable` recurse once per level
 of nesting, and fail with RecursionError or MemoryError somewhere between 200 and 3,000

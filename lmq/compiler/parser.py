@@ -81,15 +81,15 @@ def _check_depth(tree: Tree, text: str, filename: str) -> None:
     """Refuse a tree deeper than ten times `MAX_NESTING` (walked without recursion; a
     chain counts one level per operand, as in Python's AST): deeper text would make
     Python's own parser fail before `parse_python` can place the error."""
-    stack = [(tree, 1)]
+    stack = [(tree, 1, 0)]
     while stack:
-        node, depth = stack.pop()
+        node, depth, start = stack.pop()
+        start = node.start_pos if isinstance(node, Token) else getattr(node.meta, "start_pos", start)
         if depth > 10 * MAX_NESTING:
-            start = node.start_pos if isinstance(node, Token) else node.meta.start_pos
             raise error_at(text, start, TOO_DEEP, filename)
         if isinstance(node, Tree):
             step = len(node.children) if node.data in _CHAINS else 1
-            stack.extend((child, depth + step) for child in reversed(node.children))
+            stack.extend((child, depth + step, start) for child in reversed(node.children))
 
 
 def error_at(text: str, offset: int, message: str, filename: str) -> LmqSyntaxError:

@@ -237,6 +237,7 @@ class Decoder:
             limit = min(limit, plan.max_tokens - count - 1)
         return tokens[:max(0, min(limit, room - count - 1))]
 
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
