@@ -1,20 +1,23 @@
 """The `lmq` command: `lmq run FILE.lmq` and `lmq compile FILE.lmq`.
 
-Exit codes: 0 success, 1 query error (syntax, constraint, context, model), 2 usage error.
+Exit codes: 0 success, 1 query error (syntax, constraint, context, model, an exception
+of the query's own code), 2 usage error. User errors print a message, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import codecs
 import json
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 from lmq.compiler.codegen import compile_query
-from lmq.errors import LmqError, QueryArgumentError
-from lmq.runtime.hole import static_plan
+from lmq.compiler.nesting import literal_or_text
+from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
+from lmq.runtime.hole import runtime_values, static_plan
 from lmq.runtime.query import QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
 from lmq.serve.command import add_parser as add_serve_parser, serve_model
@@ -44,12 +47,43 @@ def _parser() -> argparse.ArgumentParser:
 
 def _read(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        with open(path, "rb") as f:
+            return _decode(f.read(), path)
     except FileNotFoundError:
         raise _UsageError(f"query file not found: {path}") from None
     except OSError as e:
         raise _UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def _decode(data: bytes, path: str) -> str:
+    """A query file's text: UTF-8, or with a byte-order mark UTF-8 or UTF-16 (as Windows
+    editors and PowerShell write it). Anything else is an error at the first byte that is
+    not text: a NUL (a binary file, or UTF-16 without a mark) or invalid UTF-8."""
+    encoding = "utf-8"
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            data, encoding = data[len(bom):], codec
+            break
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise _not_text(data, e.start, encoding, f"not {encoding.upper()} text ({e.reason}, byte "
+                        f"{data[e.start]:#04x}); save the file as UTF-8", path) from None
+    if encoding == "utf-8" and "\x00" in text:
+        raise _not_text(data, data.index(b"\x00"), encoding, "a NUL byte: a binary file, or "
+                        "UTF-16 without a byte-order mark; save the file as UTF-8", path)
+    return text
+
+
+def _not_text(data: bytes, offset: int, encoding: str, message: str, path: str) -> LmqSyntaxError:
+    """The error at byte `offset`, placed by the text before it."""
+    before = data[:offset].decode(encoding, "replace")
+    line_start = before.rfind("\n") + 1
+    return LmqSyntaxError(message, filename=path, line=before.count("\n") + 1,
+                          column=len(before) - line_start + 1)
 
 
 def _arguments(pairs: list[str]) -> dict[str, Any]:
@@ -58,10 +92,7 @@ def _arguments(pairs: list[str]) -> dict[str, Any]:
         name, equals, text = pair.partition("=")
         if not equals or not name.isidentifier():
             raise _UsageError(f"--arg expects NAME=VALUE, got {pair!r}")
-        try:
-            values[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            values[name] = text
+        values[name] = literal_or_text(text)
     return values
 
 
@@ -75,6 +106,7 @@ def _run(options: argparse.Namespace) -> int:
     streaming = sys.stdout.isatty() and not options.json
     on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if streaming else None
     returned = run_sync_coroutine(query.run(on_text=on_text, **kwargs))
+    sys.set_int_max_str_digits(0)   # an INT value may be longer than Python's 4,300-digit str limit
     results = returned if isinstance(returned, list) and returned \
         and all(isinstance(r, LMQResult) for r in returned) else None
     if options.json:
@@ -146,7 +178,8 @@ def _print_grammars(program) -> None:
         print(f"# hole {hole.index}: {hole.name} (line {hole.line})")
         plan = static_plan(hole)
         if plan is None:
-            print("# its constraints read run-time values: the grammar is made when it runs\n")
+            print(f"# run-time values: {', '.join(runtime_values(hole))} (not evaluated here: the "
+                  "grammar is made when the query runs)\n")
             continue
         low, high = plan.min_tokens, plan.max_tokens
         budget = ("any number of tokens" if high is None and not low else
@@ -186,6 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:             # `lmq compile … | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        if options.command != "run" or frames[-1].filename != options.file:
+            raise                       # not the query's own code: lmq's, a library's
+        print(f"lmq: {type(e).__name__} in the query: {e}", file=sys.stderr)
+        lines = [f"  {f.filename}, line {f.lineno}: {(f.line or '').strip()}"
+                 for f in frames if f.filename == options.file]
+        if len(lines) > 8:                  # a deep recursion: its ends
+            lines[4:-4] = [f"  … {len(lines) - 8} more"]
+        print("\n".join(lines), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

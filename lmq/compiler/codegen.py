@@ -23,9 +23,10 @@ from typing import Any
 from lmq.compiler.ast import PromptStatement, QueryAST, Span
 from lmq.compiler.constraints import (CONSTRAINT_FUNCTIONS, Constraint, Junction, Operand,
                                       ValueComparison, WhereCompiler)
-from lmq.compiler.parser import parse_query
-from lmq.compiler.prompt_string import (ChatTagPart, HolePart, InterpolationPart, PromptScanError,
-                                        TextPart, scan_prompt)
+from lmq.compiler.nesting import TOO_DEEP, parse_python
+from lmq.compiler.parser import error_at, parse_query
+from lmq.compiler.prompt_string import (LONE_SURROGATE, ChatTagPart, HolePart, InterpolationPart,
+                                        PromptScanError, TextPart, scan_prompt)
 from lmq.errors import LmqSyntaxError
 
 PROGRAM_NAME = "__lmq_program__"
@@ -97,10 +98,7 @@ class _Generator:
         self.where = WhereCompiler(names, query.filename, query.source)
 
     def _error(self, message: str, offset: int) -> LmqSyntaxError:
-        line = self.query.source.count("\n", 0, offset) + 1
-        column = offset - (self.query.source.rfind("\n", 0, offset) + 1) + 1
-        return LmqSyntaxError(message, filename=self.query.filename, line=line, column=column,
-                              source_line=self.lines[line - 1])
+        return error_at(self.query.source, offset, message, self.query.filename)
 
     def _scan(self, statement: PromptStatement) -> list:
         parts: list = []
@@ -109,8 +107,27 @@ class _Generator:
                 scanned = scan_prompt(literal.body)
             except PromptScanError as e:
                 raise self._error(e.message, literal.body_offset + e.offset) from None
+            for part in scanned:
+                self._check_nesting(part, literal.body_offset)
             parts.extend(self._unescape(literal, scanned))
         return parts
+
+    def _check_nesting(self, part, body_offset: int) -> None:
+        """Python inside a prompt string (an interpolation, a hole's annotation and
+        decorators) nested too deeply, placed at the part; its other errors are Python's,
+        reported where the part is compiled."""
+        if isinstance(part, InterpolationPart):
+            sources = [part.expression]
+        elif isinstance(part, HolePart):
+            sources = [s for s in (part.annotation, *part.decorators) if s]
+        else:
+            return
+        for source in sources:
+            try:
+                parse_python("(" + source + ")")
+            except SyntaxError as e:
+                if e.msg == TOO_DEEP:
+                    raise self._error(TOO_DEEP, body_offset + part.offset) from None
 
     def _unescape(self, literal, parts: list) -> list:
         """Turn TextPart sources into str values the way Python reads the literal."""
@@ -119,7 +136,14 @@ class _Generator:
         body = "".join(p.source.replace("{{", "{").replace("}}", "}") if isinstance(p, TextPart)
                        else _MARK for p in parts)
         prefix = literal.prefix.replace("f", "").replace("F", "")
-        value = ast.literal_eval(prefix + literal.quote + body + literal.quote)
+        try:
+            value = ast.literal_eval(prefix + literal.quote + body + literal.quote)
+        except SyntaxError as e:         # a malformed escape: \x4, \N{NO SUCH NAME}
+            raise self._error(f"invalid prompt string: {e.msg}", literal.span.start) from None
+        surrogate = LONE_SURROGATE.search(value)
+        if surrogate is not None:
+            raise self._error(f"the escape for U+{ord(surrogate.group()):04X} is a lone surrogate, "
+                              "not a character", literal.span.start)
         texts = iter(value.split(_MARK))
         out: list = []
         for part in parts:
@@ -216,9 +240,14 @@ class _Generator:
     def _module(self, python: str) -> ast.Module:
         self.python_lines = python.split("\n")
         try:
-            module = ast.parse(python, self.query.filename)
+            module = parse_python(python, "exec", self.query.filename)
         except SyntaxError as e:
             raise self._python_error(e) from None
+        generator = _program_yield(module)
+        if generator is not None:
+            raise self._python_error(SyntaxError(
+                "'yield' outside a def: a query is not a generator",
+                (self.query.filename, generator.lineno, generator.col_offset + 1, None)))
         if self.query.decoder is not None and not self.query.inline_body:
             module.body = module.body[0].body      # the `if True:` standing for the decoder
         return module
@@ -269,6 +298,19 @@ def _replace(source: str, replacements: list[tuple[Span, str]]) -> str:
     return "".join(out)
 
 
+def _program_yield(module: ast.Module) -> ast.AST | None:
+    """A `yield` of the program itself (not of a def or class inside it): it would turn the
+    program function into an async generator."""
+    stack: list[ast.AST] = list(module.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Yield, ast.YieldFrom)):
+            return node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+    return None
+
+
 def _free_names(module: ast.Module, python: str) -> list[str]:
     """Names the program reads but never binds, in order of first use."""
     body = ast.unparse(module) or "pass"        # an empty or comment-only query is valid
@@ -276,23 +318,26 @@ def _free_names(module: ast.Module, python: str) -> list[str]:
         "    " + line for line in body.split("\n"))
     table = next(t for t in symtable.symtable(wrapped, "<query>", "exec").get_children()
                  if t.get_name() == PROGRAM_NAME)
-    free: set[str] = set()
-
-    def visit(scope: symtable.SymbolTable) -> None:
-        for symbol in scope.get_symbols():
-            if symbol.is_global() and not symbol.is_declared_global() and symbol.is_referenced():
-                free.add(symbol.get_name())
-        for child in scope.get_children():
-            visit(child)
-
-    visit(table)
-    free.difference_update((CONTEXT_NAME, "locals"))
+    free = _unbound_names(table) - {CONTEXT_NAME, "locals"}
     first_use: dict[str, tuple[int, int]] = {}
     for node in ast.walk(module):
         if isinstance(node, ast.Name) and node.id in free:
             key = (node.lineno, node.col_offset)
             first_use[node.id] = min(first_use.get(node.id, key), key)
     return sorted(free, key=lambda n: first_use.get(n, (0, 0)))
+
+
+def _unbound_names(table: symtable.SymbolTable) -> set[str]:
+    """Names read in `table` or its inner scopes (comprehensions, lambdas, defs) that none
+    of them binds."""
+    names: set[str] = set()
+    stack = [table]
+    while stack:
+        scope = stack.pop()
+        names.update(symbol.get_name() for symbol in scope.get_symbols()
+                     if symbol.is_global() and not symbol.is_declared_global() and symbol.is_referenced())
+        stack.extend(scope.get_children())
+    return names
 
 
 def _assigned_names(module: ast.Module) -> set[str]:
@@ -315,7 +360,8 @@ def _operand_names(operands: list[Operand], where: list[Constraint], holes: list
               [h.where.source for h in holes if h.where is not None]
     names: list[str] = []
     for source in sources:
+        unbound = _unbound_names(symtable.symtable(source, "<operand>", "eval"))
         for node in ast.walk(ast.parse(source, mode="eval")):
-            if isinstance(node, ast.Name) and node.id not in names:
+            if isinstance(node, ast.Name) and node.id in unbound and node.id not in names:
                 names.append(node.id)
     return [n for n in names if n not in CONSTRAINT_FUNCTIONS and n not in _BUILTINS]

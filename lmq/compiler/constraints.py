@@ -10,11 +10,12 @@ one hole into a `HolePlan` (token budget, stop phrases, token automaton, final c
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import CodeType
 from typing import Any, Iterable
 
 from lmq.compiler.ast import Expression
+from lmq.compiler.nesting import parse_python
 from lmq.errors import LmqSyntaxError
 
 COMPARISONS = {ast.Lt: "<", ast.LtE: "<=", ast.Eq: "==", ast.NotEq: "!=", ast.Gt: ">", ast.GtE: ">="}
@@ -33,7 +34,7 @@ class Operand:
     @classmethod
     def of(cls, source: str) -> "Operand":
         """Compile Python expression text (a SyntaxError propagates to the caller)."""
-        return cls(source, compile(source, f"<{source}>", "eval"))
+        return cls(source, compile(parse_python(source), f"<{source}>", "eval"))
 
     def evaluate(self, scope: dict[str, Any]) -> Any:
         return eval(self.code, scope)  # the query's own code, in the query's own scope
@@ -161,17 +162,21 @@ class WhereCompiler:
     def compile(self, expression: Expression) -> Constraint:
         self._expression = expression
         try:
-            tree = ast.parse("(" + expression.text + ")", mode="eval").body
+            tree = parse_python("(" + expression.text + ")").body
         except SyntaxError as e:
-            raise self._error(f"invalid where clause: {e.msg}") from None
+            raise self._error_at(f"invalid where clause: {e.msg}", e.lineno, (e.offset or 1) - 1) from None
         return self._node(tree)
 
     def _error(self, message: str, node: ast.AST | None = None) -> LmqSyntaxError:
+        return self._error_at(message, getattr(node, "lineno", None), getattr(node, "col_offset", 0))
+
+    def _error_at(self, message: str, lineno: int | None, col_offset: int) -> LmqSyntaxError:
+        """The error at a position of the parsed `(…)` text (0-based column), in the query."""
         span = self._expression.span
         line, column = span.line, span.column
-        if node is not None and getattr(node, "lineno", None):
-            line = span.line + node.lineno - 1
-            column = (span.column + node.col_offset - 1) if node.lineno == 1 else node.col_offset + 1
+        if lineno:
+            line = span.line + lineno - 1
+            column = max(span.column + col_offset - 1, 1) if lineno == 1 else col_offset + 1
         return LmqSyntaxError(message, filename=self.filename, line=line, column=column,
                               source_line=self.lines[line - 1] if line - 1 < len(self.lines) else "")
 
@@ -179,7 +184,10 @@ class WhereCompiler:
         return ast.unparse(node)
 
     def _operand(self, node: ast.AST) -> Operand:
-        return Operand.of(self._text(node))
+        try:
+            return Operand.of(self._text(node))
+        except SyntaxError as e:          # parses, but is no expression: `yield`, `await`
+            raise self._error(f"invalid where clause: {e.msg}", node) from None
 
     def _hole_name(self, node: ast.AST) -> str | None:
         return node.id if isinstance(node, ast.Name) and node.id in self.holes else None
@@ -273,6 +281,20 @@ class WhereCompiler:
         if used:
             raise self._error(f"{sorted(used)[0]} cannot be used inside the expression {text!r}", node)
         return PythonCheck(text, self._operand(node), names & self.holes)
+
+
+def lowered_operands(constraint: Constraint | None) -> Iterable[Operand]:
+    """The Python operands that lowering a constraint evaluates, in order (a Python
+    check's expression is evaluated only on the final value)."""
+    if constraint is None:
+        return
+    for item in _walk(constraint):
+        if isinstance(item, PythonCheck):
+            continue
+        for f in fields(item):
+            value = getattr(item, f.name)
+            if isinstance(value, Operand):
+                yield value
 
 
 def _walk(constraint: Constraint) -> Iterable[Constraint]:

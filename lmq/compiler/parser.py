@@ -3,6 +3,12 @@
 The grammar has two start symbols, one per query form. A clause-form query is never a
 valid program (a name followed by a string or an indented block), so the parser tries the
 program form first and the clause form second, and reports the error that got further.
+
+Text Python could not compile is refused here with a position: a NUL or a lone surrogate
+(no source encoding holds them) and a parse tree so deep that Python's own parser would
+fail without one (the exact limit, `nesting.MAX_NESTING` levels of Python's AST, is
+checked where the code generator parses the Python). Line breaks are read as Python
+reads them: `\r\n` and a lone `\r` are line ends.
 """
 
 from __future__ import annotations
@@ -17,8 +23,14 @@ from lark.indenter import DedentError, PythonIndenter
 
 from lmq.compiler.ast import (DecoderClause, Expression, PromptStatement, QueryAST, Span,
                               StringLiteral)
+from lmq.compiler.nesting import MAX_NESTING, TOO_DEEP
+from lmq.compiler.prompt_string import LONE_SURROGATE
 from lmq.errors import LmqSyntaxError
 
+#: operator chains `a + b + …`, flat in the parse tree, nested one level per operator in
+#: Python's AST
+_CHAINS = {f"python__{name}" for name in ("or_expr", "xor_expr", "and_expr", "shift_expr",
+                                          "arith_expr", "term")}
 _GRAMMAR = os.path.join(os.path.dirname(__file__), "lmq.lark")
 _NOT_PROMPT_SCOPES = {"python__funcdef", "python__async_funcdef", "python__classdef"}
 _STRING_NODES = {"python__string", "string_concat"}
@@ -42,7 +54,15 @@ def _lark() -> Lark:
 
 def parse_query(source: str, filename: str = "<query>") -> QueryAST:
     """Parse a query of either form; malformed input raises `LmqSyntaxError`."""
-    text = source if source.endswith("\n") else source + "\n"
+    text = source.replace("\r\n", "\n").replace("\r", "\n")
+    text = text if text.endswith("\n") else text + "\n"
+    if "\x00" in text:
+        raise error_at(text, text.index("\x00"), "a NUL character cannot be query text; write it "
+                       "as \\x00 in a string", filename)
+    surrogate = LONE_SURROGATE.search(text)
+    if surrogate is not None:
+        raise error_at(text, surrogate.start(), f"a lone surrogate U+{ord(surrogate.group()):04X} "
+                       "is not a character", filename)
     try:
         tree = _lark().parse(text, start="program")
         form = "program"
@@ -53,7 +73,32 @@ def parse_query(source: str, filename: str = "<query>") -> QueryAST:
         except (UnexpectedInput, DedentError) as clause_error:
             worst = max(program_error, clause_error, key=lambda e: _error_position(e, text))
             raise _syntax_error(worst, text, filename) from None
+    _check_depth(tree, text, filename)
     return _Builder(text, filename).build(tree, form)
+
+
+def _check_depth(tree: Tree, text: str, filename: str) -> None:
+    """Refuse a tree deeper than ten times `MAX_NESTING` (walked without recursion; a
+    chain counts one level per operand, as in Python's AST): deeper text would make
+    Python's own parser fail before `parse_python` can place the error."""
+    stack = [(tree, 1, 0)]
+    while stack:
+        node, depth, start = stack.pop()
+        start = node.start_pos if isinstance(node, Token) else getattr(node.meta, "start_pos", start)
+        if depth > 10 * MAX_NESTING:
+            raise error_at(text, start, TOO_DEEP, filename)
+        if isinstance(node, Tree):
+            step = len(node.children) if node.data in _CHAINS else 1
+            stack.extend((child, depth + step, start) for child in reversed(node.children))
+
+
+def error_at(text: str, offset: int, message: str, filename: str) -> LmqSyntaxError:
+    """An `LmqSyntaxError` at character `offset` of the query text."""
+    line = text.count("\n", 0, offset) + 1
+    start = text.rfind("\n", 0, offset) + 1
+    end = text.find("\n", offset)
+    return LmqSyntaxError(message, filename=filename, line=line, column=offset - start + 1,
+                          source_line=text[start:end if end >= 0 else len(text)])
 
 
 def _error_position(error: Exception, text: str) -> tuple[int, int]:
@@ -162,13 +207,16 @@ class _Builder:
         return values[0]
 
     def _collect_prompts(self, tree: Tree, out: list[PromptStatement]) -> None:
-        for child in tree.children:
+        """The prompt statements under `tree` in source order (walked without recursion)."""
+        stack = list(reversed(tree.children))
+        while stack:
+            child = stack.pop()
             if not isinstance(child, Tree) or child.data in _NOT_PROMPT_SCOPES:
                 continue
             if child.data == "expr_stmt" and self._is_string(child.children[0]):
                 out.append(self._prompt(child))
             else:
-                self._collect_prompts(child, out)
+                stack.extend(reversed(child.children))
 
     @staticmethod
     def _is_string(node) -> bool:

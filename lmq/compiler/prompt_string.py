@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 _NAME = re.compile(r"[^\W\d]\w*")
+#: a UTF-16 surrogate on its own: Python strings can hold one, no encoding of text can
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _CHAT_TAG = re.compile(r"\{:(\w+)\}")
 
 

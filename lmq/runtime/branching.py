@@ -27,7 +27,7 @@ from lmq.compiler.codegen import PromptProgram
 from lmq.errors import ContextLimitError, LmqError
 from lmq.runtime.decoders import COMMON_ARGUMENTS, DECODERS, Decoder, HoleOutput, _logsumexp
 from lmq.runtime.interpreter import Session, execute
-from lmq.runtime.sampling import Sampler, SamplingSettings, make_sampler
+from lmq.runtime.sampling import Sampler, make_sampler
 from lmq.runtime.scheduler import Lane
 
 
@@ -38,7 +38,6 @@ class SampleDecoder(Decoder):
 
     def __init__(self, **settings: Any):
         super().__init__(**settings)
-        self.knobs = SamplingSettings.of(self.settings)
         self._sampler: Sampler | None = None
         self._lane: Lane | None = None
 

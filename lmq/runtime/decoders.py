@@ -19,6 +19,7 @@ import numpy as np
 from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.runtime.hole import HolePlan
+from lmq.runtime.sampling import SamplingSettings
 from lmq.runtime.scheduler import DirectLane, Lane, run_ready
 from lmq.runtime.token_masks import TokenMask
 
@@ -28,6 +29,9 @@ COMMON_ARGUMENTS = frozenset({"max_len", "seed", "n", "temperature", "top_k", "t
                               "presence_penalty", "mirostat", "mirostat_tau", "mirostat_eta"})
 #: how many of the most likely tokens a grammar hole tries for its last budgeted token
 FINAL_CANDIDATES = 256
+#: the most results (branches, beams) one query may ask for: llama.cpp's own limit on the
+#: sequences of one context (LLAMA_MAX_SEQ), past which branches could not share a batch
+MAX_N = 256
 ALIASES = {"repetition_penalty": "repeat_penalty"}
 
 
@@ -53,11 +57,22 @@ class Decoder:
             raise QueryArgumentError(f"unknown argument{'s' if len(unknown) > 1 else ''} of decoder "
                                      f"{self.name}: {', '.join(unknown)}")
         n = settings.get("n", 1)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise QueryArgumentError(f"decoder {self.name}: n must be an int >= 1, not {n!r}")
+        if not _is_int(n) or not 1 <= n <= MAX_N:
+            raise QueryArgumentError(f"decoder {self.name}: n must be an int from 1 to {MAX_N}, "
+                                     f"not {n!r}")
+        max_len = settings.get("max_len")
+        if max_len is not None and (not _is_int(max_len) or max_len < 1):
+            raise QueryArgumentError(f"decoder {self.name}: max_len must be an int >= 1, not {max_len!r}")
+        seed = settings.get("seed")
+        if seed is not None and (not _is_int(seed) or seed < -1):
+            raise QueryArgumentError(f"decoder {self.name}: seed must be an int >= 0, or -1 for a "
+                                     f"random seed, not {seed!r}")
+        if seed == -1:                  # llama.cpp's spelling of "a fresh random seed"
+            settings["seed"] = None
+        SamplingSettings.of(settings)   # the knobs' types and ranges, for every decoder
         self.n = n
         self.settings = settings
-        self.max_len: int | None = settings.get("max_len")
+        self.max_len: int | None = max_len
         self._buffer: np.ndarray | None = None
         self._spare_row: np.ndarray | None = None
 
@@ -89,6 +104,12 @@ class Decoder:
                      backend: Backend, max_len: int,
                      on_text: Callable[[bytes], None] | None = None) -> HoleOutput:
         """Generate one hole's value after `context` (the prompt tokens so far)."""
+        if len(context) > max_len:
+            limit = f"max_len={max_len}" if self.max_len == max_len else \
+                f"the model's context of {max_len} tokens"
+            raise ContextLimitError(f"the prompt before {plan.name} is {len(context)} tokens, "
+                                    f"{len(context) - max_len} more than {limit}",
+                                    result=([], b""))
         remote = getattr(backend, "generate_hole", None)
         if remote is not None:          # a model server decodes the whole hole (LMTP client)
             return await remote(context, plan, max_len, self, on_text)
@@ -252,6 +273,7 @@ class Decoder:
             limit = min(limit, plan.max_tokens - count - 1)
         return tokens[:max(0, min(limit, room - count - 1))]
 
+
 def _nothing() -> float:
     return 0.0
 
@@ -259,6 +281,10 @@ def _nothing() -> float:
 def _value(score: float | Callable[[], float]) -> float:
     """A score `_select` gave: a number, or a function computing it."""
     return score() if callable(score) else score
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _logsumexp(row: np.ndarray, out: np.ndarray | None = None, top: float | None = None) -> float:

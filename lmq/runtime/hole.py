@@ -22,7 +22,7 @@ from lmq.compiler import automaton as fa
 from lmq.compiler.codegen import HoleSpec, PromptProgram
 from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation, Operand,
                                       PythonCheck, StopPhrase, TokenCount, TypeConstraint,
-                                      ValueComparison, conjuncts)
+                                      ValueComparison, conjuncts, lowered_operands)
 from lmq.compiler.gbnf import Grammar, parse_gbnf
 from lmq.compiler.gbnf_export import dfa_to_gbnf
 from lmq.compiler.json_schema import json_constraint
@@ -158,7 +158,7 @@ def lower_hole(name: str, constraint: Constraint | None, scope: dict[str, Any]) 
             _grammar(plan, item, scope)
         else:
             if isinstance(item, TypeConstraint) and item.kind in TYPE_PATTERNS and plan.convert is None:
-                plan.convert = int if item.kind == "INT" else float
+                plan.convert = parse_int if item.kind == "INT" else float
             keys.append(_language_key(item, scope, name))
     if plan.max_tokens is not None and plan.min_tokens > plan.max_tokens:
         raise UnsatisfiableConstraint(
@@ -181,23 +181,34 @@ def lower_hole(name: str, constraint: Constraint | None, scope: dict[str, Any]) 
 
 
 def static_plan(spec: HoleSpec) -> HolePlan | None:
-    """The plan of a hole as far as its literal operands decide it before the query runs
-    (None when its constraints read any name: parameters, earlier holes, query variables,
-    which only the run knows)."""
-    scope: dict[str, Any] = {"__builtins__": {}}
+    """The plan of a hole as far as its literal operands decide it before the query runs,
+    without running any of the query's code (None when its constraints read anything but
+    literals: names, calls, arithmetic, which only the run evaluates)."""
+    if runtime_values(spec):
+        return None
+    scope: dict[str, Any] = {"__builtins__": {}}     # the operands are literals
     where = spec.where
     if spec.annotation is not None:
-        source = spec.annotation.source
-        known, target = (True, {"int": int, "float": float}[source]) if source in ("int", "float") \
-            else spec.annotation.constant()
-        if not known:
-            return None
-        scope[ANNOTATION] = target
-        where = annotated_where(spec, target)
-    try:
-        return lower_hole(spec.name, where, scope)
-    except NameError:
-        return None
+        scope[ANNOTATION] = _static_annotation(spec.annotation)[1]
+        where = annotated_where(spec, scope[ANNOTATION])
+    return lower_hole(spec.name, where, scope)
+
+
+def runtime_values(spec: HoleSpec) -> list[str]:
+    """The operands of a hole's constraints and annotation that only a run can evaluate
+    (anything but a literal; `int` and `float` as annotations), as written."""
+    values = [o.source for item in conjuncts(spec.where) if spec.name in item.variables
+              for o in lowered_operands(item) if not o.constant()[0]]
+    if spec.annotation is not None and not _static_annotation(spec.annotation)[0]:
+        values.append(spec.annotation.source)
+    return list(dict.fromkeys(values))
+
+
+def _static_annotation(annotation: Operand) -> tuple[bool, Any]:
+    """(True, target) for `[X: int]`, `[X: float]` and a literal annotation, else (False, None)."""
+    if annotation.source in ("int", "float"):
+        return True, {"int": int, "float": float}[annotation.source]
+    return annotation.constant()
 
 
 _checked: "weakref.WeakSet[PromptProgram]" = weakref.WeakSet()
@@ -307,7 +318,7 @@ def _language_key(node: Constraint, scope: dict[str, Any], name: str) -> Languag
 def _string(node: Constraint, value: Any) -> bytes:
     if not isinstance(value, str):
         raise ConstraintError(f"{node.source!r}: {value!r} is not a string (hole values are strings)")
-    return value.encode("utf-8")
+    return _utf8(node, value)
 
 
 def _options(node: Constraint, value: Any) -> tuple[bytes, ...]:
@@ -358,7 +369,15 @@ def _stop_rules(item: StopPhrase, phrases: Any) -> list[StopRule]:
                               f"strings, not {phrases!r}")
     if any(p == "" for p in phrases):
         raise ConstraintError(f"{item.source!r}: a stop phrase cannot be empty")
-    return [StopRule(p.encode("utf-8"), item.keep) for p in phrases]
+    return [StopRule(_utf8(item, p), item.keep) for p in phrases]
+
+
+def _utf8(node: Constraint, text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConstraintError(f"{node.source!r}: {text[:40]!r} holds a lone surrogate "
+                              f"U+{ord(text[e.start]):04X}, which is not a character") from None
 
 
 def _python_check(item: PythonCheck, scope: dict[str, Any], name: str) -> Callable[[Any], bool]:
@@ -372,6 +391,22 @@ def _python_check(item: PythonCheck, scope: dict[str, Any], name: str) -> Callab
 
 _COMPARE = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
             "!=": lambda a, b: a != b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+def parse_int(text: str) -> int:
+    """An INT value as an int, however long: Python's `int(str)` refuses more than 4,300
+    digits, so longer digit strings are converted in halves joined arithmetically."""
+    text = text.strip()
+    digits = text.lstrip("+-")
+    value = _digits_value(digits)
+    return -value if text.startswith("-") else value
+
+
+def _digits_value(digits: str) -> int:
+    if len(digits) <= 4000:
+        return int(digits)
+    low = len(digits) // 2
+    return _digits_value(digits[:-low]) * 10 ** low + _digits_value(digits[-low:])
 
 
 def language_holds(key: LanguageKey, value: str) -> bool:

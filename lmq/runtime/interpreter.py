@@ -135,9 +135,10 @@ class QueryContext:
             output = await session.decoder.decode(session.lane, prompt.context(), plan,
                                                   session.backend, session.max_len, on_text)
         except ContextLimitError as e:
-            tokens, value = e.result
-            session.variables[spec.name] = value.decode("utf-8", "replace")
-            session.tokens[spec.name] = tokens
+            if e.result is not None:        # (tokens, value) generated before the limit
+                tokens, value = e.result
+                session.variables[spec.name] = value.decode("utf-8", "replace")
+                session.tokens[spec.name] = tokens
             raise
         table = session.backend.vocabulary.token_bytes
         kept, size = [], 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmq.backends.base import Backend
+from lmq.compiler.prompt_string import LONE_SURROGATE
+from lmq.errors import LmqError
 from lmq.runtime.chat import ChatTemplate
 
 
@@ -35,6 +37,11 @@ class PromptState:
         self.messages: list[tuple[str, str]] | None = None     # set once a chat tag is seen
 
     def append_text(self, text: str) -> None:
+        surrogate = LONE_SURROGATE.search(text)
+        if surrogate is not None:       # (a literal's own are refused when it is compiled)
+            raise LmqError(f"the prompt text {text[:60]!r} holds a lone surrogate "
+                           f"U+{ord(surrogate.group()):04X}, which is not a character and "
+                           "cannot be tokenized")
         if self.messages is not None:
             role, content = self.messages[-1]
             self.messages[-1] = (role, content + text)

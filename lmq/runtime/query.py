@@ -17,6 +17,7 @@ from typing import Any, Callable
 from lmq.backends import load_backend
 from lmq.backends.base import Backend
 from lmq.compiler.codegen import PromptProgram, compile_query
+from lmq.compiler.nesting import parse_python
 from lmq.errors import LmqError, QueryArgumentError
 from lmq.runtime.branching import is_branching, run_branches
 from lmq.runtime.decoders import make_decoder
@@ -180,12 +181,13 @@ class QueryFunction:
 def _parse_decoder(text: str) -> tuple[str, dict[str, Any]]:
     """`"sample(n=2, temperature=0.5)"` → ("sample", {...}) with literal arguments."""
     try:
-        node = ast.parse(text.strip(), mode="eval").body
+        node = parse_python(text.strip()).body
         if isinstance(node, ast.Name):
             return node.id, {}
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args \
+                and all(k.arg for k in node.keywords):
             return node.func.id, {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, TypeError):
         pass
     raise QueryArgumentError(f"invalid decoder {text!r}: expected name(key=literal, …)")
 

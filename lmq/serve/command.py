@@ -8,11 +8,12 @@ literal when it is one (`1024`, `-1`, `True`), else kept as a string.
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
+import socket
 import sys
 from typing import Any
 
+from lmq.compiler.nesting import literal_or_text
 from lmq.errors import QueryArgumentError
 
 
@@ -52,11 +53,30 @@ def backend_arguments(extra: list[str]) -> dict[str, Any]:
             raise QueryArgumentError(f"serve-model: {item!r} is not a backend argument name")
         if not equals:
             text = items.pop(0) if items and not items[0].startswith("--") else "True"
-        try:
-            kwargs[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            kwargs[key] = text
+        kwargs[key] = literal_or_text(text)
     return kwargs
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on before any model is loaded (a
+    model takes seconds to minutes to load): a port out of range, a host that does not
+    resolve, a port another process holds."""
+    if not 0 <= port <= 65535:
+        raise QueryArgumentError(f"serve-model: --port must be from 0 to 65535 (0 picks a free "
+                                 f"one), not {port}")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise QueryArgumentError(f"serve-model: cannot resolve --host {host!r}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                raise QueryArgumentError(f"serve-model: cannot listen on {host}:{port}: "
+                                         f"{e.strerror}") from None
 
 
 def serve_model(options: argparse.Namespace, extra: list[str]) -> int:
@@ -74,6 +94,7 @@ def serve_model(options: argparse.Namespace, extra: list[str]) -> int:
     for name in ("slots", "max_models", "max_frame_bytes", "max_streams", "max_tokens"):
         if getattr(options, name) < 1:
             raise QueryArgumentError(f"serve-model: --{name.replace('_', '-')} must be at least 1")
+    _check_address(options.host, options.port)
     registry = ModelRegistry(backend_arguments(extra), slots=options.slots, static=options.static,
                              max_models=options.max_models)
     ready = ""
