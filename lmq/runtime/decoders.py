@@ -216,7 +216,7 @@ def _within_budget(automaton, state, tokens: list[int], plan: HolePlan, count: i
     token budget (canonical tokens may take more than the budget leaves; the masks then
     find a shorter tokenization)."""
     can_finish = getattr(automaton, "can_finish", None)
-    if not tokens or can_finish is None or not plan.counts_tokens:
+    if not tokens or can_finish is None or (not plan.counts_tokens and automaton.spells_every_byte):
         return tokens
     states = []
     for token in tokens:
@@ -266,8 +266,9 @@ def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
 def _step_mask(automaton, state, plan: HolePlan, count: int, row: np.ndarray) -> TokenMask:
     """The state's mask within the token budget. A DFA keeps exactly the tokens after
     which some value still ends at a count the budget allows (`budget_mask`: never a dead
-    end while a value fits); a grammar's last budgeted token must complete it."""
-    if not plan.counts_tokens:
+    end while a value fits; also without a budget where the vocabulary lacks a byte);
+    a grammar's last budgeted token must complete it."""
+    if not plan.counts_tokens and getattr(automaton, "spells_every_byte", True):
         return automaton.mask(state)
     budget_mask = getattr(automaton, "budget_mask", None)
     if budget_mask is not None:

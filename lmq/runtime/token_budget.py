@@ -83,10 +83,11 @@ class BudgetLengths:
     """Per state of one DFA token automaton: whether a value can end within a window.
 
     `successors(state)` gives the distinct states the allowed tokens of a state lead to
-    (the automaton's trie walk); `single_bytes` are the bytes that are tokens of their own.
+    (the automaton's trie walk); `byte_tokens` says that every byte a value can hold is
+    a token of its own (byte paths are token paths).
     """
 
-    def __init__(self, dfa: ByteDfa, single_bytes: np.ndarray,
+    def __init__(self, dfa: ByteDfa, byte_tokens: bool,
                  successors: Callable[[int], Sequence[int]]):
         self._successors = successors
         self._ends = (dfa.accepting | dfa.exits).tolist()
@@ -95,10 +96,7 @@ class BudgetLengths:
         self._byte_successors = [sorted({int(t) for t in row if t != DEAD}) for row in table]
         self._shortest = self._shortest_paths()
         self._longest = self._longest_paths()
-        inner = dfa.transitions[~dfa.exits & (np.arange(dfa.n_states) != DEAD)]
-        used = np.flatnonzero((inner != DEAD).any(axis=0))
-        #: byte paths are token paths (each byte the walk uses is a token of its own)
-        self.byte_tokens = bool(np.isin(used, single_bytes).all())
+        self.byte_tokens = byte_tokens
         self._reach: dict[int, tuple[float, float]] = {}
         self._graph: dict[int, tuple[int, ...]] = {}       # token-level successors
         self._lengths: dict[int, int] = {}                 # token counts to a value end
@@ -107,10 +105,10 @@ class BudgetLengths:
     def fits_everywhere(self, state: int, window: TokenWindow) -> bool:
         """Whether every state reachable from `state` by one byte or more can end a value
         within `window` (then no allowed token of `state` needs checking)."""
-        if window.unbounded:
-            return True
         if not self.byte_tokens:
             return False
+        if window.unbounded:
+            return True
         farthest, least_longest = self._reach_summary(state)
         if window.high is None:
             return least_longest > window.top
@@ -121,8 +119,6 @@ class BudgetLengths:
         allows (0: the state itself ends one)."""
         if state == DEAD or (window.high is not None and window.high < window.low):
             return False
-        if window.unbounded:
-            return True
         longest = self._longest[state]
         if self.byte_tokens and (window.holds(self._shortest[state]) or window.holds(longest)
                                  or (window.high is None and longest > window.top)):

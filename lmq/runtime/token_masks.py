@@ -250,16 +250,24 @@ class DfaTokenAutomaton:
         """Whether some token string from `state` ends a value within `window`."""
         return self._budget_lengths().can_finish(state, window)
 
+    @cached_property
+    def spells_every_byte(self) -> bool:
+        """Whether every byte a value can hold is a token of its own (so in every GGUF
+        vocabulary lmq reads): then a byte path is a token path, a state's mask holds no
+        token that strands the value, and only token budgets need `budget_mask`."""
+        index = self.index
+        first = int(index.levels[1]) if index.depth else 0
+        single = np.zeros(256, dtype=bool)
+        single[index.byte[:first][index.exact[:first] > 0]] = True
+        inner = self.dfa.transitions[~self.dfa.exits & (np.arange(self.dfa.n_states) != DEAD)]
+        return bool(single[(inner != DEAD).any(axis=0)].all())
+
     def _budget_lengths(self) -> BudgetLengths:
         if self._lengths is None:
-            index = self.index
-            first = slice(0, int(index.levels[1])) if index.depth else slice(0, 0)
-            single_bytes = index.byte[first][index.exact[first] > 0]
-
             def distinct_successors(state: int) -> list[int]:
                 return np.unique(self.successors(state)[1]).tolist()
 
-            self._lengths = BudgetLengths(self.dfa, single_bytes, distinct_successors)
+            self._lengths = BudgetLengths(self.dfa, self.spells_every_byte, distinct_successors)
         return self._lengths
 
     def successors(self, state: int) -> tuple[np.ndarray, np.ndarray]:
