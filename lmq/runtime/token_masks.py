@@ -192,6 +192,7 @@ class DfaTokenAutomaton:
         self._budgeted: dict[tuple[int, TokenWindow], TokenMask] = {}
         self._dense_budgeted: deque[tuple[int, TokenWindow]] = deque()
         self._successors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._distinct: dict[int, list[int]] = {}
         self._lengths: BudgetLengths | None = None
         self._forced: dict[int, bytes] = {}
         self._open_table: np.ndarray | None = None
@@ -221,21 +222,20 @@ class DfaTokenAutomaton:
     def budget_mask(self, state: int, window: TokenWindow) -> TokenMask:
         """The tokens of the state's mask after which some value still ends within
         `window` (the token counts the budget allows from `state`, this token included):
-        the whole mask where every reachable state fits, else filtered per successor."""
+        the whole mask where every reachable state fits or every successor does, else
+        the tokens whose successor fits."""
         key = (state, window)
         mask = self._budgeted.get(key)
         if mask is None:
             lengths = self._budget_lengths()
             after = window.after(1)
-            if lengths.fits_everywhere(state, after):
-                mask = self.mask(state)
-            else:
-                tokens, targets = self.successors(state)
-                distinct = np.unique(targets)
-                fits = np.fromiter((lengths.can_finish(s, after) for s in distinct.tolist()),
-                                   dtype=bool, count=len(distinct))
-                mask = TokenMask.of(tokens[fits[np.searchsorted(distinct, targets)]],
-                                    self.index.size)
+            mask = self.mask(state)
+            if not lengths.fits_everywhere(state, after):
+                fitting = {s for s in self.successor_states(state) if lengths.can_finish(s, after)}
+                if len(fitting) < len(self.successor_states(state)):
+                    tokens, targets = self.successors(state)
+                    kept = np.isin(targets, np.fromiter(fitting, dtype=np.int32, count=len(fitting)))
+                    mask = TokenMask.of(tokens[kept], self.index.size)
             if len(self._budgeted) > BUDGET_MASKS_KEPT:
                 self._budgeted.clear()
                 self._dense_budgeted.clear()
@@ -264,41 +264,61 @@ class DfaTokenAutomaton:
 
     def _budget_lengths(self) -> BudgetLengths:
         if self._lengths is None:
-            def distinct_successors(state: int) -> list[int]:
-                return np.unique(self.successors(state)[1]).tolist()
-
-            self._lengths = BudgetLengths(self.dfa, self.spells_every_byte, distinct_successors)
+            self._lengths = BudgetLengths(self.dfa, self.spells_every_byte, self.successor_states)
         return self._lengths
+
+    def successor_states(self, state: int) -> list[int]:
+        """The distinct states the allowed tokens of `state` lead to, sorted."""
+        distinct = self._distinct.get(state)
+        if distinct is None:
+            if self._exits[state]:
+                distinct = [state]
+            elif self.mask(state).count <= FEW_SUCCESSORS:
+                distinct = np.unique(self.successors(state)[1]).tolist()
+            elif isinstance(self._patterns, ClassPatterns):
+                final = self._patterns.final_states(self.dfa.byte_classes[1], state)
+                distinct = np.unique(final[final != DEAD]).tolist()
+            else:
+                _, counts, ends = self._walk_ends(state)
+                distinct = np.unique(ends[counts > 0]).tolist()
+            self._distinct[state] = distinct
+        return distinct
 
     def successors(self, state: int) -> tuple[np.ndarray, np.ndarray]:
         """(the state's allowed tokens, sorted; the state each one leads to): a few are
-        advanced one by one, many through one trie walk that records end states."""
+        advanced one by one, many read from the class patterns where the masks use them,
+        else from one trie walk that records end states."""
         cached = self._successors.get(state)
         if cached is not None:
             return cached
-        mask = self.mask(state)
-        tokens = mask.allowed
+        tokens = self.mask(state).allowed
         if self._exits[state]:
             targets = np.full(len(tokens), state, dtype=np.int32)
         elif len(tokens) <= FEW_SUCCESSORS:
             targets = np.fromiter((self.advance(state, t) for t in tokens.tolist()),
                                   dtype=np.int32, count=len(tokens))
+        elif isinstance(self._patterns, ClassPatterns):
+            targets = self._patterns.final_states(self.dfa.byte_classes[1], state)[tokens]
         else:
-            starts: list[np.ndarray] = []
-            counts: list[np.ndarray] = []
-            ends: list[np.ndarray] = []
-            nodes, states = self._roots(state)
-            while len(nodes):
-                nodes, states = self._numpy_level(nodes, states, starts, counts, ends)
-            counts_all = np.concatenate(counts)
-            walked = self.index.order[concatenated_ranges(np.concatenate(starts), counts_all)]
-            order = np.argsort(walked, kind="stable")
-            tokens = walked[order]
-            targets = np.repeat(np.concatenate(ends), counts_all)[order].astype(np.int32)
+            starts, counts, ends = self._walk_ends(state)
+            target_of = np.zeros(self.index.size, dtype=np.int32)
+            target_of[self.index.order[concatenated_ranges(starts, counts)]] = np.repeat(ends, counts)
+            targets = target_of[tokens]
         if len(self._successors) >= SUCCESSORS_KEPT:
             self._successors.clear()
         self._successors[state] = (tokens, targets)
         return tokens, targets
+
+    def _walk_ends(self, state: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The allowed tokens of `state` as sorted-position ranges (starts, counts) and the
+        state the tokens of each range end in: the numpy trie walk, recording states."""
+        starts: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        ends: list[np.ndarray] = []
+        nodes, states = self._roots(state)
+        while len(nodes):
+            nodes, states = self._numpy_level(nodes, states, starts, counts, ends)
+        return np.concatenate(starts), np.concatenate(counts), np.concatenate(ends)
 
     def mask(self, state: int) -> TokenMask:
         mask = self._masks.get(state)
