@@ -23,11 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
+from lmq.compiler.automaton import DEAD, ByteDfa
 
-from lmq.compiler.automaton import ByteDfa
-
-DEAD = 0
 INFINITE = float("inf")
 
 
