@@ -4,8 +4,9 @@
   character: the issue's reproducers on the random backend over real vocabularies.
 - Budgets never dead-end while a value fits: the issue's reproducers, and two
   Hypothesis properties on small vocabularies (fragments of the options, split inside
-  multi-byte characters, with or without every single byte as a token) where a brute
-  force over all token sequences within the budget decides what is reachable:
+  multi-byte characters, with or without every single byte as a token; or the tokens of
+  a shared GGUF vocabulary found inside the options) where a brute force over all token
+  sequences within the budget decides what is reachable:
   * the mask of every step, following random choices, is exactly the set of tokens
     after which some value ends at a count the budget allows (complete and sound);
   * the whole decoder (fast-forward included) on a synthetic backend ends every run
@@ -30,6 +31,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lmq
 from lmq.backends.base import Backend, Sequence, Vocabulary
+from lmq.backends.gguf import load_vocab_only
 from lmq.backends.vocabulary_index import VocabularyIndex
 from lmq.compiler.languages import value_dfa
 from lmq.runtime.hole import HolePlan
@@ -39,6 +41,7 @@ from vocab_paths import vocab
 LONG_RUN = int(os.environ.get("LMQ_PROPERTY_EXAMPLES", "0"))
 PIECES = ["a", "b", " ", "\n", "9", "é", "日本語", "🙂"]
 PATTERNS = [r"(ab)*", r"[ab]*é", r"9+", r"(日本|é)+ ?", r"a?b?🙂", r"(é|🙂)(a|b)*"]
+FAMILIES = ["gpt-2", "qwen2", "llama-bpe", "phi-3", "llama-spm"]
 JAPANESE = '"The Japanese phrase is:[X]" where X in ["日本語です", "x"]'
 
 
@@ -156,7 +159,11 @@ def _text(data: bytes) -> str | None:
 
 @st.composite
 def budget_cases(draw):
-    """(language key, Python acceptance, pruning, token bytes, plan bounds, seed)."""
+    """(language key, Python acceptance, pruning, token bytes, plan bounds, seed): option
+    lists over a synthetic or a real vocabulary (its tokens inside the options), or
+    patterns over a synthetic one; synthetic tokens are fragments of the material, split
+    inside characters, with every single byte or only some."""
+    family = None
     if draw(st.booleans()):
         options = draw(st.lists(st.lists(st.sampled_from(PIECES), max_size=4).map("".join),
                                 min_size=1, max_size=4, unique=True))
@@ -168,15 +175,15 @@ def budget_cases(draw):
             return not any(o.startswith(prefix) for o in encoded)
 
         material, size, high_choices = encoded, 24, [None, 1, 2, 3, 4, 5, 6]
+        family = draw(st.sampled_from([None, *FAMILIES]))
     else:
         pattern = draw(st.sampled_from(PATTERNS))
         key = ("regex", pattern)
+        alphabet = set(pattern) - set("()[]|*+?")
 
         def accepts(data: bytes) -> bool:
             text = _text(data)
             return text is not None and re.fullmatch(pattern, text) is not None
-
-        alphabet = set(pattern) - set("()[]|*+?")
 
         def prune(prefix: bytes) -> bool:
             """Not the start of a text over the pattern's characters."""
@@ -187,20 +194,27 @@ def budget_cases(draw):
         material = [p.encode("utf-8") for p in PIECES if re.search(re.escape(p[0]), pattern)]
         material = material or [b"a"]
         size, high_choices = 9, [1, 2, 3, 4]
-    fragments = sorted({m[i:j] for m in material for i in range(len(m))
-                        for j in range(i + 1, min(len(m), i + 7) + 1)})
-    singles = sorted({bytes([b]) for m in material for b in m})
-    if fragments:
-        chosen = draw(st.lists(st.sampled_from(fragments), max_size=size, unique=True))
+    if family is not None:
+        inside = {m[i:j] for m in material for i in range(len(m)) for j in range(i + 1, len(m) + 1)}
+        tokens = sorted(inside & _real_tokens(family))
     else:
-        chosen = []
-    if draw(st.booleans()):                   # drop some single bytes: no byte shortcut
-        singles = draw(st.lists(st.sampled_from(singles), unique=True)) if singles else []
-    tokens = tuple(sorted(set(singles) | set(chosen))) + (b"",)     # the last: end token
+        fragments = sorted({m[i:j] for m in material for i in range(len(m))
+                            for j in range(i + 1, min(len(m), i + 7) + 1)})
+        singles = sorted({bytes([b]) for m in material for b in m})
+        chosen = draw(st.lists(st.sampled_from(fragments), max_size=size, unique=True)) if fragments else []
+        if singles and draw(st.booleans()):         # only some single bytes: no byte shortcut
+            singles = draw(st.lists(st.sampled_from(singles), unique=True))
+        tokens = sorted(set(singles) | set(chosen))
     high = draw(st.sampled_from(high_choices))
     low = draw(st.integers(0, high if high is not None else 3))
-    excluded = draw(st.lists(st.integers(0, 6), max_size=2))
-    return key, accepts, prune, tokens, (low, high, frozenset(excluded)), draw(st.integers(0, 2**16))
+    excluded = frozenset(draw(st.lists(st.integers(0, 6), max_size=2)))
+    tokens = tuple(tokens) + (b"",)                   # the last: the end token
+    return key, accepts, prune, tokens, (low, high, excluded), draw(st.integers(0, 2**16))
+
+
+@functools.lru_cache(maxsize=None)
+def _real_tokens(family: str) -> frozenset[bytes]:
+    return frozenset(load_vocab_only(vocab(family)).vocabulary().token_bytes)
 
 
 def _plan(bounds) -> HolePlan:
