@@ -216,7 +216,7 @@ def _within_budget(automaton, state, tokens: list[int], plan: HolePlan, count: i
     token budget (canonical tokens may take more than the budget leaves; the masks then
     find a shorter tokenization)."""
     can_finish = getattr(automaton, "can_finish", None)
-    if not tokens or can_finish is None or (not plan.counts_tokens and automaton.spells_every_byte):
+    if not tokens or can_finish is None or (not plan.counts_tokens and automaton.strands_nothing):
         return tokens
     states = []
     for token in tokens:
@@ -266,9 +266,9 @@ def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
 def _step_mask(automaton, state, plan: HolePlan, count: int, row: np.ndarray) -> TokenMask:
     """The state's mask within the token budget. A DFA keeps exactly the tokens after
     which some value still ends at a count the budget allows (`budget_mask`: never a dead
-    end while a value fits; also without a budget where the vocabulary lacks a byte);
+    end while a value fits; also without a budget where a plain mask could strand it);
     a grammar's last budgeted token must complete it."""
-    if not plan.counts_tokens and getattr(automaton, "spells_every_byte", True):
+    if not plan.counts_tokens and getattr(automaton, "strands_nothing", True):
         return automaton.mask(state)
     budget_mask = getattr(automaton, "budget_mask", None)
     if budget_mask is not None:

@@ -6,11 +6,11 @@ which no value fits: the decoder keeps exactly the tokens whose successor state 
 token string to a value end (an accepting or exit state) whose length the window allows.
 `BudgetLengths` answers that per state, cheapest first:
 
-- byte lengths: every vocabulary lmq reads has a token for each single byte, so a byte
-  path of length n to a value end is a token path of n tokens; the shortest and the
-  longest such path (per state, computed once over the DFA) settle most questions, and
-  their maximum/minimum over every state reachable from a state tells that its whole
-  mask fits (no per-token work at all);
+- byte lengths: a byte path of length n to a value end over bytes that are tokens of
+  their own (nearly all bytes, in GGUF vocabularies) is a token path of n tokens; the
+  shortest and the longest such path (per state, computed once over the DFA) settle
+  most questions, and their maximum/minimum over every state a token walk can reach
+  from a state tells that its whole mask fits (no per-token work at all);
 - token lengths: otherwise the exact set of token counts ≤ a horizon, as the bits of a
   Python int, by a least fixpoint over the token-level graph (the distinct states each
   allowed token leads to, computed once per state through the automaton's trie walk),
@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import numpy as np
 
 from lmq.compiler.automaton import DEAD, ByteDfa
 
@@ -79,34 +81,39 @@ class TokenWindow:
 class BudgetLengths:
     """Per state of one DFA token automaton: whether a value can end within a window.
 
-    `successors(state)` gives the distinct states the allowed tokens of a state lead to
-    (the automaton's trie walk); `byte_tokens` says that every byte a value can hold is
-    a token of its own (byte paths are token paths).
+    `single` and `present` (bool per byte) are the bytes that are tokens of their own and
+    the bytes found in any token: byte paths over `single` bytes are token paths, and no
+    token walk takes a byte that is not `present`. `successors(state)` gives the distinct
+    states the allowed tokens of a state lead to (the automaton's trie walk).
     """
 
-    def __init__(self, dfa: ByteDfa, byte_tokens: bool,
+    def __init__(self, dfa: ByteDfa, single: np.ndarray, present: np.ndarray,
                  successors: Callable[[int], Sequence[int]]):
         self._successors = successors
         self._ends = (dfa.accepting | dfa.exits).tolist()
         self._exits = dfa.exits.tolist()
-        _, table = dfa.byte_classes
-        self._byte_successors = [sorted({int(t) for t in row if t != DEAD}) for row in table]
-        self._shortest = self._shortest_paths()
-        self._longest = self._longest_paths()
-        self.byte_tokens = byte_tokens
+        byte_class, table = dfa.byte_classes
+        self._spelled = _class_successors(table, byte_class, single)
+        self._walked = _class_successors(table, byte_class, present)
+        self._shortest = self._shortest_paths(self._spelled)
+        self._longest = self._longest_paths(self._spelled)
+        self._longest_walked: list[float] | None = None
         self._reach: dict[int, tuple[float, float]] = {}
         self._graph: dict[int, tuple[int, ...]] = {}       # token-level successors
         self._lengths: dict[int, int] = {}                 # token counts to a value end
         self._horizon = -1
 
+    def strands_nothing(self, state: int) -> bool:
+        """Whether every state a token string from `state` can reach ends a value on
+        single-byte tokens (then no allowed token leaves the value stranded)."""
+        return self._reach_summary(state)[0] < INFINITE
+
     def fits_everywhere(self, state: int, window: TokenWindow) -> bool:
         """Whether every state reachable from `state` by one byte or more can end a value
-        within `window` (then no allowed token of `state` needs checking)."""
-        if not self.byte_tokens:
-            return False
-        if window.unbounded:
-            return True
+        within `window` on single-byte tokens (then no allowed token needs checking)."""
         farthest, least_longest = self._reach_summary(state)
+        if window.unbounded:
+            return farthest < INFINITE
         if window.high is None:
             return least_longest > window.top
         return window.low == 0 and not window.excluded and farthest <= window.high
@@ -116,19 +123,22 @@ class BudgetLengths:
         allows (0: the state itself ends one)."""
         if state == DEAD or (window.high is not None and window.high < window.low):
             return False
-        longest = self._longest[state]
-        if self.byte_tokens and (window.holds(self._shortest[state]) or window.holds(longest)
-                                 or (window.high is None and longest > window.top)):
-            return True
+        shortest = self._shortest[state]            # inf: no end on single-byte tokens
+        if (shortest < INFINITE and window.holds(shortest)) or window.holds(self._longest[state]):
+            return True                 # (with no upper bound, a longest path above `top` holds)
         horizon = window.top
-        if window.high is None and longest > horizon:
-            horizon += len(self._ends)  # a longer path than `top` exists iff one this short does
+        if window.high is None:
+            if self._longest_walked is None:
+                self._longest_walked = self._longest_paths(self._walked)
+            if self._longest_walked[state] > horizon:   # a token string longer than `top`
+                horizon += len(self._ends)              # exists iff one this short does
         return self._token_lengths(state, horizon) & window.bits(horizon) != 0
 
-    def _shortest_paths(self) -> list[float]:
-        """Per state, the fewest bytes to a value end (breadth first on reversed edges)."""
+    def _shortest_paths(self, successors: list[list[int]]) -> list[float]:
+        """Per state, the fewest bytes to a value end over `successors` (breadth first on
+        reversed edges; inf where none ends)."""
         predecessors: list[list[int]] = [[] for _ in self._ends]
-        for source, targets in enumerate(self._byte_successors):
+        for source, targets in enumerate(successors):
             for target in targets:
                 predecessors[target].append(source)
         shortest = [0.0 if end else INFINITE for end in self._ends]
@@ -142,13 +152,15 @@ class BudgetLengths:
         shortest[DEAD] = INFINITE
         return shortest
 
-    def _longest_paths(self) -> list[float]:
-        """Per state, the most bytes to a value end (inf where a cycle is reachable)."""
-        successors = self._byte_successors
-        longest: list[float] = [0.0] * len(successors)
+    def _longest_paths(self, edges: list[list[int]]) -> list[float]:
+        """Per state, the most bytes to a value end over `edges` (inf where a cycle on
+        the way to one is reachable; -inf where none ends)."""
+        ending = [length < INFINITE for length in self._shortest_paths(edges)]
+        successors = [[t for t in targets if ending[t]] for targets in edges]
+        longest: list[float] = [-INFINITE] * len(successors)
         colour = [0] * len(successors)           # 0 new, 1 on the stack, 2 done
         for root in range(1, len(successors)):
-            if colour[root]:
+            if colour[root] or not ending[root]:
                 continue
             stack = [(root, iter(successors[root]))]
             colour[root] = 1
@@ -174,18 +186,18 @@ class BudgetLengths:
                 if longest[node] != INFINITE and any(longest[c] == INFINITE for c in children):
                     longest[node] = INFINITE
                     changed = True
-        longest[DEAD] = -INFINITE
         return longest
 
     def _reach_summary(self, state: int) -> tuple[float, float]:
-        """(the largest shortest and the smallest longest byte path to a value end) over
-        the states reachable from `state` by one byte or more."""
+        """(the largest shortest and the smallest longest byte path to a value end, on
+        single-byte tokens) over the states token walks reach from `state` by one byte or
+        more."""
         summary = self._reach.get(state)
         if summary is None:
-            seen = set(self._byte_successors[state])
+            seen = set(self._walked[state])
             stack = list(seen)
             while stack:
-                for successor in self._byte_successors[stack.pop()]:
+                for successor in self._walked[stack.pop()]:
                     if successor not in seen:
                         seen.add(successor)
                         stack.append(successor)
@@ -227,3 +239,11 @@ class BudgetLengths:
             targets = (source,) if self._exits[source] else tuple(self._successors(source))
             self._graph[source] = targets
             stack.extend(t for t in targets if t not in self._graph)
+
+
+def _class_successors(table: np.ndarray, byte_class: np.ndarray, usable: np.ndarray) -> list[list[int]]:
+    """Per state, the distinct live states one `usable` byte leads to (over the DFA's
+    byte classes: a class is usable if one of its bytes is)."""
+    classes = np.zeros(table.shape[1], dtype=bool)
+    classes[byte_class[usable]] = True
+    return [sorted({int(t) for t in row if t != DEAD}) for row in table[:, classes].tolist()]

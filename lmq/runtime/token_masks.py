@@ -251,20 +251,21 @@ class DfaTokenAutomaton:
         return self._budget_lengths().can_finish(state, window)
 
     @cached_property
-    def spells_every_byte(self) -> bool:
-        """Whether every byte a value can hold is a token of its own (so in every GGUF
-        vocabulary lmq reads): then a byte path is a token path, a state's mask holds no
-        token that strands the value, and only token budgets need `budget_mask`."""
-        index = self.index
-        first = int(index.levels[1]) if index.depth else 0
-        single = np.zeros(256, dtype=bool)
-        single[index.byte[:first][index.exact[:first] > 0]] = True
+    def strands_nothing(self) -> bool:
+        """Whether no allowed token can leave the value where no token string ends it, so
+        the plain masks are exact without a budget: so when every byte on the automaton's
+        edges is a token of its own, else as `BudgetLengths` finds (a vocabulary lacking a
+        byte goes through `budget_mask` for every step)."""
+        single, _ = self.index.byte_kinds
         inner = self.dfa.transitions[~self.dfa.exits & (np.arange(self.dfa.n_states) != DEAD)]
-        return bool(single[(inner != DEAD).any(axis=0)].all())
+        if single[(inner != DEAD).any(axis=0)].all():
+            return True
+        return self._budget_lengths().strands_nothing(self.initial())
 
     def _budget_lengths(self) -> BudgetLengths:
         if self._lengths is None:
-            self._lengths = BudgetLengths(self.dfa, self.spells_every_byte, self.successor_states)
+            single, present = self.index.byte_kinds
+            self._lengths = BudgetLengths(self.dfa, single, present, self.successor_states)
         return self._lengths
 
     def successor_states(self, state: int) -> list[int]:
