@@ -252,10 +252,10 @@ class DfaTokenAutomaton:
 
     @cached_property
     def strands_nothing(self) -> bool:
-        """Whether no allowed token can leave the value where no token string ends it, so
-        the plain masks are exact without a budget: so when every byte on the automaton's
-        edges is a token of its own, else as `BudgetLengths` finds (a vocabulary lacking a
-        byte goes through `budget_mask` for every step)."""
+        """Whether the plain masks strand no value (some token string ends a value from
+        every state an allowed token leads to), so an unbudgeted hole needs no
+        `budget_mask`: true when every byte on the automaton's edges is a token of its
+        own, else as `BudgetLengths` finds on the single-byte tokens (conservative)."""
         single, _ = self.index.byte_kinds
         inner = self.dfa.transitions[~self.dfa.exits & (np.arange(self.dfa.n_states) != DEAD)]
         if single[(inner != DEAD).any(axis=0)].all():
