@@ -94,3 +94,29 @@ def test_json_value_is_also_valid_json_text():
                           '"required": ["x", "y"]})')
     text = result.prompt[len("Point: "):]
     assert json.loads(text) == result.variables["P"]
+
+
+def test_a_forced_option_continues_byte_exactly_inside_a_character():
+    """Issue 9: SmolLM2's first token for "日本語です" ends inside 日 (b"\\xe6"); the forced
+    rest starts with continuation bytes and must reach the model as those bytes."""
+    query = '"The Japanese phrase is:[X]" where X in ["日本語です", "x"]'
+    model = lmq.model()
+    table = model.backend().vocabulary.token_bytes
+    runs = [lmq.run_sync(query, model=model)]
+    runs += [lmq.run_sync(query, model=model, decoder="sample", temperature=1.5, seed=seed)
+             for seed in range(4)]
+    for result in runs:
+        value, tokens = result.variables["X"], result.tokens["X"]
+        assert value in ("日本語です", "x")
+        assert b"".join(table[t] for t in tokens) == value.encode("utf-8")
+    # a token did start inside a character (a continuation byte first)
+    assert any(table[t][:1] and table[t][0] & 0xC0 == 0x80 for r in runs for t in r.tokens["X"])
+
+
+def test_a_tight_token_budget_reaches_the_option_that_fits():
+    query = '"Order:[X]" where X in [" café au lait", " tea"] and len(TOKENS(X)) < 5'
+    model = lmq.model()
+    for seed in range(4):
+        result = lmq.run_sync(query, model=model, decoder="sample", temperature=1.5, seed=seed)
+        assert result.variables["X"] in (" café au lait", " tea")
+        assert len(result.tokens["X"]) < 5

@@ -93,6 +93,16 @@ class VocabularyIndex:
         return tuple(memoryview(array) for array in (
             self.byte, self.child_start, self.lo, self.hi, self.exact, *self.below))
 
+    @functools.cached_property
+    def byte_kinds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bytes that are a token of their own, bytes found in any token), bool per byte."""
+        first = int(self.levels[1]) if self.depth else 0
+        single = np.zeros(256, dtype=bool)
+        single[self.byte[:first][self.exact[:first] > 0]] = True
+        present = np.zeros(256, dtype=bool)
+        present[self.byte] = True
+        return single, present
+
     @staticmethod
     def build(token_bytes: tuple[bytes, ...]) -> "VocabularyIndex":
         """Build the trie from token bytes (vectorized apart from one sort)."""

@@ -128,7 +128,6 @@ class Decoder:
         while True:
             # Everything up to `await pending` runs while the engine evaluates the last token.
             mask = None
-            last = False
             if automaton is not None:
                 forced = self._forced_tokens(automaton, state, backend, plan, len(tokens),
                                              max_len - len(context))
@@ -146,20 +145,18 @@ class Decoder:
                     if cut is not None:
                         return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
                     pending = lane.logits(context + tokens)
-                count = len(tokens)
-                last = plan.max_tokens is not None and count + 1 == plan.max_tokens
-                if not last:
-                    mask = _viable_mask(automaton, state, plan.min_tokens - count - 1)
+                if not _mask_needs_row(automaton, plan, len(tokens)):
+                    mask = _step_mask(automaton, state, plan, len(tokens), None)
             count = len(tokens)
             may_end = plan.may_end_at(count) and (automaton is None or automaton.accepts(state))
             row = await pending
-            if last:
-                mask = _final_mask(automaton, state, row)
+            if automaton is not None and mask is None:
+                mask = _step_mask(automaton, state, plan, count, row)
             token, score = await self._select(row, mask, None if may_end else end_list, end_list)
             if token < 0:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
                                               f"{bytes(value)!r}" + (" within its token budget"
-                                                                     if mask is not None and last else ""))
+                                                                     if plan.counts_tokens else ""))
             if token in ends:
                 return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
             tokens.append(token)
@@ -259,19 +256,44 @@ class Decoder:
         """Fast-forward: the canonical tokens of the text every value must continue with,
         the last one held back (a longer token may span into what follows), within the
         token budget (one token left for the end) and the context."""
-        forced = automaton.forced(state)
-        if not forced:
-            return []
-        text = forced.decode("utf-8", "ignore")
+        text = _whole_characters(automaton.forced(state))
         if not text:
-            return []
+            return []               # mid-character: the mask forces the rest byte-exactly
         tokens = backend.tokenize(text)
         if backend.detokenize(tokens) != text.encode("utf-8"):
             return []               # this tokenizer does not reproduce the text on its own
         limit = len(tokens) - 1
         if plan.max_tokens is not None:
             limit = min(limit, plan.max_tokens - count - 1)
-        return tokens[:max(0, min(limit, room - count - 1))]
+        return _within_budget(automaton, state, tokens[:max(0, min(limit, room - count - 1))],
+                              plan, count)
+
+
+def _within_budget(automaton, state, tokens: list[int], plan: HolePlan, count: int) -> list[int]:
+    """The longest prefix of forced `tokens` after which a value can still end within the
+    token budget (canonical tokens may take more than the budget leaves; the masks then
+    find a shorter tokenization)."""
+    can_finish = getattr(automaton, "can_finish", None)
+    if not tokens or can_finish is None or (not plan.counts_tokens and automaton.strands_nothing):
+        return tokens
+    states = []
+    for token in tokens:
+        state = automaton.advance(state, token)
+        states.append(state)
+    while tokens and not can_finish(states[len(tokens) - 1], plan.remaining(count + len(tokens))):
+        tokens = tokens[:-1]
+    return tokens
+
+
+def _whole_characters(forced: bytes) -> str:
+    """The forced bytes up to the first one that is not part of a whole UTF-8 character:
+    "" when they start with continuation bytes (the last token ended inside a character;
+    text tokenization would drop them), an incomplete last character left out."""
+    try:
+        return forced.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return forced[:e.start].decode("utf-8")
+
 
 
 def _nothing() -> float:
@@ -315,28 +337,40 @@ def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
     return None if best is None else best[2]
 
 
-def _viable_mask(automaton, state, more: int) -> TokenMask:
-    """The state's mask, narrowed while a minimum token count is still ahead (for automata
-    that can tell which tokens leave room for `more` tokens)."""
-    viable = getattr(automaton, "viable_mask", None)
-    return viable(state, more) if viable is not None and more > 0 else automaton.mask(state)
+def _step_mask(automaton, state, plan: HolePlan, count: int, row: np.ndarray) -> TokenMask:
+    """The state's mask within the token budget. A DFA keeps exactly the tokens after
+    which some value still ends at a count the budget allows (`budget_mask`: never a dead
+    end while a value fits; also without a budget where a plain mask could strand it);
+    a grammar's last budgeted token must complete it."""
+    if not plan.counts_tokens and getattr(automaton, "strands_nothing", True):
+        return automaton.mask(state)
+    budget_mask = getattr(automaton, "budget_mask", None)
+    if budget_mask is not None:
+        return budget_mask(state, plan.remaining(count))
+    if plan.max_tokens is not None and count + 1 == plan.max_tokens:
+        return _final_mask(automaton, state, row)
+    return automaton.mask(state)
+
+
+def _mask_needs_row(automaton, plan: HolePlan, count: int) -> bool:
+    """Only a grammar's last budgeted token needs the logits row for its mask (every
+    other mask is computed while the engine evaluates the previous token)."""
+    return (getattr(automaton, "budget_mask", None) is None and plan.max_tokens is not None
+            and count + 1 == plan.max_tokens)
 
 
 def _complete(automaton, state) -> bool:
     """A finished value that nothing may extend (the last `in` option, a closed JSON
     document), known without a mask computation where the automaton caches masks."""
-    cached = getattr(automaton, "final_mask", None) is not None
+    cached = getattr(automaton, "budget_mask", None) is not None
     return cached and automaton.accepts(state) and automaton.mask(state).count == 0
 
 
 def _final_mask(automaton, state, row: np.ndarray) -> TokenMask:
-    """The mask of the last token a budget allows: only tokens that complete a value.
-    A DFA knows them exactly (`final_mask`); for a grammar the `FINAL_CANDIDATES` most
-    likely allowed tokens are tried one by one on a copy of the parser state (sound; a
-    completing token ranked lower is not found, and the hole then fails loudly)."""
-    final = getattr(automaton, "final_mask", None)
-    if final is not None:
-        return final(state)
+    """The mask of a grammar's last budgeted token: only tokens that complete a value.
+    The `FINAL_CANDIDATES` most likely allowed tokens are tried one by one on a copy of
+    the parser state (sound; a completing token ranked lower is not found, and the hole
+    then fails loudly)."""
     allowed = automaton.mask(state).allowed
     ranked = allowed[np.argsort(-row[allowed], kind="stable")[:FINAL_CANDIDATES]]
     completing = [t for t in ranked.tolist()

@@ -30,6 +30,7 @@ from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, key
                                     key_to_json, stopped_dfa, value_dfa)
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 from lmq.runtime.grammar import GrammarTokenAutomaton
+from lmq.runtime.token_budget import TokenWindow
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 
@@ -74,10 +75,25 @@ class HolePlan:
     grammar: str | None = None                       # GBNF of a GRAMMAR/JSON constraint
     convert: Callable[[str], Any] | None = None      # INT → int, FLOAT → float, JSON → object
     checks: list[tuple[str, Callable[[Any], bool]]] = field(default_factory=list)
+    _windows: dict[int, TokenWindow] = field(default_factory=dict, repr=False, compare=False)
 
     def may_end_at(self, count: int) -> bool:
         """Whether a value of `count` tokens satisfies the token budget."""
         return count >= self.min_tokens and count not in self.excluded_counts
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the token budget constrains the value's token count at all."""
+        return self.min_tokens > 0 or self.max_tokens is not None or bool(self.excluded_counts)
+
+    def remaining(self, count: int) -> TokenWindow:
+        """The token counts the budget still allows after `count` tokens (cached: the
+        decoder asks once per step)."""
+        window = self._windows.get(count)
+        if window is None:
+            window = self._windows[count] = TokenWindow.of(
+                self.min_tokens, self.max_tokens, self.excluded_counts).after(count)
+        return window
 
     def gbnf(self) -> str | None:
         """The plan's value language as GBNF (llama.cpp's dialect), None for any text."""

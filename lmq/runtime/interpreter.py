@@ -147,6 +147,8 @@ class QueryContext:
                 break
             kept.append(token)
             size += len(table[token])
+        while kept and size < len(output.value) and output.value[size] & 0xC0 == 0x80:
+            size -= len(table[kept.pop()])      # the cut remainder starts a whole character
         value = output.value.decode("utf-8", "replace")
         prompt.append_generated(kept, output.value[size:].decode("utf-8", "replace"), value)
         session.tokens[spec.name] = output.tokens

@@ -44,6 +44,7 @@ from lmq.backends.vocabulary_index import (GROUP_BITS, VocabularyIndex, concaten
                                           vocabulary_index)
 from lmq.compiler.automaton import ByteDfa, forced_bytes
 from lmq.runtime.class_patterns import ClassPatterns, class_patterns
+from lmq.runtime.token_budget import BudgetLengths, TokenWindow
 
 #: a mask allowing more than this fraction of the vocabulary is dense (keeps a bias row):
 #: measured at V = 151,936, an argmax over `row[allowed]` beats one over the whole row up
@@ -59,6 +60,11 @@ DENSE_MASKS_KEPT = 64
 PYTHON_FRONTIER = 48
 DEAD = 0
 ALL_GROUPS = (int(np.bitwise_or.reduce(GROUP_BITS[0])), int(np.bitwise_or.reduce(GROUP_BITS[1])))
+#: a state with at most this many allowed tokens finds their successors one token at a time
+FEW_SUCCESSORS = 2048
+#: (state → successors) and (state, window → budget mask) entries kept per automaton
+SUCCESSORS_KEPT = 16
+BUDGET_MASKS_KEPT = 4096
 #: a live pair whose subtree holds at most this many tokens is walked depth first at once
 SMALL_SUBTREE = 32
 #: a trie walk visiting more (node, state) pairs than this fraction of the trie's nodes
@@ -183,9 +189,11 @@ class DfaTokenAutomaton:
         self._masks: dict[int, TokenMask] = {}
         self._dense_states: deque[int] = deque()    # cached dense masks, oldest first
         self._next: dict[tuple[int, int], int] = {}
-        self._final: dict[int, TokenMask] = {}
-        self._viable: dict[tuple[int, int], TokenMask] = {}
-        self._longest: list[float] | None = None
+        self._budgeted: dict[tuple[int, TokenWindow], TokenMask] = {}
+        self._dense_budgeted: deque[tuple[int, TokenWindow]] = deque()
+        self._successors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._distinct: dict[int, list[int]] = {}
+        self._lengths: BudgetLengths | None = None
         self._forced: dict[int, bytes] = {}
         self._open_table: np.ndarray | None = None
         self._open_words: dict[int, tuple[int, int]] = {}
@@ -211,74 +219,107 @@ class DfaTokenAutomaton:
     def fork(self, state: int) -> int:
         return state                    # states are plain ints: nothing to copy
 
-    def final_mask(self, state: int) -> TokenMask:
-        """The tokens after which the value is complete (an accepting or exit state): the
-        mask of the last token a budget allows. Computed from the state's mask once."""
-        final = self._final.get(state)
-        if final is None:
-            allowed = self.mask(state).allowed
-            ends = [t for t in allowed.tolist()
-                    if self._accepting[self.advance(state, t)] or self._exits[self.advance(state, t)]]
-            final = self._final[state] = TokenMask.of(np.array(ends, dtype=np.int32), self.index.size)
-        return final
-
-    def viable_mask(self, state: int, more: int) -> TokenMask:
-        """The tokens after which the value can still grow by at least `more` tokens (a
-        minimum token count still to reach). Every byte is a token of its own in the
-        vocabularies lmq reads, so that is: the longest path to an accepting state from
-        the state after the token is at least `more` bytes."""
-        key = (state, more)
-        viable = self._viable.get(key)
-        if viable is None:
-            longest = self._longest_values()
+    def budget_mask(self, state: int, window: TokenWindow) -> TokenMask:
+        """The tokens of the state's mask after which some value still ends within
+        `window` (the token counts the budget allows from `state`, this token included):
+        the whole mask where every reachable state fits or every successor does, else
+        the tokens whose successor fits."""
+        key = (state, window)
+        mask = self._budgeted.get(key)
+        if mask is None:
+            lengths = self._budget_lengths()
+            after = window.after(1)
             mask = self.mask(state)
-            if more <= 0 or min(longest) >= more:
-                viable = mask
+            if not lengths.fits_everywhere(state, after):
+                fitting = {s for s in self.successor_states(state) if lengths.can_finish(s, after)}
+                if len(fitting) < len(self.successor_states(state)):
+                    tokens, targets = self.successors(state)
+                    kept = np.isin(targets, np.fromiter(fitting, dtype=np.int32, count=len(fitting)))
+                    mask = TokenMask.of(tokens[kept], self.index.size)
+            if len(self._budgeted) > BUDGET_MASKS_KEPT:
+                self._budgeted.clear()
+                self._dense_budgeted.clear()
+            self._budgeted[key] = mask
+            if mask.dense:                       # bounded like the dense state masks
+                self._dense_budgeted.append(key)
+                if len(self._dense_budgeted) > DENSE_MASKS_KEPT:
+                    self._budgeted.pop(self._dense_budgeted.popleft(), None)
+        return mask
+
+    def can_finish(self, state: int, window: TokenWindow) -> bool:
+        """Whether some token string from `state` ends a value within `window`."""
+        return self._budget_lengths().can_finish(state, window)
+
+    @cached_property
+    def strands_nothing(self) -> bool:
+        """Whether the plain masks strand no value (some token string ends a value from
+        every state an allowed token leads to), so an unbudgeted hole needs no
+        `budget_mask`: true when every byte on the automaton's edges is a token of its
+        own, else as `BudgetLengths` finds on the single-byte tokens (conservative)."""
+        single, _ = self.index.byte_kinds
+        inner = self.dfa.transitions[~self.dfa.exits & (np.arange(self.dfa.n_states) != DEAD)]
+        if single[(inner != DEAD).any(axis=0)].all():
+            return True
+        return self._budget_lengths().strands_nothing(self.initial())
+
+    def _budget_lengths(self) -> BudgetLengths:
+        if self._lengths is None:
+            single, present = self.index.byte_kinds
+            self._lengths = BudgetLengths(self.dfa, single, present, self.successor_states)
+        return self._lengths
+
+    def successor_states(self, state: int) -> list[int]:
+        """The distinct states the allowed tokens of `state` lead to, sorted."""
+        distinct = self._distinct.get(state)
+        if distinct is None:
+            if self._exits[state]:
+                distinct = [state]
+            elif self.mask(state).count <= FEW_SUCCESSORS:
+                distinct = np.unique(self.successors(state)[1]).tolist()
+            elif isinstance(self._patterns, ClassPatterns):
+                final = self._patterns.final_states(self.dfa.byte_classes[1], state)
+                distinct = np.unique(final[final != DEAD]).tolist()
             else:
-                kept = [t for t in mask.allowed.tolist() if longest[self.advance(state, t)] >= more]
-                viable = TokenMask.of(np.array(kept, dtype=np.int32), self.index.size)
-            self._viable[key] = viable
-        return viable
+                _, counts, ends = self._walk_ends(state)
+                distinct = np.unique(ends[counts > 0]).tolist()
+            self._distinct[state] = distinct
+        return distinct
 
-    def _longest_values(self) -> list[float]:
-        """Per state, the longest byte string to an accepting state (inf on a cycle)."""
-        if self._longest is None:
-            _, table = self.dfa.byte_classes
-            successors = [sorted({int(t) for t in row if t != DEAD}) for row in table]
-            longest: list[float] = [0.0] * len(table)
-            colour = [0] * len(table)           # 0 new, 1 on the stack, 2 done
-            for root in range(1, len(table)):
-                stack = [(root, iter(successors[root]))]
-                colour[root] = 1
-                while stack:
-                    node, children = stack[-1]
-                    child = next(children, None)
-                    if child is None:
-                        stack.pop()
-                        colour[node] = 2
-                        best = 0.0 if self._accepting[node] else -np.inf
-                        for c in successors[node]:
-                            best = max(best, 1.0 + longest[c])
-                        longest[node] = best
-                    elif colour[child] == 1:
-                        longest[child] = np.inf          # a back edge: on a cycle
-                    elif colour[child] == 0:
-                        colour[child] = 1
-                        stack.append((child, iter(successors[child])))
-            self._longest = self._propagate_cycles(longest, successors)
-        return self._longest
+    def successors(self, state: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the state's allowed tokens, sorted; the state each one leads to): a few are
+        advanced one by one, many read from the class patterns where the masks use them,
+        else from one trie walk that records end states."""
+        cached = self._successors.get(state)
+        if cached is not None:
+            return cached
+        tokens = self.mask(state).allowed
+        if self._exits[state]:
+            targets = np.full(len(tokens), state, dtype=np.int32)
+        elif len(tokens) <= FEW_SUCCESSORS:
+            targets = np.fromiter((self.advance(state, t) for t in tokens.tolist()),
+                                  dtype=np.int32, count=len(tokens))
+        elif isinstance(self._patterns, ClassPatterns):
+            targets = self._patterns.final_states(self.dfa.byte_classes[1], state)[tokens]
+        else:
+            starts, counts, ends = self._walk_ends(state)
+            target_of = np.zeros(self.index.size, dtype=np.int32)
+            target_of[self.index.order[concatenated_ranges(starts, counts)]] = np.repeat(ends, counts)
+            targets = target_of[tokens]
+        if len(self._successors) >= SUCCESSORS_KEPT:
+            self._successors.clear()
+        self._successors[state] = (tokens, targets)
+        return tokens, targets
 
-    @staticmethod
-    def _propagate_cycles(longest: list[float], successors: list[list[int]]) -> list[float]:
-        """Every state that reaches a cycle is unbounded too."""
-        changed = True
-        while changed:
-            changed = False
-            for node, children in enumerate(successors):
-                if longest[node] != np.inf and any(longest[c] == np.inf for c in children):
-                    longest[node] = np.inf
-                    changed = True
-        return longest
+    def _walk_ends(self, state: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The allowed tokens of `state` as sorted-position ranges (starts, counts) and the
+        state the tokens of each range end in: the numpy trie walk, recording states."""
+        starts: list[np.ndarray] = []
+        counts: list[np.ndarray] = []
+        ends: list[np.ndarray] = []
+        nodes, states = self._roots(state)
+        while len(nodes):
+            nodes, states = self._numpy_level(nodes, states, starts, counts, ends)
+        return np.concatenate(starts), np.concatenate(counts), np.concatenate(ends)
 
     def mask(self, state: int) -> TokenMask:
         mask = self._masks.get(state)
@@ -367,10 +408,7 @@ class DfaTokenAutomaton:
         counts: list[np.ndarray] = []
         few_starts: list[int] = []               # the same, from the Python-walked levels
         few_counts: list[int] = []
-        roots = index.byte[:index.levels[1]]
-        states = self._flat[state * 256 + roots]
-        nodes = np.flatnonzero(states).astype(np.int32)
-        states = states[nodes]
+        nodes, states = self._roots(state)
         pairs = None
         self._walked = 0
         while True:
@@ -418,8 +456,16 @@ class DfaTokenAutomaton:
         inside[-2:] = False                      # the rank of an empty token points here
         return inside[self.index.rank]
 
-    def _numpy_level(self, nodes, states, starts, counts):
-        """One level of live pairs as arrays: record ranges, return the next level's."""
+    def _roots(self, state: int) -> tuple[np.ndarray, np.ndarray]:
+        """The live (node, state) pairs of the trie's first level from `state`."""
+        roots = self.index.byte[:self.index.levels[1]]
+        states = self._flat[state * 256 + roots]
+        nodes = np.flatnonzero(states).astype(np.int32)
+        return nodes, states[nodes]
+
+    def _numpy_level(self, nodes, states, starts, counts, ends=None):
+        """One level of live pairs as arrays: record ranges (and into `ends`, the state
+        each range's tokens end in), return the next level's."""
         index = self.index
         if self._open_table is None:
             self._open_table = _open_groups(self.dfa.transitions,
@@ -432,6 +478,8 @@ class DfaTokenAutomaton:
         counts.append(index.hi[done] - index.lo[done])
         self._walked += len(nodes)
         walked = ~closed
+        if ends is not None:
+            ends += (states[closed], states[walked])
         nodes, states = nodes[walked], states[walked]
         starts.append(index.lo[nodes])
         counts.append(index.exact[nodes])
