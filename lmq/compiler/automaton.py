@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from lmq.compiler import limits
 from lmq.errors import ConstraintError
 
 DEAD = 0
@@ -269,6 +270,8 @@ def char_count(op: str, n: int) -> ByteDfa:
         raise ConstraintError(f"a character count bound must be an int, not {n!r}")
     if op == ">=":                # ≥ n is > n − 1: keeps "exactly n" and "more" one state
         op, n = ">", n - 1
+    if n + 2 > limits.MAX_STATES:
+        raise limits.too_many_states(f"the character count len(X) {op} {n}")
     top = max(n, -1) + 1          # counts 0..top; top stands for "more than n"
     counts = np.arange(top + 1)
     test = {"<": counts < n, "<=": counts <= n, "==": counts == n, "!=": counts != n,
@@ -331,6 +334,8 @@ def _product(dfas: Sequence[ByteDfa], classify: Classifier) -> ByteDfa:
         for target in zip(*(table[component] for table, component in zip(tables, state))):
             number = ids.get(target)
             if number is None:
+                if len(states) >= limits.MAX_STATES:
+                    raise limits.too_many_states("the product of the automata")
                 number = ids[target] = len(states)
                 states.append(target)
             row.append(number)
@@ -582,6 +587,8 @@ class Nfa:
                     closed = self._closure(targets)
                     target = ids.get(closed)
                     if target is None:
+                        if len(subsets) > limits.MAX_STATES:
+                            raise limits.too_many_states("the automaton")
                         target = ids[closed] = len(subsets)
                         subsets.append(closed)
                     row.append((low, high, target))

@@ -1,0 +1,41 @@
+"""How large a constraint may grow before lmq refuses it (`ConstraintTooLarge`), so a
+pathological constraint answers at once instead of eating the machine.
+
+Each limit is a module attribute, read when a constraint is compiled; its default comes
+from an environment variable when set: `LMQ_MAX_STATES` (states of one automaton: a
+regex's NFA and DFA, products, `len(X)` counters), `LMQ_MAX_GRAMMAR_RULES` and
+`LMQ_MAX_GRAMMAR_DEPTH` (a GBNF grammar's rules and nesting). The defaults keep any
+single compilation under about a second on a 2-core machine and a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lmq.errors import ConstraintTooLarge
+
+
+def _setting(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConstraintTooLarge(f"${name} must be an integer, not {text!r}") from None
+    return max(value, 1)
+
+
+#: states of one automaton (a regex's NFA, any DFA, a product)
+MAX_STATES = _setting("LMQ_MAX_STATES", 20_000)
+#: rules (after expansion of groups and repetitions) of one GBNF grammar
+MAX_GRAMMAR_RULES = _setting("LMQ_MAX_GRAMMAR_RULES", 5_000)
+#: nesting of a GBNF grammar: parentheses, and chains of rules referring to rules
+MAX_GRAMMAR_DEPTH = _setting("LMQ_MAX_GRAMMAR_DEPTH", 500)
+
+
+def too_many_states(what: str) -> ConstraintTooLarge:
+    """The error for an automaton that grows past `MAX_STATES`."""
+    return ConstraintTooLarge(f"constraint too large: {what} grows past {MAX_STATES:,} automaton "
+                              f"states; the limit is {MAX_STATES:,} (set $LMQ_MAX_STATES or "
+                              f"lmq.compiler.limits.MAX_STATES to raise it)")
