@@ -19,7 +19,7 @@ Constructors: `literal(s)`, `options(strings)`, `any_bytes()`, `empty()`, `conta
 Operations: `intersect(a, b)`, `union(a, b)`, `complement(a)`, `concat(a, b)`,
 `with_stops(a, phrases)` (exit states for STOPS_AT / STOPS_BEFORE), `stop_values(a, phrases)`
 (the language of final values under those stops).
-Helpers: `run`, `matches`, `is_empty`, `forced_bytes`.
+Helpers: `run`, `matches`, `is_empty`, `forced_bytes`, `fewest_characters`.
 `lmq.compiler.regex.regex_dfa` compiles regexes; `lmq.compiler.gbnf_export.dfa_to_gbnf`
 exports GBNF.
 
@@ -31,6 +31,7 @@ minimization proportional to the number of distinct behaviours, not to 256.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterable, Sequence
@@ -646,6 +647,33 @@ def matches(dfa: ByteDfa, data: bytes) -> bool:
 def is_empty(dfa: ByteDfa) -> bool:
     """Whether no value (and no stop) can be reached at all."""
     return dfa.initial == DEAD
+
+
+def fewest_characters(dfa: ByteDfa) -> np.ndarray:
+    """Per state, the fewest UTF-8 characters (bytes that are not continuation bytes) that
+    lead to an accepting or exit state (int64; a large number for DEAD): what a value
+    still needs from there, for a character budget counted outside the automaton."""
+    byte_class, table = dfa.byte_classes
+    free = np.zeros(table.shape[1], bool)              # a class holding a continuation byte
+    free[np.unique(byte_class[0x80:0xC0])] = True
+    predecessors: list[list[tuple[int, int]]] = [[] for _ in range(len(table))]
+    for state, row in enumerate(table.tolist()):
+        for column, target in enumerate(row):
+            if target != DEAD:
+                predecessors[target].append((state, 0 if free[column] else 1))
+    unreached = np.iinfo(np.int64).max // 4
+    fewest = [unreached] * len(table)
+    ends = np.flatnonzero(dfa.accepting | dfa.exits).tolist()
+    for state in ends:
+        fewest[state] = 0
+    frontier = deque(ends)                             # 0-1 breadth-first search backwards
+    while frontier:
+        state = frontier.popleft()
+        for source, cost in predecessors[state]:
+            if fewest[state] + cost < fewest[source]:
+                fewest[source] = fewest[state] + cost
+                (frontier.appendleft if cost == 0 else frontier.append)(source)
+    return np.array(fewest, dtype=np.int64)
 
 
 def forced_bytes(dfa: ByteDfa, state: int) -> bytes:
