@@ -119,7 +119,8 @@ class _Parser:
         line = self.text.count("\n", 0, self.pos) + 1
         column = self.pos - (self.text.rfind("\n", 0, self.pos) + 1) + 1
         source_line = self.text.split("\n")[line - 1].rstrip("\r")
-        raise error(f"{self.owner}: invalid GBNF at line {line}, column {column}: "
+        kind = "invalid GBNF" if error is ConstraintError else "GBNF"
+        raise error(f"{self.owner}: {kind} at line {line}, column {column}: "
                     f"{message}\n    {source_line}\n    {' ' * (column - 1)}^")
 
     def peek(self, offset: int = 0) -> str:

@@ -29,7 +29,7 @@ def _setting(name: str, default: int) -> int:
 #: states of one automaton (a regex's NFA, any DFA, a product)
 MAX_STATES = _setting("LMQ_MAX_STATES", 20_000)
 #: rules of one GBNF grammar
-MAX_GRAMMAR_RULES = _setting("LMQ_MAX_GRAMMAR_RULES", 5_000)
+MAX_GRAMMAR_RULES = _setting("LMQ_MAX_GRAMMAR_RULES", 1_000)
 #: nesting of a GBNF grammar's groups; also how deep a chain of rules is inlined into
 #: one lexeme for llguidance (deeper chains stay rules)
 MAX_GRAMMAR_DEPTH = _setting("LMQ_MAX_GRAMMAR_DEPTH", 100)

@@ -330,6 +330,8 @@ def _lark(node: g.Node, reference, top: bool = False) -> str:
         if node.high == 0:
             return '""'
         inner = _lark(node.item, reference)
+        if isinstance(node.item, g.Repeat):          # a repetition of a repetition
+            inner = f"({inner})"
         suffix = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((node.low, node.high))
         if suffix is None:
             suffix = f"{{{node.low},{'' if node.high is None else node.high}}}"
