@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from lmq.errors import ConstraintTooLarge
+from lmq.errors import ConstraintError, ConstraintTooLarge
 
 
 def _setting(name: str, default: int) -> int:
@@ -22,7 +22,7 @@ def _setting(name: str, default: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ConstraintTooLarge(f"${name} must be an integer, not {text!r}") from None
+        raise ConstraintError(f"${name} must be an integer, not {text!r}") from None
     return max(value, 1)
 
 
