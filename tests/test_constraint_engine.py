@@ -13,6 +13,8 @@ import pytest
 import lmq
 from lmq.backends.base import Sequence
 from lmq.compiler.languages import TYPE_PATTERNS
+
+from constraint_trials import python_verdict
 from vocab_paths import VOCAB_DIR
 
 VOCABULARIES = sorted(VOCAB_DIR.glob("*.gguf"))
@@ -56,21 +58,6 @@ def random_clause(rng: random.Random) -> str:
     if rng.random() < 0.3:
         clause += f" and {rng.choice(['STOPS_AT', 'STOPS_BEFORE'])}(X, {rng.choice(SUBSTRINGS)!r})"
     return clause
-
-
-def python_verdict(clause: str, value: str, tokens: list[int]) -> bool:
-    """The clause as Python reads it, on the final value: the reference lmq must agree with."""
-    def stops(_value, phrase, keep):
-        position = value.find(phrase)
-        return position < 0 or (keep and position + len(phrase) == len(value))
-
-    names = {"X": value, "TOKENS": lambda _: tokens,
-             "INT": lambda v: re.fullmatch(TYPE_PATTERNS["INT"], v) is not None,
-             "FLOAT": lambda v: re.fullmatch(TYPE_PATTERNS["FLOAT"], v) is not None,
-             "REGEX": lambda v, p: re.fullmatch(p, v) is not None,
-             "STOPS_AT": lambda v, p: stops(v, p, True),
-             "STOPS_BEFORE": lambda v, p: stops(v, p, False)}
-    return bool(eval(clause, {"__builtins__": {"len": len}}, names))
 
 
 @pytest.mark.parametrize("vocab", VOCABULARIES, ids=lambda p: p.stem)
