@@ -73,23 +73,22 @@ def generated_pattern(rng: random.Random, depth: int = 0) -> str:
     return f"({generated_pattern(rng, depth + 1)}){rng.choice(QUANTIFIERS)}"
 
 
+#: the kinds of atomic constraint on X, each a clause from a random generator
+ATOM_KINDS = [
+    lambda rng: f"X in {rng.sample(OPTIONS, rng.randint(1, 4))!r}",
+    lambda rng: f"X not in {rng.sample(OPTIONS, rng.randint(1, 3))!r}",
+    lambda rng: f"X {rng.choice(['==', '!='])} {rng.choice(OPTIONS)!r}",
+    lambda rng: f"{rng.choice(SUBSTRINGS)!r} {rng.choice(['in', 'not in'])} X",
+    lambda rng: f"len(X) {rng.choice(COMPARISONS)} {rng.randint(0, 8)}",
+    lambda rng: f"{rng.choice(['INT', 'FLOAT'])}(X)",
+    lambda rng: f"REGEX(X, {generated_pattern(rng)!r})",
+    lambda rng: f"REGEX(X, {rng.choice(PATTERNS)!r})",
+]
+ATOM_WEIGHTS = [1, 1, 1, 1, 1, 1, 1, 4]
+
+
 def _atom(rng: random.Random) -> str:
-    kind = rng.randrange(11)
-    if kind == 0:
-        return f"X in {rng.sample(OPTIONS, rng.randint(1, 4))!r}"
-    if kind == 1:
-        return f"X not in {rng.sample(OPTIONS, rng.randint(1, 3))!r}"
-    if kind == 2:
-        return f"X {rng.choice(['==', '!='])} {rng.choice(OPTIONS)!r}"
-    if kind == 3:
-        return f"{rng.choice(SUBSTRINGS)!r} {rng.choice(['in', 'not in'])} X"
-    if kind == 4:
-        return f"len(X) {rng.choice(COMPARISONS)} {rng.randint(0, 8)}"
-    if kind == 5:
-        return f"{rng.choice(['INT', 'FLOAT'])}(X)"
-    if kind == 6:
-        return f"REGEX(X, {generated_pattern(rng)!r})"
-    return f"REGEX(X, {rng.choice(PATTERNS)!r})"
+    return rng.choices(ATOM_KINDS, ATOM_WEIGHTS)[0](rng)
 
 
 def _formula(rng: random.Random, depth: int = 0) -> str:

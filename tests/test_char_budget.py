@@ -16,8 +16,11 @@ import lmq
 from lmq.backends.gguf import load_vocab_only
 from lmq.backends.vocabulary_index import vocabulary_index
 from lmq.compiler import automaton as fa
+from lmq.compiler.codegen import compile_query
+from lmq.compiler.gbnf import parse_gbnf
 from lmq.compiler.languages import stopped_dfa
 from lmq.runtime.char_budget import CharBudgetAutomaton, token_characters, walk_vocabulary
+from lmq.runtime.hole import lower_hole
 from lmq.runtime.token_masks import DfaTokenAutomaton
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
@@ -129,3 +132,16 @@ def test_a_value_that_cannot_fit_is_unsatisfiable_before_decoding(random_model):
         lmq.run_sync('"[X]" where len(X) < 300 and X == "a" * 400', model=random_model())
     with pytest.raises(lmq.UnsatisfiableConstraint, match=r"\bX\b"):
         lmq.run_sync('"[X]" where len(X) <= 1000 and REGEX(X, "a{1001,}")', model=random_model())
+
+
+def test_gbnf_export_spells_out_small_budgets_and_notes_large_ones():
+    def grammar(clause: str) -> str:
+        spec = compile_query(f'"[X]" where {clause}').holes[0]
+        return lower_hole("X", spec.where, {}).gbnf()
+
+    small = grammar('len(X) < 3 and REGEX(X, "[ab]+")')
+    assert not small.startswith("#") and "root" in small
+    assert parse_gbnf(small)
+    large = grammar('len(X) < 10**9 and REGEX(X, "[ab]+")')
+    assert large.startswith("# and at most 999999999 characters")
+    assert parse_gbnf(large) and large.split("\n", 1)[1] == grammar('REGEX(X, "[ab]+")')
