@@ -37,12 +37,20 @@ def _random_regex(seed: int) -> str:
     return out
 
 
+def _words(count: int) -> list[str]:
+    rng = random.Random(count)
+    return ["".join(rng.choice("abcdefghij ") for _ in range(rng.randint(4, 12)))
+            for _ in range(count)]
+
+
 CASES = {  # query → extra arguments; "ok" cases must succeed, the others be too large
     "len(X) < 100000": ('"[X]" where len(X) < 100000 and len(TOKENS(X)) < 20', {}, "ok"),
     "len(X) < 10**9": ('"[X]" where len(X) < 10**9 and len(TOKENS(X)) < 20', {}, "ok"),
     "len(X) > 10**5": ('"[X]" where len(X) > 100000', {}, "large"),
     "len(X) == 10**9": ('"[X]" where len(X) == 10**9', {}, "large"),
     "len inside or": ('"[X]" where len(X) < 10**9 or X == "a"', {}, "large"),
+    "X in 2,000 words": ('"[X]" where X in words', {"words": _words(2_000)}, "ok"),
+    "X in 100,000 words": ('"[X]" where X in words', {"words": _words(100_000)}, "large"),
     "(a|b)*a(a|b){20}": ('"[X]" where REGEX(X, r"(a|b)*a(a|b){20}")', {}, "large"),
     ".*a.{40}": ('"[X]" where REGEX(X, r".*a.{40}")', {}, "large"),
     "a{10**6}": ('"[X]" where REGEX(X, r"(a{1000}){1000}")', {}, "large"),

@@ -43,6 +43,9 @@ from lmq.errors import ConstraintError
 
 DEAD = 0
 CHAR_COUNT_OPS = ("<", "<=", "==", "!=", ">", ">=")
+#: an option list's trie may have this many times `limits.MAX_STATES` nodes (shared
+#: suffixes merge: 20,000 words of 4-12 letters are 150,000 nodes, 55,000 states)
+OPTION_NODES_PER_STATE = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,6 +230,9 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
         for byte in data:
             child = children[node].get(byte)
             if child is None:
+                if len(children) > OPTION_NODES_PER_STATE * limits.MAX_STATES:
+                    raise limits.too_many_states("the list of options", f"{len(children):,} "
+                                                 f"trie nodes ({OPTION_NODES_PER_STATE} per state)")
                 child = children[node][byte] = len(children)
                 children.append({})
                 accepting.append(False)

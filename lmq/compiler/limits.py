@@ -35,8 +35,10 @@ MAX_GRAMMAR_RULES = _setting("LMQ_MAX_GRAMMAR_RULES", 1_000)
 MAX_GRAMMAR_DEPTH = _setting("LMQ_MAX_GRAMMAR_DEPTH", 100)
 
 
-def too_many_states(what: str) -> ConstraintTooLarge:
-    """The error for an automaton that grows past `MAX_STATES`."""
-    return ConstraintTooLarge(f"constraint too large: {what} grows past {MAX_STATES:,} automaton "
-                              f"states; the limit is {MAX_STATES:,} (set $LMQ_MAX_STATES or "
+def too_many_states(what: str, grown: str = "") -> ConstraintTooLarge:
+    """The error for an automaton that grows past `MAX_STATES` (`grown`: how far it got,
+    when that is measured otherwise, as in the nodes of an option trie)."""
+    grown = grown or f"{MAX_STATES:,} automaton states"
+    return ConstraintTooLarge(f"constraint too large: {what} grows past {grown}; the limit is "
+                              f"{MAX_STATES:,} states (set $LMQ_MAX_STATES or "
                               f"lmq.compiler.limits.MAX_STATES to raise it)")

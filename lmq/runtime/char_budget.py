@@ -52,6 +52,7 @@ class CharBudgetAutomaton:
         self._exits = base.dfa.exits
         self._walks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._narrowed: OrderedDict[tuple[int, int, str], TokenMask] = OrderedDict()
+        self._longest = np.empty((0, base.dfa.n_states))
 
     def initial(self) -> State:
         return (self.base.initial(), 0)
@@ -88,13 +89,56 @@ class CharBudgetAutomaton:
         return self._narrow(dfa_state, left, "final")
 
     def viable_mask(self, state: State, more: int) -> TokenMask:
-        """The DFA's viable tokens (room for `more` tokens) that fit the budget."""
-        viable = self.base.viable_mask(state[0], more)
-        if self.limit - state[1] >= self._margin:
-            return viable
-        fitting = self.mask(state).allowed
-        return TokenMask.of(np.intersect1d(viable.allowed, fitting).astype(np.int32),
-                            self.index.size)
+        """The tokens after which the value can still grow by `more` tokens (a minimum
+        token count) within the budget. Every byte is a token of its own, so that is a
+        path of at least `more` bytes to a value's end, of few enough characters. With
+        `more` + the most characters any state needs to spare, any path of `more` bytes
+        can be cut short and completed in budget, so the DFA's own answer holds."""
+        dfa_state, used = state
+        left = self.limit - used
+        if more <= 0 or left >= self._margin + more:
+            return self.base.viable_mask(dfa_state, more)
+        key = (dfa_state, left, f"viable {more}")
+        mask = self._narrowed.get(key)
+        if mask is None:
+            ends, chars = self._walk(dfa_state)
+            room = left - chars
+            longest = self._longest_within(max(left, 0))
+            fits = (ends != DEAD) & (room >= 0)
+            fits[fits] = longest[room[fits], ends[fits]] >= more
+            mask = self._narrowed[key] = TokenMask.of_flags(fits)
+            if len(self._narrowed) > NARROWED_KEPT:
+                self._narrowed.popitem(last=False)
+        return mask
+
+    def _longest_within(self, most: int) -> np.ndarray:
+        """(at least most + 1, n_states) float: the longest byte path from each state to a
+        value's end using at most c characters (row c); inf from an exit state (held back
+        by a token minimum, it absorbs every byte), -inf where there is none. Rows are
+        built once, as far as asked (at most `_margin` + the token minimum)."""
+        if len(self._longest) > most:
+            return self._longest
+        byte_class, table = self.base.dfa.byte_classes
+        free = np.zeros(table.shape[1], bool)            # a class with a continuation byte
+        free[np.unique(byte_class[0x80:0xC0])] = True
+        ends = np.where(self._exits, np.inf, np.where(self.base.dfa.accepting, 0.0, -np.inf))
+        ends[DEAD] = -np.inf
+        rows = list(self._longest)
+        for chars in range(len(rows), most + 1):
+            row = ends.copy()
+            if chars:                                    # one more character: paid edges
+                paid = 1 + rows[chars - 1][table[:, ~free]]
+                row = np.maximum(row, paid.max(axis=1, initial=-np.inf))
+            for _ in range(8):                           # continuation bytes: 3 in a row at most
+                step = np.maximum(row, (1 + row[table[:, free]]).max(axis=1, initial=-np.inf))
+                step[DEAD] = -np.inf
+                if np.array_equal(step, row):
+                    break
+                row = step
+            row[DEAD] = -np.inf
+            rows.append(row)
+        self._longest = np.array(rows)
+        return self._longest
 
     def _narrow(self, dfa_state: int, left: int, kind: str) -> TokenMask:
         key = (dfa_state, left, kind)
