@@ -31,8 +31,8 @@ from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 #: per-state token walks kept (each holds two int32 rows over the vocabulary)
 WALKS_KEPT = 16
-#: narrowed masks kept per automaton
-NARROWED_KEPT = 256
+#: narrowed masks kept per automaton (a dense one holds a 4V-byte bias row)
+NARROWED_KEPT = 32
 
 State = tuple[int, int]      # (DFA state, characters of the value so far)
 
@@ -203,7 +203,7 @@ def token_characters(index: VocabularyIndex, token_bytes: tuple[bytes, ...]) -> 
 def walk_vocabulary(index: VocabularyIndex, transitions: np.ndarray, exits: np.ndarray,
                     state: int) -> tuple[np.ndarray, np.ndarray]:
     """(end state, characters read before reaching an exit) of every token walked from
-    `state` through `transitions` (exit and DEAD states are absorbing), int64 (V,) each;
+    `state` through `transitions` (exit and DEAD states are absorbing), int32 (V,) each;
     DEAD and 0 for empty tokens. One gather per trie level."""
     parent = _parent(index)
     ends = np.zeros(index.node_count, np.int64)
@@ -216,8 +216,8 @@ def walk_vocabulary(index: VocabularyIndex, transitions: np.ndarray, exits: np.n
         level_bytes = byte[low:high]
         ends[low:high] = transitions[before, level_bytes]
         chars[low:high] = read + (_STARTS_CHARACTER[level_bytes] & ~exits[before])
-    token_ends = np.zeros(index.size, np.int64)
-    token_chars = np.zeros(index.size, np.int64)
+    token_ends = np.zeros(index.size, np.int32)
+    token_chars = np.zeros(index.size, np.int32)
     token_ends[index.order] = ends[index.terminal]
     token_chars[index.order] = chars[index.terminal]
     return token_ends, token_chars
