@@ -22,8 +22,10 @@ SECONDS = 5                    # generous: each case takes well under a second h
 MEGABYTES = 500
 
 
-def _chain(rules: int) -> str:
-    return "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}\n' for i in range(rules)) \
+def _chain(rules: int, way_out: str = "") -> str:
+    """root → r0 → r1 → … each reading "a" (or `way_out` instead, which ends the value)."""
+    out = f' | "{way_out}"' if way_out else ""
+    return "root ::= r0\n" + "".join(f'r{i} ::= "a" r{i + 1}{out}\n' for i in range(rules)) \
         + f'r{rules} ::= "a"\n'
 
 
@@ -54,6 +56,10 @@ CASES = {  # query → extra arguments; "ok" cases must succeed, the others be t
     "(a|b)*a(a|b){20}": ('"[X]" where REGEX(X, r"(a|b)*a(a|b){20}")', {}, "large"),
     ".*a.{40}": ('"[X]" where REGEX(X, r".*a.{40}")', {}, "large"),
     "a{10**6}": ('"[X]" where REGEX(X, r"(a{1000}){1000}")', {}, "large"),
+    "900-rule GBNF chain": ('"[X]" where GRAMMAR(X, g) and len(TOKENS(X)) < 4',
+                            {"g": _chain(900, way_out="b")}, "ok"),
+    "GBNF nested 90 deep": ('"[X]" where GRAMMAR(X, g)',
+                            {"g": "root ::= " + "(" * 90 + '"a"' + ")" * 90}, "ok"),
     "10,000-rule GBNF chain": ('"[X]" where GRAMMAR(X, g)', {"g": _chain(10_000)}, "large"),
     "GBNF nested 10,000 deep": ('"[X]" where GRAMMAR(X, g)',
                                 {"g": "root ::= " + "(" * 10_000 + '"a"' + ")" * 10_000}, "large"),
