@@ -6,8 +6,9 @@ docs/architecture.md.
 """
 
 from lmq.api import F, model, query, run, run_sync
-from lmq.errors import (ConstraintError, ConstraintViolation, ContextLimitError, LmqError,
-                        LmqSyntaxError, ModelError, QueryArgumentError, UnsatisfiableConstraint)
+from lmq.errors import (ConstraintError, ConstraintTooLarge, ConstraintViolation, ContextLimitError,
+                        LmqError, LmqSyntaxError, ModelError, QueryArgumentError,
+                        UnsatisfiableConstraint)
 from lmq.runtime.decorators import pre, streaming
 from lmq.runtime.query import Model, QueryFunction
 from lmq.runtime.result import LMQResult
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["F", "LMQResult", "Model", "QueryFunction", "model", "pre", "query", "run", "run_sync",
            "streaming",
-           "ConstraintError", "ConstraintViolation", "ContextLimitError", "LmqError",
+           "ConstraintError", "ConstraintTooLarge", "ConstraintViolation", "ContextLimitError", "LmqError",
            "LmqSyntaxError", "ModelError", "QueryArgumentError", "UnsatisfiableConstraint"]

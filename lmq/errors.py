@@ -43,6 +43,11 @@ class ConstraintError(LmqError):
     """A where-clause construct that is malformed or not supported here (names it)."""
 
 
+class ConstraintTooLarge(ConstraintError):
+    """A constraint whose automaton or grammar would exceed lmq's limits
+    (`lmq.compiler.limits`): says how large it got and what the limit is."""
+
+
 class UnsatisfiableConstraint(ConstraintError):
     """No value can satisfy the constraints of a hole (names the variable)."""
 

@@ -13,64 +13,12 @@ import pytest
 import lmq
 from lmq.backends.base import Sequence
 from lmq.compiler.languages import TYPE_PATTERNS
+
+from constraint_trials import python_verdict, random_clause
 from vocab_paths import VOCAB_DIR
 
 VOCABULARIES = sorted(VOCAB_DIR.glob("*.gguf"))
-COMBINATIONS_PER_VOCABULARY = 400
-
-OPTIONS = ["a", " a", "ab", " yes", " no", "é", " café", "日本", "12", "-3", "x y", ""]
-SUBSTRINGS = ["a", "e", " ", "ab", "é", "1"]
-PATTERNS = [r"[a-z]+", r"[0-9]{1,3}", r"(ab|c)*d?", r"[^a-z]{2,4}", r".{0,3}", r"é+|x",
-            r"\d+", r"\w{1,3}", r" ?[A-Z][a-z]*", r"(yes|no)\.?"]
-COMPARISONS = ["<", "<=", "==", "!=", ">", ">="]
-
-
-def _atom(rng: random.Random) -> str:
-    kind = rng.randrange(9)
-    if kind == 0:
-        return f"X in {rng.sample(OPTIONS, rng.randint(1, 4))!r}"
-    if kind == 1:
-        return f"X not in {rng.sample(OPTIONS, rng.randint(1, 3))!r}"
-    if kind == 2:
-        return f"X {rng.choice(['==', '!='])} {rng.choice(OPTIONS)!r}"
-    if kind == 3:
-        return f"{rng.choice(SUBSTRINGS)!r} {rng.choice(['in', 'not in'])} X"
-    if kind == 4:
-        return f"len(X) {rng.choice(COMPARISONS)} {rng.randint(0, 6)}"
-    if kind == 5:
-        return f"{rng.choice(['INT', 'FLOAT'])}(X)"
-    return f"REGEX(X, r{rng.choice(PATTERNS)!r})"
-
-
-def _formula(rng: random.Random, depth: int = 0) -> str:
-    roll = rng.random()
-    if depth < 2 and roll < 0.25:
-        return f"({_formula(rng, depth + 1)} {rng.choice(['and', 'or'])} {_formula(rng, depth + 1)})"
-    if depth < 2 and roll < 0.35:
-        return f"not ({_formula(rng, depth + 1)})"
-    return _atom(rng)
-
-
-def random_clause(rng: random.Random) -> str:
-    clause = f"{_formula(rng)} and len(TOKENS(X)) < {rng.randint(6, 16)}"
-    if rng.random() < 0.3:
-        clause += f" and {rng.choice(['STOPS_AT', 'STOPS_BEFORE'])}(X, {rng.choice(SUBSTRINGS)!r})"
-    return clause
-
-
-def python_verdict(clause: str, value: str, tokens: list[int]) -> bool:
-    """The clause as Python reads it, on the final value: the reference lmq must agree with."""
-    def stops(_value, phrase, keep):
-        position = value.find(phrase)
-        return position < 0 or (keep and position + len(phrase) == len(value))
-
-    names = {"X": value, "TOKENS": lambda _: tokens,
-             "INT": lambda v: re.fullmatch(TYPE_PATTERNS["INT"], v) is not None,
-             "FLOAT": lambda v: re.fullmatch(TYPE_PATTERNS["FLOAT"], v) is not None,
-             "REGEX": lambda v, p: re.fullmatch(p, v) is not None,
-             "STOPS_AT": lambda v, p: stops(v, p, True),
-             "STOPS_BEFORE": lambda v, p: stops(v, p, False)}
-    return bool(eval(clause, {"__builtins__": {"len": len}}, names))
+COMBINATIONS_PER_VOCABULARY = 250
 
 
 @pytest.mark.parametrize("vocab", VOCABULARIES, ids=lambda p: p.stem)

@@ -1,10 +1,17 @@
 """Properties of the token-budget and stop-phrase constraints that must hold for every seed
 of the random backend (argmax over Gumbel logits = a uniform draw from the allowed tokens,
-over SmolLM2's real vocabulary, so values are arbitrary real token sequences)."""
+over SmolLM2's real vocabulary, so values are arbitrary real token sequences), and random
+constraint trials over the five shared vocabularies (`constraint_trials`): a CI-sized
+sample here; the long run (10,000 trials, a report of every outcome, a few minutes) with
+`LMQ_LONG_PROPERTIES=1 python -m pytest tests/test_constraint_properties.py -k trials -s`
+or `python tests/constraint_trials.py --trials 10000`."""
+
+import os
 
 import pytest
 
 import lmq
+from constraint_trials import run_trials
 
 SEEDS = range(200)
 
@@ -228,3 +235,24 @@ def test_each_prompt_token_is_evaluated_once(random_model, pinned_model):
         assert backend.evaluated_tokens == len(held) == len(final) - 1
         assert text(backend.detokenize(final)) == result.prompt
         assert held[-2:] == result.tokens["B"][:2]
+
+
+# --- random constraint trials over the five vocabularies --------------------------------------
+
+LONG = os.environ.get("LMQ_LONG_PROPERTIES") == "1"
+
+
+def test_random_constraint_trials_are_sound_and_complete():
+    """Every value satisfies its clause read in plain Python, nothing escapes as a raw
+    exception, and no dead end is one the engine could have avoided, apart from the
+    token-budget and multi-byte kinds (counted; the long run asserts those too)."""
+    trials = 10_000 if LONG else 80
+    counts, examples = run_trials(trials, seed="long" if LONG else "ci")
+    if LONG:
+        print(dict(counts), examples)
+    assert counts["violation"] == 0, examples.get("violation")
+    assert counts["crash"] == 0, examples.get("crash")
+    avoidable = [outcome for outcome in counts if "proven satisfiable" in outcome
+                 and (LONG or outcome.endswith("(other)"))]
+    assert not avoidable, {outcome: examples[outcome] for outcome in avoidable}
+    assert counts["ok"] > 0.8 * trials, counts

@@ -1,20 +1,27 @@
 """regex_dfa against Python's `re.fullmatch` on generated patterns and strings (non-ASCII
-included), the Unicode class tables against the running Python, UTF-8 well-formedness,
-the fixed INT/FLOAT patterns and the errors for unsupported constructs."""
+included), and exhaustively on every short string of a tiny alphabet; the Unicode class
+tables against the running Python, UTF-8 well-formedness, the fixed INT/FLOAT patterns,
+the errors for unsupported constructs and the size limits.
+
+`LMQ_LONG_PROPERTIES=1` runs the exhaustive comparison on 5,000 patterns and strings up
+to six characters (about a minute) instead of 300 patterns and five characters."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 import re
+import time
 import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lmq.compiler import automaton as fa
-from lmq.compiler import unicode_classes
+from lmq.compiler import limits, unicode_classes
 from lmq.compiler.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
-from lmq.errors import ConstraintError
+from lmq.errors import ConstraintError, ConstraintTooLarge
 
 from dfa_samples import samples
 
@@ -127,3 +134,85 @@ def test_flags_and_groups_that_are_supported():
     assert not fa.matches(regex_dfa(r"(?a)\w"), "é".encode())
     assert fa.matches(regex_dfa(r"(?P<year>\d{4})-(?P<month>\d\d)"), b"2024-05")
     assert fa.matches(regex_dfa(""), b"") and fa.is_empty(regex_dfa("[^\\s\\S]"))
+
+
+# --- exhaustive comparison on a tiny alphabet -------------------------------------------------
+
+LONG = os.environ.get("LMQ_LONG_PROPERTIES") == "1"
+TINY = "abé"                       # é: a two-byte character, so byte-level slips show
+TINY_LENGTH = 6 if LONG else 5
+TINY_STRINGS = ["".join(letters) for n in range(TINY_LENGTH + 1)
+                for letters in itertools.product(TINY, repeat=n)]
+TINY_ATOMS = ["a", "b", "é", "[ab]", "[^a]", ".", "[a-é]", "[^ab]", "(?:)", r"\w"]
+TINY_QUANTIFIERS = ["*", "+", "?", "{2}", "{0,2}", "{1,3}", "{2,}", "*?", "+?", "{1,2}?"]
+
+tiny_patterns = st.recursive(
+    st.sampled_from(TINY_ATOMS),
+    lambda inner: st.one_of(
+        st.lists(inner, min_size=2, max_size=3).map("".join),
+        st.lists(inner, min_size=2, max_size=3).map(lambda xs: "(" + "|".join(xs) + ")"),
+        st.tuples(inner, st.sampled_from(TINY_QUANTIFIERS)).map(lambda p: f"({p[0]}){p[1]}"),
+        st.tuples(inner, st.sampled_from(TINY_QUANTIFIERS)).map(lambda p: f"(?:{p[0]}){p[1]}"),
+    ),
+    max_leaves=7)
+
+
+@settings(max_examples=5000 if LONG else 300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(tiny_patterns)
+def test_regex_dfa_agrees_with_re_on_every_short_string(pattern):
+    """Every string of up to five (six) characters over a, b, é: nothing a generated
+    pattern's automaton decides can differ from Python's `re.fullmatch`."""
+    dfa = regex_dfa(pattern)
+    compiled = re.compile(pattern)
+    wrong = [s for s in TINY_STRINGS
+             if fa.matches(dfa, s.encode()) != (compiled.fullmatch(s) is not None)]
+    assert not wrong, (pattern, wrong[:5])
+
+
+@pytest.mark.parametrize("pattern, wrongly_accepted", [
+    ("(ab+)*", ["b", "bb", "bab", "abba"]),
+    ("(ab*)*", ["b", "bb", "bab"]),
+    ("(a[bc]+)*", ["b", "c", "bc", "abcb" + "a"]),
+    (r"(,[0-9]+)*", ["1", ",1,", "1,2"]),
+    (r"(\.[0-9]+)*", ["1", ".1.", "12"]),
+    (r"(-\d+)*", ["1", "-1-", "1-2"]),
+    ("(ab+)*c", ["bc", "bbc", "abbcc"]),
+    ("(a(bc)*)+", ["bc", "abcc"]),
+    ("((ab)+c?)*", ["b", "c", "abcc"]),
+])
+def test_star_over_a_body_ending_in_a_loop(pattern, wrongly_accepted):
+    """The reported unsound cases: a star over a group whose body ends in a loop."""
+    dfa = regex_dfa(pattern)
+    for string in wrongly_accepted:
+        assert re.fullmatch(pattern, string) is None, string
+        assert not fa.matches(dfa, string.encode()), (pattern, string)
+    for data in samples(dfa, random.Random(0), 50):
+        assert re.fullmatch(pattern, data.decode("utf-8")), (pattern, data)
+
+
+# --- size limits ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern", [r"(a|b)*a(a|b){20}", r".*a.{40}", r"\w{1000}",
+                                     "(a{1000}){1000}", "a{40000000}", "x{2,4294967294}"])
+def test_blow_ups_are_refused_at_once(pattern):
+    """Exponential determinization or huge counters: a `ConstraintTooLarge` naming the
+    regex and the limit, within a generous time bound (they took minutes and gigabytes)."""
+    started = time.monotonic()
+    with pytest.raises(ConstraintTooLarge, match=r"constraint too large: .* the limit is") as error:
+        regex_dfa(pattern)
+    assert time.monotonic() - started < 5
+    assert repr(pattern)[:40] in str(error.value) and f"{limits.MAX_STATES:,}" in str(error.value)
+
+
+def test_the_state_limit_is_a_setting(monkeypatch):
+    assert regex_dfa.__wrapped__(r"[ab]{1,3000}").n_states > 3000
+    monkeypatch.setattr(limits, "MAX_STATES", 1000)
+    with pytest.raises(ConstraintTooLarge, match="the limit is 1,000"):
+        regex_dfa.__wrapped__(r"[ab]{1,3000}")
+
+
+@pytest.mark.parametrize("pattern", ["a{2," + str(10 ** 30) + "}", "a{" + str(10 ** 30) + "}"])
+def test_repetition_counts_beyond_python_are_constraint_errors(pattern):
+    with pytest.raises(ConstraintError, match="repetition number is too large"):
+        regex_dfa(pattern)

@@ -19,7 +19,7 @@ Constructors: `literal(s)`, `options(strings)`, `any_bytes()`, `empty()`, `conta
 Operations: `intersect(a, b)`, `union(a, b)`, `complement(a)`, `concat(a, b)`,
 `with_stops(a, phrases)` (exit states for STOPS_AT / STOPS_BEFORE), `stop_values(a, phrases)`
 (the language of final values under those stops).
-Helpers: `run`, `matches`, `is_empty`, `forced_bytes`.
+Helpers: `run`, `matches`, `is_empty`, `forced_bytes`, `fewest_characters`.
 `lmq.compiler.regex.regex_dfa` compiles regexes; `lmq.compiler.gbnf_export.dfa_to_gbnf`
 exports GBNF.
 
@@ -31,16 +31,21 @@ minimization proportional to the number of distinct behaviours, not to 256.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from lmq.compiler import limits
 from lmq.errors import ConstraintError
 
 DEAD = 0
 CHAR_COUNT_OPS = ("<", "<=", "==", "!=", ">", ">=")
+#: an option list's trie may have this many times `limits.MAX_STATES` nodes (shared
+#: suffixes merge: 20,000 words of 4-12 letters are 150,000 nodes, 55,000 states)
+OPTION_NODES_PER_STATE = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,6 +230,9 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
         for byte in data:
             child = children[node].get(byte)
             if child is None:
+                if len(children) > OPTION_NODES_PER_STATE * limits.MAX_STATES:
+                    raise limits.too_many_states("the list of options", f"{len(children):,} "
+                                                 f"trie nodes ({OPTION_NODES_PER_STATE} per state)")
                 child = children[node][byte] = len(children)
                 children.append({})
                 accepting.append(False)
@@ -269,6 +277,8 @@ def char_count(op: str, n: int) -> ByteDfa:
         raise ConstraintError(f"a character count bound must be an int, not {n!r}")
     if op == ">=":                # ≥ n is > n − 1: keeps "exactly n" and "more" one state
         op, n = ">", n - 1
+    if n + 2 > limits.MAX_STATES:
+        raise limits.too_many_states(f"the character count len(X) {op} {n}")
     top = max(n, -1) + 1          # counts 0..top; top stands for "more than n"
     counts = np.arange(top + 1)
     test = {"<": counts < n, "<=": counts <= n, "==": counts == n, "!=": counts != n,
@@ -331,6 +341,8 @@ def _product(dfas: Sequence[ByteDfa], classify: Classifier) -> ByteDfa:
         for target in zip(*(table[component] for table, component in zip(tables, state))):
             number = ids.get(target)
             if number is None:
+                if len(states) >= limits.MAX_STATES:
+                    raise limits.too_many_states("the product of the automata")
                 number = ids[target] = len(states)
                 states.append(target)
             row.append(number)
@@ -582,6 +594,8 @@ class Nfa:
                     closed = self._closure(targets)
                     target = ids.get(closed)
                     if target is None:
+                        if len(subsets) > limits.MAX_STATES:
+                            raise limits.too_many_states("the automaton")
                         target = ids[closed] = len(subsets)
                         subsets.append(closed)
                     row.append((low, high, target))
@@ -639,6 +653,33 @@ def matches(dfa: ByteDfa, data: bytes) -> bool:
 def is_empty(dfa: ByteDfa) -> bool:
     """Whether no value (and no stop) can be reached at all."""
     return dfa.initial == DEAD
+
+
+def fewest_characters(dfa: ByteDfa) -> np.ndarray:
+    """Per state, the fewest UTF-8 characters (bytes that are not continuation bytes) that
+    lead to an accepting or exit state (int64; a large number for DEAD): what a value
+    still needs from there, for a character budget counted outside the automaton."""
+    byte_class, table = dfa.byte_classes
+    free = np.zeros(table.shape[1], bool)              # a class holding a continuation byte
+    free[np.unique(byte_class[0x80:0xC0])] = True
+    predecessors: list[list[tuple[int, int]]] = [[] for _ in range(len(table))]
+    for state, row in enumerate(table.tolist()):
+        for column, target in enumerate(row):
+            if target != DEAD:
+                predecessors[target].append((state, 0 if free[column] else 1))
+    unreached = np.iinfo(np.int64).max // 4
+    fewest = [unreached] * len(table)
+    ends = np.flatnonzero(dfa.accepting | dfa.exits).tolist()
+    for state in ends:
+        fewest[state] = 0
+    frontier = deque(ends)                             # 0-1 breadth-first search backwards
+    while frontier:
+        state = frontier.popleft()
+        for source, cost in predecessors[state]:
+            if fewest[state] + cost < fewest[source]:
+                fewest[source] = fewest[state] + cost
+                (frontier.appendleft if cost == 0 else frontier.append)(source)
+    return np.array(fewest, dtype=np.int64)
 
 
 def forced_bytes(dfa: ByteDfa, state: int) -> bytes:

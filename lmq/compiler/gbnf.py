@@ -8,7 +8,8 @@ import functools
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-from lmq.errors import ConstraintError, UnsatisfiableConstraint
+from lmq.compiler import limits
+from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstraint
 
 #: llama.cpp refuses repetition counts above this (`MAX_REPETITION_THRESHOLD`)
 MAX_REPETITIONS = 2000
@@ -71,8 +72,9 @@ def parse_gbnf(text: str, *, owner: str = "GRAMMAR") -> Grammar:
     `root`, left recursion, repetition counts over 2000) and for what it silently
     misreads or mishandles (a rule defined twice, an empty character class, a
     repetition whose maximum is below its minimum, an unbounded repetition of
-    something that may be empty), and UnsatisfiableConstraint when `root` derives no
-    string at all.
+    something that may be empty), ConstraintTooLarge past `limits.MAX_GRAMMAR_RULES`
+    rules or `limits.MAX_GRAMMAR_DEPTH` nested groups, and UnsatisfiableConstraint when
+    `root` derives no string at all.
     """
     if not isinstance(text, str):
         raise ConstraintError(f"{owner}: the grammar must be a string of GBNF, not {type(text).__name__}")
@@ -101,6 +103,7 @@ class _Parser:
         self.rules: dict[str, Node] = {}
         self.defined_at: dict[str, int] = {}
         self.referenced_at: dict[str, int] = {}
+        self.depth = 0
 
     def parse(self) -> dict[str, Node]:
         self.space(newlines=True)
@@ -112,12 +115,13 @@ class _Parser:
                 self.fail(f"rule '{name}' is used but never defined")
         return self.rules
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, error: type[ConstraintError] = ConstraintError) -> None:
         line = self.text.count("\n", 0, self.pos) + 1
         column = self.pos - (self.text.rfind("\n", 0, self.pos) + 1) + 1
         source_line = self.text.split("\n")[line - 1].rstrip("\r")
-        raise ConstraintError(f"{self.owner}: invalid GBNF at line {line}, column {column}: "
-                              f"{message}\n    {source_line}\n    {' ' * (column - 1)}^")
+        kind = "invalid GBNF" if error is ConstraintError else "GBNF"
+        raise error(f"{self.owner}: {kind} at line {line}, column {column}: "
+                    f"{message}\n    {source_line}\n    {' ' * (column - 1)}^")
 
     def peek(self, offset: int = 0) -> str:
         at = self.pos + offset
@@ -160,6 +164,10 @@ class _Parser:
             self.pos = start
             first = self.text.count("\n", 0, self.defined_at[name]) + 1
             self.fail(f"rule '{name}' is defined twice (first on line {first})")
+        if len(self.defined_at) >= limits.MAX_GRAMMAR_RULES:
+            self.fail(f"constraint too large: more than {limits.MAX_GRAMMAR_RULES:,} rules; the "
+                      f"limit is {limits.MAX_GRAMMAR_RULES:,} (set $LMQ_MAX_GRAMMAR_RULES or "
+                      "lmq.compiler.limits.MAX_GRAMMAR_RULES to raise it)", ConstraintTooLarge)
         self.defined_at[name] = start
         self.pos += 3
         self.space(newlines=True)
@@ -198,12 +206,20 @@ class _Parser:
                 self.referenced_at.setdefault(name, at)
                 items.append(RuleRef(name))
             elif c == "(":
+                if self.depth >= limits.MAX_GRAMMAR_DEPTH:
+                    self.fail(f"constraint too large: groups nested more than "
+                              f"{limits.MAX_GRAMMAR_DEPTH} deep; the limit is "
+                              f"{limits.MAX_GRAMMAR_DEPTH} (set $LMQ_MAX_GRAMMAR_DEPTH or "
+                              "lmq.compiler.limits.MAX_GRAMMAR_DEPTH to raise it)",
+                              ConstraintTooLarge)
+                self.depth += 1
                 self.pos += 1
                 self.space(newlines=True)
                 group = self.alternatives(nested=True)
                 if self.peek() != ")":
                     self.fail("expected ')' to close the group")
                 self.pos += 1
+                self.depth -= 1
                 items.append(group)
             elif c == ".":
                 self.pos += 1
@@ -309,25 +325,32 @@ def _is_word_char(c: str) -> bool:
 
 def nodes_of(node: Node) -> Iterator[Node]:
     """`node` and every node inside it, depth first."""
-    yield node
-    if isinstance(node, Repeat):
-        yield from nodes_of(node.item)
-    elif isinstance(node, Sequence):
-        for item in node.items:
-            yield from nodes_of(item)
-    elif isinstance(node, Choice):
-        for item in node.alternatives:
-            yield from nodes_of(item)
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, Repeat):
+            stack.append(node.item)
+        elif isinstance(node, Sequence):
+            stack.extend(reversed(node.items))
+        elif isinstance(node, Choice):
+            stack.extend(reversed(node.alternatives))
+
+
+def references(rules: dict[str, Node]) -> dict[str, set[str]]:
+    """The rules each rule refers to."""
+    return {name: {n.name for n in nodes_of(node) if isinstance(n, RuleRef)}
+            for name, node in rules.items()}
 
 
 def nullable_rules(rules: dict[str, Node]) -> dict[str, bool]:
     """Which rules derive the empty string."""
-    return _fixpoint(rules, _nullable)
+    return fixpoint(rules, _nullable)
 
 
 def _productive(rules: dict[str, Node]) -> dict[str, bool]:
     """Which rules derive some string at all."""
-    return _fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True))
+    return fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True))
 
 
 def _nullable(node: Node, nullable: dict[str, bool]) -> bool:
@@ -348,15 +371,27 @@ def _derives(node: Node, known: dict[str, bool], terminal) -> bool:
     return terminal(node)
 
 
-def _fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
-    """Least fixpoint of a monotone property of rules (nullable, productive)."""
+def fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
+    """Least fixpoint of a monotone property of rules (nullable, productive): `holds(node,
+    known)` decides a rule from what is known of the rules it refers to. A rule is decided
+    again only when one it refers to became true (linear in the grammar, also for long
+    chains of rules)."""
     value = {name: False for name in rules}
-    changed = True
-    while changed:
-        changed = False
-        for name, node in rules.items():
-            if not value[name] and holds(node, value):
-                value[name] = changed = True
+    users: dict[str, list[str]] = {name: [] for name in rules}
+    for name, used in references(rules).items():
+        for other in used:
+            users[other].append(name)
+    pending = list(reversed(rules))
+    queued = set(pending)
+    while pending:
+        name = pending.pop()
+        queued.discard(name)
+        if not value[name] and holds(rules[name], value):
+            value[name] = True
+            for user in users[name]:
+                if not value[user] and user not in queued:
+                    queued.add(user)
+                    pending.append(user)
     return value
 
 
@@ -386,13 +421,52 @@ def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
         return set()
 
     edges = {name: leftmost(node) for name, node in rules.items()}
-    for start in rules:
-        seen, stack = set(), list(edges[start])
-        while stack:
-            name = stack.pop()
-            if name == start:
-                raise ConstraintError(f"{owner}: rule '{start}' is left-recursive (it can reach "
-                                      "itself before reading a character; llama.cpp rejects that)")
-            if name not in seen:
-                seen.add(name)
-                stack.extend(edges[name])
+    cyclic = _on_cycles(edges)
+    for name in rules:
+        if name in cyclic:
+            raise ConstraintError(f"{owner}: rule '{name}' is left-recursive (it can reach "
+                                  "itself before reading a character; llama.cpp rejects that)")
+
+
+def _on_cycles(edges: dict[str, set[str]]) -> set[str]:
+    """The nodes of a directed graph that lie on a cycle (Tarjan's strongly connected
+    components, iteratively: chains of thousands of rules need no deep recursion)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cyclic: set[str] = set()
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1 or node in edges[node]:
+                    cyclic.update(component)
+    return cyclic

@@ -226,24 +226,27 @@ def _inline_chains(rules: dict[int, _Rule], root: int) -> None:
                              for sequence in rule.alternatives]
     for state in ends:
         del rules[state]
-    while True:
-        references: dict[int, list[tuple[int, int]]] = {state: [] for state in rules}
-        for state, rule in rules.items():
-            for index, sequence in enumerate(rule.alternatives):
-                if sequence[-1][1] is not None:
-                    references[sequence[-1][1]].append((state, index))
-        for state, rule in rules.items():
-            refs = references[state]
-            if (state != root and len(rule.alternatives) == 1 and not rule.empty
-                    and len(refs) == 1 and refs[0][0] != state):
-                owner, index = refs[0]
-                sequence = rules[owner].alternatives[index]
-                rules[owner].alternatives[index] = sequence[:-1] + [(sequence[-1][0], None)] \
-                    + rule.alternatives[0]
-                del rules[state]
-                break
-        else:
-            return
+    references: dict[int, list[tuple[int, int]]] = {state: [] for state in rules}
+    for state, rule in rules.items():
+        for index, sequence in enumerate(rule.alternatives):
+            if sequence[-1][1] is not None:
+                references[sequence[-1][1]].append((state, index))
+    # Folding moves a reference from one rule into another, so how often a rule is
+    # referenced never changes: the rules to fold are known at once, and each is folded
+    # into whichever rule holds its reference by then (one pass, linear).
+    holder = {state: refs[0] for state, refs in references.items() if len(refs) == 1}
+    folded = [state for state, rule in rules.items()
+              if state != root and len(rule.alternatives) == 1 and not rule.empty
+              and state in holder and holder[state][0] != state]
+    for state in folded:
+        owner, index = holder[state]
+        sequence = rules[owner].alternatives[index]
+        sequence[-1] = (sequence[-1][0], None)
+        tail = rules.pop(state).alternatives[0]
+        sequence.extend(tail)
+        following = tail[-1][1]
+        if following in holder:
+            holder[following] = (owner, index)
 
 
 def _char(code: int) -> str:

@@ -80,6 +80,29 @@ def stopped_dfa(key: LanguageKey, stops: tuple[tuple[bytes, bool], ...]) -> Byte
     return fa.with_stops(value_dfa(key), list(stops)) if stops else value_dfa(key)
 
 
+#: the key of every text value (what is left of `len(X) < n` once the decoder counts)
+ANY_TEXT: LanguageKey = ("chars", ">=", 0)
+
+
+def character_budget(key: LanguageKey) -> tuple[LanguageKey, int | None]:
+    """(the key without its top-level upper bounds on the character count, the most
+    characters they allow, or None): `len(X) < n` and `len(X) <= n` in the top-level
+    `and` are counted by the decoder, not by n automaton states (see
+    `lmq.runtime.char_budget`); a bound inside `or`/`not` stays in the automaton."""
+    items = key[1] if key[0] == "and" else (key,)
+    limit = None
+    rest = []
+    for item in items:
+        if item[0] == "chars" and item[1] in ("<", "<="):
+            bound = item[2] - 1 if item[1] == "<" else item[2]
+            limit = bound if limit is None else min(limit, bound)
+        else:
+            rest.append(item)
+    if limit is None:
+        return key, None
+    return conjunction(rest) or ANY_TEXT, limit
+
+
 def conjunction(keys: list[LanguageKey]) -> LanguageKey | None:
     """One key for the `and` of several (None for none)."""
     if not keys:

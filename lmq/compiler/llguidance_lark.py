@@ -23,6 +23,7 @@ from collections import deque
 from typing import Iterable
 
 from lmq.compiler import gbnf as g
+from lmq.compiler import limits
 from lmq.compiler.regex import merge_ranges
 
 MAX_CODE_POINT = g.MAX_CODE_POINT
@@ -82,27 +83,26 @@ def to_lark(grammar: g.Grammar) -> str:
 
 
 def _character_rules(rules: dict[str, g.Node]) -> set[str]:
-    """Rules that reference, transitively, no recursive rule and may not be empty."""
-    def references(node: g.Node) -> Iterable[str]:
-        if isinstance(node, g.RuleRef):
-            yield node.name
-        elif isinstance(node, g.Repeat):
-            yield from references(node.item)
-        elif isinstance(node, (g.Sequence, g.Choice)):
-            for item in (node.items if isinstance(node, g.Sequence) else node.alternatives):
-                yield from references(item)
-
-    refs = {name: set(references(node)) for name, node in rules.items()}
-    closed: set[str] = set()
-    changed = True
-    while changed:
-        changed = False
-        for name in rules:
-            if name not in closed and refs[name] <= closed:
-                closed.add(name)
-                changed = True
+    """Rules that reference, transitively, no recursive rule, may not be empty, and
+    inline into at most `limits.MAX_GRAMMAR_DEPTH` levels of rules (deeper chains
+    would be walked too deep, and they are not worth one lexeme)."""
+    refs = g.references(rules)
+    closed = {name for name, done in g.fixpoint(
+        rules, lambda node, known: all(known[n.name] for n in g.nodes_of(node)
+                                       if isinstance(n, g.RuleRef))).items() if done}
+    height: dict[str, int] = {}
+    pending = list(closed)
+    while pending:                   # each rule after the rules it refers to
+        name = pending[-1]
+        below = [r for r in refs[name] if r not in height]
+        if below:
+            pending.extend(below)
+            continue
+        pending.pop()
+        height[name] = 1 + max((height[r] for r in refs[name]), default=0)
     nullable = g.nullable_rules(rules)
-    return {name for name in closed if not nullable[name]}
+    return {name for name in closed
+            if not nullable[name] and height[name] <= limits.MAX_GRAMMAR_DEPTH}
 
 
 def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], Ranges]:
@@ -289,8 +289,10 @@ class _Nfa:
 def _reachable(rules: dict[str, g.Node], lexemes: set[str]) -> tuple[list[str], list[str]]:
     """The rules reachable from root without entering a lexeme (lexemes included), and
     the rules used inside lexemes, each in order of definition."""
+    refs = g.references(rules)
+
     def references(name: str) -> list[str]:
-        return [n.name for n in g.nodes_of(rules[name]) if isinstance(n, g.RuleRef)]
+        return list(refs[name])
 
     outer, inner = set(), set()
     stack = ["root"]
@@ -328,6 +330,8 @@ def _lark(node: g.Node, reference, top: bool = False) -> str:
         if node.high == 0:
             return '""'
         inner = _lark(node.item, reference)
+        if isinstance(node.item, g.Repeat):          # a repetition of a repetition
+            inner = f"({inner})"
         suffix = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((node.low, node.high))
         if suffix is None:
             suffix = f"{{{node.low},{'' if node.high is None else node.high}}}"

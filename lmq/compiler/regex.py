@@ -25,18 +25,19 @@ except ImportError:                            # pragma: no cover - Python 3.10
     import sre_parse                           # type: ignore[no-redef]
 import re
 
-from lmq.compiler import unicode_classes
+from lmq.compiler import limits, unicode_classes
 from lmq.compiler.automaton import ByteDfa, Nfa
 from lmq.compiler.unicode_classes import CodePointRanges
-from lmq.errors import ConstraintError
+from lmq.errors import ConstraintError, ConstraintTooLarge
 
 INT_PATTERN = r" ?-?(0|[1-9][0-9]*)"
 FLOAT_PATTERN = r" ?-?(0|[1-9][0-9]*)(\.[0-9]+)?"
 
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES = (0xD800, 0xDFFF)
-#: a regex whose NFA grows past this many states (huge counted repeats) is refused
-MAX_NFA_STATES = 200_000
+#: a regex's NFA may have this many times `limits.MAX_STATES` states (Thompson's
+#: construction spends a few ε-states per DFA state)
+NFA_STATES_PER_STATE = 4
 
 _SUPPORTED_FLAGS = sre.SRE_FLAG_UNICODE | sre.SRE_FLAG_DOTALL | sre.SRE_FLAG_ASCII \
     | sre.SRE_FLAG_VERBOSE | sre.SRE_FLAG_MULTILINE
@@ -67,14 +68,19 @@ def regex_dfa(pattern: str) -> ByteDfa:
         raise ConstraintError(f"a regex must be a str, not {pattern!r}")
     try:
         tree = sre_parse.parse(pattern, 0)
-    except re.error as error:
+    except (re.error, OverflowError, ValueError) as error:
         raise ConstraintError(f"invalid regex {pattern!r}: {error}") from None
     except RecursionError:
         raise ConstraintError(f"regex {pattern!r} is nested too deeply") from None
     compiler = _Compiler(pattern)
     flags = compiler.check_flags(tree.state.flags)
-    start, end = compiler.sequence(list(tree), flags)
-    return compiler.nfa.determinize(start, {end}, set())
+    try:
+        start, end = compiler.sequence(list(tree), flags)
+        return compiler.nfa.determinize(start, {end}, set())
+    except RecursionError:
+        raise ConstraintError(f"regex {pattern!r} is nested too deeply") from None
+    except ConstraintTooLarge:
+        raise compiler.too_large() from None
 
 
 class _Compiler:
@@ -95,10 +101,12 @@ class _Compiler:
                 raise self.refuse(name)
         return flags & _SUPPORTED_FLAGS
 
+    def too_large(self) -> ConstraintTooLarge:
+        return limits.too_many_states(f"the automaton of regex {self.pattern!r:.80}")
+
     def state(self) -> int:
-        if len(self.nfa.edges) >= MAX_NFA_STATES:
-            raise ConstraintError(f"regex {self.pattern!r} is too large to compile to an "
-                                  f"automaton (more than {MAX_NFA_STATES} NFA states)")
+        if len(self.nfa.edges) >= NFA_STATES_PER_STATE * limits.MAX_STATES:
+            raise self.too_large()
         return self.nfa.state()
 
     def sequence(self, items: list, flags: int) -> tuple[int, int]:
@@ -164,18 +172,25 @@ class _Compiler:
         return start, end
 
     def repeat(self, items: list, low: int, high: int | None, flags: int) -> tuple[int, int]:
+        """`low` copies of the body, then either a loop or `high - low` optional copies.
+
+        ε-moves only ever leave a fragment's end or enter its start, never join two states
+        inside one: a body ending in a loop (`(ab+)*`) has an end state with moves of its
+        own, and an ε-move into it would let those moves run without the body's start."""
+        if (high if high is not None else low) > NFA_STATES_PER_STATE * limits.MAX_STATES:
+            raise self.too_large()
         start = end = self.state()
         for _ in range(low):
             first, last = self.sequence(items, flags)
             self.nfa.epsilon(end, first)
             end = last
         if high is None:
+            hub = self.state()            # "any number of bodies read": loops through the body
             first, last = self.sequence(items, flags)
-            self.nfa.epsilon(end, first)
-            self.nfa.epsilon(last, first)
-            self.nfa.epsilon(first, last)
-            self.nfa.epsilon(end, last)
-            return start, last
+            self.nfa.epsilon(end, hub)
+            self.nfa.epsilon(hub, first)
+            self.nfa.epsilon(last, hub)
+            return start, hub
         done = self.state()
         for _ in range(high - low):
             first, last = self.sequence(items, flags)

@@ -22,7 +22,7 @@ import numpy as np
 from lmq.backends.base import Vocabulary
 from lmq.compiler.gbnf import Grammar
 from lmq.compiler.llguidance_lark import to_lark
-from lmq.errors import ConstraintError, ConstraintViolation, UnsatisfiableConstraint
+from lmq.errors import ConstraintError, ConstraintTooLarge, ConstraintViolation, UnsatisfiableConstraint
 from lmq.runtime.token_masks import TokenMask
 
 #: matchers kept ready per (grammar, vocabulary): a repeated constraint compiles once
@@ -109,15 +109,24 @@ class GrammarTokenAutomaton:
 
     def advance(self, state: llguidance.LLMatcher, token: int) -> llguidance.LLMatcher:
         if not state.consume_token(token):
+            self._check_size(state)
             raise ConstraintViolation(f"token {token} does not continue the grammar of "
                                       f"{self.variable}: {state.get_error()}")
         return state
+
+    def _check_size(self, state: llguidance.LLMatcher) -> None:
+        """llguidance's own limits (parser items, lexer states) as `ConstraintTooLarge`."""
+        reason = state.get_error().split("\n", 1)[0].strip()
+        if "Too many" in reason or "limit" in reason:
+            raise ConstraintTooLarge(f"constraint too large: the grammar of {self.variable} "
+                                     f"grows past llguidance's limits ({reason})")
 
     def mask(self, state: llguidance.LLMatcher) -> TokenMask:
         state.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         if state.is_error():
             if state.get_error().startswith("NoExtension"):    # no byte can follow
                 raise UnsatisfiableConstraint(f"no text continues {self.variable} under its grammar")
+            self._check_size(state)
             raise ConstraintError(f"the grammar of {self.variable} failed: {state.get_error()}")
         np.bitwise_and(self._bitmask, self._end_clear, out=self._bitmask)
         mask = TokenMask.of_flags(np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool))

@@ -26,9 +26,10 @@ from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation,
 from lmq.compiler.gbnf import Grammar, parse_gbnf
 from lmq.compiler.gbnf_export import dfa_to_gbnf
 from lmq.compiler.json_schema import json_constraint
-from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, conjunction, key_from_json,
-                                    key_to_json, stopped_dfa, value_dfa)
-from lmq.errors import ConstraintError, UnsatisfiableConstraint
+from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, character_budget, conjunction,
+                                    key_from_json, key_to_json, stopped_dfa, value_dfa)
+from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstraint
+from lmq.runtime.char_budget import CharBudgetAutomaton
 from lmq.runtime.grammar import GrammarTokenAutomaton
 from lmq.runtime.token_budget import TokenWindow
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
@@ -102,8 +103,16 @@ class HolePlan:
         if self.language is None and not self.stops:
             return None
         stops = [(rule.phrase, rule.keep) for rule in self.stops]
-        base = value_dfa(self.language) if self.language is not None else fa.valid_utf8()
-        return dfa_to_gbnf(fa.stop_values(base, stops) if stops else base)
+        note = ""
+        try:
+            base = value_dfa(self.language) if self.language is not None else fa.valid_utf8()
+        except ConstraintTooLarge:      # a character count too large to spell out as rules
+            rest, limit = character_budget(self.language)
+            if limit is None:
+                raise
+            base = value_dfa(rest)
+            note = f"# and at most {limit} characters (not expressed in the rules)\n"
+        return note + dfa_to_gbnf(fa.stop_values(base, stops) if stops else base)
 
     def to_program(self) -> dict[str, Any]:
         """The plan as an LMTP constraint program: a GRAMMAR/JSON constraint as its GBNF, a
@@ -190,8 +199,10 @@ def lower_hole(name: str, constraint: Constraint | None, scope: dict[str, Any]) 
         if plan.stops and plan.min_tokens > 0:
             raise ConstraintError(f"{name}: a stop phrase together with a minimum token count and "
                                   "a value constraint is not supported")
-        language = value_dfa(plan.language)
-        if fa.is_empty(language) or (plan.max_tokens == 0 and not language.accepting[language.initial]):
+        rest, most_chars = character_budget(plan.language)
+        language = value_dfa(rest)
+        if fa.is_empty(language) or (plan.max_tokens == 0 and not language.accepting[language.initial]) \
+                or (most_chars is not None and _fewest_characters(rest) > most_chars):
             raise UnsatisfiableConstraint(f"no value of {name} satisfies its constraints")
     return plan
 
@@ -273,20 +284,32 @@ def _build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
 
 #: (language, stops, id of the vocabulary) → (the vocabulary, kept alive so its id stays
 #: its own, and the token automaton)
-_automata: dict[tuple, tuple[Vocabulary, DfaTokenAutomaton]] = {}
+_automata: dict[tuple, tuple[Vocabulary, DfaTokenAutomaton | CharBudgetAutomaton]] = {}
 
 
-def _dfa_automaton(key: LanguageKey, stops: tuple, vocabulary: Vocabulary) -> DfaTokenAutomaton:
+def _dfa_automaton(key: LanguageKey, stops: tuple,
+                   vocabulary: Vocabulary) -> DfaTokenAutomaton | CharBudgetAutomaton:
     """One token automaton per (language, stops, vocabulary), so masks computed for a
-    state serve every later hole with the same constraint."""
+    state serve every later hole with the same constraint. An upper bound on the
+    characters is a budget the automaton counts, not states of the DFA."""
     cache_key = (key, stops, id(vocabulary))
     cached = _automata.get(cache_key)
     if cached is None:
         if len(_automata) > 256:
             _automata.clear()
-        cached = _automata[cache_key] = (
-            vocabulary, DfaTokenAutomaton.for_vocabulary(stopped_dfa(key, stops), vocabulary))
+        rest, most_chars = character_budget(key)
+        automaton = DfaTokenAutomaton.for_vocabulary(stopped_dfa(rest, stops), vocabulary)
+        if most_chars is not None:
+            automaton = CharBudgetAutomaton(automaton, most_chars)
+        cached = _automata[cache_key] = (vocabulary, automaton)
     return cached[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _fewest_characters(key: LanguageKey) -> int:
+    """The fewest characters of a value of `key`."""
+    language = value_dfa(key)
+    return int(fa.fewest_characters(language)[language.initial])
 
 
 def _stop_alternatives(item: Constraint) -> bool:
