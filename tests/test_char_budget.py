@@ -21,6 +21,7 @@ from lmq.compiler.gbnf import parse_gbnf
 from lmq.compiler.languages import stopped_dfa
 from lmq.runtime.char_budget import CharBudgetAutomaton, token_characters, walk_vocabulary
 from lmq.runtime.hole import lower_hole
+from lmq.runtime.token_budget import TokenWindow
 from lmq.runtime.token_masks import DfaTokenAutomaton
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
@@ -62,6 +63,9 @@ def test_vocabulary_walk_equals_a_per_token_walk(vocabulary):
             assert here == fa.DEAD or read[token] == count, token
 
 
+WINDOWS = (TokenWindow.of(1, 1), TokenWindow.of(0, 3), TokenWindow.of(3, None))
+
+
 @pytest.mark.parametrize("stops", STOPS, ids=["no stops", "two STOPS_AT"])
 def test_budget_masks_equal_the_exact_product(vocabulary, stops):
     """Random walks through both automata, in step: the same tokens are allowed, the same
@@ -80,8 +84,9 @@ def test_budget_masks_equal_the_exact_product(vocabulary, stops):
                 mask = exact.mask(state)
                 assert np.array_equal(budget.mask(counted).allowed, mask.allowed), (key, limit)
                 assert budget.accepts(counted) == exact.accepts(state)
-                assert np.array_equal(budget.final_mask(counted).allowed,
-                                      exact.final_mask(state).allowed), (key, limit)
+                for window in WINDOWS:             # the last token; at most 3; at least 3
+                    assert np.array_equal(budget.budget_mask(counted, window).allowed,
+                                          exact.budget_mask(state, window).allowed), (key, limit, window)
                 if not mask.count or exact.is_exit(state):
                     break
                 token = int(mask.allowed[rng.randrange(mask.count)])

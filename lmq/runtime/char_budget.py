@@ -27,6 +27,7 @@ import numpy as np
 
 from lmq.backends.vocabulary_index import VocabularyIndex
 from lmq.compiler.automaton import DEAD, fewest_characters
+from lmq.runtime.token_budget import TokenWindow
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
 #: per-state token walks kept (each holds two int32 rows over the vocabulary)
@@ -80,24 +81,51 @@ class CharBudgetAutomaton:
             return self.base.mask(dfa_state)
         return self._narrow(dfa_state, left, "any")
 
-    def final_mask(self, state: State) -> TokenMask:
-        """The tokens that complete a value within the budget (the last budgeted token)."""
+    def budget_mask(self, state: State, window: TokenWindow) -> TokenMask:
+        """The tokens within both budgets: the DFA's token-budget mask (`window`, the token
+        counts the budget allows from here, this token included) narrowed to the tokens
+        that fit the characters left — completing the value where `window` makes this
+        token the last, leaving room for its minimum of tokens where it has one."""
         dfa_state, used = state
         left = self.limit - used
-        if left >= self._widest:
-            return self.base.final_mask(dfa_state)
-        return self._narrow(dfa_state, left, "final")
+        tokens = self.base.budget_mask(dfa_state, window)
+        if window.high == 1 and not window.holds(2):
+            characters = self._narrow(dfa_state, left, "final") if left < self._margin else None
+        elif window.low > 1:
+            characters = self._viable(dfa_state, left, window.low - 1)
+        else:
+            characters = self._narrow(dfa_state, left, "any") if left < self._margin else None
+        if characters is None or characters is tokens:
+            return tokens
+        key = (dfa_state, left, window)
+        mask = self._narrowed.get(key)
+        if mask is None:
+            flags = np.zeros(self.index.size, dtype=bool)
+            flags[tokens.allowed] = True
+            kept = np.zeros(self.index.size, dtype=bool)
+            kept[characters.allowed] = True
+            mask = self._narrowed[key] = TokenMask.of_flags(flags & kept)
+            if len(self._narrowed) > NARROWED_KEPT:
+                self._narrowed.popitem(last=False)
+        return mask
 
-    def viable_mask(self, state: State, more: int) -> TokenMask:
+    def can_finish(self, state: State, window: TokenWindow) -> bool:
+        """Whether a value can still end within `window` (the character budget is kept by
+        every mask, so the DFA's answer is the budget's)."""
+        return self.base.can_finish(state[0], window)
+
+    @property
+    def strands_nothing(self) -> bool:
+        return self.base.strands_nothing
+
+    def _viable(self, dfa_state: int, left: int, more: int) -> TokenMask | None:
         """The tokens after which the value can still grow by `more` tokens (a minimum
-        token count) within the budget. Every byte is a token of its own, so that is a
-        path of at least `more` bytes to a value's end, of few enough characters. With
-        `more` + the most characters any state needs to spare, any path of `more` bytes
-        can be cut short and completed in budget, so the DFA's own answer holds."""
-        dfa_state, used = state
-        left = self.limit - used
+        token count) within the characters left, or None where any token can. Every byte
+        is a token of its own, so that is a path of at least `more` bytes to a value's
+        end, of few enough characters. With `more` + the most characters any state needs
+        to spare, any path of `more` bytes can be cut short and completed in budget."""
         if more <= 0 or left >= self._margin + more:
-            return self.base.viable_mask(dfa_state, more)
+            return None
         key = (dfa_state, left, f"viable {more}")
         mask = self._narrowed.get(key)
         if mask is None:
