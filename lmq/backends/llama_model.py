@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import llama_cpp
 
@@ -79,7 +79,7 @@ def check_keywords(options: dict[str, Any]) -> None:
     for name in options:
         if name in NOT_IN_LMQ:
             raise QueryArgumentError(f"llama.cpp argument {name} has no meaning in lmq: {NOT_IN_LMQ[name]}")
-    unknown = sorted(set(options) - MODEL_FIELDS.keys() - CONTEXT_FIELDS.keys() - CONVERTED - {"n_seq_max", "kv_unified"})
+    unknown = sorted(set(options) - MODEL_FIELDS.keys() - CONTEXT_FIELDS.keys() - CONVERTED)
     if unknown:
         raise QueryArgumentError(f"unknown llama.cpp argument{'s' if len(unknown) > 1 else ''}: "
                                  f"{', '.join(unknown)}")
