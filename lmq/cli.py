@@ -18,7 +18,7 @@ from lmq.compiler.codegen import compile_query
 from lmq.compiler.nesting import literal_or_text
 from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
 from lmq.runtime.hole import runtime_values, static_plan
-from lmq.runtime.query import QueryFunction, run_sync_coroutine
+from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
 from lmq.serve.command import add_parser as add_serve_parser, serve_model
 
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "or the embedded SmolLM2)")
     run.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
                      help="a query parameter; VALUE is a Python literal or else a string")
+    run.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="a keyword of the model, e.g. n_gpu_layers=-1 or n_ctx=8192 (VALUE as "
+                          "for --arg)")
     run.add_argument("--decoder", help="decoder, e.g. 'argmax(max_len=256)'")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     compile_ = commands.add_parser("compile", help="show the compiled program of a .lmq file")
@@ -86,12 +89,12 @@ def _not_text(data: bytes, offset: int, encoding: str, message: str, path: str) 
                           column=len(before) - line_start + 1)
 
 
-def _arguments(pairs: list[str]) -> dict[str, Any]:
+def _arguments(pairs: list[str], flag: str = "--arg") -> dict[str, Any]:
     values: dict[str, Any] = {}
     for pair in pairs:
         name, equals, text = pair.partition("=")
         if not equals or not name.isidentifier():
-            raise _UsageError(f"--arg expects NAME=VALUE, got {pair!r}")
+            raise _UsageError(f"{flag} expects NAME=VALUE, got {pair!r}")
         values[name] = literal_or_text(text)
     return values
 
@@ -103,6 +106,12 @@ def _run(options: argparse.Namespace) -> int:
     for key, value in (("model", options.model), ("decoder", options.decoder)):
         if value:
             kwargs[key] = value
+    model_arguments = _arguments(options.model_arg, "--model-arg")
+    if model_arguments:
+        if not options.model and program.model is not None:
+            raise _UsageError("--model-arg applies to the model of --model: this query names its "
+                              "model in a from clause, so name it with --model too")
+        kwargs["model"] = Model(options.model, **model_arguments)
     streaming = sys.stdout.isatty() and not options.json
     on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if streaming else None
     returned = run_sync_coroutine(query.run(on_text=on_text, **kwargs))

@@ -42,7 +42,21 @@ def test_literal_arguments_are_python_values(tmp_path):
     assert json.loads(done.stdout) == {"return": 42}
 
 
+def test_model_arguments_reach_the_model(tmp_path):
+    query = tmp_path / "q.lmq"
+    query.write_text('"' + "word " * 300 + '[X]" where len(TOKENS(X)) < 3\n')
+    done = lmq("run", str(query), "--model-arg", "n_ctx=1024", "--model-arg", "flash_attn=False")
+    assert done.returncode == 0, done.stderr
+    done = lmq("run", str(query), "--model-arg", "n_ctx=256")    # the prompt no longer fits
+    assert done.returncode == 1 and "context of 256 tokens" in done.stderr, done.stderr
+    clause = tmp_path / "clause.lmq"
+    clause.write_text('argmax "Hi[X]" from "random" where len(TOKENS(X)) < 3\n')
+    done = lmq("run", str(clause), "--model-arg", "seed=1")
+    assert done.returncode == 2 and "name it with --model" in done.stderr
+
+
 @pytest.mark.parametrize("args,code,message", [
+    (("run", "QUERY", "--arg", "who=x", "--model-arg", "n_gpu_layer=1"), 2, "unknown llama.cpp argument: n_gpu_layer"),
     (("run", "missing.lmq"), 2, "query file not found: missing.lmq"),
     (("run", "QUERY", "--arg", "novalue"), 2, "NAME=VALUE"),
     (("run", "QUERY"), 2, "no value for who"),
