@@ -14,6 +14,8 @@ import time
 
 from websockets.sync.client import connect
 
+import lmq
+
 READY_TIMEOUT = 120
 
 
@@ -24,7 +26,9 @@ class ServerProcess:
         """`model_id` None: a server that loads models on demand only."""
         command = [sys.executable, "-m", "lmq.cli", "serve-model", *([model_id] if model_id else []),
                    "--port", "0", *args]
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        source = os.path.dirname(os.path.dirname(lmq.__file__))    # the lmq under test, any cwd
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+               "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, cwd=cwd, env=env)
         self.lines: queue.Queue = queue.Queue()
@@ -62,7 +66,9 @@ class ServerProcess:
 
     def terminate(self, timeout: float = 30) -> int:
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        code = self.process.wait(timeout)
+        self._log_reader.join(10)                # the log is complete
+        return code
 
     def kill(self) -> None:
         if self.process.poll() is None:

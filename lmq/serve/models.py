@@ -63,6 +63,11 @@ def create_backend(key: ModelKey, kwargs: dict[str, Any], slots: int) -> Backend
     return TransformersBackend(location, **kwargs)
 
 
+def _inside(path: str, directory: str) -> bool:
+    """Whether the absolute `path` lies below `directory` (not the directory itself)."""
+    return path != directory and os.path.commonpath([path, directory]) == directory
+
+
 def _real_path(path: str) -> str:
     try:
         return os.path.realpath(path)
@@ -74,7 +79,7 @@ def check_gguf(real: str, directory: str) -> None:
     """`NotServed` unless the real path `real` is a regular `.gguf` file inside `directory`
     starting with the GGUF magic. Only a regular file is ever opened, and without blocking
     (a FIFO swapped in after the check is refused by `fstat`)."""
-    if os.path.commonpath([real, directory]) != directory or real == directory:
+    if not _inside(real, directory):
         raise NotServed(f"outside --models-dir (resolves to {real})")
     if not real.endswith(".gguf"):
         raise NotServed(f"{real} is not a .gguf file")
@@ -141,8 +146,11 @@ class ModelRegistry:
             raise NotServed("not the served model, and no --models-dir")
         if engine != "llama.cpp":
             raise NotServed("--models-dir serves llama.cpp GGUF files only")
+        named = os.path.abspath(os.path.join(self.models_dir, location))
+        if not _inside(named, self.models_dir):
+            raise NotServed("outside --models-dir")
         loop = asyncio.get_running_loop()
-        real = await loop.run_in_executor(None, _real_path, os.path.join(self.models_dir, location))
+        real = await loop.run_in_executor(None, _real_path, named)
         key = (engine, real)
         known = self._names.get(key)
         if known is not None:           # a symlink to a loaded model: that model, no copy
