@@ -105,6 +105,8 @@ class ModelRegistry:
         self.slots = slots
         self.max_models = max_models
         self.models_dir = os.path.realpath(models_dir) if models_dir is not None else None
+        # a client may spell DIR as the operator did or as its real path (/tmp → /private/tmp)
+        self._dir_spellings = {self.models_dir, os.path.abspath(models_dir)} if models_dir else set()
         self.workers: dict[ModelKey, ModelWorker] = {}
         self._names: dict[ModelKey, ModelKey] = {}    # spellings and real paths → worker key
         self._loading: dict[ModelKey, asyncio.Future] = {}
@@ -147,7 +149,7 @@ class ModelRegistry:
         if engine != "llama.cpp":
             raise NotServed("--models-dir serves llama.cpp GGUF files only")
         named = os.path.abspath(os.path.join(self.models_dir, location))
-        if not _inside(named, self.models_dir):
+        if not any(_inside(named, spelling) for spelling in self._dir_spellings):
             raise NotServed("outside --models-dir")
         loop = asyncio.get_running_loop()
         real = await loop.run_in_executor(None, _real_path, named)

@@ -134,8 +134,9 @@ class Connection:
         self._outbox.put_nowait((kind, [{"stream_id": error.stream_id, "error": str(error)}]))
 
     def _fault(self, error: Exception, request) -> None:
-        print(f"lmq serve-model: internal error on a {type(request).__name__} request: "
-              f"{shown(repr(error))}", file=sys.stderr, flush=True)
+        what = f"a {type(request).__name__} request" if request is not None else "a frame"
+        print(f"lmq serve-model: internal error on {what}: {shown(repr(error))}",
+              file=sys.stderr, flush=True)
         answer = ProtocolError(f"internal server error: {type(error).__name__}",
                                getattr(request, "stream_id", None))
         if not isinstance(request, (Generate, Score)):
