@@ -14,6 +14,8 @@ import time
 
 from websockets.sync.client import connect
 
+import lmq
+
 READY_TIMEOUT = 120
 
 
@@ -24,17 +26,26 @@ class ServerProcess:
         """`model_id` None: a server that loads models on demand only."""
         command = [sys.executable, "-m", "lmq.cli", "serve-model", *([model_id] if model_id else []),
                    "--port", "0", *args]
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        source = os.path.dirname(os.path.dirname(lmq.__file__))    # the lmq under test, any cwd
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+               "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, cwd=cwd, env=env)
         self.lines: queue.Queue = queue.Queue()
+        self.log: list[str] = []          # stderr lines so far (drained, so it never blocks)
         threading.Thread(target=self._read, daemon=True).start()
+        self._log_reader = threading.Thread(target=self._read_log, daemon=True)
+        self._log_reader.start()
         self.url = self.wait_ready() if wait else None
 
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.put(line)
         self.lines.put(None)
+
+    def _read_log(self) -> None:
+        for line in self.process.stderr:
+            self.log.append(line)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> str:
         """The server's ws:// URL once it says it listens (the model is loaded)."""
@@ -50,11 +61,14 @@ class ServerProcess:
                 self.url = line.strip().rsplit(" ", 1)[-1]
                 return self.url
         self.kill()
-        raise RuntimeError(f"server did not start: {self.process.stderr.read()}")
+        self._log_reader.join(10)
+        raise RuntimeError(f"server did not start: {''.join(self.log)}")
 
     def terminate(self, timeout: float = 30) -> int:
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        code = self.process.wait(timeout)
+        self._log_reader.join(10)                # the log is complete
+        return code
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -159,7 +159,8 @@ def test_bad_requests_get_error_answers_on_their_stream(client, local):
         ("GENERATE", {"model": MODEL, "prompt": [10 ** 9], "stream_id": 11}, "out of range"),
         ("GENERATE", {"model": MODEL, "prompt": [1] * 1024, "stream_id": 12}, "context"),
         ("GENERATE", {"model": MODEL, "prompt": prompt, "stream_id": 13, "max_tokens": "x"}, "max_tokens"),
-        ("GENERATE", {"model": "llama.cpp:other.gguf", "prompt": prompt, "stream_id": 14}, "--static"),
+        ("GENERATE", {"model": "llama.cpp:other.gguf", "prompt": prompt, "stream_id": 14},
+         "model 'llama.cpp:other.gguf' is not served here"),
         ("GENERATE", {"model": MODEL, "prompt": prompt, "stream_id": 15, "mask": {"allow": []}}, "mask"),
         ("SCORE", {"model": MODEL, "prompt": prompt, "stream_id": 16}, "scored"),
         ("GENERATE", {"model": MODEL, "prompt": prompt, "stream_id": 17, "temperature": -1}, "temperature"),
@@ -291,28 +292,9 @@ def test_relative_model_path_names_the_same_model_and_sigterm_ends_streams(local
         server.kill()
 
 
-def test_models_load_on_demand_without_static(local):
-    server = ServerProcess(None, "--n_ctx=256", "--slots", "1", "--max-models", "1")
-    try:
-        client = RawClient(server.url)
-        directory, name = os.path.split(default_model_path())
-        client.send("MODEL_INFO", {"model": f"local:llama.cpp:{directory}/./{name}", "stream_id": 1})
-        _, [element] = client.frame()
-        assert element["model_info"]["vocab_size"] == local.vocabulary.size   # loaded now
-        assert element["model_info"]["context_size"] == 256                  # with the flags
-        assert client.generate(MODEL, prompt_of(local, "Hi"), stream_id=3, max_tokens=1)[0][
-            "finish_reason"] == "length"                                       # same model, by path
-        client.send("MODEL_INFO", {"model": "llama.cpp:/nonexistent/model.gguf", "stream_id": 2})
-        _, [element] = client.frame()
-        assert "--max-models" in element["error"]
-        client.close()
-    finally:
-        server.kill()
-
-
 @pytest.mark.parametrize("args,code,words", [
     (["--n_ctx", "256"], 2, "not a model id"),
-    (["--static"], 2, "--static needs a MODEL"),
+    (["--static"], 2, "nothing to serve: name a MODEL, or --models-dir DIR"),
     ([MODEL, "--slots", "0"], 2, "--slots must be at least 1"),
     ([MODEL, "stray"], 2, "unexpected argument 'stray'"),
     (["llama.cpp:/nonexistent/model.gguf"], 1, "model file not found: /nonexistent/model.gguf"),

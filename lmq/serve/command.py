@@ -1,4 +1,4 @@
-"""`lmq serve-model MODEL [--host H] [--port P] [--token T] [--static] [limits] [--key value …]`.
+"""`lmq serve-model MODEL [--models-dir DIR] [--host H] [--port P] [--token T] [limits] [--key value …]`.
 
 Flags of the server itself are spelled with dashes; every other `--key value` goes to the
 backend constructor (`--n_ctx 1024`, `--n_gpu_layers -1`), its value read as a Python
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import os
 import socket
 import sys
 from typing import Any
@@ -23,11 +25,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Serve a model to lmq and LMQL clients over LMTP. Any other --key value "
                     "goes to the backend (--n_ctx 1024, --n_gpu_layers -1).")
     serve.add_argument("model", nargs="?", help="llama.cpp:PATH.gguf or transformers:DIR "
-                                                "(omit to load models on demand only)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+                                                "(may be omitted with --models-dir)")
+    serve.add_argument("--models-dir", metavar="DIR",
+                       help="also serve the .gguf files inside DIR, loaded on demand (clients "
+                            "name them by their path in DIR); without it only MODEL is served")
+    serve.add_argument("--static", action="store_true",
+                       help="serve only MODEL: the default without --models-dir (kept for old "
+                            "command lines)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1); any non-loopback address "
+                            "needs --token or --insecure-no-token")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' from clients")
-    serve.add_argument("--static", action="store_true", help="serve only MODEL, never load others")
+    serve.add_argument("--insecure-no-token", action="store_true",
+                       help="serve a non-loopback --host without a token (anyone who reaches "
+                            "the port can use the model)")
     serve.add_argument("--slots", type=int, default=8,
                        help="concurrent streams per model: its cache sequences (default 8)")
     serve.add_argument("--max-models", type=int, default=2, help="models loaded at once (default 2)")
@@ -57,6 +69,33 @@ def backend_arguments(extra: list[str]) -> dict[str, Any]:
     return kwargs
 
 
+def _addresses(host: str, port: int) -> list[tuple]:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise QueryArgumentError(f"serve-model: cannot resolve --host {host!r}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _check_exposure(options: argparse.Namespace) -> None:
+    """A server reachable from other machines needs a token, or the operator's explicit
+    `--insecure-no-token`: a host is loopback when every address it resolves to is."""
+    if options.token or options.insecure_no_token:
+        return
+    port = min(max(options.port, 0), 65535)
+    if all(_is_loopback(address[4][0]) for address in _addresses(options.host, port)):
+        return
+    raise QueryArgumentError(f"serve-model: --host {options.host} is reachable from other "
+                             "machines: pass --token SECRET (clients then send it), or "
+                             "--insecure-no-token to serve it to anyone who can connect")
+
+
 def _check_address(host: str, port: int) -> None:
     """Refuse an address the server could not listen on before any model is loaded (a
     model takes seconds to minutes to load): a port out of range, a host that does not
@@ -64,12 +103,7 @@ def _check_address(host: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise QueryArgumentError(f"serve-model: --port must be from 0 to 65535 (0 picks a free "
                                  f"one), not {port}")
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as e:
-        raise QueryArgumentError(f"serve-model: cannot resolve --host {host!r}: "
-                                 f"{getattr(e, 'strerror', None) or e}") from None
-    for family, kind, protocol, _, address in addresses:
+    for family, kind, protocol, _, address in _addresses(host, port):
         with socket.socket(family, kind, protocol) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -89,19 +123,32 @@ def serve_model(options: argparse.Namespace, extra: list[str]) -> int:
         raise QueryArgumentError(f"serve-model: {options.model!r} is not a model id (llama.cpp:PATH.gguf "
                                  "or transformers:DIR): name the model first, or write backend "
                                  "arguments as --key=value")
-    if options.static and not options.model:
-        raise QueryArgumentError("serve-model: --static needs a MODEL to serve")
+    if not options.model and not options.models_dir:
+        raise QueryArgumentError("serve-model: nothing to serve: name a MODEL, or --models-dir "
+                                 "DIR to serve the .gguf files in DIR")
+    if options.static and options.models_dir:
+        raise QueryArgumentError("serve-model: --static serves MODEL only, --models-dir more: "
+                                 "pick one")
+    if options.models_dir and not os.path.isdir(options.models_dir):
+        raise QueryArgumentError(f"serve-model: --models-dir {options.models_dir!r} is not a "
+                                 "directory")
     for name in ("slots", "max_models", "max_frame_bytes", "max_streams", "max_tokens"):
         if getattr(options, name) < 1:
             raise QueryArgumentError(f"serve-model: --{name.replace('_', '-')} must be at least 1")
+    _check_exposure(options)
     _check_address(options.host, options.port)
-    registry = ModelRegistry(backend_arguments(extra), slots=options.slots, static=options.static,
-                             max_models=options.max_models)
+    registry = ModelRegistry(backend_arguments(extra), slots=options.slots,
+                             max_models=options.max_models, models_dir=options.models_dir)
+    if options.insecure_no_token and not options.token:
+        print(f"lmq serve-model: WARNING: no --token: anyone who can reach {options.host} can "
+              "use the served models", file=sys.stderr, flush=True)
     ready = ""
     if options.model:
         print(f"lmq serve-model: loading {options.model}", file=sys.stderr, flush=True)
         worker = registry.load(options.model)
         ready = f"serving {worker.model_id}, "
+    if options.models_dir:
+        ready += f"serving the .gguf files in {registry.models_dir}, "
     limits = Limits(max_frame_bytes=options.max_frame_bytes, max_streams=options.max_streams,
                     max_tokens=options.max_tokens)
     server = LmtpServer(registry, host=options.host, port=options.port, token=options.token,

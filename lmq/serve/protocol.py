@@ -123,6 +123,14 @@ def _clip(text: str) -> str:
     return text if len(text) <= 40 else text[:40] + "…"
 
 
+def shown(text: str, limit: int = 200) -> str:
+    """Client text as it may appear in a log line or an answer: quoted with every newline,
+    escape and control character escaped (`repr`), cut after `limit` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text) - limit} more characters)"
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -206,7 +214,13 @@ def _generate(fields: _Fields, limits: Limits) -> Generate:
         max_tokens=fields.int("max_tokens", 32, 1, limits.max_tokens),
         top_logprobs=fields.int("top_logprobs", 1, 0, limits.max_top_logprobs),
         logit_bias=fields.bias("logit_bias"), allow=allow, deny=deny,
-        constraint=_constraint(fields), seed=fields.int("seed"), sampling=_sampling(fields))
+        constraint=_constraint(fields), seed=_seed(fields), sampling=_sampling(fields))
+
+
+def _seed(fields: _Fields) -> int | None:
+    """`seed`: an int >= 0, or -1 (llama.cpp's "a fresh random seed") → None."""
+    seed = fields.int("seed", low=-1, high=2 ** 64 - 1)
+    return None if seed == -1 else seed
 
 
 def _sampling(fields: _Fields) -> SamplingSettings:

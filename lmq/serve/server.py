@@ -25,7 +25,7 @@ from lmq import __version__
 from lmq.serve.holes import HoleStream
 from lmq.serve.models import ModelRegistry
 from lmq.serve.protocol import (Cancel, Generate, Limits, ModelInfo, ProtocolError, Score,
-                                encode, parse_request)
+                                encode, parse_request, shown)
 from lmq.serve.scheduler import ModelWorker
 from lmq.serve.streams import GenerateStream, ScoreStream, Stream
 
@@ -96,10 +96,14 @@ class Connection:
     async def serve(self) -> None:
         try:
             async for frame in self.websocket:
+                request = None
                 try:
-                    await self._dispatch(parse_request(frame, self.server.limits))
+                    request = parse_request(frame, self.server.limits)
+                    await self._dispatch(request)
                 except ProtocolError as e:
                     self._error(e)
+                except Exception as e:      # a server fault answers its stream, never closes
+                    self._fault(e, request)
         except ConnectionClosed:
             pass
         finally:
@@ -128,6 +132,16 @@ class Connection:
     def _error(self, error: ProtocolError) -> None:
         kind = error.kind if error.stream_id is not None else "MSG"
         self._outbox.put_nowait((kind, [{"stream_id": error.stream_id, "error": str(error)}]))
+
+    def _fault(self, error: Exception, request) -> None:
+        what = f"a {type(request).__name__} request" if request is not None else "a frame"
+        print(f"lmq serve-model: internal error on {what}: {shown(repr(error))}",
+              file=sys.stderr, flush=True)
+        answer = ProtocolError(f"internal server error: {type(error).__name__}",
+                               getattr(request, "stream_id", None))
+        if not isinstance(request, (Generate, Score)):
+            answer.kind = "MSG"
+        self._error(answer)
 
     async def _send_loop(self) -> None:
         while True:
@@ -184,7 +198,7 @@ class Connection:
         self.open[request.stream_id] = worker
         try:
             stream = _stream(self, request, worker)
-        except ProtocolError:
+        except Exception:
             del self.open[request.stream_id]
             raise
         worker.submit(stream)
