@@ -8,22 +8,86 @@ again), then advance every active stream by one token in one multi-sequence batc
 joins at the next step and leaves when it ends; a cancelled stream (CANCEL, or its client
 went away) frees its slot at the next step.
 
-The slots share one cache of `context_size` cells (llama.cpp's unified KV cache): a stream
-is admitted only when its prompt plus its token budget fits beside the active streams;
-idle slots give their cached tokens back when the room is needed.
+The slots share one cache of `context_size` cells (llama.cpp's unified KV cache), and a
+stream holds only the cells it uses (its prompt and the tokens so far), not its budget: a
+hole's budget is the whole remaining context, so reserving it would decode one stream at a
+time. A stream is admitted when its prompt plus `GROWTH_RESERVE` cells fits beside the
+active streams (idle slots give their cached tokens back first). When a step would not fit
+(the streams grew), the most recently admitted streams are preempted until it does: the
+slot's cells are freed and the stream keeps its tokens; preempted streams are resumed
+(oldest first) before any new stream is admitted: their tokens are evaluated anew and each
+gets the very row it was waiting for, so its output is unchanged. The oldest stream is
+never preempted (alone it fits: its budget is bounded by the context), so every stream
+finishes.
+
+Fairness: waiting streams are queued per owner (connection), and admission takes the head
+of each owner's queue in turn, so a client with many queued streams does not make another
+wait behind all of them.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from lmq.backends.base import Backend, Sequence, common_prefix
 from lmq.errors import LmqError
 from lmq.serve.streams import Owner, Stream
+
+
+#: cells a stream must find free beyond its prompt to be admitted (room to grow a while
+#: before a preemption could be needed)
+GROWTH_RESERVE = 16
+
+
+class FairQueue:
+    """Waiting streams, one queue per owner; `pop` takes the head of each owner's queue
+    in turn (round robin), so no owner waits behind another's many streams."""
+
+    def __init__(self) -> None:
+        self._owners: OrderedDict[Owner, deque[Stream]] = OrderedDict()   # next in turn first
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Stream]:
+        return (stream for queued in list(self._owners.values()) for stream in list(queued))
+
+    def push(self, stream: Stream) -> None:
+        self._owners.setdefault(stream.owner, deque()).append(stream)
+        self.count += 1
+
+    def peek(self) -> Stream:
+        return next(iter(self._owners.values()))[0]
+
+    def pop(self) -> Stream:
+        owner, queued = next(iter(self._owners.items()))
+        self.count -= 1
+        stream = queued.popleft()
+        if queued:
+            self._owners.move_to_end(owner)
+        else:
+            del self._owners[owner]
+        return stream
+
+    def remove(self, owner: Owner, matches: Callable[[Stream], bool]) -> list[Stream]:
+        """Take out the owner's streams that match."""
+        queued = self._owners.get(owner, deque())
+        removed = [s for s in queued if matches(s)]
+        for stream in removed:
+            queued.remove(stream)
+        self.count -= len(removed)
+        if not queued:
+            self._owners.pop(owner, None)
+        return removed
+
+    def clear(self) -> None:
+        self._owners.clear()
+        self.count = 0
 
 
 class ModelWorker:
@@ -35,8 +99,13 @@ class ModelWorker:
         self.slots = slots
         self.idle: list[Sequence] = [backend.sequence() for _ in range(slots)]   # most recent last
         self.active: list[Stream] = []
-        self.waiting: deque[Stream] = deque()
+        self.waiting = FairQueue()
+        self.preempted: deque[Stream] = deque()    # resumed before any new stream starts
         self.generated_tokens = 0
+        self.batch_width = 0                  # streams decoded in the latest step
+        self.max_batch_width = 0              # the most streams decoded in one step so far
+        self.preemptions = 0
+        self.admissions = 0
         self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="lmq-hole")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"lmq-model {model_id}", daemon=True)
@@ -58,15 +127,16 @@ class ModelWorker:
 
     def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "busy_slots": self.slots - len(self.idle),
-                "active_streams": len(self.active), "waiting_streams": len(self.waiting),
-                "generated_tokens": self.generated_tokens}
+                "active_streams": len(self.active), "waiting_streams": len(self.waiting) + len(self.preempted),
+                "generated_tokens": self.generated_tokens, "batch_width": self.batch_width,
+                "max_batch_width": self.max_batch_width, "preemptions": self.preemptions}
 
     # --- the worker thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             out: dict[Owner, list[dict[str, Any]]] = {}
-            if not self._take_commands(out, block=not self.active and not self.waiting):
+            if not self._take_commands(out, block=not self.active and not self.waiting and not self.preempted):
                 self._end_all("the server is shutting down", out)
                 _send(out)
                 return
@@ -86,7 +156,7 @@ class ModelWorker:
             if command[0] == "stop":
                 return False
             if command[0] == "submit":
-                self.waiting.append(command[1])
+                self.waiting.push(command[1])
             else:
                 self._cancel(command[1], command[2], out)
 
@@ -94,43 +164,83 @@ class ModelWorker:
         def matches(stream: Stream) -> bool:
             return stream.owner is owner and (stream_id is None or stream.stream_id == stream_id)
 
-        for stream in [s for s in self.waiting if matches(s)]:
-            self.waiting.remove(stream)
+        for stream in [s for s in self.preempted if matches(s)]:
+            self.preempted.remove(stream)
+            out.setdefault(owner, []).append(stream.cancelled())
+        for stream in self.waiting.remove(owner, matches):
             out.setdefault(owner, []).append(stream.cancelled())
         for stream in [s for s in self.active if matches(s)]:
             out.setdefault(owner, []).append(stream.cancelled())
             self._retire(stream)
 
     def _admit(self, out: dict) -> None:
-        while self.waiting and self.idle:
-            stream = self.waiting[0]
-            slot = self._slot_for(stream)
+        """While a slot and room are free: resume preempted streams, then admit waiting
+        ones in turn across owners. Preempted streams go first so that the hole threads
+        started never outnumber the slots."""
+        while (self.preempted or self.waiting) and self.idle:
+            stream = self.preempted[0] if self.preempted else self.waiting.peek()
+            tokens = stream.resume_tokens or stream.prompt
+            slot = self._slot_for(tokens, stream.new_tokens)
             if slot is None:
                 return
-            self.waiting.popleft()
+            if self.preempted:
+                self.preempted.popleft()
+            else:
+                self.waiting.pop()
             self.idle.remove(slot)
             stream.sequence = slot
+            if stream.resume_tokens is None:
+                self.admissions += 1
+                stream.admission = self.admissions
+            stream.resume_tokens = None
             self.active.append(stream)
             try:
-                elements = stream.step(slot.logits(stream.prompt))
+                elements = stream.step(slot.logits(tokens))
             except Exception as e:          # one stream's failure never stops the loop
                 elements = [stream.failed(_describe(e))]
             self._record(stream, elements, out)
 
-    def _slot_for(self, stream: Stream) -> Sequence | None:
-        """The idle slot sharing the longest prefix with the stream's prompt, once the
-        stream fits in the cache (idle slots give up their tokens as needed); None while
-        the active streams leave no room."""
-        slot = max(reversed(self.idle), key=lambda s: common_prefix(s.tokens, stream.prompt))
-        room = self.backend.context_size - sum(s.reservation for s in self.active)
-        others = sorted((s for s in self.idle if s is not slot and len(s.tokens) > 1),
-                        key=lambda s: len(s.tokens))
-        while stream.reservation + sum(len(s.tokens) for s in others) > room:
-            if not others:
-                return None
-            victim = others.pop()
+    def _slot_for(self, tokens: list[int], new_tokens: int) -> Sequence | None:
+        """The idle slot sharing the longest prefix with `tokens`, once they and a little
+        room to grow fit beside the active streams (idle slots give up their cached tokens
+        as needed); None while the active streams leave no room."""
+        slot = max(reversed(self.idle), key=lambda s: common_prefix(s.tokens, tokens))
+        room = self.backend.context_size - sum(len(s.sequence.tokens) for s in self.active)
+        need = len(tokens) + min(new_tokens, GROWTH_RESERVE)
+        fits = need <= room and self._free_idle(room - need, keep=slot)
+        return slot if fits or not self.active else None     # alone, a stream always goes
+
+    def _free_idle(self, room: int, keep: Sequence | None = None) -> bool:
+        """Drop idle slots' cached tokens (the longest first) until the idle slots but
+        `keep` hold at most `room` cells; False if they cannot."""
+        others = [s for s in self.idle if s is not keep]
+        cached = sorted((s for s in others if len(s.tokens) > 1), key=lambda s: len(s.tokens))
+        while sum(len(s.tokens) for s in others) > room and cached:
+            victim = cached.pop()
             victim.logits(victim.tokens[:1])     # the protocol's way to drop all but one token
-        return slot
+        return sum(len(s.tokens) for s in others) <= room
+
+    def _preempt(self, steps: list[tuple[Stream, list[int]]]) -> None:
+        """Free the cache until this step fits: idle slots' cached tokens first, then the
+        most recently admitted streams (to resume, oldest first, from the very tokens
+        they hold)."""
+        def active_need() -> int:
+            return sum(len(s.sequence.tokens) + len(tokens) for s, tokens in steps)
+        context = self.backend.context_size
+        if active_need() + sum(len(s.tokens) for s in self.idle) <= context:
+            return
+        self._free_idle(context - active_need())
+        while active_need() + sum(len(s.tokens) for s in self.idle) > context and len(steps) > 1:
+            stream, tokens = max(steps, key=lambda step: step[0].admission)
+            steps.remove((stream, tokens))
+            slot = stream.sequence
+            stream.resume_tokens = slot.tokens + tokens
+            self.active.remove(stream)
+            slot.logits(slot.tokens[:1])
+            self.idle.append(slot)
+            stream.sequence = None
+            self.preempted.appendleft(stream)
+            self.preemptions += 1
 
     def _advance(self, out: dict) -> None:
         steps = []
@@ -140,8 +250,11 @@ class ModelWorker:
                 self._retire(stream)
             else:
                 steps.append((stream, tokens))
+        self._preempt(steps)
         if not steps:
             return
+        self.batch_width = len(steps)
+        self.max_batch_width = max(self.max_batch_width, len(steps))
         try:
             rows = self.backend.advance_many([(s.sequence, tokens) for s, tokens in steps])
         except Exception as e:
@@ -168,8 +281,9 @@ class ModelWorker:
         stream.sequence = None
 
     def _end_all(self, message: str, out: dict) -> None:
-        for stream in [*self.waiting, *self.active]:
+        for stream in [*self.preempted, *self.waiting, *self.active]:
             out.setdefault(stream.owner, []).append(stream.failed(message))
+        self.preempted.clear()
         self.waiting.clear()
         self.active.clear()
 

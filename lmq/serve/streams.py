@@ -37,12 +37,9 @@ class Stream:
         self.new_tokens = new_tokens          # most tokens this stream may add after its prompt
         self.sequence: Sequence | None = None
         self.next_tokens: list[int] | None = None
+        self.resume_tokens: list[int] | None = None   # a preempted stream's tokens to evaluate again
+        self.admission = 0                    # when the scheduler first admitted it (its seniority)
         self.finished = False
-
-    @property
-    def reservation(self) -> int:
-        """Cache cells this stream may occupy at most."""
-        return len(self.prompt) + self.new_tokens
 
     def step(self, row: np.ndarray) -> list[dict[str, Any]]:
         raise NotImplementedError
