@@ -216,8 +216,7 @@ class ModelWorker:
         others = [s for s in self.idle if s is not keep]
         cached = sorted((s for s in others if len(s.tokens) > 1), key=lambda s: len(s.tokens))
         while sum(len(s.tokens) for s in others) > room and cached:
-            victim = cached.pop()
-            victim.logits(victim.tokens[:1])     # the protocol's way to drop all but one token
+            _drop_cells(cached.pop())
         return sum(len(s.tokens) for s in others) <= room
 
     def _preempt(self, steps: list[tuple[Stream, list[int]]]) -> None:
@@ -236,7 +235,7 @@ class ModelWorker:
             slot = stream.sequence
             stream.resume_tokens = slot.tokens + tokens
             self.active.remove(stream)
-            slot.logits(slot.tokens[:1])
+            _drop_cells(slot)
             self.idle.append(slot)
             stream.sequence = None
             self.preempted.appendleft(stream)
@@ -286,6 +285,11 @@ class ModelWorker:
         self.preempted.clear()
         self.waiting.clear()
         self.active.clear()
+
+
+def _drop_cells(slot: Sequence) -> None:
+    """Free a slot's cells: the protocol's way is to keep one token only."""
+    slot.logits(slot.tokens[:1])
 
 
 def _describe(error: Exception) -> str:
