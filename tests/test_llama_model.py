@@ -143,3 +143,11 @@ def test_an_empty_prompt_scores_and_generates():
     model = lmq.model()
     assert model.score_sync("", [" 4", " 5"]).probs().sum() == pytest.approx(1.0)
     assert isinstance(model.generate_sync("", max_tokens=3), str)
+
+
+def test_tokenizing_from_many_threads_gives_each_its_own_tokens(backend):
+    from concurrent.futures import ThreadPoolExecutor
+    texts = [f"sentence number {i} " * (1 + i % 7) for i in range(200)]
+    expected = [backend.tokenize(t) for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(backend.tokenize, texts)) == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import llama_cpp
 
@@ -52,18 +53,20 @@ class GgufVocab:
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self._buffer = (llama_cpp.llama_token * 4096)()
+        self._buffer_lock = threading.Lock()     # queries in several threads share the buffer
         self._vocabulary: Vocabulary | None = None
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 16
-        if capacity > len(self._buffer):
-            self._buffer = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), self._buffer, len(self._buffer),
-                                     False, special)
-        if n < 0:
-            raise ModelError(f"tokenization of {len(data)} bytes failed")
-        return self._buffer[:n]
+        with self._buffer_lock:
+            if capacity > len(self._buffer):
+                self._buffer = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), self._buffer,
+                                         len(self._buffer), False, special)
+            if n < 0:
+                raise ModelError(f"tokenization of {len(data)} bytes failed")
+            return self._buffer[:n]
 
     def vocabulary(self) -> Vocabulary:
         if self._vocabulary is None:
