@@ -16,7 +16,6 @@ from lmq.backends.base import Backend, Vocabulary
 from lmq.errors import ModelError
 
 
-
 @llama_cpp.llama_log_callback
 def _drop_log(level, text, user_data):
     return None

@@ -27,7 +27,6 @@ class TokenBatch:
     """A `llama_batch` whose arrays are numpy arrays (one sequence id per token)."""
 
     def __init__(self, capacity: int):
-        self.capacity = capacity
         self.token = np.zeros(capacity, dtype=np.int32)
         self.pos = np.zeros(capacity, dtype=np.int32)
         self.seq = np.zeros(capacity, dtype=np.int32)
@@ -42,13 +41,14 @@ class TokenBatch:
             pos=self.pos.ctypes.data_as(int32_p), n_seq_id=self.n_seq_id.ctypes.data_as(int32_p),
             seq_id=self._seq_pointers, logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
 
-    def fill(self, seq_id: int, tokens: list[int], start: int) -> None:
-        """`tokens` of one sequence at positions start…, logits for the last one only."""
+    def fill(self, tokens, positions, seq_ids, outputs=0) -> None:
+        """`tokens` at `positions` of `seq_ids` (array-likes, or one id for all), with
+        logits where `outputs` is set; the last token always has them."""
         n = len(tokens)
         self.token[:n] = tokens
-        self.pos[:n] = np.arange(start, start + n, dtype=np.int32)
-        self.seq[:n] = seq_id
-        self.logits[:n] = 0
+        self.pos[:n] = positions
+        self.seq[:n] = seq_ids
+        self.logits[:n] = outputs
         self.logits[n - 1] = 1
         self.batch.n_tokens = n
 
@@ -105,7 +105,9 @@ class LlamaCppBackend(GgufBackend):
     def _decode(self, seq_id: int, tokens: list[int], start: int) -> None:
         """Evaluate `tokens` at positions start… of `seq_id`, in chunks of n_batch."""
         for offset in range(0, len(tokens), self.n_batch):
-            self._batch.fill(seq_id, tokens[offset:offset + self.n_batch], start + offset)
+            chunk = tokens[offset:offset + self.n_batch]
+            first = start + offset
+            self._batch.fill(chunk, np.arange(first, first + len(chunk)), seq_id)
             self._run_batch()
         self.evaluated_tokens += len(tokens)
 
@@ -152,12 +154,8 @@ class LlamaCppBackend(GgufBackend):
         owner = {index: k for k, index in enumerate(last)}
         for offset in range(0, len(tokens), size):
             n = min(size, len(tokens) - offset)
-            batch.token[:n] = tokens[offset:offset + n]
-            batch.pos[:n] = positions[offset:offset + n]
-            batch.seq[:n] = seq_ids[offset:offset + n]
-            batch.logits[:n] = wanted[offset:offset + n]
-            batch.logits[n - 1] = 1
-            batch.batch.n_tokens = n
+            part = slice(offset, offset + n)
+            batch.fill(tokens[part], positions[part], seq_ids[part], wanted[part])
             self._run_batch()
             for i in np.flatnonzero(wanted[offset:offset + n]).tolist():
                 row = self._logits_row(i)

@@ -174,19 +174,15 @@ class Decoder:
                     if on_text and cut > start:
                         on_text(bytes(value[start:cut]))
                     return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob + _value(score))
+            if on_text:
+                on_text(table[token])
             if plan.max_tokens is not None and len(tokens) >= plan.max_tokens:
-                if on_text:
-                    on_text(table[token])
                 return HoleOutput(tokens, bytes(value), "length", logprob + _value(score))
             if len(context) + len(tokens) >= max_len:
-                if on_text:
-                    on_text(table[token])
                 raise ContextLimitError(f"max_len of {max_len} tokens reached while generating "
                                         f"{plan.name}", result=(tokens, bytes(value)))
             pending = lane.advance([token])
             logprob += _value(score)            # while the engine evaluates the token
-            if on_text:
-                on_text(table[token])
 
     def _choose(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                 end_list: np.ndarray) -> tuple[int, float]:

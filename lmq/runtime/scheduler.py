@@ -226,34 +226,23 @@ class DirectLane:
     def tokens(self) -> list[int]:
         return self.sequence.tokens
 
-    def logits(self, context: list[int]) -> "_Ready":
-        return _Ready(self.sequence.logits(context))
+    def logits(self, context: list[int]) -> "_Later":
+        row = self.sequence.logits(context)
+        return _Later(lambda: row)
 
-    def advance(self, tokens: list[int]) -> "_Ready | _Later":
+    def advance(self, tokens: list[int]) -> "_Later":
         if len(tokens) == 1:
             return _Later(self.sequence.advance_later(tokens[0]))
         row = None
         for token in tokens:
             row = self.sequence.advance(token)
-        return _Ready(row)
-
-
-class _Ready:
-    """An awaitable that is already resolved (awaiting it never suspends)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __await__(self):
-        return self.value
-        yield  # a generator that returns at once
+        return _Later(lambda: row)
 
 
 class _Later:
     """An awaitable whose value is computed when awaited, without suspending (the row of
-    a decode already under way), under the backend's lock where there is one."""
+    a decode already under way, or one already read), under the backend's lock where
+    there is one."""
 
     __slots__ = ("compute", "lock")
 
