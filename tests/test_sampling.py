@@ -197,3 +197,21 @@ def test_penalties_on_a_gathered_row_follow_the_token_ids():
     sigma = np.sqrt(DRAWS * expected * (1 - expected))
     assert np.all(np.abs(counts - DRAWS * expected) <= 5 * sigma + 1)
     assert expected[1] < softmax(gathered)[1]
+
+
+def test_hidden_entries_are_never_drawn_and_leave_the_normalizer():
+    """The copy-free draw of a plain sampler (end tokens hidden while a value may not end)
+    samples the softmax of the other entries, and its normalizer is theirs."""
+    hidden = np.array([10, 0])
+    s = sampler(seed=3)
+    counts = np.bincount([s.pick_hiding(ROW, hidden) for _ in range(DRAWS)], minlength=ROW.size)
+    expected = restricted(~np.isin(np.arange(ROW.size), hidden))
+    assert counts[hidden].sum() == 0
+    sigma = np.sqrt(DRAWS * expected * (1 - expected))
+    assert np.all(np.abs(counts - DRAWS * expected) <= 5 * sigma + 1), (counts / DRAWS, expected)
+    finite = np.isfinite(ROW) & ~np.isin(np.arange(ROW.size), hidden)
+    assert math.isclose(s.log_normalizer, math.log(np.exp(ROW[finite].astype(np.float64)).sum()),
+                        rel_tol=1e-6)
+    only = np.full(4, -np.inf, dtype=np.float32)
+    only[1] = 0.0
+    assert s.pick_hiding(only, np.array([1])) == -1

@@ -51,9 +51,20 @@ class SampleDecoder(Decoder):
         return await super().decode(lane, *args, **kwargs)
 
     def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
+        return self._own_sampler().pick(row, self._lane.tokens if self._lane is not None else (), ids)
+
+    def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int | None:
+        """A plain draw at temperature 1 leaves the hidden entries out itself and knows its
+        normalizer: the row needs no copy."""
+        sampler = self._own_sampler()
+        if not sampler.settings.plain or sampler.settings.temperature != 1:
+            return None
+        return sampler.pick_hiding(row, hidden)
+
+    def _own_sampler(self) -> Sampler:
         if self._sampler is None:
             self._sampler = make_sampler(self.settings, self.settings.get("seed"))
-        return self._sampler.pick(row, self._lane.tokens if self._lane is not None else (), ids)
+        return self._sampler
 
     picks_maximum = False
 

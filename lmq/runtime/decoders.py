@@ -200,6 +200,13 @@ class Decoder:
         (the backend's row is never written, and is copied where the sum needs it later:
         the next decode rewrites it)."""
         ids = None
+        if mask is None and hidden is not None:
+            index = self._pick_hiding(row, hidden)
+            if index is not None:
+                if index < 0:
+                    return -1, _nothing
+                chosen, known = float(row[index]), self._known_normalizer()
+                return index, lambda: chosen - known
         if mask is None:
             candidates = row if hidden is None else self._scratch(row)
             if hidden is not None:
@@ -227,6 +234,12 @@ class Decoder:
             np.copyto(candidates, row)
         spare = self._spare(candidates) if ids is None else None
         return token, lambda: chosen - _logsumexp(candidates, spare, top=chosen if self.picks_maximum else None)
+
+    def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int | None:
+        """The chosen entry of `row` with the `hidden` entries left out (-1: none left),
+        where the decoder can pick so without a copy of the row and knows the normalizer
+        afterwards (`_known_normalizer`); else None."""
+        return None
 
     #: whether `_pick` takes the row's maximum (its logsumexp then skips finding it)
     picks_maximum = True

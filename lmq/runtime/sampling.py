@@ -99,6 +99,7 @@ class Sampler:
         #: log Σ exp(row) of the last row `pick` drew from at temperature 1, else None
         self.log_normalizer: float | None = None
         self._weights: np.ndarray | None = None      # exponentials, padded to whole blocks
+        self._ones: np.ndarray | None = None
         self._size = 0
 
     def fork(self, rng: np.random.Generator) -> "Sampler":
@@ -120,6 +121,12 @@ class Sampler:
         if self.settings.mirostat:
             return self._mirostat(ids, probs, row.shape[0])
         return int(ids[self._draw(probs)])
+
+    def pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int:
+        """A plain draw from `row` with the `hidden` entries left out, without a copy of
+        the row; -1 when nothing is left."""
+        self.log_normalizer = None
+        return self._draw_scaled(row, hidden)
 
     def distribution(self, row: np.ndarray, history: Iterable[int] = ()) -> np.ndarray:
         """The full probability vector `pick` draws from (mirostat: for its current mu)."""
@@ -183,16 +190,19 @@ class Sampler:
         out[tokens] = np.where(np.isfinite(row[tokens]), values, -np.inf)
         return out
 
-    def _draw_scaled(self, row: np.ndarray) -> int:
+    def _draw_scaled(self, row: np.ndarray, hidden: np.ndarray | None = None) -> int:
         """A draw from softmax(row / temperature) in three passes over the row, in reused
-        buffers: exponentials, their sums per block of `DRAW_BLOCK`, then a search among
-        the block sums and inside one block (a cumulative sum over the whole row is the
-        slow part of a plain inverse-CDF draw). Masked entries weigh exp(-inf) = 0 and are
-        never drawn. At temperature 1 the sum is the row's normalizer (kept for the caller)."""
+        buffers: exponentials, their sums per block of `DRAW_BLOCK` (a matrix-vector
+        product: BLAS sums blocks several times faster than a reduction), then a search
+        among the block sums and inside one block (a cumulative sum over the whole row is
+        the slow part of a plain inverse-CDF draw). Masked entries weigh exp(-inf) = 0 and
+        `hidden` entries are zeroed, so neither is ever drawn; -1 when nothing is left. At
+        temperature 1 the sum is the row's normalizer (kept for the caller)."""
         size = row.shape[0]
         if self._weights is None or self._size != size:
             self._size = size
             self._weights = np.zeros(-(-size // DRAW_BLOCK) * DRAW_BLOCK, dtype=np.float32)
+            self._ones = np.ones(DRAW_BLOCK, dtype=np.float32)
         weights = self._weights[:size]
         temperature = self.settings.temperature
         top = row.max()
@@ -200,8 +210,12 @@ class Sampler:
         if temperature != 1:
             np.multiply(weights, np.float32(1 / temperature), out=weights)
         np.exp(weights, out=weights)
-        blocks = np.cumsum(self._weights.reshape(-1, DRAW_BLOCK).sum(axis=1), dtype=np.float64)
+        if hidden is not None:
+            weights[hidden] = 0.0
+        blocks = np.cumsum(self._weights.reshape(-1, DRAW_BLOCK) @ self._ones, dtype=np.float64)
         total = float(blocks[-1])
+        if total == 0.0:
+            return -1
         if temperature == 1:
             self.log_normalizer = float(top) + math.log(total)
         target = self.rng.random() * total
