@@ -53,9 +53,8 @@ _UNSUPPORTED = {sre.GROUPREF: "a backreference", sre.GROUPREF_EXISTS: "a conditi
 _ASCII_CLASSES = {sre.CATEGORY_DIGIT: ((0x30, 0x39),),
                   sre.CATEGORY_WORD: ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)),
                   sre.CATEGORY_SPACE: ((0x09, 0x0D), (0x20, 0x20))}
-_UNICODE_CLASSES = {sre.CATEGORY_DIGIT: unicode_classes.DIGIT,
-                    sre.CATEGORY_WORD: unicode_classes.WORD,
-                    sre.CATEGORY_SPACE: unicode_classes.SPACE}
+_UNICODE_CLASSES = {sre.CATEGORY_DIGIT: "DIGIT", sre.CATEGORY_WORD: "WORD",
+                    sre.CATEGORY_SPACE: "SPACE"}
 _NEGATED = {sre.CATEGORY_NOT_DIGIT: sre.CATEGORY_DIGIT,
             sre.CATEGORY_NOT_WORD: sre.CATEGORY_WORD,
             sre.CATEGORY_NOT_SPACE: sre.CATEGORY_SPACE}
@@ -231,10 +230,13 @@ class _Compiler:
 def _category(category, flags: int) -> CodePointRanges:
     negated = category in _NEGATED
     base = _NEGATED.get(category, category)
-    table = _ASCII_CLASSES if flags & sre.SRE_FLAG_ASCII else _UNICODE_CLASSES
-    if base not in table:
+    if flags & sre.SRE_FLAG_ASCII:
+        ranges = _ASCII_CLASSES.get(base)
+    else:
+        ranges = unicode_classes.class_ranges(_UNICODE_CLASSES[base]) if base in _UNICODE_CLASSES else None
+    if ranges is None:
         raise ConstraintError(f"unknown character category {category}")
-    return _subtract(_ALL, table[base]) if negated else table[base]
+    return _subtract(_ALL, ranges) if negated else ranges
 
 
 # ---------------------------------------------------------------- code-point range sets
