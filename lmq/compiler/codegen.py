@@ -329,13 +329,15 @@ def _free_names(module: ast.Module, python: str) -> list[str]:
 
 def _unbound_names(table: symtable.SymbolTable) -> set[str]:
     """Names read in `table` or its inner scopes (comprehensions, lambdas, defs) that none
-    of them binds."""
+    of them binds (from Python 3.12 on, a comprehension at the top of an expression binds
+    its variable in the top scope itself: PEP 709)."""
     names: set[str] = set()
     stack = [table]
     while stack:
         scope = stack.pop()
         names.update(symbol.get_name() for symbol in scope.get_symbols()
-                     if symbol.is_global() and not symbol.is_declared_global() and symbol.is_referenced())
+                     if symbol.is_global() and not symbol.is_declared_global()
+                     and symbol.is_referenced() and not symbol.is_assigned())
         stack.extend(scope.get_children())
     return names
 
