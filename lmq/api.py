@@ -8,7 +8,7 @@ import sys
 import textwrap
 from typing import Any, Callable
 
-from lmq.compiler.codegen import compile_query
+from lmq.compiler.codegen import compile_query, raw_string_literal
 from lmq.errors import LmqError
 from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
 
@@ -37,10 +37,7 @@ def _raw_docstring(fn: Callable) -> str | None:
     if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
             and isinstance(first.value.value, str)):
         return None
-    literal = ast.get_source_segment(source, first.value) or ""
-    literal = literal.lstrip("rRuU")
-    quote = literal[:3] if literal[:3] in ('"""', "'''") else literal[:1]
-    return literal[len(quote):-len(quote)] if quote else None
+    return raw_string_literal(ast.get_source_segment(source, first.value) or "")
 
 
 def _docstring_query(fn: Callable) -> str:

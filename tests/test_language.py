@@ -460,6 +460,21 @@ def test_nested_query_without_return_is_a_macro(random_model):
     assert "Z" not in result.variables and "Z" not in result.tokens
 
 
+def test_a_query_defined_inside_a_query_string_reads_its_docstring_as_written(random_model):
+    """Its docstring has no source file to be read back from: `\\n` inside its prompt
+    string stays an escape (as in a .py file), not a line break that ends the string."""
+    source = ("import lmq\n"
+              "@lmq.query\n"
+              "def inner(q):\n"
+              "    \'\'\'lmq\n"
+              "    \"Q: {q}\\nA:[A]\" where A in [\"x\", \"y\"]\n"
+              "    return A + \"!\"\n"
+              "    \'\'\'\n"
+              "\"[V: inner(\'k\')]\"\n")
+    result = lmq.run_sync(source, model=random_model())
+    assert result.variables["V"] in ("x!", "y!")
+
+
 def test_nested_constraints_apply_only_inside_it(random_model):
     query = ('"[Y]" where len(TOKENS(Y)) == 4\n"[X: scored(n)]"\nreturn (Y, X)')
     for seed in range(5):

@@ -243,6 +243,7 @@ class _Generator:
             module = parse_python(python, "exec", self.query.filename)
         except SyntaxError as e:
             raise self._python_error(e) from None
+        _keep_query_docstrings_raw(module, python)
         generator = _program_yield(module)
         if generator is not None:
             raise self._python_error(SyntaxError(
@@ -309,6 +310,36 @@ def _program_yield(module: ast.Module) -> ast.AST | None:
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
             stack.extend(ast.iter_child_nodes(node))
     return None
+
+
+def raw_string_literal(segment: str) -> str | None:
+    """The characters between the quotes of a string literal's source, escapes
+    unprocessed."""
+    literal = segment.lstrip("rRuU")
+    quote = literal[:3] if literal[:3] in ('"""', "'''") else literal[:1]
+    return literal[len(quote):-len(quote)] if quote in ('"""', "'''", '"', "'") else None
+
+
+def _keep_query_docstrings_raw(module: ast.Module, python: str) -> None:
+    """A `@…query` function defined inside a query keeps its docstring as written: it has
+    no source file to read it back from, and its query's `"…\\n…"` must reach the query
+    parser as a backslash and an n, not as a line break inside a string."""
+    for node in ast.walk(module):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.body:
+            continue
+        first = node.body[0]
+        if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str) and any(map(_is_query_decorator, node.decorator_list))):
+            continue
+        raw = raw_string_literal(ast.get_source_segment(python, first.value) or "")
+        if raw is not None:
+            first.value.value = raw
+
+
+def _is_query_decorator(node: ast.expr) -> bool:
+    target = node.func if isinstance(node, ast.Call) else node
+    name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", None)
+    return name == "query"
 
 
 def _free_names(module: ast.Module, python: str) -> list[str]:
