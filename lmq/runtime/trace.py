@@ -178,6 +178,13 @@ class Tracer:
                   model_logprob=None, allowed=mask.count + (len(self._ends) if may_end else 0),
                   vocabulary=mask.size, forced=True, top=None, masked_top=None)
 
+    def remote(self, variable: str, token: int, logprob: float) -> None:
+        """A token an LMTP server chose or forced: the server says its id and its
+        log-probability under the mask (0 for a forced one), nothing of its row or mask."""
+        self.emit("token", variable=variable, id=token, text=self._text(token), logprob=logprob,
+                  model_logprob=None, allowed=None, vocabulary=len(self._table),
+                  forced=logprob == 0.0, top=None, masked_top=None)
+
     def _text(self, token: int) -> str:
         """A token's text: its bytes (a byte that is no whole UTF-8 character as `\\xNN`),
         or for a control token without bytes (end of text) its name in the vocabulary."""
