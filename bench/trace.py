@@ -10,6 +10,12 @@ file in a temporary folder (written and flushed per event, as `trace=PATH` alway
 the on ÷ off figure is the median of the per-repetition ratios. Times are whole calls
 (`lmq.run_sync`), after an untimed warm-up that caches the prompt.
 
+Per token: the tracer's own work for one chosen token (`Tracer.token`: the model's and the
+masked log-probabilities, the top tokens, one JSON line written and flushed), timed on
+rows of the model's vocabulary size without a mask, under a sparse mask (1% allowed) and
+under a dense one (90%), in µs. Divided by a decode's time it is the on ÷ off a faster
+engine would see (a GPU decodes SmolLM2 in about 1 ms).
+
 `--before REV` (a git revision, e.g. the commit before tracing) also measures the
 untraced cases with that revision's `lmq` (its files extracted with `git archive`): the
 two versions run in alternating subprocesses (`--reps` rounds of one timed run per case
@@ -31,10 +37,16 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import lmq
 from bench.constraints import resolve_model
 from bench.options import bench_arguments, model_options
 from bench.stats import median
+from lmq.backends import load_backend
+from lmq.runtime.hole import HolePlan
+from lmq.runtime.token_masks import TokenMask
+from lmq.runtime.trace import Tracer, TraceSink
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long story about a cat who lives in a small town by the sea.\n"
@@ -81,6 +93,35 @@ def tracing(arguments: argparse.Namespace) -> dict[str, Any]:
                    "median_off_s": median(t["off"]), "median_on_s": median(t["on"]),
                    "trace_events": events[name], "timings_s": t}
             for name, t in timings.items()}
+
+
+def per_token(arguments: argparse.Namespace, repeats: int = 300) -> dict[str, float]:
+    """Median µs of `Tracer.token` per mask kind, on rows of the model's vocabulary size."""
+    backend = load_backend(_model(arguments).model_id, **model_options(arguments))
+    size = backend.vocabulary.size
+    rng = np.random.default_rng(0)
+    flags = rng.random(size) < 0.9
+    masks = {"unmasked": None,
+             "sparse_1pct": TokenMask.of(np.arange(0, size, 100, dtype=np.int32), size),
+             "dense_90pct": TokenMask.of_flags(flags)}
+    end_list = np.fromiter(sorted(backend.vocabulary.end_ids), dtype=np.int64)
+    figures = {}
+    with tempfile.TemporaryDirectory() as folder:
+        sink = TraceSink(str(Path(folder) / "trace.jsonl"))
+        tracer = Tracer(sink)
+        tracer.hole(HolePlan("X"), None, backend)
+        for name, mask in masks.items():
+            allowed = mask.allowed if mask is not None else np.arange(size)
+            times = []
+            for _ in range(repeats):
+                row = rng.standard_normal(size).astype(np.float32) * 3
+                token = int(allowed[np.argmax(row[allowed])])
+                start = time.perf_counter()
+                tracer.token("X", row, mask, None, end_list, token, -1.0)
+                times.append(time.perf_counter() - start)
+            figures[name] = median(times) * 1e6
+        sink.close()
+    return figures
 
 
 def untraced_round(arguments: argparse.Namespace) -> dict[str, float]:
@@ -132,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     figures: dict[str, Any] = {"model": resolve_model(arguments.model), "tokens": arguments.tokens,
                                "reps": arguments.reps, "threads": arguments.threads,
+                               "tracer_token_us": per_token(arguments),
                                "tracing": tracing(arguments)}
     print(f"model {figures['model']}, {arguments.tokens} tokens per hole, {arguments.reps} reps, "
           f"{arguments.threads} threads (medians)")
+    print("  Tracer.token per token: " + ", ".join(f"{name} {us:.0f} µs"
+                                                   for name, us in figures["tracer_token_us"].items()))
     for name, case in figures["tracing"].items():
         print(f"  {name:22s} off {case['median_off_s']:7.3f} s  on {case['median_on_s']:7.3f} s  "
               f"on/off {case['on_over_off']:.3f}  (target <= 2; {case['trace_events']} events)")
