@@ -257,6 +257,11 @@ def test_trace_reaches_every_way_of_calling_a_query(model, tmp_path):
         fruit("red", model=model, trace=stream)
         fruit("green", model=model, trace=stream)
     assert [e["event"] for e in events_of(tmp_path / "f.jsonl")].count("query") == 2
+    generated = []
+    assert model.generate_sync("Fruit:", max_tokens=2, trace=generated.append)
+    assert [e["event"] for e in generated if e["event"] != "token"] == ["query", "text", "hole", "value",
+                                                                       "result"]
+    assert len([e for e in generated if e["event"] == "token"]) >= 1
 
 
 def lmq_cli(*args):
@@ -305,6 +310,10 @@ def test_cli_trace_errors(tmp_path):
     assert shown.returncode == 2 and "trace file not found" in shown.stderr
 
 
+def model_size():
+    return lmq.model(None).backend().vocabulary.size
+
+
 def test_lmtp_trace_has_what_the_server_says(tmp_path):
     server = ServerProcess(f"llama.cpp:{default_model_path()}", "--n_ctx", "1024", "--slots", "2")
     try:
@@ -326,3 +335,6 @@ def test_lmtp_trace_has_what_the_server_says(tmp_path):
     local = tokens_of(events_of(local_path))
     assert ids == [t["id"] for t in local]
     assert [t["forced"] for t in tokens] == [t["forced"] for t in local]
+    table = subprocess.run([sys.executable, "-m", "lmq.cli", "trace", "show", str(path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60).stdout
+    assert f"-/{model_size()}" in table and "-/-" not in table

@@ -24,7 +24,7 @@ import numpy as np
 
 from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, conjuncts
-from lmq.errors import LmqSyntaxError, QueryArgumentError
+from lmq.errors import ConstraintTooLarge, LmqSyntaxError, QueryArgumentError
 from lmq.runtime.decoders import _logsumexp, _step_mask
 from lmq.runtime.hole import HolePlan
 from lmq.runtime.result import LMQResult
@@ -32,6 +32,7 @@ from lmq.runtime.token_masks import TokenMask
 
 #: how many of the most likely tokens `top` and `masked_top` list
 TOP = 5
+
 
 class TraceSink:
     """Where one query call's events go: a file named by a path (created, written and
@@ -106,9 +107,7 @@ class Tracer:
         branch's latest step."""
         child = Tracer(self.sink, self.sink.new_branch())
         child.emit("branch", parent=self.branch, variable=self.variable, tokens=tokens)
-        child.muted = True
-        child.variable = self.variable      # (its replay counts its own nesting depth)
-        child._backend, child._table, child._ends = self._backend, self._table, self._ends
+        child.muted = True               # its replay sets its hole, table and nesting depth
         child._scores = self._scores
         return child
 
@@ -255,8 +254,12 @@ def _gbnf(plan: HolePlan) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _cached_gbnf(language, stops, grammar) -> str | None:
-    """A hole's GBNF (a hole in a loop is exported once)."""
-    return HolePlan("trace", stops=stops, language=language, grammar=grammar).gbnf()
+    """A hole's GBNF (a hole in a loop is exported once); None where the language is too
+    large to write as rules (the query itself runs on, as it does untraced)."""
+    try:
+        return HolePlan("trace", stops=stops, language=language, grammar=grammar).gbnf()
+    except ConstraintTooLarge:
+        return None
 
 
 def query_event(name: str, source: str, model_id: str | None, decoder: Any) -> dict[str, Any]:
