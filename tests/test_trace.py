@@ -338,3 +338,12 @@ def test_lmtp_trace_has_what_the_server_says(tmp_path):
     table = subprocess.run([sys.executable, "-m", "lmq.cli", "trace", "show", str(path)], cwd=ROOT,
                            capture_output=True, text=True, timeout=60).stdout
     assert f"-/{model_size()}" in table and "-/-" not in table
+
+
+def test_chat_text_carries_its_role(model, tmp_path):
+    path = tmp_path / "t.jsonl"
+    query = '"Be brief.{:user}Name a fruit.{:assistant}[X]" where X in [" apple", " pear"]'
+    result = lmq.run_sync(query, model=model, trace=str(path))
+    texts = [(e.get("role"), e["text"]) for e in events_of(path) if e["event"] == "text"]
+    assert texts == [(None, "Be brief."), ("user", "Name a fruit.")]
+    assert result.variables["X"] in (" apple", " pear")

@@ -113,7 +113,7 @@ class LmtpBackend(GgufBackend):
             token = element.get("token")
             hole = element.get("hole")
             if decoder.tracer is not None and token is not None:
-                decoder.tracer.remote(plan.name, token, element["logprob"])
+                decoder.tracer.remote(plan.name, token, element.get("logprob"))
             if hole is None:
                 tokens.append(token)
                 if on_text:

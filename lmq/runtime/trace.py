@@ -177,7 +177,7 @@ class Tracer:
                   model_logprob=None, allowed=mask.count + (len(self._ends) if may_end else 0),
                   vocabulary=mask.size, forced=True, top=None, masked_top=None)
 
-    def remote(self, variable: str, token: int, logprob: float) -> None:
+    def remote(self, variable: str, token: int, logprob: float | None) -> None:
         """A token an LMTP server chose or forced: the server says its id and its
         log-probability under the mask (0 for a forced one), nothing of its row or mask."""
         self.emit("token", variable=variable, id=token, text=self._text(token), logprob=logprob,
