@@ -4,6 +4,10 @@ untraced time now ÷ before tracing existed (target: 1, nothing measurable).
     python -m bench.trace [--model smollm2|gemma3|PATH] [--reps 5] [--tokens 32]
                           [--threads N] [--n-gpu-layers N] [--before REV] [--json OUT] [--smoke]
 
+With `--cpu-time` calls are timed by the process's CPU time instead of wall time: with
+`--threads 1` (llama.cpp then has no worker threads that spin) that is the work of the
+call itself, steady where other processes load the machine.
+
 Cases: a dense regex hole and an unconstrained hole under argmax, and `sample(n=4)` of the
 regex hole, each `--tokens` long. Per repetition each case runs untraced, then traced to a
 file in a temporary folder (written and flushed per event, as `trace=PATH` always is);
@@ -51,6 +55,8 @@ from lmq.runtime.trace import Tracer, TraceSink
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a long story about a cat who lives in a small town by the sea.\n"
 REGEX = r"[a-z ,.]+"
+#: time calls by CPU time (set by `--cpu-time`)
+CPU_CLOCK = False
 
 
 def _cases(tokens: int) -> dict[str, tuple[str, str]]:
@@ -62,9 +68,12 @@ def _cases(tokens: int) -> dict[str, tuple[str, str]]:
 
 
 def _time(query: str, decoder: str, model: lmq.Model, **trace: Any) -> float:
-    start = time.perf_counter()
+    """The call's time: the process's CPU time (`--threads 1`: llama.cpp's work and
+    lmq's, not the time other processes of a shared machine take), else wall time."""
+    clock = time.process_time if CPU_CLOCK else time.perf_counter
+    start = clock()
     lmq.run_sync(query, prompt=PROMPT, model=model, decoder=decoder, **trace)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _model(arguments: argparse.Namespace) -> lmq.Model:
@@ -144,7 +153,7 @@ def before_and_now(arguments: argparse.Namespace) -> dict[str, Any]:
         paths = {"before": f"{folder}{os.pathsep}{ROOT}", "now": str(ROOT)}
         worker = [sys.executable, "-m", "bench.trace", "--untraced-round", "--model", arguments.model,
                   "--tokens", str(arguments.tokens), "--threads", str(arguments.threads),
-                  "--n-gpu-layers", str(arguments.n_gpu_layers)]
+                  "--n-gpu-layers", str(arguments.n_gpu_layers)] + ["--cpu-time"] * arguments.cpu_time
         for number in range(arguments.reps):
             for version in ("before", "now"):
                 done = subprocess.run(worker, cwd=ROOT, capture_output=True, text=True, check=True,
@@ -162,21 +171,27 @@ def before_and_now(arguments: argparse.Namespace) -> dict[str, Any]:
 def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--before", metavar="REV",
                         help="also compare untraced time with this git revision's lmq")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time calls by the process's CPU time, not wall time (with --threads 1: "
+                             "steady figures on a machine other processes load)")
     parser.add_argument("--untraced-round", action="store_true", help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = bench_arguments("python -m bench.trace", __doc__.split("\n")[0], argv,
                                 tokens=(32, 4), extra=_extra)
+    global CPU_CLOCK
+    CPU_CLOCK = arguments.cpu_time
     if arguments.untraced_round:
         print(json.dumps(untraced_round(arguments)))
         return 0
     figures: dict[str, Any] = {"model": resolve_model(arguments.model), "tokens": arguments.tokens,
                                "reps": arguments.reps, "threads": arguments.threads,
+                               "clock": "cpu" if arguments.cpu_time else "wall",
                                "tracer_token_us": per_token(arguments),
                                "tracing": tracing(arguments)}
     print(f"model {figures['model']}, {arguments.tokens} tokens per hole, {arguments.reps} reps, "
-          f"{arguments.threads} threads (medians)")
+          f"{arguments.threads} threads, {figures['clock']} time (medians)")
     print("  Tracer.token per token: " + ", ".join(f"{name} {us:.0f} µs"
                                                    for name, us in figures["tracer_token_us"].items()))
     for name, case in figures["tracing"].items():
