@@ -52,7 +52,8 @@ def test_trace_smoke_run_produces_the_tracing_figures(tmp_path):
     figures = json.loads(out.read_text())
     cases = ("argmax_regex", "argmax_unconstrained", "sample4_regex")
     for case in cases:
-        assert math.isfinite(figures["tracing"][case]["on_over_off"]) and figures["tracing"][case]["on_over_off"] > 0
+        ratio = figures["tracing"][case]["on_over_off"]
+        assert math.isfinite(ratio) and ratio > 0
         assert figures["tracing"][case]["trace_events"] > 4         # query, text, hole, tokens, …
         assert math.isfinite(figures["before"]["now_over_before"][case])
     assert set(figures["tracer_token_us"]) == {"unmasked", "sparse_1pct", "dense_90pct"}

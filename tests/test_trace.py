@@ -317,7 +317,8 @@ def model_size():
 def test_lmtp_trace_has_what_the_server_says(tmp_path):
     server = ServerProcess(f"llama.cpp:{default_model_path()}", "--n_ctx", "1024", "--slots", "2")
     try:
-        remote = lmq.model(f"llama.cpp:{default_model_path()}", endpoint=server.url.removeprefix("ws://").rstrip("/"))
+        endpoint = server.url.removeprefix("ws://").rstrip("/")
+        remote = lmq.model(f"llama.cpp:{default_model_path()}", endpoint=endpoint)
         path = tmp_path / "t.jsonl"
         result = lmq.run_sync(CHOICE, model=remote, trace=str(path))
     finally:
