@@ -74,13 +74,12 @@ def _token_row(event: dict[str, Any], branch: int, position: int, top: int) -> s
 
 
 def _line(kind: str, event: dict[str, Any], branch: int) -> str:
+    depth = event.get("depth", 0)
     if kind == "query":
-        indent = "  " * event.get("depth", 0)
-        what = f"{indent}query {event.get('name')}"
-        if event.get("depth", 0) == 0:
-            settings = ", ".join(f"{k}={v!r}" for k, v in (event.get("settings") or {}).items())
-            what += f" on {event.get('model')}, decoder {event.get('decoder')}({settings})"
-        return what
+        if depth:
+            return f"[{branch}] {'  ' * depth}query {event.get('name')}"
+        settings = ", ".join(f"{k}={v!r}" for k, v in (event.get("settings") or {}).items())
+        return f"query {event.get('name')} on {event.get('model')}, decoder {event.get('decoder')}({settings})"
     if kind == "text":
         role = f" ({event['role']})" if event.get("role") else ""
         return f"[{branch}] text{role} {event.get('text')!r}"
@@ -102,9 +101,9 @@ def _line(kind: str, event: dict[str, Any], branch: int) -> str:
                                           for r in event["results"])
         if "variables" in event:
             return f"result: logprob {event.get('logprob', 0):.4f} {event.get('variables')!r}"
-        indent = "  " * event.get("depth", 0)
-        label = "returned" if event.get("depth", 0) else "result: returned"
-        return f"{indent}{label} {event.get('return')!r}"
+        if depth:
+            return f"[{branch}] {'  ' * depth}returned {event.get('return')!r}"
+        return f"result: returned {event.get('return')!r}"
     if kind == "error":
         where = f" (line {event['line']})" if "line" in event else ""
         return f"error{where}: {event.get('type')}: {event.get('message')}"
