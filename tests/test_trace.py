@@ -348,3 +348,14 @@ def test_chat_text_carries_its_role(model, tmp_path):
     texts = [(e.get("role"), e["text"]) for e in events_of(path) if e["event"] == "text"]
     assert texts == [(None, "Be brief."), ("user", "Name a fruit.")]
     assert result.variables["X"] in (" apple", " pear")
+
+
+def test_distribution_value_is_traced(model, tmp_path):
+    path = tmp_path / "t.jsonl"
+    query = 'argmax "Q: Is the sky blue?\\nA:[ANSWER]" distribution ANSWER in [" yes", " no"]'
+    result = lmq.run_sync(query, model=model, trace=str(path))
+    events = events_of(path)
+    assert [e for e in events if e["event"] == "value"] == [
+        {"event": "value", "branch": 0, "variable": "ANSWER", "value": result.variables["ANSWER"],
+         "finish": "distribution"}]
+    assert not [e for e in events if e["event"] in ("hole", "token")]      # scored, not generated
