@@ -41,3 +41,21 @@ def test_branching_smoke_run_produces_the_branching_figures(tmp_path):
                 "concurrent_over_sequential_async"):
         assert math.isfinite(figures[key]) and figures[key] > 0
     assert "sample(n=8) / raw 8-sequence batch" in report
+
+
+def test_trace_smoke_run_produces_the_tracing_figures(tmp_path):
+    out = tmp_path / "figures.json"
+    process = subprocess.run([sys.executable, "-m", "bench.trace", "--smoke", "--threads", "1",
+                              "--before", "HEAD", "--json", str(out)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    cases = ("argmax_regex", "argmax_unconstrained", "sample4_regex")
+    for case in cases:
+        ratio = figures["tracing"][case]["on_over_off"]
+        assert math.isfinite(ratio) and ratio > 0
+        assert figures["tracing"][case]["trace_events"] > 4         # query, text, hole, tokens, …
+        assert math.isfinite(figures["before"]["now_over_before"][case])
+    assert set(figures["tracer_token_us"]) == {"unmasked", "sparse_1pct", "dense_90pct"}
+    assert all(us > 0 for us in figures["tracer_token_us"].values())
+    assert "on/off" in process.stdout and "untraced now/before (HEAD)" in process.stdout
