@@ -108,6 +108,8 @@ class SearchDecoder(Decoder):
         child.replayed = deque(self.record)
         child.forced = deque(self.choices + [choice])
         child.text_logprob = self.text_logprob
+        if self.tracer is not None:
+            child.tracer = self.tracer.split(len(self.choices))
         return child
 
     async def decode(self, lane: Lane, context: list[int], *args: Any, **kwargs: Any) -> HoleOutput:
@@ -152,11 +154,15 @@ class SearchDecoder(Decoder):
             choice = self.forced.popleft()
             if not self.forced:
                 self.lane.replaying = False
+                if self.tracer is not None:
+                    self.tracer.muted = False
             self.choices.append(choice)
             return choice
         token, logprob = self._choose(row, mask, hidden, end_list)
         if token < 0:
             return token, logprob
+        if self.tracer is not None:
+            self.tracer.capture(row, mask, hidden, end_list)
         choice = await self.search.decide(self, self._candidates)
         self.choices.append(choice)
         return choice
@@ -228,7 +234,8 @@ class BeamSearch:
         try:
             returned = await execute(self.program, self.namespace, self.bound, session)
         except _Pruned:
-            pass
+            if branch.tracer is not None:
+                branch.tracer.pruned()
         except asyncio.CancelledError:
             raise
         except BaseException as error:

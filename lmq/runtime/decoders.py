@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from lmq.runtime.hole import HolePlan
 from lmq.runtime.sampling import SamplingSettings
 from lmq.runtime.scheduler import DirectLane, Lane, run_ready
 from lmq.runtime.token_masks import TokenMask
+
+if TYPE_CHECKING:
+    from lmq.runtime.trace import Tracer
 
 #: arguments every decoder accepts (llama.cpp sampling knobs under their llama.cpp names)
 COMMON_ARGUMENTS = frozenset({"max_len", "seed", "n", "temperature", "top_k", "top_p", "min_p",
@@ -49,6 +52,7 @@ class Decoder:
     name = "argmax"
     arguments = COMMON_ARGUMENTS
     distribution_norm = "sum"        # how a `distribution` clause aggregates token scores
+    tracer: "Tracer | None" = None   # runtime/trace.py: set while the call is traced
 
     def __init__(self, **settings: Any):
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
@@ -80,6 +84,8 @@ class Decoder:
         """This decoder for branch `index` of a run with several results (own state)."""
         child = copy.copy(self)
         child._buffer = child._spare_row = None
+        if self.tracer is not None:
+            child.tracer = self.tracer.for_branch(index)
         return child
 
     def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
@@ -122,6 +128,7 @@ class Decoder:
         tokens: list[int] = []
         value = bytearray()
         logprob = 0.0
+        tracer = self.tracer
         if plan.max_tokens == 0:
             return HoleOutput(tokens, b"", "length", 0.0)
         pending = lane.logits(context)
@@ -135,6 +142,8 @@ class Decoder:
                     await pending                  # one request per lane at a time
                     start = len(value)
                     for token in forced:
+                        if tracer is not None:
+                            tracer.forced(automaton, state, plan, len(tokens), token)
                         state = automaton.advance(state, token)
                         tokens.append(token)
                         value += table[token]
@@ -157,6 +166,9 @@ class Decoder:
                 raise UnsatisfiableConstraint(f"no token can continue {plan.name} after "
                                               f"{bytes(value)!r}" + (" within its token budget"
                                                                      if plan.counts_tokens else ""))
+            if tracer is not None:
+                score = _value(score)
+                tracer.token(plan.name, row, mask, None if may_end else end_list, end_list, token, score)
             if token in ends:
                 return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
             tokens.append(token)

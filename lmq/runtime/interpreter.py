@@ -54,6 +54,9 @@ class Session:
         self.prompt.append_text(text)
         if self.on_text and text:
             self.on_text(text)
+        if self.decoder.tracer is not None and text:
+            messages = self.prompt.messages
+            self.decoder.tracer.text(text, messages[-1][0] if messages else None)
 
     def result(self) -> LMQResult:
         return LMQResult(prompt=self.prompt.final_text(), variables=dict(self.variables),
@@ -97,12 +100,14 @@ class QueryContext:
         supplied, value = decorators.supplied_value(context) if decorators.pre else (False, None)
         if supplied:
             session.write(str(value))
+            finish = "supplied"
         elif self._is_distribution(spec):
             value = await fill_distribution(session, spec.name, self.program.distribution, scope)
+            finish = "distribution"
         elif spec.annotation is not None:
-            value = await self._annotated(spec, scope, decorators, context)
+            value, finish = await self._annotated(spec, scope, decorators, context)
         else:
-            value = await self._generate(spec, spec.where, scope, decorators, context)
+            value, finish = await self._generate(spec, spec.where, scope, decorators, context)
         if mark is not None:
             shown = session.prompt.text[mark.text:]
             value, replacement = decorators.post_process(value, shown, context)
@@ -110,6 +115,8 @@ class QueryContext:
                 session.prompt.truncate(mark)
                 session.prompt.append_text(replacement)
         session.variables[spec.name] = value
+        if session.decoder.tracer is not None:
+            session.decoder.tracer.value(spec.name, value, finish)
         return value
 
     def _is_distribution(self, spec: HoleSpec) -> bool:
@@ -117,9 +124,12 @@ class QueryContext:
         return distribution is not None and spec.name in distribution.variables
 
     async def _generate(self, spec: HoleSpec, where: Constraint | None, scope: dict[str, Any],
-                        decorators: HoleDecorators, context: DecoratorContext | None) -> Any:
+                        decorators: HoleDecorators, context: DecoratorContext | None) -> tuple[Any, str]:
+        """The hole's value and how its generation finished ("end", "stop", "length")."""
         session = self.session
         plan = plan_hole(spec.name, where, scope, session.backend.vocabulary)
+        if session.decoder.tracer is not None:
+            session.decoder.tracer.hole(plan, where, session.backend.vocabulary)
         prompt = session.prompt
         on_text = None
         if session.on_text or decorators.streaming:
@@ -154,13 +164,13 @@ class QueryContext:
         session.tokens[spec.name] = output.tokens
         session.logprob += output.logprob
         _check(spec, plan, output, value)
-        return plan.convert(value) if plan.convert is not None else value
+        return (plan.convert(value) if plan.convert is not None else value), output.finish
 
     async def _annotated(self, spec: HoleSpec, scope: dict[str, Any], decorators: HoleDecorators,
-                         context: DecoratorContext | None) -> Any:
+                         context: DecoratorContext | None) -> tuple[Any, str]:
         target, args, kwargs = _call_parts(spec.annotation, scope)
         if getattr(target, "is_lmq_query", False):
-            return await self._nested(target, args, kwargs)
+            return await self._nested(target, args, kwargs), "query"
         return await self._generate(spec, annotated_where(spec, target), {**scope, ANNOTATION: target},
                                     decorators, context)
 
@@ -170,12 +180,17 @@ class QueryContext:
         mark = prompt.mark()
         namespace, bound = query.bind(args, kwargs)
         context = QueryContext(self.session, query.program, namespace)
+        tracer = self.session.decoder.tracer
+        if tracer is not None:
+            tracer.nested(query.__name__, query.program.source)
         outer = self.session.variables, self.session.tokens
         self.session.variables, self.session.tokens = {}, {}   # its holes are not the caller's
         try:
             returned = await query.program.function(dict(namespace))(context, *bound)
         finally:
             self.session.variables, self.session.tokens = outer
+        if tracer is not None:
+            tracer.nested_result(returned)
         if returned is None:
             return prompt.text[mark.text:]
         prompt.truncate(mark)

@@ -14,7 +14,7 @@ import builtins
 import inspect
 from typing import Any, Callable
 
-from lmq.backends import load_backend
+from lmq.backends import load_backend, resolve_model_id
 from lmq.backends.base import Backend
 from lmq.compiler.codegen import PromptProgram, compile_query
 from lmq.compiler.nesting import parse_python
@@ -24,6 +24,7 @@ from lmq.runtime.decoders import make_decoder
 from lmq.runtime.hole import check_satisfiable
 from lmq.runtime.interpreter import Session, execute
 from lmq.runtime.scoring import ScoreResult, check_aggregation, score
+from lmq.runtime.trace import Tracer, TraceSink, error_event, query_event, result_event
 
 _CONTINUATION = '"{prompt}[CONTINUATION]" where len(TOKENS(CONTINUATION)) <= max_tokens'
 
@@ -102,9 +103,28 @@ class QueryFunction:
         return run_sync_coroutine(self.run(*args, **kwargs))
 
     async def run(self, *args: Any, on_text: Callable[[str], None] | None = None, **kwargs: Any) -> Any:
-        """Run the query (the coroutine behind every way of calling it)."""
+        """Run the query (the coroutine behind every way of calling it); `trace=` writes
+        its trace (runtime/trace.py)."""
         params = set(self.signature.parameters) if self.signature else set(self.program.free_names)
         options = {**self.options, **{k: v for k, v in kwargs.items() if k not in params}}
+        trace = options.pop("trace", None)
+        if trace is None:
+            return await self._run(args, kwargs, params, options, on_text, None)
+        sink = TraceSink(trace)
+        try:
+            returned = await self._run(args, kwargs, params, options, on_text, sink)
+        except BaseException as error:
+            sink.emit(error_event(error, self.program.filename))
+            raise
+        else:
+            sink.emit(result_event(returned))
+            return returned
+        finally:
+            sink.close()
+
+    async def _run(self, args: tuple, kwargs: dict[str, Any], params: set[str],
+                   options: dict[str, Any], on_text: Callable[[str], None] | None,
+                   sink: TraceSink | None) -> Any:
         namespace, bound = self.bind(args, {k: v for k, v in kwargs.items() if k in params})
         model = options.pop("model", None)
         name, settings = self._decoder(options, namespace)
@@ -115,7 +135,12 @@ class QueryFunction:
         if self.program.holes:           # a query without holes never touches a model
             if model is None and self.program.model is not None:
                 model = self.program.model.evaluate(namespace)
-            backend = as_model(model).backend()
+            model = as_model(model)
+            backend = model.backend()
+        if sink is not None:
+            decoder.tracer = Tracer(sink)
+            model_id = resolve_model_id(model.model_id) if backend is not None else None
+            sink.emit(query_event(self.__name__, self.program.source, model_id, decoder))
         if is_branching(decoder):
             return await run_branches(decoder, self.program, namespace, bound, backend)
         session = Session(backend, decoder, on_text)
