@@ -20,6 +20,7 @@ from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
 from lmq.runtime.hole import runtime_values, static_plan
 from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
+from lmq.playground.command import add_parser as add_playground_parser, run_playground
 from lmq.serve.command import add_parser as add_serve_parser, serve_model
 
 
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("file")
     compile_.add_argument("--gbnf", action="store_true", help="print per-hole GBNF grammars")
     add_serve_parser(commands)
+    add_playground_parser(commands)
     return parser
 
 
@@ -213,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.command == "serve-model":
             return serve_model(options, extra)
-        return {"run": _run, "compile": _compile}[options.command](options)
+        return {"run": _run, "compile": _compile, "playground": run_playground}[options.command](options)
     except _UsageError as e:
         print(f"lmq: {e}", file=sys.stderr)
         return 2
