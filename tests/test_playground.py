@@ -4,12 +4,15 @@ prompt and values streaming in, a value's token trace opens, a syntax error and 
 error are marked at their line, and Stop interrupts a long run. Screenshots go to
 $LMQ_TEST_ARTIFACTS (default: pytest's temporary directory)."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -179,3 +182,29 @@ def test_stop_interrupts_a_long_run(browser, playground):
     assert status.startswith("stopped"), status
     assert browser.execute("return document.querySelector('#prompt .stopped-note') !== null")
     assert browser.execute("return document.querySelectorAll('#prompt .tok').length") < 2999
+
+
+def test_server_answers_only_its_own_page(playground):
+    """Running a query runs Python: requests another site could make are refused."""
+    def status(path, method="GET", headers=(), body=None):
+        request = urllib.request.Request(playground + path.lstrip("/"), data=body, method=method,
+                                         headers=dict(headers))
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    query = json.dumps({"source": '"x = {1/0}"'}).encode()
+    assert status("/") == 200 and status("/static/vendor/onig.wasm") == 200
+    assert status("/", headers=[("Host", "attacker.example:80")]) == 403           # DNS rebinding
+    assert status("/api/run", "POST", [("Content-Type", "application/json"),
+                                        ("Origin", "http://attacker.example")], query) == 403
+    assert status("/api/run", "POST", [("Content-Type", "text/plain")], query) == 415   # a form post
+    assert status("/static/../runs.py") == 404 and status("/static/%2e%2e/runs.py") == 404
+
+
+def test_port_out_of_range_is_a_usage_error():
+    done = subprocess.run([sys.executable, "-m", "lmq.cli", "playground", "--port", "70000"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--port must be from 0 to 65535" in done.stderr

@@ -164,3 +164,17 @@ def test_manifest():
         assert (EXTENSION / grammar["path"]).is_file()
     injection, = [g for g in manifest["contributes"]["grammars"] if "injectTo" in g]
     assert injection["injectTo"] == ["source.python"]
+
+
+def test_playground_copies_are_current():
+    """The playground highlights with copies of these grammars and of the engine
+    (scripts/vendor-playground.js makes them): they must equal their sources."""
+    _node_modules()
+    done = subprocess.run(["node", "-e", "process.stdout.write(JSON.stringify("
+                           "require('./scripts/vendor-playground.js').copies))"],
+                          cwd=EXTENSION, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    static = ROOT / "lmq" / "playground" / "static"
+    for target, source in json.loads(done.stdout).items():
+        assert (static / target).read_bytes() == Path(source).read_bytes(), \
+            f"lmq/playground/static/{target} is stale: run `npm run vendor-playground` in editors/vscode"
