@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import linecache
 import queue
 import re
 import secrets
@@ -25,8 +26,8 @@ from lmq.runtime.hole import static_plan
 from lmq.runtime.query import QueryFunction, run_sync_coroutine
 from lmq.runtime.trace import error_event
 
-#: the file name errors and tracebacks give a playground query
-QUERY_FILE = "query.lmq"
+#: the file name errors and tracebacks give a playground query (no file on disk has it)
+QUERY_FILE = "<playground>"
 _HOLE_HEADER = re.compile(r"# hole (\d+): ")
 
 
@@ -108,6 +109,9 @@ class QueryRun:
         self._events.put(json.loads(json.dumps(event, ensure_ascii=False, default=str)))
 
     def _work(self) -> None:
+        # the source as the query's "file": tracebacks show its lines, and an @lmq.query
+        # function defined in it reads its docstring as written (escapes unprocessed)
+        linecache.cache[QUERY_FILE] = (len(self._source), None, self._source.splitlines(True), QUERY_FILE)
         try:
             program = compile_query(self._source, QUERY_FILE)
             query = QueryFunction(program, {}, name=QUERY_FILE)
