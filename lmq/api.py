@@ -8,9 +8,20 @@ import sys
 import textwrap
 from typing import Any, Callable
 
-from lmq.compiler.codegen import compile_query
+from lmq.compiler.codegen import PromptProgram, compile_query
 from lmq.errors import LmqError
 from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
+from lmq.runtime.trace import trace_failure
+
+
+def _compile(source: str, trace: Any, filename: str = "<query>") -> PromptProgram:
+    """`compile_query`; a query that does not compile is an error event in its trace too."""
+    try:
+        return compile_query(source, filename)
+    except LmqError as error:
+        if trace is not None:
+            trace_failure(trace, error)
+        raise
 
 
 def model(model_id: str | None = None, **kwargs: Any) -> Model:
@@ -59,11 +70,13 @@ def query(fn: Callable | str | None = None, **options: Any):
     a sync or async function whose docstring is the query, or `lmq.query(text)`."""
     def wrap(target: Callable | str, depth: int) -> QueryFunction:
         if isinstance(target, str):
-            return QueryFunction(compile_query(target), _caller_scope(depth + 1), options=options)
+            return QueryFunction(_compile(target, options.get("trace")), _caller_scope(depth + 1),
+                                 options=options)
         closure = inspect.getclosurevars(target)
         scope = {**target.__globals__, **_caller_scope(depth + 1), **closure.nonlocals}
         filename = inspect.getsourcefile(target) or "<query>"
-        return QueryFunction(compile_query(_docstring_query(target), f"{filename}:{target.__name__}"),
+        return QueryFunction(_compile(_docstring_query(target), options.get("trace"),
+                                      f"{filename}:{target.__name__}"),
                              scope, signature=inspect.signature(target),
                              is_async=inspect.iscoroutinefunction(target), name=target.__name__,
                              options=options)
@@ -75,12 +88,13 @@ def query(fn: Callable | str | None = None, **options: Any):
 
 async def run(query_text: str, *args: Any, **kwargs: Any) -> Any:
     """Compile (cached) and run a query string."""
-    return await QueryFunction(compile_query(query_text), _caller_scope(1)).run(*args, **kwargs)
+    program = _compile(query_text, kwargs.get("trace"))
+    return await QueryFunction(program, _caller_scope(1)).run(*args, **kwargs)
 
 
 def run_sync(query_text: str, *args: Any, **kwargs: Any) -> Any:
     """`run` to completion; an error inside a running event loop (await `run` there)."""
-    function = QueryFunction(compile_query(query_text), _caller_scope(1))
+    function = QueryFunction(_compile(query_text, kwargs.get("trace")), _caller_scope(1))
     return run_sync_coroutine(function.run(*args, **kwargs))
 
 
@@ -92,7 +106,7 @@ class F:
         if '"""' in template or template.endswith("\\"):
             raise LmqError('an lmq.F template cannot contain """ or end with a backslash')
         source = f'r"""{template}"""' + (f" where {constraints}" if constraints else "")
-        self._query = QueryFunction(compile_query(source), _caller_scope(1), options=options,
+        self._query = QueryFunction(_compile(source, options.get("trace")), _caller_scope(1), options=options,
                                     name="F")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

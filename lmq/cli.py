@@ -1,4 +1,4 @@
-"""The `lmq` command: `lmq run FILE.lmq` and `lmq compile FILE.lmq`.
+"""The `lmq` command: `lmq run FILE.lmq`, `lmq compile FILE.lmq`, `lmq trace show FILE`.
 
 Exit codes: 0 success, 1 query error (syntax, constraint, context, model, an exception
 of the query's own code), 2 usage error. User errors print a message, never a traceback.
@@ -17,11 +17,13 @@ from typing import Any, Sequence
 from lmq.compiler.codegen import compile_query
 from lmq.compiler.nesting import literal_or_text
 from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
+from lmq.playground.command import add_parser as add_playground_parser, run_playground
 from lmq.runtime.hole import runtime_values, static_plan
 from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
-from lmq.playground.command import add_parser as add_playground_parser, run_playground
+from lmq.runtime.trace import trace_failure
 from lmq.serve.command import add_parser as add_serve_parser, serve_model
+from lmq.trace_table import TraceFileError, read_trace, render
 
 
 class _UsageError(Exception):
@@ -42,9 +44,18 @@ def _parser() -> argparse.ArgumentParser:
                           "for --arg)")
     run.add_argument("--decoder", help="decoder, e.g. 'argmax(max_len=256)'")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--trace", metavar="OUT.jsonl",
+                     help="write the run's trace: one JSON event per line, as it runs (see "
+                          "'lmq trace show')")
     compile_ = commands.add_parser("compile", help="show the compiled program of a .lmq file")
     compile_.add_argument("file")
     compile_.add_argument("--gbnf", action="store_true", help="print per-hole GBNF grammars")
+    trace = commands.add_parser("trace", help="read a trace written by 'lmq run --trace'")
+    trace_commands = trace.add_subparsers(dest="trace_command", required=True)
+    show = trace_commands.add_parser("show", help="print a trace as a per-token table")
+    show.add_argument("file")
+    show.add_argument("--top", type=int, default=3, metavar="K",
+                      help="alternatives shown before and after the mask (default 3)")
     add_serve_parser(commands)
     add_playground_parser(commands)
     return parser
@@ -102,9 +113,16 @@ def _arguments(pairs: list[str], flag: str = "--arg") -> dict[str, Any]:
 
 
 def _run(options: argparse.Namespace) -> int:
-    program = compile_query(_read(options.file), options.file)
+    try:
+        program = compile_query(_read(options.file), options.file)
+    except LmqError as error:
+        if options.trace:
+            trace_failure(options.trace, error)
+        raise
     query = QueryFunction(program, {}, name=options.file)
     kwargs = _arguments(options.arg)
+    if options.trace:
+        kwargs["trace"] = options.trace
     for key, value in (("model", options.model), ("decoder", options.decoder)):
         if value:
             kwargs[key] = value
@@ -207,6 +225,24 @@ def _print_grammars(program) -> None:
         print((plan.gbnf() or 'root ::= [^\\x00]*').rstrip("\n") + "\n")
 
 
+def _trace(options: argparse.Namespace) -> int:
+    if options.top < 0:
+        raise _UsageError(f"--top must be >= 0, not {options.top}")
+    try:
+        with open(options.file, encoding="utf-8") as f:
+            for line in render(read_trace(f, options.file), options.top):
+                print(line)
+    except FileNotFoundError:
+        raise _UsageError(f"trace file not found: {options.file}") from None
+    except UnicodeDecodeError as e:
+        raise TraceFileError(f"{options.file}: not UTF-8 text ({e.reason})") from None
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise _UsageError(f"cannot read {options.file}: {e.strerror}") from None
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     options, extra = parser.parse_known_args(argv)
@@ -215,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.command == "serve-model":
             return serve_model(options, extra)
-        return {"run": _run, "compile": _compile, "playground": run_playground}[options.command](options)
+        return {"run": _run, "compile": _compile, "trace": _trace,
+                "playground": run_playground}[options.command](options)
     except _UsageError as e:
         print(f"lmq: {e}", file=sys.stderr)
         return 2

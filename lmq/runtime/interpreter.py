@@ -129,7 +129,7 @@ class QueryContext:
         session = self.session
         plan = plan_hole(spec.name, where, scope, session.backend.vocabulary)
         if session.decoder.tracer is not None:
-            session.decoder.tracer.hole(plan, where, session.backend.vocabulary)
+            session.decoder.tracer.hole(plan, where, session.backend)
         prompt = session.prompt
         on_text = None
         if session.on_text or decorators.streaming:

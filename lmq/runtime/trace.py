@@ -22,7 +22,7 @@ from typing import IO, Any, Callable
 
 import numpy as np
 
-from lmq.backends.base import Vocabulary
+from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, conjuncts
 from lmq.errors import LmqSyntaxError, QueryArgumentError
 from lmq.runtime.decoders import _logsumexp, _step_mask
@@ -85,7 +85,8 @@ class Tracer:
         self.muted = False
         self.depth = 0                   # nesting of `[X: query(...)]` calls
         self.variable: str | None = None    # the hole in progress
-        self._table: list[bytes] = []
+        self._backend: Backend | None = None
+        self._table: tuple[bytes, ...] = ()
         self._ends: frozenset[int] = frozenset()
         self._scores: _StepScores | None = None
 
@@ -107,7 +108,8 @@ class Tracer:
         child.emit("branch", parent=self.branch, variable=self.variable, tokens=tokens)
         child.muted = True
         child.variable = self.variable      # (its replay counts its own nesting depth)
-        child._table, child._ends, child._scores = self._table, self._ends, self._scores
+        child._backend, child._table, child._ends = self._backend, self._table, self._ends
+        child._scores = self._scores
         return child
 
     def pruned(self) -> None:
@@ -126,11 +128,12 @@ class Tracer:
         self.emit("query", name=name, source=source, depth=self.depth)
 
     def nested_result(self, returned: Any) -> None:
-        self.emit("result", depth=self.depth, value=returned)
+        self.emit("result", depth=self.depth, **{"return": returned})
         self.depth -= 1
 
-    def hole(self, plan: HolePlan, where: Constraint | None, vocabulary: Vocabulary) -> None:
-        self._table, self._ends = vocabulary.token_bytes, vocabulary.end_ids
+    def hole(self, plan: HolePlan, where: Constraint | None, backend: Backend) -> None:
+        self._backend = backend
+        self._table, self._ends = backend.vocabulary.token_bytes, backend.vocabulary.end_ids
         self.variable = plan.name
         constraint = " and ".join(item.source for item in conjuncts(where)
                                   if plan.name in item.variables)
@@ -176,7 +179,12 @@ class Tracer:
                   vocabulary=mask.size, forced=True, top=None, masked_top=None)
 
     def _text(self, token: int) -> str:
-        return self._table[token].decode("utf-8", "backslashreplace")
+        """A token's text: its bytes (a byte that is no whole UTF-8 character as `\\xNN`),
+        or for a control token without bytes (end of text) its name in the vocabulary."""
+        data = self._table[token]
+        if not data:
+            return self._backend.token_text(token)
+        return data.decode("utf-8", "backslashreplace")
 
     def _listed(self, pairs: list[tuple[int, float]]) -> list[list[Any]]:
         return [[token, self._text(token), logprob] for token, logprob in pairs]
