@@ -152,6 +152,19 @@ def test_typed_query_runs_streams_and_opens_token_trace(browser, playground, art
     assert (artifacts / "playground.png").stat().st_size > 10_000
 
 
+def test_nested_query_example(browser, playground):
+    """examples/nested.lmq: each nested query's prompt is shown replaced by its value."""
+    open_page(browser, playground)
+    browser.execute("const s = document.getElementById('examples'); s.value = 'nested.lmq';"
+                    "s.dispatchEvent(new Event('change'))")
+    status = run_and_wait(browser)
+    assert status.startswith("done"), status + browser.execute("return document.getElementById('error').textContent")
+    result = browser.execute("return JSON.parse(document.querySelector('#result pre').textContent)")
+    assert browser.execute("return document.querySelectorAll('#prompt .nested.replaced').length") == 2
+    values = browser.execute("return [...document.querySelectorAll('#prompt .value')].map(v => v.textContent)")
+    assert result["variables"]["FIRST"] in values and result["variables"]["SECOND"] in values
+
+
 def test_syntax_error_is_marked_at_its_line(browser, playground, artifacts):
     open_page(browser, playground)
     type_query(browser, '"Q: one\\n"\n"A: [ANSWER"\n')

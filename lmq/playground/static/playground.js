@@ -274,7 +274,7 @@ function onEvent(event) {
     case 'text':
       if (event.role && event.role !== pane.role) append(open(pane), 'role', `((${event.role})):`);
       pane.role = event.role || null;
-      append(open(pane), 'text', event.text);
+      pane.lastText = append(open(pane), 'text', event.text);
       break;
     case 'hole': {
       const key = `h${holeCount++}`;
@@ -298,13 +298,13 @@ function onEvent(event) {
       onValue(pane, event);
       break;
     case 'result':
-      if (event.depth > 0) {
+      if (event.depth > 0) {          // a nested query ended: its text stays, or its value replaces it
         const pane0 = branchPane(event.branch || 0);
         const nested = pane0.stack.pop();
-        if (event.return !== null && event.return !== undefined) {
-          nested.classList.add('replaced');
-          pane0.returned = append(open(pane0), 'returned', String(event.return));
-        }
+        const returned = event.value !== undefined ? event.value : event.return;
+        if (returned !== null && returned !== undefined) nested.classList.add('replaced');
+        pane0.nested = nested;
+        pane0.lastText = null;
       } else {
         $('result').innerHTML = `<pre class="code-block">${escapeHtml(JSON.stringify(resultView(event), null, 2))}</pre>`;
       }
@@ -333,17 +333,20 @@ function resultView(event) {
 }
 
 // A finished value: the hole's span shows the value (a stop phrase cut off the last token
-// is struck through); a nested query's value colours its returned text.
+// is struck through); a nested query's value colours the text that replaced it, or its own
+// text when it returned nothing.
 function onValue(pane, event) {
   const entry = holes.get(pane.hole);
-  if (event.finish === 'query' || !entry || entry.hole.variable !== event.variable || entry.value) {
-    if (pane.returned) {
-      pane.returned.className = `value ${variableClass(event.variable)}`;
-      pane.returned.title = `${event.variable} = ${JSON.stringify(event.value)} (nested query)`;
-      pane.returned = null;
+  if (event.finish === 'query') {
+    const shown = pane.nested && (pane.nested.classList.contains('replaced') ? pane.lastText : pane.nested);
+    if (shown) {
+      shown.classList.add('value', variableClass(event.variable));
+      shown.title = `${event.variable} = ${JSON.stringify(event.value)} (a nested query)`;
     }
+    pane.nested = null;
     return;
   }
+  if (!entry || entry.hole.variable !== event.variable || entry.value) return;
   entry.value = event;
   entry.element.classList.remove('running');
   entry.element.title = `${event.variable} = ${JSON.stringify(event.value)} (${event.finish}; click for its tokens)`;
