@@ -165,6 +165,21 @@ def test_nested_query_example(browser, playground):
     assert result["variables"]["FIRST"] in values and result["variables"]["SECOND"] in values
 
 
+@pytest.mark.parametrize("decoder", ["sample(n=2, temperature=0.8, seed=1)", "beam(n=2)"])
+def test_branches_each_show_their_prompt(browser, playground, decoder):
+    """One prompt per branch; a beam split starts as a copy of its parent up to the split."""
+    open_page(browser, playground)
+    type_query(browser, decoder + '\n"A colour:[C]" where len(TOKENS(C)) < 3\n')
+    assert run_and_wait(browser).startswith("done")
+    results = browser.execute("return JSON.parse(document.querySelector('#result pre').textContent)")["results"]
+    shown = browser.execute("""
+        return [...document.querySelectorAll('#prompt .branch')].map(b => {
+          const copy = b.cloneNode(true);
+          copy.querySelectorAll('.branch-label, .cut').forEach(e => e.remove());
+          return copy.textContent; });""")
+    assert sorted(shown) == sorted(r["prompt"] for r in results)
+
+
 def test_syntax_error_is_marked_at_its_line(browser, playground, artifacts):
     open_page(browser, playground)
     type_query(browser, '"Q: one\\n"\n"A: [ANSWER"\n')

@@ -310,8 +310,7 @@ function onEvent(event) {
       }
       break;
     case 'branch':
-      branchPane(event.branch).querySelector('.branch-label').textContent =
-        `branch ${event.branch} (split from ${event.parent} at ${event.variable}, token ${event.tokens})`;
+      splitBranch(event);
       break;
     case 'pruned':
       pane.classList.add('pruned');
@@ -325,6 +324,32 @@ function onEvent(event) {
     default:
       break;
   }
+}
+
+// A beam split: the new branch starts as a copy of its parent's prompt, up to the split
+// (its replay of the parent is not traced again), the hole in progress with the parent's
+// first `tokens` tokens.
+function splitBranch(event) {
+  const parent = branchPane(event.parent);
+  const child = branchPane(event.branch);
+  for (const node of parent.childNodes) {
+    if (!node.classList || !node.classList.contains('branch-label')) child.appendChild(node.cloneNode(true));
+  }
+  child.querySelector('.branch-label').textContent =
+    `branch ${event.branch} (split from ${event.parent} at ${event.variable}, token ${event.tokens})`;
+  const entry = holes.get(parent.hole);
+  if (entry) {
+    const key = `h${holeCount++}`;
+    const element = child.querySelector(`.value[data-key="${parent.hole}"]`);
+    for (const span of element.querySelectorAll('.tok')) {
+      if (Number(span.dataset.index) >= event.tokens) span.remove();
+    }
+    element.dataset.key = key;
+    element.classList.add('running');
+    holes.set(key, { hole: entry.hole, tokens: entry.tokens.slice(0, event.tokens), value: null, element });
+    child.hole = key;
+  }
+  child.role = parent.role;
 }
 
 function resultView(event) {
