@@ -164,6 +164,9 @@ def test_manifest():
         assert (EXTENSION / grammar["path"]).is_file()
     injection, = [g for g in manifest["contributes"]["grammars"] if "injectTo" in g]
     assert injection["injectTo"] == ["source.python"]
+    grammar = (EXTENSION / "syntaxes" / "lmq.tmLanguage.json").read_text()
+    for scope in injection["embeddedLanguages"]:        # the docstring's content is lmq
+        assert f'"contentName": "{scope}"' in grammar
 
 
 def test_playground_copies_are_current():
