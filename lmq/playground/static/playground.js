@@ -125,9 +125,6 @@ function renderEditor() {
     const bad = errorMark && errorMark.line === i + 1;
     return `<div data-line="${i + 1}"${bad ? ` class="error" title="${escapeHtml(errorMark.message)}"` : ''}>${i + 1}</div>`;
   }).join('');
-  source.style.height = highlight.scrollHeight + 'px';
-  source.style.width = Math.max(highlight.scrollWidth, highlight.parentElement.clientWidth) + 'px';
-  highlight.style.width = source.style.width;
 }
 
 function showError(event) {
@@ -137,7 +134,8 @@ function showError(event) {
     box.textContent = '';
     errorMark = null;
   } else {
-    const where = event.line ? `line ${event.line}${event.column ? `, column ${event.column}` : ''}: ` : '';
+    const placed = event.line && !event.message.includes(`line ${event.line}`);   // a syntax error says it
+    const where = placed ? `line ${event.line}${event.column ? `, column ${event.column}` : ''}: ` : '';
     box.hidden = false;
     box.textContent = `${event.type}: ${where}${event.message}`;
     errorMark = event.line ? { line: event.line, column: event.column || 0, message: event.message } : null;
@@ -547,5 +545,4 @@ async function start() {
   document.body.dataset.ready = 'true';
 }
 
-window.addEventListener('resize', renderEditor);
 start();
