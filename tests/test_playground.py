@@ -180,6 +180,19 @@ def test_branches_each_show_their_prompt(browser, playground, decoder):
     assert sorted(shown) == sorted(r["prompt"] for r in results)
 
 
+def test_chat_reply_ends_on_the_end_token(browser, playground):
+    """A reply that ends on the chat template's end-of-turn token: that token is in the
+    trace but not in the value or the prompt."""
+    open_page(browser, playground)
+    type_query(browser, '"{:user}What is 2+2? Answer with a number.{:assistant}[REPLY]" where len(TOKENS(REPLY)) < 60')
+    assert run_and_wait(browser).startswith("done")
+    result = browser.execute("return JSON.parse(document.querySelector('#result pre').textContent)")
+    value = browser.execute("const v = document.querySelector('#prompt .value');"
+                            "return [v.textContent, v.querySelector('.end-token').dataset.label]")
+    assert value == [result["variables"]["REPLY"], "<|im_end|>"]
+    assert browser.execute("return document.querySelector('#prompt .role').textContent") == "((user)):"
+
+
 def test_syntax_error_is_marked_at_its_line(browser, playground, artifacts):
     open_page(browser, playground)
     type_query(browser, '"Q: one\\n"\n"A: [ANSWER"\n')

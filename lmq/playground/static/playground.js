@@ -373,6 +373,14 @@ function onValue(pane, event) {
   entry.value = event;
   entry.element.classList.remove('running');
   entry.element.title = `${event.variable} = ${JSON.stringify(event.value)} (${event.finish}; click for its tokens)`;
+  const spans = entry.element.querySelectorAll('.tok');
+  if (event.finish === 'end' && spans.length && endsWithEndToken(entry.tokens, event.value)) {
+    const last = spans[spans.length - 1];      // the end-of-text token: not part of the prompt
+    last.className = 'tok end-token';
+    last.dataset.label = last.textContent;
+    last.textContent = '';
+    last.title = 'the end token that ended the value (not in the prompt)';
+  }
   if (typeof event.value === 'string' && event.finish === 'stop') {
     let kept = entry.tokens.map((t) => t.text).join('').indexOf(event.value) === 0 ? event.value.length : Infinity;
     for (const span of entry.element.querySelectorAll('.tok')) {
@@ -387,6 +395,16 @@ function onValue(pane, event) {
     }
   }
   if (selectedKey === pane.hole) showTrace(pane.hole);
+}
+
+// Whether a value that ended with "end" ended on an end-of-text token (the decoder also
+// ends a value that nothing can extend, without one): a string value is the other tokens'
+// text; a typed value's end token is a control token's name, such as <|im_end|> or </s>.
+function endsWithEndToken(tokens, value) {
+  const last = tokens[tokens.length - 1].text;
+  const text = tokens.map((t) => t.text).join('');
+  if (typeof value === 'string') return text !== value && text.slice(0, text.length - last.length) === value;
+  return /^<[^<>\s]+>$/.test(last);
 }
 
 async function run() {
