@@ -398,13 +398,14 @@ function onValue(pane, event) {
 }
 
 // Whether a value that ended with "end" ended on an end-of-text token (the decoder also
-// ends a value that nothing can extend, without one): a string value is the other tokens'
-// text; a typed value's end token is a control token's name, such as <|im_end|> or </s>.
+// ends a value that nothing can extend, without one): a text value is the other tokens'
+// text; for a typed value (shown as its str()) the end token is a control token's name,
+// such as <|im_end|> or </s>.
 function endsWithEndToken(tokens, value) {
   const last = tokens[tokens.length - 1].text;
   const text = tokens.map((t) => t.text).join('');
-  if (typeof value === 'string') return text !== value && text.slice(0, text.length - last.length) === value;
-  return /^<[^<>\s]+>$/.test(last);
+  if (text === value) return false;
+  return text.slice(0, text.length - last.length) === value || /^<[^<>\s]+>$/.test(last);
 }
 
 async function run() {
