@@ -201,6 +201,10 @@ def test_syntax_error_is_marked_at_its_line(browser, playground, artifacts):
     assert marked[0] == "2" and "line 2, column" in marked[1] and "unclosed '['" in marked[1]
     assert browser.execute("return document.querySelector('#highlight .line.error .err-char') !== null")
     browser.screenshot(artifacts / "playground-syntax-error.png")
+    type_query(browser, '"Q: one\\n"\n"A: [ANSWER]" where ANSWER in ["a"] and ANSWER == "b"\n')
+    marked = browser.wait("const g = document.querySelector('#gutter .error'), e = document.getElementById('error');"
+                          "return g && e.textContent.startsWith('Unsatisfiable') && [g.dataset.line, e.textContent]")
+    assert marked[0] == "2" and marked[1].startswith("UnsatisfiableConstraint: line 2: ")
     type_query(browser, '"A number: "\nx = 1 / 0\n')           # compiles; fails when it runs
     browser.wait("return document.querySelector('#gutter .error') === null")
     status = run_and_wait(browser)
