@@ -14,10 +14,11 @@ from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
 from lmq.runtime.trace import trace_failure
 
 
-def _compile(source: str, trace: Any, filename: str = "<query>") -> PromptProgram:
-    """`compile_query`; a query that does not compile is an error event in its trace too."""
+def _compile(source: str, trace: Any, *filename: str) -> PromptProgram:
+    """`compile_query` (the same cached call as without a trace); a query that does not
+    compile is an error event in its trace too."""
     try:
-        return compile_query(source, filename)
+        return compile_query(source, *filename)
     except LmqError as error:
         if trace is not None:
             trace_failure(trace, error)

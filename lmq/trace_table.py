@@ -63,7 +63,7 @@ def render(events: Iterable[dict[str, Any]], top: int = 3) -> Iterator[str]:
 
 
 def _token_row(event: dict[str, Any], branch: int, position: int, top: int) -> str:
-    allowed = f"{event.get('allowed')}/{event.get('vocabulary')}"
+    allowed = f"{_or_dash(event.get('allowed'))}/{_or_dash(event.get('vocabulary'))}"
     how = "forced" if event.get("forced") else "chosen"
     alternatives = (f"{_alternatives(event.get('top'), top)} | "
                     f"{_alternatives(event.get('masked_top'), top)}")
@@ -119,6 +119,11 @@ def _alternatives(pairs: list | None, count: int) -> str:
 
 def _number(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _or_dash(value: Any) -> str:
+    """What a trace left null (the server did not say it) as `-`."""
+    return "-" if value is None else str(value)
 
 
 def _cut(text: str, width: int) -> str:

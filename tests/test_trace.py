@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 import lmq
+from lmq.backends import default_model_path
 from lmq.compiler.codegen import compile_query
 from lmq.runtime.hole import plan_hole
+from lmtp_harness import ServerProcess
 
 pytestmark = pytest.mark.model
 
@@ -255,6 +257,11 @@ def test_trace_reaches_every_way_of_calling_a_query(model, tmp_path):
         fruit("red", model=model, trace=stream)
         fruit("green", model=model, trace=stream)
     assert [e["event"] for e in events_of(tmp_path / "f.jsonl")].count("query") == 2
+    generated = []
+    assert model.generate_sync("Fruit:", max_tokens=2, trace=generated.append)
+    assert [e["event"] for e in generated if e["event"] != "token"] == ["query", "text", "hole", "value",
+                                                                       "result"]
+    assert len([e for e in generated if e["event"] == "token"]) >= 1
 
 
 def lmq_cli(*args):
@@ -301,3 +308,33 @@ def test_cli_trace_errors(tmp_path):
     assert "Traceback" not in shown.stderr
     shown = lmq_cli("trace", "show", str(tmp_path / "missing.jsonl"))
     assert shown.returncode == 2 and "trace file not found" in shown.stderr
+
+
+def model_size():
+    return lmq.model(None).backend().vocabulary.size
+
+
+def test_lmtp_trace_has_what_the_server_says(tmp_path):
+    server = ServerProcess(f"llama.cpp:{default_model_path()}", "--n_ctx", "1024", "--slots", "2")
+    try:
+        remote = lmq.model(f"llama.cpp:{default_model_path()}", endpoint=server.url.removeprefix("ws://").rstrip("/"))
+        path = tmp_path / "t.jsonl"
+        result = lmq.run_sync(CHOICE, model=remote, trace=str(path))
+    finally:
+        server.kill()
+    events = events_of(path)
+    assert {e["event"] for e in events} == EVENTS
+    tokens = tokens_of(events)
+    ids = [t["id"] for t in tokens]
+    assert ids[:len(result.tokens["X"])] == result.tokens["X"]
+    assert sum(t["logprob"] for t in tokens) == pytest.approx(result.logprob, abs=1e-4)
+    assert all(t["allowed"] is None and t["top"] is None and t["model_logprob"] is None for t in tokens)
+    assert [t["forced"] for t in tokens] == [t["logprob"] == 0.0 for t in tokens]
+    local_path = tmp_path / "local.jsonl"        # in process, with the server's model settings
+    lmq.run_sync(CHOICE, model=lmq.model(None), trace=str(local_path))
+    local = tokens_of(events_of(local_path))
+    assert ids == [t["id"] for t in local]
+    assert [t["forced"] for t in tokens] == [t["forced"] for t in local]
+    table = subprocess.run([sys.executable, "-m", "lmq.cli", "trace", "show", str(path)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60).stdout
+    assert f"-/{model_size()}" in table and "-/-" not in table

@@ -112,6 +112,8 @@ class LmtpBackend(GgufBackend):
                 raise _server_error(self.url, element, tokens, table)
             token = element.get("token")
             hole = element.get("hole")
+            if decoder.tracer is not None and token is not None:
+                decoder.tracer.remote(plan.name, token, element["logprob"])
             if hole is None:
                 tokens.append(token)
                 if on_text:

@@ -24,7 +24,7 @@ import numpy as np
 
 from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, conjuncts
-from lmq.errors import LmqSyntaxError, QueryArgumentError
+from lmq.errors import ConstraintTooLarge, LmqSyntaxError, QueryArgumentError
 from lmq.runtime.decoders import _logsumexp, _step_mask
 from lmq.runtime.hole import HolePlan
 from lmq.runtime.result import LMQResult
@@ -32,6 +32,7 @@ from lmq.runtime.token_masks import TokenMask
 
 #: how many of the most likely tokens `top` and `masked_top` list
 TOP = 5
+
 
 class TraceSink:
     """Where one query call's events go: a file named by a path (created, written and
@@ -106,9 +107,7 @@ class Tracer:
         branch's latest step."""
         child = Tracer(self.sink, self.sink.new_branch())
         child.emit("branch", parent=self.branch, variable=self.variable, tokens=tokens)
-        child.muted = True
-        child.variable = self.variable      # (its replay counts its own nesting depth)
-        child._backend, child._table, child._ends = self._backend, self._table, self._ends
+        child.muted = True               # its replay sets its hole, table and nesting depth
         child._scores = self._scores
         return child
 
@@ -151,7 +150,7 @@ class Tracer:
         """Take a step's scores now: a search decoder waits for the other branches before
         it chooses, and the row is not kept valid that long."""
         if not self.muted:
-            self._scores = _StepScores(row, mask, hidden, end_list)
+            self._scores = _StepScores(row.copy(), mask, hidden, end_list)
 
     def token(self, variable: str, row: np.ndarray | None, mask: TokenMask | None,
               hidden: np.ndarray | None, end_list: np.ndarray, token: int, logprob: float) -> None:
@@ -162,8 +161,8 @@ class Tracer:
         if scores is None:
             scores = _StepScores(row, mask, hidden, end_list)
         self.emit("token", variable=variable, id=token, text=self._text(token), logprob=logprob,
-                  model_logprob=float(scores.model[token]), allowed=scores.allowed,
-                  vocabulary=len(scores.model), forced=scores.allowed == 1,
+                  model_logprob=scores.model_logprob(token), allowed=scores.allowed,
+                  vocabulary=len(scores.row), forced=scores.allowed == 1,
                   top=self._listed(scores.top), masked_top=self._listed(scores.masked_top))
 
     def forced(self, automaton, state, plan: HolePlan, count: int, token: int) -> None:
@@ -178,6 +177,13 @@ class Tracer:
                   model_logprob=None, allowed=mask.count + (len(self._ends) if may_end else 0),
                   vocabulary=mask.size, forced=True, top=None, masked_top=None)
 
+    def remote(self, variable: str, token: int, logprob: float) -> None:
+        """A token an LMTP server chose or forced: the server says its id and its
+        log-probability under the mask (0 for a forced one), nothing of its row or mask."""
+        self.emit("token", variable=variable, id=token, text=self._text(token), logprob=logprob,
+                  model_logprob=None, allowed=None, vocabulary=len(self._table),
+                  forced=logprob == 0.0, top=None, masked_top=None)
+
     def _text(self, token: int) -> str:
         """A token's text: its bytes (a byte that is no whole UTF-8 character as `\\xNN`),
         or for a control token without bytes (end of text) its name in the vocabulary."""
@@ -191,34 +197,55 @@ class Tracer:
 
 
 class _StepScores:
-    """What one step's row says, for the trace: the model's log-probabilities, how many
-    tokens the step allowed, and the top tokens before and after the mask."""
+    """What one step's row says, for the trace: the model's log-normalizer, how many
+    tokens the step allowed, and the top tokens before and after the mask. The decoder's
+    own candidate buffers are in use, so the masked scores are built here again (the
+    same rule: the mask's tokens, the end tokens unless `hidden`)."""
 
-    __slots__ = ("model", "allowed", "top", "masked_top")
+    __slots__ = ("row", "normalizer", "allowed", "top", "masked_top")
 
     def __init__(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                  end_list: np.ndarray):
-        self.model = row - _logsumexp(row)
-        self.top = _best(self.model, None)
+        self.row = row
+        self.normalizer = _logsumexp(row)
+        self.top = _best(row, self.normalizer, None)
+        ends = len(end_list) if hidden is None else 0
+        if mask is None and hidden is None:
+            self.allowed, self.masked_top = len(row), self.top
+            return
+        ids = None
         if mask is None:
-            allowed = np.arange(len(row)) if hidden is None else np.setdiff1d(np.arange(len(row)), hidden)
+            values = row.copy()
+            values[hidden] = -np.inf
+            self.allowed = len(row) - len(hidden)
+        elif mask.bias is None:
+            ids = mask.allowed if hidden is not None else np.concatenate((mask.allowed, end_list))
+            values = row[ids]
+            self.allowed = len(ids)
         else:
-            allowed = mask.allowed if hidden is not None else np.concatenate((mask.allowed, end_list))
-        self.allowed = len(allowed)
-        masked = row[allowed]
-        self.masked_top = _best(masked - _logsumexp(masked), allowed)
+            values = row + mask.bias
+            if hidden is None:
+                values[end_list] = row[end_list]
+            self.allowed = mask.count + ends
+        self.masked_top = _best(values, _logsumexp(values), ids)
+
+    def model_logprob(self, token: int) -> float:
+        return float(self.row[token]) - self.normalizer
 
 
-def _best(logprobs: np.ndarray, ids: np.ndarray | None) -> list[tuple[int, float]]:
-    """The `TOP` entries with the highest finite log-probability, best first, as (token
-    id, log-probability); `ids` are the entries' token ids (None: their positions)."""
-    count = min(TOP, len(logprobs))
-    if count == 0:
-        return []
-    top = np.argpartition(-logprobs, count - 1)[:count]
-    top = top[np.argsort(-logprobs[top], kind="stable")]
-    return [(int(ids[i]) if ids is not None else int(i), float(logprobs[i]))
-            for i in top if np.isfinite(logprobs[i])]
+def _best(values: np.ndarray, normalizer: float, ids: np.ndarray | None) -> list[tuple[int, float]]:
+    """The `TOP` entries of `values` with the highest finite scores, best first, as (token
+    id, log-probability); `ids` are the entries' token ids (None: their positions). A few
+    argmax passes over a copy: for a handful of entries much faster than a partition."""
+    work = values.copy()
+    best = []
+    for _ in range(min(TOP, len(work))):
+        index = int(work.argmax())
+        if not np.isfinite(work[index]):
+            break
+        best.append((int(ids[index]) if ids is not None else index, float(values[index]) - normalizer))
+        work[index] = -np.inf
+    return best
 
 
 def _gbnf(plan: HolePlan) -> str | None:
@@ -227,8 +254,12 @@ def _gbnf(plan: HolePlan) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _cached_gbnf(language, stops, grammar) -> str | None:
-    """A hole's GBNF (a hole in a loop is exported once)."""
-    return HolePlan("trace", stops=stops, language=language, grammar=grammar).gbnf()
+    """A hole's GBNF (a hole in a loop is exported once); None where the language is too
+    large to write as rules (the query itself runs on, as it does untraced)."""
+    try:
+        return HolePlan("trace", stops=stops, language=language, grammar=grammar).gbnf()
+    except ConstraintTooLarge:
+        return None
 
 
 def query_event(name: str, source: str, model_id: str | None, decoder: Any) -> dict[str, Any]:
