@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from lmq.compiler.codegen import compile_query
 from lmq.compiler.nesting import literal_or_text
 from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
+from lmq.playground.command import add_parser as add_playground_parser, run_playground
 from lmq.runtime.hole import runtime_values, static_plan
 from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--top", type=int, default=3, metavar="K",
                       help="alternatives shown before and after the mask (default 3)")
     add_serve_parser(commands)
+    add_playground_parser(commands)
     return parser
 
 
@@ -249,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if options.command == "serve-model":
             return serve_model(options, extra)
-        return {"run": _run, "compile": _compile, "trace": _trace}[options.command](options)
+        return {"run": _run, "compile": _compile, "trace": _trace,
+                "playground": run_playground}[options.command](options)
     except _UsageError as e:
         print(f"lmq: {e}", file=sys.stderr)
         return 2
