@@ -109,8 +109,7 @@ class QueryRun:
         self._events.put(json.loads(json.dumps(event, ensure_ascii=False, default=str)))
 
     def _work(self) -> None:
-        # the source as the query's "file": tracebacks show its lines, and an @lmq.query
-        # function defined in it reads its docstring as written (escapes unprocessed)
+        # the source as the query's "file": tracebacks of its own code show its lines
         linecache.cache[QUERY_FILE] = (len(self._source), None, self._source.splitlines(True), QUERY_FILE)
         try:
             program = compile_query(self._source, QUERY_FILE)
