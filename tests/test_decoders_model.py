@@ -113,3 +113,29 @@ def test_best_k_returns_k_sorted_results():
     results = lmq.run_sync(r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) < 4', decoder="best_k(k=2)")
     assert 1 <= len(results) <= 2
     assert [r.logprob for r in results] == sorted((r.logprob for r in results), reverse=True)
+
+
+def test_draws_made_by_the_scheduler_equal_each_branch_drawing_alone(monkeypatch):
+    """sample(n) branches without a mask have their next token drawn by the scheduler on
+    the step's rows (in parallel threads on a machine with the cores): the same tokens and
+    scores as each branch drawing in its own task."""
+    from lmq.runtime import branching, sampling
+    query = r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) == 6'
+
+    def run(mode):
+        with monkeypatch.context() as patch:
+            if mode == "task":
+                patch.setattr(branching.SampleDecoder, "_draw_ahead", lambda *args: None)
+            elif mode == "threads":
+                patch.setattr(sampling, "_draw_threads", lambda: 3)
+            backend = LlamaCppBackend(default_model_path(), n_ctx=512, flash_attn=False)
+            try:
+                results = lmq.run_sync(query, model=PinnedModel(backend), decoder="sample(n=5, seed=7)")
+            finally:
+                backend.close()
+        return [(r.tokens["X"], round(r.logprob, 4)) for r in results]
+
+    alone = run("task")
+    assert len({tuple(tokens) for tokens, _ in alone}) > 1           # the branches differ
+    assert run("scheduler") == alone
+    assert run("threads") == alone

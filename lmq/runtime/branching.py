@@ -25,9 +25,9 @@ import numpy as np
 from lmq.backends.base import Backend, common_prefix
 from lmq.compiler.codegen import PromptProgram
 from lmq.errors import ContextLimitError, LmqError
-from lmq.runtime.decoders import COMMON_ARGUMENTS, DECODERS, Decoder, HoleOutput, _logsumexp
+from lmq.runtime.decoders import COMMON_ARGUMENTS, DECODERS, Decoder, HoleOutput, _logsumexp, _nothing
 from lmq.runtime.interpreter import Session, execute
-from lmq.runtime.sampling import Sampler, make_sampler
+from lmq.runtime.sampling import DrawAhead, Sampler, make_sampler
 from lmq.runtime.scheduler import Lane
 
 
@@ -40,6 +40,7 @@ class SampleDecoder(Decoder):
         super().__init__(**settings)
         self._sampler: Sampler | None = None
         self._lane: Lane | None = None
+        self._ahead: DrawAhead | None = None
 
     def branch(self, index: int) -> "SampleDecoder":
         child = super().branch(index)
@@ -48,7 +49,26 @@ class SampleDecoder(Decoder):
 
     async def decode(self, lane: Lane, *args: Any, **kwargs: Any) -> HoleOutput:
         self._lane = lane               # its tokens are the history the penalties look at
+        self._ahead = None
         return await super().decode(lane, *args, **kwargs)
+
+    def _draw_ahead(self, plan, automaton, count: int, end_list: np.ndarray) -> DrawAhead | None:
+        """Without a mask, a plain draw at temperature 1 needs only the row (and the end
+        tokens hidden while the value may not end): the scheduler makes it."""
+        sampler = self._own_sampler()
+        if automaton is not None or not sampler.settings.plain or sampler.settings.temperature != 1:
+            return None
+        self._ahead = DrawAhead(sampler, None if plan.may_end_at(count) else end_list)
+        return self._ahead
+
+    async def _select(self, row, mask, hidden, end_list):
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.token is None:       # drawn alone: the task draws
+            return self._choose_later(row, mask, hidden, end_list)
+        if ahead.token < 0:
+            return -1, _nothing
+        chosen, normalizer = float(row[ahead.token]), ahead.log_normalizer
+        return ahead.token, lambda: chosen - normalizer
 
     def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
         return self._own_sampler().pick(row, self._lane.tokens if self._lane is not None else (), ids)

@@ -19,7 +19,7 @@ import numpy as np
 from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.runtime.hole import HolePlan
-from lmq.runtime.sampling import SamplingSettings
+from lmq.runtime.sampling import DrawAhead, SamplingSettings
 from lmq.runtime.scheduler import DirectLane, Lane, run_ready
 from lmq.runtime.token_masks import TokenMask
 
@@ -193,7 +193,7 @@ class Decoder:
             if len(context) + len(tokens) >= max_len:
                 raise ContextLimitError(f"max_len of {max_len} tokens reached while generating "
                                         f"{plan.name}", result=(tokens, bytes(value)))
-            pending = lane.advance([token])
+            pending = lane.advance([token], self._draw_ahead(plan, automaton, len(tokens), end_list))
             logprob += _value(score)            # while the engine evaluates the token
 
     def _choose(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
@@ -246,6 +246,12 @@ class Decoder:
             np.copyto(candidates, row)
         spare = self._spare(candidates) if ids is None else None
         return token, lambda: chosen - _logsumexp(candidates, spare, top=chosen if self.picks_maximum else None)
+
+    def _draw_ahead(self, plan: HolePlan, automaton, count: int,
+                    end_list: np.ndarray) -> DrawAhead | None:
+        """The next token's draw for the scheduler to make on the row it hands out, where
+        this decoder's choice needs nothing but the row; else None."""
+        return None
 
     def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int | None:
         """The chosen entry of `row` with the `hidden` entries left out (-1: none left),

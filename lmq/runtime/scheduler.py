@@ -27,6 +27,7 @@ import numpy as np
 
 from lmq.backends.base import Backend, Sequence, common_prefix
 from lmq.errors import ContextLimitError
+from lmq.runtime.sampling import DrawAhead, run_draws
 
 
 class Lane:
@@ -49,11 +50,12 @@ class Lane:
             return self.scheduler._resolved(None)
         return self.scheduler._request(self, list(context), prefill=True)
 
-    def advance(self, tokens: list[int]) -> "asyncio.Future[np.ndarray | None]":
-        """The row after appending `tokens`; None while replaying."""
+    def advance(self, tokens: list[int], draw: DrawAhead | None = None) -> "asyncio.Future[np.ndarray | None]":
+        """The row after appending `tokens`; None while replaying. A `draw` is made on
+        the row when it comes from a step shared with other lanes (else the caller draws)."""
         if self.replaying:
             return self.scheduler._resolved(None)
-        return self.scheduler._request(self, list(tokens), prefill=False)
+        return self.scheduler._request(self, list(tokens), prefill=False, draw=draw)
 
     def fork(self) -> "Lane":
         """A lane holding this one's tokens (the KV cache copied, nothing evaluated)."""
@@ -76,6 +78,7 @@ class _Request:
     tokens: list[int]
     prefill: bool
     future: asyncio.Future = field(repr=False)
+    draw: DrawAhead | None = None
 
 
 class ModelScheduler:
@@ -99,13 +102,14 @@ class ModelScheduler:
         future.set_result(value)
         return future
 
-    def _request(self, lane: Lane, tokens: list[int], prefill: bool) -> asyncio.Future:
+    def _request(self, lane: Lane, tokens: list[int], prefill: bool,
+                 draw: DrawAhead | None = None) -> asyncio.Future:
         if not prefill and not self._pending and len(tokens) == 1 and self._alone(lane):
             return self._advance_alone(lane, tokens[0])
         future = self.loop.create_future()
         if not self._pending:
             self.loop.call_soon(self._step)
-        self._pending.append(_Request(lane, tokens, prefill, future))
+        self._pending.append(_Request(lane, tokens, prefill, future, draw))
         return future
 
     def _alone(self, lane: Lane) -> bool:
@@ -145,6 +149,7 @@ class ModelScheduler:
                     for request in ready:
                         request.future.set_exception(error)
                 else:
+                    run_draws([(r.draw, row) for r, row in zip(ready, rows) if r.draw is not None])
                     for request, row in zip(ready, rows):
                         request.future.set_result(row)
                 self.steps += 1
@@ -230,7 +235,7 @@ class DirectLane:
         row = self.sequence.logits(context)
         return _Later(lambda: row)
 
-    def advance(self, tokens: list[int]) -> "_Later":
+    def advance(self, tokens: list[int], draw: DrawAhead | None = None) -> "_Later":
         if len(tokens) == 1:
             return _Later(self.sequence.advance_later(tokens[0]))
         row = None
