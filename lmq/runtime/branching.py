@@ -50,10 +50,14 @@ class SampleDecoder(Decoder):
         self._lane = lane               # its tokens are the history the penalties look at
         return await super().decode(lane, *args, **kwargs)
 
-    def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
+    def sampler(self) -> Sampler:
+        """This branch's sampler (its random state continues from hole to hole)."""
         if self._sampler is None:
             self._sampler = make_sampler(self.settings, self.settings.get("seed"))
-        return self._sampler.pick(row, self._lane.tokens if self._lane is not None else (), ids)
+        return self._sampler
+
+    def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
+        return self.sampler().pick(row, self._lane.tokens if self._lane is not None else (), ids)
 
     picks_maximum = False
 
@@ -75,6 +79,7 @@ class SearchDecoder(Decoder):
 
     name = "beam"
     keeps_searching = False
+    decodes_whole_holes = False
 
     def __init__(self, **settings: Any):
         settings = dict(settings)

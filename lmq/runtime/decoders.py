@@ -49,6 +49,9 @@ class Decoder:
     name = "argmax"
     arguments = COMMON_ARGUMENTS
     distribution_norm = "sum"        # how a `distribution` clause aggregates token scores
+    #: whether a hole depends on this branch alone, so a model server may decode it whole
+    #: (`generate_hole`); search decoders decide across branches on logits rows
+    decodes_whole_holes = True
 
     def __init__(self, **settings: Any):
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
@@ -111,7 +114,7 @@ class Decoder:
                                     f"{len(context) - max_len} more than {limit}",
                                     result=([], b""))
         remote = getattr(backend, "generate_hole", None)
-        if remote is not None:          # a model server decodes the whole hole (LMTP client)
+        if remote is not None and self.decodes_whole_holes:   # a model server decodes it (LMTP)
             return await remote(context, plan, max_len, self, on_text)
         vocabulary = backend.vocabulary
         ends = vocabulary.end_ids

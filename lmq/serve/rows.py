@@ -1,0 +1,143 @@
+"""LOGITS (an lmq extension): logits rows of sequences a client holds on the server.
+
+Search decoders (beam, best_k), `distribution` and `model.score` decide across branches
+or read whole rows, so an lmq client runs them itself, as in process, on sequences it
+holds on the server: each is a slot of the model's pool, named by a handle the client
+chose, kept (with its cache cells) until the client releases it or goes away. One
+LOGITS request forks (`llama_memory_seq_cp`: cells shared, nothing evaluated), releases,
+then evaluates: `reset` steps bring a sequence to exactly their tokens (a new handle
+takes the idle slot sharing the longest prefix), the other steps append their tokens,
+all in one `advance_many`, just as the in-process scheduler batches them. The answer is
+one binary frame, `ROWS {"stream_id", "rows", "width"}\\n` then the rows as
+little-endian float32, in step order (an error is a TOKEN error element on the stream).
+
+Requests run on the model's worker thread between two batching steps; held slots'
+cells count against the cache shared with the streams (`ModelWorker.held`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Protocol
+
+import numpy as np
+
+from lmq.backends.base import Sequence, common_prefix
+from lmq.errors import LmqError, ModelError
+from lmq.serve.protocol import Logits, ProtocolError
+from lmq.serve.scheduler import ModelWorker
+
+
+class RowsOwner(Protocol):
+    """Where answers go (a client connection)."""
+
+    def deliver(self, elements: list[dict[str, Any]]) -> None: ...
+
+    def deliver_frame(self, frame: bytes) -> None: ...
+
+
+class HeldSequences:
+    """One connection's held sequences, per model worker. The handle tables are read and
+    written on the worker thread only."""
+
+    def __init__(self, owner: RowsOwner):
+        self.owner = owner
+        self.handles: dict[ModelWorker, dict[int, Sequence]] = {}
+
+    def submit(self, request: Logits, worker: ModelWorker) -> None:
+        """Check the request's token ids and queue it on the worker (event loop side)."""
+        size = worker.backend.vocabulary.size
+        bad = next((t for t in request.token_ids() if not 0 <= t < size), None)
+        if bad is not None:
+            raise ProtocolError(f"token id {bad} is out of range (the vocabulary has {size} tokens)")
+        handles = self.handles.setdefault(worker, {})
+        worker.call(lambda: self._answer(request, worker, handles))
+
+    def release_all(self) -> None:
+        """The client went away: every held slot goes back to its pool."""
+        for worker, handles in self.handles.items():
+            worker.call(lambda worker=worker, handles=handles: _release(worker, handles, list(handles)))
+        self.handles.clear()
+
+    def _answer(self, request: Logits, worker: ModelWorker, handles: dict[int, Sequence]) -> None:
+        try:
+            rows = _evaluate(request, worker, handles)
+        except LmqError as e:
+            self.owner.deliver([{"stream_id": request.stream_id, "error": str(e),
+                                 "error_type": type(e).__name__}])
+            return
+        except Exception as e:           # a server fault answers the request, never the loop
+            print(f"lmq serve-model: internal error on a LOGITS request: {e!r}", file=sys.stderr, flush=True)
+            self.owner.deliver([{"stream_id": request.stream_id,
+                                 "error": f"internal server error: {type(e).__name__}"}])
+            return
+        self.owner.deliver_frame(rows_frame(request.stream_id, rows, worker.backend.vocabulary.size))
+
+
+def rows_frame(stream_id: int, rows: list[np.ndarray], width: int) -> bytes:
+    """The binary ROWS answer."""
+    header = json.dumps({"stream_id": stream_id, "rows": len(rows), "width": width})
+    body = np.stack(rows).astype("<f4", copy=False).tobytes() if rows else b""
+    return b"ROWS " + header.encode() + b"\n" + body
+
+
+def _evaluate(request: Logits, worker: ModelWorker, handles: dict[int, Sequence]) -> list[np.ndarray]:
+    for parent, child in request.forks:
+        source = _held(handles, parent)
+        if child in handles:
+            raise ProtocolError(f"LOGITS: sequence {child} is held already")
+        slot = _take_slot(worker, source.tokens)
+        slot.copy_from(source)                      # shares the cells: no room needed
+        handles[child] = slot
+    _release(worker, handles, request.releases)
+    rows: list[np.ndarray | None] = [None] * len(request.steps)
+    appends = []
+    for index, step in enumerate(request.steps):
+        if not step.reset:
+            appends.append((index, _held(handles, step.sequence), step.tokens))
+            continue
+        slot = handles.get(step.sequence)
+        if slot is None:
+            slot = handles[step.sequence] = _take_slot(worker, step.tokens)
+        _make_room(worker, len(step.tokens) - len(slot.tokens), slot)
+        rows[index] = np.array(slot.logits(step.tokens))
+    if appends:
+        _make_room(worker, sum(len(tokens) for _, _, tokens in appends), None)
+        evaluated = worker.backend.advance_many([(slot, tokens) for _, slot, tokens in appends])
+        for (index, _, _), row in zip(appends, evaluated):
+            rows[index] = row
+    return rows
+
+
+def _held(handles: dict[int, Sequence], handle: int) -> Sequence:
+    slot = handles.get(handle)
+    if slot is None:
+        raise ProtocolError(f"LOGITS: no sequence {handle} is held (a new one starts with a reset step)")
+    return slot
+
+
+def _take_slot(worker: ModelWorker, tokens: list[int]) -> Sequence:
+    """The idle slot sharing the longest prefix with `tokens`, now held."""
+    if not worker.idle:
+        raise ModelError(f"all {worker.slots} sequences of the server are in use (its --slots)")
+    slot = max(reversed(worker.idle), key=lambda s: common_prefix(s.tokens, tokens))
+    worker.idle.remove(slot)
+    worker.held.add(slot)
+    return slot
+
+
+def _make_room(worker: ModelWorker, cells: int, keep: Sequence | None) -> None:
+    if cells > 0 and not worker.make_room(cells, keep=keep):
+        raise ModelError(f"the server's cache has no room for {cells} more tokens now (the "
+                         f"{worker.backend.context_size} cells are held by other streams)")
+
+
+def _release(worker: ModelWorker, handles: dict[int, Sequence], released: list[int]) -> None:
+    """Held slots back to the pool, their cells kept for a later prefix (unknown handles:
+    nothing to do)."""
+    for handle in released:
+        slot = handles.pop(handle, None)
+        if slot is not None:
+            worker.held.discard(slot)
+            worker.idle.append(slot)
