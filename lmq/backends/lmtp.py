@@ -85,9 +85,9 @@ class LmtpBackend(GgufBackend):
     def advance_many(self, steps: list[tuple[Sequence, list[int]]]) -> list[np.ndarray]:
         return self._rows.evaluate([(sequence, list(tokens), False) for sequence, tokens in steps])
 
-    def _connect_sync(self):
+    def _connect_sync(self, **options: Any):
         return connect_sync(self.url, additional_headers=self._headers, proxy=None,
-                            compression=None, open_timeout=_CONNECT_TIMEOUT, max_size=None)
+                            compression=None, open_timeout=_CONNECT_TIMEOUT, max_size=None, **options)
 
     def _model_info(self) -> dict[str, Any]:
         try:
@@ -306,7 +306,7 @@ class _RowsClient:
         self._forks, self._releases = [], []
         try:
             if self._websocket is None:
-                self._websocket = self.backend._connect_sync()
+                self._websocket = self.backend._connect_sync(legacy=True)    # held open
             self._websocket.send("LOGITS " + json.dumps(request))
         except (OSError, TimeoutError, WebSocketException) as e:
             self._websocket = None

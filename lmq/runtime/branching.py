@@ -79,7 +79,7 @@ class SearchDecoder(Decoder):
 
     name = "beam"
     keeps_searching = False
-    decodes_whole_holes = False
+    whole_holes_remote = False
 
     def __init__(self, **settings: Any):
         settings = dict(settings)

@@ -49,9 +49,11 @@ class Decoder:
     name = "argmax"
     arguments = COMMON_ARGUMENTS
     distribution_norm = "sum"        # how a `distribution` clause aggregates token scores
-    #: whether a hole depends on this branch alone, so a model server may decode it whole
-    #: (`generate_hole`); search decoders decide across branches on logits rows
-    decodes_whole_holes = True
+    #: whether a model server may decode a hole whole (`generate_hole`): only where a
+    #: hole depends on one branch alone; search decoders decide across branches, and n
+    #: branches decode here in one batch (as in process, so with the same rows) on rows
+    #: the server computes
+    whole_holes_remote = True
 
     def __init__(self, **settings: Any):
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
@@ -114,7 +116,7 @@ class Decoder:
                                     f"{len(context) - max_len} more than {limit}",
                                     result=([], b""))
         remote = getattr(backend, "generate_hole", None)
-        if remote is not None and self.decodes_whole_holes:   # a model server decodes it (LMTP)
+        if remote is not None and self.whole_holes_remote and self.n == 1:   # a server decodes it (LMTP)
             return await remote(context, plan, max_len, self, on_text)
         vocabulary = backend.vocabulary
         ends = vocabulary.end_ids

@@ -6,7 +6,7 @@ holds on the server: each is a slot of the model's pool, named by a handle the c
 chose, kept (with its cache cells) until the client releases it or goes away. One
 LOGITS request forks (`llama_memory_seq_cp`: cells shared, nothing evaluated), releases,
 then evaluates: `reset` steps bring a sequence to exactly their tokens (a new handle
-takes the idle slot sharing the longest prefix), the other steps append their tokens,
+takes the most recently freed slot, with the cells it kept), the other steps append,
 all in one `advance_many`, just as the in-process scheduler batches them. The answer is
 one binary frame, `ROWS {"stream_id", "rows", "width"}\\n` then the rows as
 little-endian float32, in step order (an error is a TOKEN error element on the stream).
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lmq.backends.base import Sequence, common_prefix
+from lmq.backends.base import Sequence
 from lmq.errors import LmqError, ModelError
 from lmq.serve.protocol import Logits, ProtocolError
 from lmq.serve.scheduler import ModelWorker
@@ -87,7 +87,7 @@ def _evaluate(request: Logits, worker: ModelWorker, handles: dict[int, Sequence]
         source = _held(handles, parent)
         if child in handles:
             raise ProtocolError(f"LOGITS: sequence {child} is held already")
-        slot = _take_slot(worker, source.tokens)
+        slot = _take_slot(worker)
         slot.copy_from(source)                      # shares the cells: no room needed
         handles[child] = slot
     _release(worker, handles, request.releases)
@@ -99,7 +99,7 @@ def _evaluate(request: Logits, worker: ModelWorker, handles: dict[int, Sequence]
             continue
         slot = handles.get(step.sequence)
         if slot is None:
-            slot = handles[step.sequence] = _take_slot(worker, step.tokens)
+            slot = handles[step.sequence] = _take_slot(worker)
         _make_room(worker, len(step.tokens) - len(slot.tokens), slot)
         rows[index] = np.array(slot.logits(step.tokens))
     if appends:
@@ -117,12 +117,12 @@ def _held(handles: dict[int, Sequence], handle: int) -> Sequence:
     return slot
 
 
-def _take_slot(worker: ModelWorker, tokens: list[int]) -> Sequence:
-    """The idle slot sharing the longest prefix with `tokens`, now held."""
+def _take_slot(worker: ModelWorker) -> Sequence:
+    """The most recently freed idle slot, now held: llama.cpp's own order in process, so
+    the same requests reuse the same cached prefixes and get the in-process rows exactly."""
     if not worker.idle:
         raise ModelError(f"all {worker.slots} sequences of the server are in use (its --slots)")
-    slot = max(reversed(worker.idle), key=lambda s: common_prefix(s.tokens, tokens))
-    worker.idle.remove(slot)
+    slot = worker.idle.pop()
     worker.held.add(slot)
     return slot
 
