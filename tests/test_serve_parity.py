@@ -24,6 +24,7 @@ from conftest import PinnedModel
 import lmq
 from lmq.backends import default_model_path
 from lmq.backends.llama_cpp import LlamaCppBackend
+from lmq.runtime.sampling import make_sampler
 from lmtp_harness import RawClient, ServerProcess
 
 pytestmark = pytest.mark.model
@@ -195,3 +196,31 @@ def test_logits_requests_fork_append_and_release_held_sequences(holes):
     while model_info(server.url)["held_sequences"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert model_info(server.url)["held_sequences"] == 0
+
+
+def test_sampler_state_goes_on_where_it_stopped_and_bad_states_are_answers(holes):
+    """A hole's returned state, sent with the next hole, continues the random stream: two
+    holes of one draw each equal one hole of two draws; a malformed state is an error
+    answer on its stream."""
+    program = {"grammar": None, "language": ["regex", "[a-z]+"], "min_tokens": 0, "max_tokens": 1,
+               "stops": []}
+    prompt = [1, 504, 3575, 282, 4649, 314]
+    start = make_sampler({"temperature": 1.0}, 3).state()
+    client = RawClient(holes.server.url)
+    try:
+        def hole(stream_id, state, tokens, context):
+            elements = client.generate(MODEL, context, stream_id=stream_id, temperature=1.0,
+                                       constraint={**program, "max_tokens": tokens},
+                                       sampler_state=state)
+            return [e["token"] for e in elements], elements[-1]["hole"]["sampler_state"]
+        first, state = hole(1, start, 1, prompt)
+        second, after = hole(2, state, 1, prompt + first)
+        both, after_both = hole(3, start, 2, prompt)
+        assert first + second == both and after == after_both and after != start
+        for stream_id, bad in enumerate([{"rng": 5, "mu": 1.0}, {"rng": start["rng"]},
+                                         {**start, "mu": "x"}, [1, 2]], start=4):
+            [element] = client.generate(MODEL, prompt, stream_id=stream_id, temperature=1.0,
+                                        constraint=program, sampler_state=bad)
+            assert "sampler_state" in element["error"]
+    finally:
+        client.close()

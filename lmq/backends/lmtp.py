@@ -4,9 +4,9 @@ with `endpoint=`, and `lmtp://HOST:PORT/MODEL`).
 Holes of argmax and sample use the capability `generate_hole`, which `Decoder.decode`
 takes when a backend offers it: the whole hole is one GENERATE carrying the hole's
 constraint program; the server masks every token itself (hard) with the same decoder, and
-streams the tokens back. A sampler's random state travels with the hole and comes back
-with its last element (`sampler_state`), so seeded draws continue from hole to hole and
-branch to branch exactly as in process.
+streams the tokens back. A sampler's state (random stream, mirostat's mu) travels with the
+hole and comes back with its last element (`sampler_state`), so seeded draws continue from
+hole to hole exactly as in process.
 
 Everything else (beam, best_k, `distribution`, `model.score`) needs logits rows: this
 backend's `Sequence`s are held on the server (lmq's LOGITS extension, one synchronous
@@ -119,7 +119,7 @@ class LmtpBackend(GgufBackend):
                    "constraint": plan.to_program(), **_sampling(decoder)}
         sampler = decoder.sampler() if decoder.name == "sample" else None
         if sampler is not None:
-            request["sampler_state"] = sampler.rng.bit_generator.state
+            request["sampler_state"] = sampler.state()
         client = await self._client()
         table = self.vocabulary.token_bytes
         tokens: list[int] = []
@@ -140,8 +140,8 @@ class LmtpBackend(GgufBackend):
                 continue
             if token is not None and token not in self.vocabulary.end_ids:
                 tokens.append(token)          # a value's last token (not the end token)
-            if sampler is not None:
-                sampler.rng.bit_generator.state = hole["sampler_state"]
+            if sampler is not None and "sampler_state" in hole:     # (absent: greedy, no draw)
+                sampler.restore(hole["sampler_state"])
             value = b"".join(table[t] for t in tokens)[:hole["value_bytes"]]
             if on_text and len(value) > shown:
                 on_text(value[shown:])

@@ -67,9 +67,9 @@ def _decoder(request: Generate) -> Decoder:
         raise ProtocolError(f"GENERATE constraint: {e}") from None
     if request.sampler_state is not None and name == "sample":
         try:                     # the client's sampler goes on where it stopped
-            decoder.sampler().rng.bit_generator.state = request.sampler_state
-        except (ValueError, TypeError, OverflowError):
-            raise ProtocolError("GENERATE: field 'sampler_state' is not a valid PCG64 state") from None
+            decoder.sampler().restore(request.sampler_state)
+        except ValueError as e:
+            raise ProtocolError(f"GENERATE: field 'sampler_state': {e}") from None
     return decoder
 
 
@@ -174,7 +174,7 @@ class HoleStream(Stream):
         last["hole"] = {"finish": output.finish, "value_bytes": len(output.value),
                         "logprob": output.logprob}
         if self.decoder.name == "sample":
-            last["hole"]["sampler_state"] = self.decoder.sampler().rng.bit_generator.state
+            last["hole"]["sampler_state"] = self.decoder.sampler().state()
         return elements
 
 

@@ -49,7 +49,7 @@ class Generate:
     deny: list[int] | None = None             # `mask: {"deny": …}`
     constraint: dict[str, Any] | None = None   # an lmq constraint program (`HolePlan.to_program`)
     seed: int | None = None
-    sampler_state: dict[str, Any] | None = None   # a sampler's random state (lmq; PCG64)
+    sampler_state: dict[str, Any] | None = None   # a sampler's `Sampler.state()` (lmq)
     sampling: SamplingSettings = SamplingSettings(temperature=0.0)
 
     def token_ids(self) -> list[int]:
@@ -241,16 +241,10 @@ def _generate(fields: _Fields, limits: Limits) -> Generate:
 
 
 def _sampler_state(fields: _Fields) -> dict[str, Any] | None:
-    """`sampler_state`: numpy's PCG64 state, as `bit_generator.state` spells it."""
+    """`sampler_state`: a sampler's `Sampler.state()` (checked when it is restored)."""
     state = fields.payload.get("sampler_state")
-    if state is None:
-        return None
-    inner = state.get("state") if isinstance(state, dict) else None
-    if not (isinstance(inner, dict) and state.get("bit_generator") == "PCG64"
-            and all(_is_int(inner.get(k)) and inner[k] >= 0 for k in ("state", "inc"))
-            and all(_is_int(state.get(k)) and state[k] >= 0 for k in ("has_uint32", "uinteger"))):
-        raise fields.fail('field "sampler_state" must be a PCG64 state {"bit_generator": "PCG64", '
-                          '"state": {"state": int, "inc": int}, "has_uint32": int, "uinteger": int}')
+    if state is not None and not isinstance(state, dict):
+        raise fields.fail('field "sampler_state" must be an object {"rng": PCG64 state, "mu": number}')
     return state
 
 

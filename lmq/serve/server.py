@@ -202,11 +202,11 @@ class Connection:
                                               "model_info": model_info(request.model, worker,
                                                                          self.server.limits)}]))
             return
+        if request.stream_id in self.open:
+            raise ProtocolError(f"stream {request.stream_id} is already open on this connection")
         if isinstance(request, Logits):
             self.held.submit(request, worker)
             return
-        if request.stream_id in self.open:
-            raise ProtocolError(f"stream {request.stream_id} is already open on this connection")
         if len(self.open) >= self.server.limits.max_streams:
             raise ProtocolError(f"too many open streams on this connection (limit "
                                 f"{self.server.limits.max_streams})")
