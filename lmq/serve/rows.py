@@ -12,7 +12,9 @@ one binary frame, `ROWS {"stream_id", "rows", "width"}\\n` then the rows as
 little-endian float32, in step order (an error is a TOKEN error element on the stream).
 
 Requests run on the model's worker thread between two batching steps; held slots'
-cells count against the cache shared with the streams (`ModelWorker.held`).
+cells count against the cache shared with the streams (`ModelWorker.held`). A request
+that finds no free slot or no room for its steps beside the active streams waits (tried
+again after each step) until they leave some; with no stream active it is an error.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class HeldSequences:
     def __init__(self, owner: RowsOwner):
         self.owner = owner
         self.handles: dict[ModelWorker, dict[int, Sequence]] = {}
+        self.closed = False               # the client went away: waiting requests are dropped
 
     def submit(self, request: Logits, worker: ModelWorker) -> None:
         """Check the request's token ids and queue it on the worker (event loop side)."""
@@ -56,23 +59,34 @@ class HeldSequences:
 
     def release_all(self) -> None:
         """The client went away: every held slot goes back to its pool."""
+        self.closed = True
         for worker, handles in self.handles.items():
             worker.call(lambda worker=worker, handles=handles: _release(worker, handles, list(handles)))
         self.handles.clear()
 
-    def _answer(self, request: Logits, worker: ModelWorker, handles: dict[int, Sequence]) -> None:
+    def _answer(self, request: Logits, worker: ModelWorker, handles: dict[int, Sequence]) -> bool:
+        """Answer the request; False (only its releases done) while the active streams
+        leave it no free slot or no room for its steps: the worker tries again after its
+        next step."""
+        if self.closed:
+            return True
         try:
+            _release(worker, handles, request.releases)
+            if worker.active and (_slots_needed(request, handles) > len(worker.idle)
+                                  or not worker.make_room(_cells_needed(request, handles))):
+                return False
             rows = _evaluate(request, worker, handles)
         except LmqError as e:
             self.owner.deliver([{"stream_id": request.stream_id, "error": str(e),
                                  "error_type": type(e).__name__}])
-            return
+            return True
         except Exception as e:           # a server fault answers the request, never the loop
             print(f"lmq serve-model: internal error on a LOGITS request: {e!r}", file=sys.stderr, flush=True)
             self.owner.deliver([{"stream_id": request.stream_id,
                                  "error": f"internal server error: {type(e).__name__}"}])
-            return
+            return True
         self.owner.deliver_frame(rows_frame(request.stream_id, rows, worker.backend.vocabulary.size))
+        return True
 
 
 def rows_frame(stream_id: int, rows: list[np.ndarray], width: int) -> bytes:
@@ -90,24 +104,56 @@ def _evaluate(request: Logits, worker: ModelWorker, handles: dict[int, Sequence]
         slot = _take_slot(worker)
         slot.copy_from(source)                      # shares the cells: no room needed
         handles[child] = slot
-    _release(worker, handles, request.releases)
     rows: list[np.ndarray | None] = [None] * len(request.steps)
     appends = []
     for index, step in enumerate(request.steps):
         if not step.reset:
             appends.append((index, _held(handles, step.sequence), step.tokens))
             continue
-        slot = handles.get(step.sequence)
-        if slot is None:
-            slot = handles[step.sequence] = _take_slot(worker)
-        _make_room(worker, len(step.tokens) - len(slot.tokens), slot)
-        rows[index] = np.array(slot.logits(step.tokens))
+        rows[index] = _reset(worker, handles, step.sequence, step.tokens)
     if appends:
         _make_room(worker, sum(len(tokens) for _, _, tokens in appends), None)
         evaluated = worker.backend.advance_many([(slot, tokens) for _, slot, tokens in appends])
         for (index, _, _), row in zip(appends, evaluated):
             rows[index] = row
     return rows
+
+
+def _reset(worker: ModelWorker, handles: dict[int, Sequence], handle: int, tokens: list[int]) -> np.ndarray:
+    """Bring a sequence (a new one: the most recently freed slot) to exactly `tokens`; a
+    new slot goes back to the pool if that fails."""
+    slot = handles.get(handle)
+    new = slot is None
+    if new:
+        slot = _take_slot(worker)
+    try:
+        _make_room(worker, len(tokens) - len(slot.tokens), slot)
+        row = np.array(slot.logits(tokens))
+    except Exception:
+        if new:
+            worker.held.discard(slot)
+            worker.idle.append(slot)
+        raise
+    handles[handle] = slot
+    return row
+
+
+def _slots_needed(request: Logits, handles: dict[int, Sequence]) -> int:
+    """The pool slots the request takes: one per fork and per new sequence."""
+    children = {child for _, child in request.forks}
+    return len(children) + len({step.sequence for step in request.steps if step.reset
+                                and step.sequence not in handles and step.sequence not in children})
+
+
+def _cells_needed(request: Logits, handles: dict[int, Sequence]) -> int:
+    """The cells the request's steps add, at most (a new sequence counted whole)."""
+    parents = {child: handles.get(parent) for parent, child in request.forks}
+    total = 0
+    for step in request.steps:
+        held = handles.get(step.sequence) or parents.get(step.sequence)
+        before = len(held.tokens) if held is not None else 0
+        total += len(step.tokens) - before if step.reset else len(step.tokens)
+    return max(total, 0)
 
 
 def _held(handles: dict[int, Sequence], handle: int) -> Sequence:

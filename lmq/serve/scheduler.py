@@ -121,9 +121,10 @@ class ModelWorker:
         """Cancel one stream of `owner`, or all of them (stream_id None: it disconnected)."""
         self._commands.put(("cancel", owner, stream_id))
 
-    def call(self, function: Callable[[], None]) -> None:
+    def call(self, function: Callable[[], bool | None]) -> None:
         """Run `function` on the worker thread between two steps (it may use the backend
-        and the slots; it answers its client itself)."""
+        and the slots; it answers its client itself); again after the next step while it
+        returns False (it waits for the active streams to leave room)."""
         self._commands.put(("call", function))
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -153,11 +154,15 @@ class ModelWorker:
             _send(out)
 
     def _take_commands(self, out: dict, block: bool) -> bool:
-        """Apply queued commands (waiting for one when idle); False on stop."""
+        """Apply queued commands (waiting for one when idle); False on stop. A call that
+        returns False is tried again after the next step."""
+        deferred = []
         while True:
             try:
                 command = self._commands.get(block=block)
             except queue.Empty:
+                for command in deferred:
+                    self._commands.put(command)
                 return True
             block = False
             if command[0] == "stop":
@@ -165,7 +170,8 @@ class ModelWorker:
             if command[0] == "submit":
                 self.waiting.push(command[1])
             elif command[0] == "call":
-                command[1]()
+                if command[1]() is False:
+                    deferred.append(command)
             else:
                 self._cancel(command[1], command[2], out)
 
