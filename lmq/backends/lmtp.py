@@ -282,7 +282,10 @@ class _RowsClient:
         with self._lock:
             self._releases.append(sequence.handle)
             sequence.held = False
-            self._send([])
+            try:
+                self._send([])
+            except ModelError:            # the connection is gone, and its slots with it
+                pass
 
     def evaluate(self, steps: list[tuple[RemoteSequence, list[int], bool]]) -> list[np.ndarray]:
         """The rows after each step (`reset`: the tokens are the whole sequence, else
