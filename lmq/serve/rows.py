@@ -65,15 +65,12 @@ class HeldSequences:
         self.handles.clear()
 
     def _answer(self, request: Logits, worker: ModelWorker, handles: dict[int, Sequence]) -> bool:
-        """Answer the request; False (only its releases done) while the active streams
-        leave it no free slot or no room for its steps: the worker tries again after its
-        next step."""
+        """Answer the request; False (nothing done) while the active streams leave it no
+        free slot or no room for its steps: the worker tries again after its next step."""
         if self.closed:
             return True
         try:
-            _release(worker, handles, request.releases)
-            if worker.active and (_slots_needed(request, handles) > len(worker.idle)
-                                  or not worker.make_room(_cells_needed(request, handles))):
+            if worker.active and not _fits(request, worker, handles):
                 return False
             rows = _evaluate(request, worker, handles)
         except LmqError as e:
@@ -104,6 +101,7 @@ def _evaluate(request: Logits, worker: ModelWorker, handles: dict[int, Sequence]
         slot = _take_slot(worker)
         slot.copy_from(source)                      # shares the cells: no room needed
         handles[child] = slot
+    _release(worker, handles, request.releases)
     rows: list[np.ndarray | None] = [None] * len(request.steps)
     appends = []
     for index, step in enumerate(request.steps):
@@ -138,22 +136,22 @@ def _reset(worker: ModelWorker, handles: dict[int, Sequence], handle: int, token
     return row
 
 
-def _slots_needed(request: Logits, handles: dict[int, Sequence]) -> int:
-    """The pool slots the request takes: one per fork and per new sequence."""
-    children = {child for _, child in request.forks}
-    return len(children) + len({step.sequence for step in request.steps if step.reset
-                                and step.sequence not in handles and step.sequence not in children})
-
-
-def _cells_needed(request: Logits, handles: dict[int, Sequence]) -> int:
-    """The cells the request's steps add, at most (a new sequence counted whole)."""
+def _fits(request: Logits, worker: ModelWorker, handles: dict[int, Sequence]) -> bool:
+    """Whether the pool has the slots the request takes (one per fork and per new
+    sequence) and the cache the cells its steps add (a new sequence counted whole), once
+    its releases are done."""
     parents = {child: handles.get(parent) for parent, child in request.forks}
-    total = 0
+    released = [handles[h] for h in set(request.releases) if h in handles]
+    new = {step.sequence for step in request.steps
+           if step.reset and step.sequence not in handles and step.sequence not in parents}
+    if len(parents) + len(new) > len(worker.idle) + len(released):
+        return False
+    cells = -sum(len(slot.tokens) for slot in released)
     for step in request.steps:
         held = handles.get(step.sequence) or parents.get(step.sequence)
-        before = len(held.tokens) if held is not None else 0
-        total += len(step.tokens) - before if step.reset else len(step.tokens)
-    return max(total, 0)
+        before = len(held.tokens) if held is not None and step.reset else 0
+        cells += len(step.tokens) - before
+    return cells <= 0 or worker.make_room(cells)
 
 
 def _held(handles: dict[int, Sequence], handle: int) -> Sequence:
