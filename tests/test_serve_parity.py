@@ -1,16 +1,16 @@
 """Every decoder, `distribution`, `model.score` and `model.generate` through a real
-`lmq serve-model` subprocess give what they give in process: argmax and sample holes are
-decoded whole on the server (a sampler's state travels with each hole), beam, best_k,
-distribution and score run here on rows of sequences held on the server (LOGITS), in the
-very batches the in-process scheduler forms.
+`lmq serve-model` subprocess give what they give in process: one-branch argmax and sample
+holes are decoded whole on the server (a sampler's state travels with each hole); beam,
+best_k, n > 1, distribution and score run here on rows of sequences held on the server
+(LOGITS), in the very batches the in-process scheduler forms.
 
 llama.cpp's rows depend, beyond the last bits, on the cache history (where cells lie, in
-what batches a reused prefix was computed): so each server is paired with an in-process
-model of the same settings (n_ctx, 16 sequences, flash attention off) that has seen the
-same work. On the rows path the server mirrors the in-process slot order, so a server that
-only served these requests gives the in-process scores to float rounding; whole holes
-(streams decoded in the server's batches) agree within the project's kernel tolerance
-(see test_decoders_model), and seeded samples are compared on fresh pairs.
+what batches a reused prefix was computed), so each server is paired with a fresh
+in-process model of the same settings (n_ctx, 16 sequences, flash attention off) given
+the same work in the same order: the server then mirrors the in-process cache history
+(held slots in llama.cpp's order) and results, tokens and scores agree to float rounding.
+One pair serves only the rows path, one only whole holes (whose server streams fill the
+cache differently from in-process lanes), and the seeded-sampling checks run there too.
 """
 
 import json
