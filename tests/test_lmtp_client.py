@@ -66,11 +66,6 @@ def test_seeded_sampling_draws_what_it_draws_in_process(query, remote, local):
     assert there.tokens == here.tokens
 
 
-def test_search_decoders_are_refused_over_lmtp(remote):
-    with pytest.raises(lmq.ModelError, match="logits rows"):
-        lmq.run_sync('"Say something:[A]" where len(TOKENS(A)) < 6', model=remote, decoder="beam(n=2)")
-
-
 def test_lmtp_url_ids_and_concurrent_queries(server, local):
     model = lmq.model(server.url.replace("ws://", "lmtp://") + f"llama.cpp:{PATH}")
 

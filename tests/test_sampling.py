@@ -215,3 +215,21 @@ def test_hidden_entries_are_never_drawn_and_leave_the_normalizer():
     only = np.full(4, -np.inf, dtype=np.float32)
     only[1] = 0.0
     assert s.pick_hiding(only, np.array([1])) == -1
+
+
+@pytest.mark.parametrize("knobs", [{"temperature": 0.9, "top_k": 20}, {"mirostat": 2}])
+def test_a_restored_state_continues_the_draws(knobs):
+    """`state()`/`restore()` (what an LMTP hole carries): a sampler restored from another's
+    state draws what that one draws next, mirostat's mu included; malformed states are
+    ValueErrors."""
+    rows = np.random.default_rng(1).normal(0, 3, (40, 200)).astype(np.float32)
+    original = make_sampler(knobs, seed=4)
+    for row in rows[:20]:
+        original.pick(row)
+    copy = make_sampler(knobs, seed=99)
+    copy.restore(original.state())
+    assert [copy.pick(row) for row in rows[20:]] == [original.pick(row) for row in rows[20:]]
+    assert copy.state() == original.state()
+    for bad in ({"rng": 5, "mu": 1.0}, {"mu": 1.0}, {**original.state(), "mu": math.inf}, None):
+        with pytest.raises(ValueError, match="not a sampler state"):
+            copy.restore(bad)

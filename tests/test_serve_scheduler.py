@@ -5,6 +5,7 @@ streams are admitted round robin across owners."""
 
 import json
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -16,8 +17,9 @@ from lmq.runtime.decoders import DECODERS
 from lmq.runtime.hole import plan_from_program
 from lmq.serve.holes import HoleStream
 from lmq.serve.protocol import Limits, parse_request
+from lmq.serve.rows import HeldSequences
 from lmq.serve.scheduler import FairQueue, ModelWorker
-from lmq.serve.streams import GenerateStream
+from lmq.serve.streams import GenerateStream, Stream
 
 PATH = default_model_path()
 VOCAB = load_vocab_only(PATH)
@@ -146,3 +148,80 @@ def test_waiting_streams_are_taken_round_robin_across_owners():
     assert len(waiting) == 3
     assert waiting.remove(many, lambda s: s.stream_id == 3) == [streams[3]]
     assert list(waiting) == [streams[2], streams[4]]
+
+
+class GatedStream(Stream):
+    """Appends one token per step, one step per permit, up to `length` tokens."""
+
+    def __init__(self, owner, prompt: list[int], length: int):
+        super().__init__(owner, 0, prompt, length)
+        self.permits = threading.Semaphore(0)
+        self.length = length
+        self.count = 0
+
+    def step(self, row: np.ndarray) -> list[dict]:
+        if self.count == self.length:
+            return [self.finish({"stream_id": 0}, "length")]
+        self.count += 1
+        self.next_tokens = [7]
+        return []
+
+    def request(self) -> list[int] | None:
+        self.permits.acquire()
+        return super().request()
+
+
+class RowsCollector(Collector):
+    def __init__(self):
+        super().__init__(0)
+        self.frames: list[bytes] = []
+
+    def deliver_frame(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def logits_request(stream_id: int, **fields):
+    return parse_request("LOGITS " + json.dumps({"model": "m", "stream_id": stream_id, **fields}), Limits())
+
+
+def test_held_sequences_wait_for_room_beside_active_streams():
+    """A LOGITS request whose cells do not fit beside an active stream waits until the
+    stream leaves room, then gets its rows; with no stream to wait for it is an error; the
+    shared cache never overflows and a disconnect gives every held slot back."""
+    backend = HashedBackend(n_ctx=64)
+    worker = ModelWorker("hashed", backend, slots=4)
+    owner = RowsCollector()
+    held = HeldSequences(owner)
+    stream = GatedStream(Collector(1), list(range(1, 9)), 40)
+    try:
+        worker.submit(stream)
+        for _ in range(34):
+            stream.permits.release()
+        deadline = time.monotonic() + 30
+        while stream.count < 34 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tokens = list(range(100, 130))
+        held.submit(logits_request(1, steps=[{"sequence": 0, "tokens": tokens, "reset": True}]), worker)
+        time.sleep(0.3)
+        assert owner.frames == []                     # 42 + 30 cells do not fit in 64
+        for _ in range(10):
+            stream.permits.release()
+        while not owner.frames and time.monotonic() < deadline:
+            time.sleep(0.01)
+        head, _, body = owner.frames[0].partition(b"\n")
+        assert json.loads(head.removeprefix(b"ROWS ")) == {"stream_id": 1, "rows": 1,
+                                                           "width": backend.vocabulary.size}
+        assert np.array_equal(np.frombuffer(body, dtype="<f4"), backend.row(tokens))
+        assert stream.finished and worker.stats()["held_sequences"] == 1
+        held.submit(logits_request(2, steps=[{"sequence": 1, "tokens": tokens * 2, "reset": True}]), worker)
+        while not owner.errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "no room" in owner.errors[0]["error"]
+        assert worker.stats()["held_sequences"] == 1           # the failed one holds nothing
+        held.release_all()
+        while worker.stats()["held_sequences"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.stats()["held_sequences"] == 0
+    finally:
+        worker.stop()
+    assert backend.peak_cells <= backend.context_size

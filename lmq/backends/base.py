@@ -75,6 +75,11 @@ class Sequence(ABC):
         row = self.advance(token)
         return lambda: row
 
+    def copy_from(self, other: "Sequence") -> None:
+        """Hold exactly `other`'s tokens (a fork into this existing slot); engines that can
+        copy cache cells override it to evaluate nothing."""
+        self.logits(other.tokens)
+
     @abstractmethod
     def fork(self) -> "Sequence":
         """A new sequence sharing this one's cached tokens (no re-evaluation)."""

@@ -235,10 +235,17 @@ class LlamaSequence(Sequence):
 
     def fork(self) -> "LlamaSequence":
         child = self.backend.sequence()
-        llama_cpp.llama_memory_seq_rm(self.backend.memory, child.seq_id, 0, -1)
-        llama_cpp.llama_memory_seq_cp(self.backend.memory, self.seq_id, child.seq_id, 0, -1)
-        child.tokens = list(self.tokens)
+        child.copy_from(self)
         return child
+
+    def copy_from(self, other: "LlamaSequence") -> None:
+        """The cells of `other` shared into this slot (`llama_memory_seq_cp`: no copy)."""
+        backend = self.backend
+        llama_cpp.llama_memory_seq_rm(backend.memory, self.seq_id, 0, -1)
+        llama_cpp.llama_memory_seq_cp(backend.memory, other.seq_id, self.seq_id, 0, -1)
+        self.tokens = list(other.tokens)
+        if backend._logits_owner is not None and backend._logits_owner[0] == self.seq_id:
+            backend._logits_owner = None
 
     def release(self) -> None:
         """Give the slot back but leave its tokens in the cache: the next query on this

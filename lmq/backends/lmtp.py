@@ -1,10 +1,18 @@
 """The LMTP client backend: a model served by `lmq serve-model` (ids `llama.cpp:PATH`
 with `endpoint=`, and `lmtp://HOST:PORT/MODEL`).
 
-A server returns tokens, not logits rows, so this backend has no `Sequence`s. Instead it
-has the capability `generate_hole`, which `Decoder.decode_hole` uses when a backend offers
-it: the whole hole is one GENERATE carrying the hole's constraint program; the server
-masks every token itself (hard) with the same decoder, and streams the tokens back.
+Holes of argmax and sample use the capability `generate_hole`, which `Decoder.decode`
+takes when a backend offers it: the whole hole is one GENERATE carrying the hole's
+constraint program; the server masks every token itself (hard) with the same decoder, and
+streams the tokens back. A sampler's state (random stream, mirostat's mu) travels with the
+hole and comes back with its last element (`sampler_state`), so seeded draws continue from
+hole to hole exactly as in process.
+
+Everything else (beam, best_k, `distribution`, `model.score`) needs logits rows: this
+backend's `Sequence`s are held on the server (lmq's LOGITS extension, one synchronous
+connection per backend: the runtime asks for rows from inside its step, as it calls
+llama.cpp), so the in-process decoders and scoring run here unchanged on the server's
+rows, one round trip per batch step.
 Tokenizer, vocabulary bytes and chat template come from the model's GGUF read locally
 (the server names its path in MODEL_INFO; `vocab=` overrides), and are checked against
 the server's vocabulary size, so prompts, stops and values see the server's bytes.
@@ -19,8 +27,11 @@ import asyncio
 import itertools
 import json
 import os
+import threading
 import weakref
 from typing import Any, Callable
+
+import numpy as np
 
 from websockets.asyncio.client import ClientConnection, connect as connect_async
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
@@ -63,18 +74,24 @@ class LmtpBackend(GgufBackend):
         self.max_tokens = int(info.get("max_tokens") or self.context_size)   # the server's cap
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client]" = \
             weakref.WeakKeyDictionary()
+        self._rows = _RowsClient(self)
 
     def describe(self) -> str:
         return f"{self.model} on {self.url}"
 
-    def sequence(self) -> Sequence:
-        raise ModelError(f"{self.describe()} returns tokens, not logits rows: only decoders that "
-                         "decode whole holes (argmax, sample) run on an LMTP model")
+    def sequence(self) -> "RemoteSequence":
+        return RemoteSequence(self._rows)
+
+    def advance_many(self, steps: list[tuple[Sequence, list[int]]]) -> list[np.ndarray]:
+        return self._rows.evaluate([(sequence, list(tokens), False) for sequence, tokens in steps])
+
+    def _connect_sync(self, **options: Any):
+        return connect_sync(self.url, additional_headers=self._headers, proxy=None,
+                            compression=None, open_timeout=_CONNECT_TIMEOUT, max_size=None, **options)
 
     def _model_info(self) -> dict[str, Any]:
         try:
-            with connect_sync(self.url, additional_headers=self._headers, proxy=None,
-                              compression=None, open_timeout=_CONNECT_TIMEOUT, max_size=None) as ws:
+            with self._connect_sync() as ws:
                 ws.send("MODEL_INFO " + json.dumps({"model": self.model, "stream_id": 0}))
                 kind, _, body = ws.recv(timeout=_CONNECT_TIMEOUT).partition(" ")
         except InvalidStatus as e:
@@ -100,6 +117,9 @@ class LmtpBackend(GgufBackend):
         room = max_len - len(context)
         request = {"model": self.model, "prompt": list(context), "max_tokens": min(room, self.max_tokens),
                    "constraint": plan.to_program(), **_sampling(decoder)}
+        sampler = decoder.sampler() if decoder.name == "sample" else None
+        if sampler is not None:
+            request["sampler_state"] = sampler.state()
         client = await self._client()
         table = self.vocabulary.token_bytes
         tokens: list[int] = []
@@ -122,6 +142,8 @@ class LmtpBackend(GgufBackend):
                 continue
             if token is not None and token not in self.vocabulary.end_ids:
                 tokens.append(token)          # a value's last token (not the end token)
+            if sampler is not None and "sampler_state" in hole:     # (absent: greedy, no draw)
+                sampler.restore(hole["sampler_state"])
             value = b"".join(table[t] for t in tokens)[:hole["value_bytes"]]
             if on_text and len(value) > shown:
                 on_text(value[shown:])
@@ -200,21 +222,119 @@ class _Client:
 
 
 def _sampling(decoder) -> dict[str, Any]:
-    """The decoder's sampling knobs as GENERATE fields (argmax: temperature 0)."""
+    """The decoder's sampling knobs as GENERATE fields (argmax: temperature 0); a seed
+    travels as the sampler's state."""
     if decoder.name == "argmax":
-        knobs = {"temperature": 0.0}
-    elif decoder.name == "sample":
-        knobs = {k: v for k, v in decoder.settings.items() if k in SamplingSettings.names()}
-        knobs.setdefault("temperature", 1.0)
-    else:
-        raise ModelError(f"decoder {decoder.name} needs logits rows, which an LMTP model does not "
-                         "provide (use argmax or sample)")
-    if decoder.settings.get("seed") is not None:
-        if decoder.n > 1 and decoder.name == "sample":
-            raise ModelError("sample(n>1) with a seed cannot run on an LMTP model in this version "
-                             "(every branch would draw the same sample): leave the seed out")
-        knobs["seed"] = decoder.settings["seed"]
+        return {"temperature": 0.0}
+    knobs = {k: v for k, v in decoder.settings.items() if k in SamplingSettings.names()}
+    knobs.setdefault("temperature", 1.0)
     return knobs
+
+
+class RemoteSequence(Sequence):
+    """A sequence held on the server: its tokens mirrored here, each evaluation a LOGITS
+    request (`held` once the server has it)."""
+
+    def __init__(self, client: "_RowsClient"):
+        super().__init__()
+        self.client = client
+        self.handle = next(client.handles)
+        self.held = False
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        return self.client.evaluate([(self, list(tokens), True)])[0]
+
+    def advance(self, token: int) -> np.ndarray:
+        return self.client.evaluate([(self, [token], False)])[0]
+
+    def fork(self) -> "RemoteSequence":
+        child = RemoteSequence(self.client)
+        child.tokens = list(self.tokens)
+        if self.held:
+            self.client.fork(self, child)
+        return child
+
+    def release(self) -> None:
+        if self.held:
+            self.client.release(self)
+        self.tokens = []
+
+
+class _RowsClient:
+    """The synchronous connection of one backend's LOGITS requests. Forks wait for the
+    next request; a release is sent at once (its slot serves other clients), and its empty
+    answer is skipped when the next request reads. Every error on this connection is one of
+    its requests' (a failed fork or release surfaces at the next request)."""
+
+    def __init__(self, backend: LmtpBackend):
+        self.backend = backend
+        self.handles = itertools.count()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._websocket = None
+        self._forks: list[list[int]] = []
+        self._releases: list[int] = []
+
+    def fork(self, parent: RemoteSequence, child: RemoteSequence) -> None:
+        with self._lock:
+            self._forks.append([parent.handle, child.handle])
+            child.held = True
+
+    def release(self, sequence: RemoteSequence) -> None:
+        with self._lock:
+            self._releases.append(sequence.handle)
+            sequence.held = False
+            try:
+                self._send([])
+            except ModelError:            # the connection is gone, and its slots with it
+                pass
+
+    def evaluate(self, steps: list[tuple[RemoteSequence, list[int], bool]]) -> list[np.ndarray]:
+        """The rows after each step (`reset`: the tokens are the whole sequence, else
+        appended), in one engine step on the server."""
+        with self._lock:
+            stream_id = self._send([{"sequence": s.handle, "tokens": tokens, "reset": reset}
+                                    for s, tokens, reset in steps])
+            rows = self._answer(stream_id)
+            for sequence, tokens, reset in steps:
+                if reset:
+                    sequence.tokens = tokens
+                    sequence.held = True
+                else:
+                    sequence.tokens.extend(tokens)
+            return list(rows)
+
+    def _send(self, steps: list[dict[str, Any]]) -> int:
+        stream_id = next(self._ids)
+        request = {"model": self.backend.model, "stream_id": stream_id, "fork": self._forks,
+                   "release": self._releases, "steps": steps}
+        self._forks, self._releases = [], []
+        try:
+            if self._websocket is None:
+                self._websocket = self.backend._connect_sync(legacy=True)    # held open
+            self._websocket.send("LOGITS " + json.dumps(request))
+        except (OSError, TimeoutError, WebSocketException) as e:
+            self._websocket = None
+            raise ModelError(f"cannot reach the LMTP server at {self.backend.url}: {e}") from None
+        return stream_id
+
+    def _answer(self, stream_id: int) -> np.ndarray:
+        try:
+            while True:
+                frame = self._websocket.recv()
+                if isinstance(frame, bytes):
+                    head, _, body = frame.partition(b"\n")
+                    header = json.loads(head.partition(b" ")[2])
+                    if header["stream_id"] == stream_id:
+                        return np.frombuffer(body, dtype="<f4").reshape(header["rows"], header["width"])
+                    continue
+                for element in json.loads(frame.partition(" ")[2]):
+                    if "error" in element:
+                        raise _server_error(self.backend.url, element, [], ())
+        except (OSError, WebSocketException) as e:
+            self._websocket = None
+            raise ModelError(f"the connection to the LMTP server at {self.backend.url} was lost "
+                             f"(the sequences it held are gone): {e}") from None
 
 
 def _server_error(url: str, element: dict[str, Any], tokens: list[int], table) -> Exception:

@@ -55,7 +55,7 @@ class SampleDecoder(Decoder):
     def _draw_ahead(self, plan, automaton, count: int, end_list: np.ndarray) -> DrawAhead | None:
         """Without a mask, a plain draw at temperature 1 needs only the row (and the end
         tokens hidden while the value may not end): the scheduler makes it."""
-        sampler = self._own_sampler()
+        sampler = self.sampler()
         if automaton is not None or not sampler.settings.plain or sampler.settings.temperature != 1:
             return None
         self._ahead = DrawAhead(sampler, None if plan.may_end_at(count) else end_list)
@@ -70,21 +70,22 @@ class SampleDecoder(Decoder):
         chosen, normalizer = float(row[ahead.token]), ahead.log_normalizer
         return ahead.token, lambda: chosen - normalizer
 
+    def sampler(self) -> Sampler:
+        """This branch's sampler (its random state continues from hole to hole)."""
+        if self._sampler is None:
+            self._sampler = make_sampler(self.settings, self.settings.get("seed"))
+        return self._sampler
+
     def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
-        return self._own_sampler().pick(row, self._lane.tokens if self._lane is not None else (), ids)
+        return self.sampler().pick(row, self._lane.tokens if self._lane is not None else (), ids)
 
     def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int | None:
         """A plain draw at temperature 1 leaves the hidden entries out itself and knows its
         normalizer: the row needs no copy."""
-        sampler = self._own_sampler()
+        sampler = self.sampler()
         if not sampler.settings.plain or sampler.settings.temperature != 1:
             return None
         return sampler.pick_hiding(row, hidden)
-
-    def _own_sampler(self) -> Sampler:
-        if self._sampler is None:
-            self._sampler = make_sampler(self.settings, self.settings.get("seed"))
-        return self._sampler
 
     picks_maximum = False
 
@@ -106,6 +107,7 @@ class SearchDecoder(Decoder):
 
     name = "beam"
     keeps_searching = False
+    whole_holes_remote = False
 
     def __init__(self, **settings: Any):
         settings = dict(settings)

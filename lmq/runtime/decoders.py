@@ -53,6 +53,11 @@ class Decoder:
     arguments = COMMON_ARGUMENTS
     distribution_norm = "sum"        # how a `distribution` clause aggregates token scores
     tracer: "Tracer | None" = None   # runtime/trace.py: set while the call is traced
+    #: whether a model server may decode a hole whole (`generate_hole`): only where a
+    #: hole depends on one branch alone; search decoders decide across branches, and n
+    #: branches decode here in one batch (as in process, so with the same rows) on rows
+    #: the server computes
+    whole_holes_remote = True
 
     def __init__(self, **settings: Any):
         settings = {ALIASES.get(k, k): v for k, v in settings.items()}
@@ -117,7 +122,7 @@ class Decoder:
                                     f"{len(context) - max_len} more than {limit}",
                                     result=([], b""))
         remote = getattr(backend, "generate_hole", None)
-        if remote is not None:          # a model server decodes the whole hole (LMTP client)
+        if remote is not None and self.whole_holes_remote and self.n == 1:   # a server decodes it (LMTP)
             return await remote(context, plan, max_len, self, on_text)
         vocabulary = backend.vocabulary
         ends = vocabulary.end_ids

@@ -105,6 +105,22 @@ class Sampler:
         self._ones: np.ndarray | None = None
         self._size = 0
 
+    def state(self) -> dict[str, Any]:
+        """What the next draws depend on besides the rows: the random stream's state
+        (numpy's PCG64 state) and mirostat's `mu`, as JSON data (an LMTP hole carries it)."""
+        return {"rng": self.rng.bit_generator.state, "mu": self.mu}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()`; a malformed one is a ValueError."""
+        try:
+            self.rng.bit_generator.state = state["rng"]
+            mu = float(state["mu"])
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"not a sampler state: {e}") from None
+        if not math.isfinite(mu):
+            raise ValueError("not a sampler state: mu must be finite")
+        self.mu = mu
+
     def fork(self, rng: np.random.Generator) -> "Sampler":
         """A sampler continuing this one's state on another random stream."""
         child = Sampler(self.settings, rng)

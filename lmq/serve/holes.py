@@ -62,9 +62,15 @@ def _decoder(request: Generate) -> Decoder:
     if request.seed is not None:
         knobs["seed"] = request.seed
     try:
-        return type(f"Streaming{cls.__name__}", (_RecordingChoices, cls), {})(**knobs)
+        decoder = type(f"Streaming{cls.__name__}", (_RecordingChoices, cls), {})(**knobs)
     except LmqError as e:
         raise ProtocolError(f"GENERATE constraint: {e}") from None
+    if request.sampler_state is not None and name == "sample":
+        try:                     # the client's sampler goes on where it stopped
+            decoder.sampler().restore(request.sampler_state)
+        except ValueError as e:
+            raise ProtocolError(f"GENERATE: field 'sampler_state': {e}") from None
+    return decoder
 
 
 class HoleStream(Stream):
@@ -167,6 +173,8 @@ class HoleStream(Stream):
         last["finish_reason"] = "length" if output.finish == "length" else "stop"
         last["hole"] = {"finish": output.finish, "value_bytes": len(output.value),
                         "logprob": output.logprob}
+        if self.decoder.name == "sample":
+            last["hole"]["sampler_state"] = self.decoder.sampler().state()
         return elements
 
 

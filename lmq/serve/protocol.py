@@ -49,6 +49,7 @@ class Generate:
     deny: list[int] | None = None             # `mask: {"deny": …}`
     constraint: dict[str, Any] | None = None   # an lmq constraint program (`HolePlan.to_program`)
     seed: int | None = None
+    sampler_state: dict[str, Any] | None = None   # a sampler's `Sampler.state()` (lmq)
     sampling: SamplingSettings = SamplingSettings(temperature=0.0)
 
     def token_ids(self) -> list[int]:
@@ -68,6 +69,27 @@ class Score:
 
 
 @dataclass(frozen=True)
+class LogitsStep:
+    sequence: int              # the client's handle of a held sequence
+    tokens: list[int]
+    reset: bool                # `tokens` are the whole sequence (else appended to it)
+
+
+@dataclass(frozen=True)
+class Logits:
+    """LOGITS (lmq extension): rows of sequences the client holds on the server."""
+
+    stream_id: int
+    model: str
+    forks: list[tuple[int, int]]      # (parent, child) handles, in order, before the steps
+    releases: list[int]
+    steps: list[LogitsStep]
+
+    def token_ids(self) -> list[int]:
+        return [t for step in self.steps for t in step.tokens]
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     stream_id: int | None
     model: str
@@ -78,7 +100,7 @@ class Cancel:
     stream_id: int
 
 
-Request = Generate | Score | ModelInfo | Cancel
+Request = Generate | Score | Logits | ModelInfo | Cancel
 
 
 def parse_request(frame: str | bytes, limits: Limits) -> Request:
@@ -100,7 +122,7 @@ def parse_request(frame: str | bytes, limits: Limits) -> Request:
     parse = _PARSERS.get(kind)
     if parse is None:
         raise ProtocolError(f"unknown frame type {_clip(kind)!r} (expected GENERATE, SCORE, "
-                            "MODEL_INFO or CANCEL)", stream_id, kind="MSG")
+                            "LOGITS, MODEL_INFO or CANCEL)", stream_id, kind="MSG")
     try:
         return parse(_Fields(kind, payload), limits)
     except ProtocolError as e:
@@ -214,7 +236,16 @@ def _generate(fields: _Fields, limits: Limits) -> Generate:
         max_tokens=fields.int("max_tokens", 32, 1, limits.max_tokens),
         top_logprobs=fields.int("top_logprobs", 1, 0, limits.max_top_logprobs),
         logit_bias=fields.bias("logit_bias"), allow=allow, deny=deny,
-        constraint=_constraint(fields), seed=_seed(fields), sampling=_sampling(fields))
+        constraint=_constraint(fields), seed=_seed(fields), sampler_state=_sampler_state(fields),
+        sampling=_sampling(fields))
+
+
+def _sampler_state(fields: _Fields) -> dict[str, Any] | None:
+    """`sampler_state`: a sampler's `Sampler.state()` (checked when it is restored)."""
+    state = fields.payload.get("sampler_state")
+    if state is not None and not isinstance(state, dict):
+        raise fields.fail('field "sampler_state" must be an object {"rng": PCG64 state, "mu": number}')
+    return state
 
 
 def _seed(fields: _Fields) -> int | None:
@@ -261,6 +292,30 @@ def _score(fields: _Fields, limits: Limits) -> Score:
                  prompt=fields.ids("prompt"), scored=fields.ids("scored"))
 
 
+def _logits(fields: _Fields, limits: Limits) -> Logits:
+    forks = fields.payload.get("fork", [])
+    if not isinstance(forks, list) or not all(
+            isinstance(f, list) and len(f) == 2 and all(_is_int(h) and h >= 0 for h in f) for f in forks):
+        raise fields.fail('field "fork" must be a list of [parent, child] sequence handles')
+    releases = fields.ids("release", fields.payload.get("release", []), allow_empty=True)
+    steps = fields.payload.get("steps", [])
+    if not isinstance(steps, list):
+        raise fields.fail('field "steps" must be a list')
+    parsed = []
+    for step in steps:
+        if not isinstance(step, dict):
+            raise fields.fail('each step must be {"sequence": handle, "tokens": [ids], "reset": bool}')
+        inner = _Fields(f"{fields.kind} step", step)
+        if not isinstance(step.get("reset", False), bool):
+            raise inner.fail('field "reset" must be a boolean')
+        parsed.append(LogitsStep(inner.int("sequence", low=0, required=True), inner.ids("tokens"),
+                                 step.get("reset", False)))
+    if len({step.sequence for step in parsed}) < len(parsed):
+        raise fields.fail("a sequence may have one step per request")
+    return Logits(stream_id=_stream(fields), model=fields.string("model"),
+                  forks=[(parent, child) for parent, child in forks], releases=releases, steps=parsed)
+
+
 def _model_info(fields: _Fields, limits: Limits) -> ModelInfo:
     data = fields.payload.get("data", {})
     if not isinstance(data, dict):
@@ -272,4 +327,5 @@ def _cancel(fields: _Fields, limits: Limits) -> Cancel:
     return Cancel(stream_id=_stream(fields))
 
 
-_PARSERS = {"GENERATE": _generate, "SCORE": _score, "MODEL_INFO": _model_info, "CANCEL": _cancel}
+_PARSERS = {"GENERATE": _generate, "SCORE": _score, "LOGITS": _logits, "MODEL_INFO": _model_info,
+            "CANCEL": _cancel}

@@ -101,6 +101,7 @@ class ModelWorker:
         self.active: list[Stream] = []
         self.waiting = FairQueue()
         self.preempted: deque[Stream] = deque()    # resumed before any new stream starts
+        self.held: set[Sequence] = set()      # slots clients hold between requests (LOGITS)
         self.generated_tokens = 0
         self.batch_width = 0                  # streams decoded in the latest step
         self.max_batch_width = 0              # the most streams decoded in one step so far
@@ -120,6 +121,12 @@ class ModelWorker:
         """Cancel one stream of `owner`, or all of them (stream_id None: it disconnected)."""
         self._commands.put(("cancel", owner, stream_id))
 
+    def call(self, function: Callable[[], bool | None]) -> None:
+        """Run `function` on the worker thread between two steps (it may use the backend
+        and the slots; it answers its client itself); again after the next step while it
+        returns False (it waits for the active streams to leave room)."""
+        self._commands.put(("call", function))
+
     def stop(self, timeout: float = 5.0) -> None:
         self._commands.put(("stop",))
         self._thread.join(timeout)
@@ -129,7 +136,8 @@ class ModelWorker:
         return {"slots": self.slots, "busy_slots": self.slots - len(self.idle),
                 "active_streams": len(self.active), "waiting_streams": len(self.waiting) + len(self.preempted),
                 "generated_tokens": self.generated_tokens, "batch_width": self.batch_width,
-                "max_batch_width": self.max_batch_width, "preemptions": self.preemptions}
+                "max_batch_width": self.max_batch_width, "preemptions": self.preemptions,
+                "held_sequences": len(self.held)}
 
     # --- the worker thread ------------------------------------------------------------------
 
@@ -146,17 +154,24 @@ class ModelWorker:
             _send(out)
 
     def _take_commands(self, out: dict, block: bool) -> bool:
-        """Apply queued commands (waiting for one when idle); False on stop."""
+        """Apply queued commands (waiting for one when idle); False on stop. A call that
+        returns False is tried again after the next step."""
+        deferred = []
         while True:
             try:
                 command = self._commands.get(block=block)
             except queue.Empty:
+                for command in deferred:
+                    self._commands.put(command)
                 return True
             block = False
             if command[0] == "stop":
                 return False
             if command[0] == "submit":
                 self.waiting.push(command[1])
+            elif command[0] == "call":
+                if command[1]() is False:
+                    deferred.append(command)
             else:
                 self._cancel(command[1], command[2], out)
 
@@ -205,10 +220,18 @@ class ModelWorker:
         room to grow fit beside the active streams (idle slots give up their cached tokens
         as needed); None while the active streams leave no room."""
         slot = max(reversed(self.idle), key=lambda s: common_prefix(s.tokens, tokens))
-        room = self.backend.context_size - sum(len(s.sequence.tokens) for s in self.active)
-        need = len(tokens) + min(new_tokens, GROWTH_RESERVE)
-        fits = need <= room and self._free_idle(room - need, keep=slot)
+        fits = self.make_room(len(tokens) + min(new_tokens, GROWTH_RESERVE), keep=slot)
         return slot if fits or not self.active else None     # alone, a stream always goes
+
+    def make_room(self, cells: int, keep: Sequence | None = None) -> bool:
+        """Whether `cells` more fit in the cache beside the active streams and the held
+        slots, once idle slots but `keep` give up their cached tokens as needed."""
+        room = self.backend.context_size - self.used_cells() - cells
+        return room >= 0 and self._free_idle(room, keep=keep)
+
+    def used_cells(self) -> int:
+        """Cells of the active streams and of the slots clients hold."""
+        return sum(len(s.sequence.tokens) for s in self.active) + sum(len(s.tokens) for s in self.held)
 
     def _free_idle(self, room: int, keep: Sequence | None = None) -> bool:
         """Drop idle slots' cached tokens (the longest first) until the idle slots but
@@ -225,7 +248,7 @@ class ModelWorker:
         they hold)."""
         def active_need() -> int:
             return sum(len(s.sequence.tokens) + len(tokens) for s, tokens in steps)
-        context = self.backend.context_size
+        context = self.backend.context_size - sum(len(s.tokens) for s in self.held)
         if active_need() + sum(len(s.tokens) for s in self.idle) <= context:
             return
         self._free_idle(context - active_need())

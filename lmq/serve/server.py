@@ -24,14 +24,17 @@ from websockets.exceptions import ConnectionClosed
 from lmq import __version__
 from lmq.serve.holes import HoleStream
 from lmq.serve.models import ModelRegistry
-from lmq.serve.protocol import (Cancel, Generate, Limits, ModelInfo, ProtocolError, Score,
+from lmq.serve.protocol import (Cancel, Generate, Limits, Logits, ModelInfo, ProtocolError, Score,
                                 encode, parse_request, shown)
+from lmq.serve.rows import HeldSequences
 from lmq.serve.scheduler import ModelWorker
 from lmq.serve.streams import GenerateStream, ScoreStream, Stream
 
 #: websockets closes a connection on frames this many times over `--max-frame-bytes`;
 #: frames between the limit and this get an error answer and the connection lives on
 _HARD_FRAME_FACTOR = 4
+#: the outbox kind of a ready binary frame (LOGITS answers), sent as it is
+_BINARY = "binary"
 
 
 class LmtpServer:
@@ -89,6 +92,7 @@ class Connection:
         self.server = server
         self.websocket = websocket
         self.open: dict[int, ModelWorker] = {}      # stream id → the worker running it
+        self.held = HeldSequences(self)              # sequences of LOGITS requests
         self._loop = asyncio.get_running_loop()
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._sender = asyncio.create_task(self._send_loop())
@@ -110,6 +114,7 @@ class Connection:
             for worker in set(self.open.values()):
                 worker.cancel(self)
             self.open.clear()
+            self.held.release_all()
             self._outbox.put_nowait(None)
             await self._sender
 
@@ -129,6 +134,13 @@ class Connection:
         except RuntimeError:        # the event loop is gone: the server has stopped
             pass
 
+    def deliver_frame(self, frame: bytes) -> None:
+        """Called from a worker thread with one binary frame (a LOGITS answer)."""
+        try:
+            self._loop.call_soon_threadsafe(self._outbox.put_nowait, (_BINARY, frame))
+        except RuntimeError:
+            pass
+
     def _error(self, error: ProtocolError) -> None:
         kind = error.kind if error.stream_id is not None else "MSG"
         self._outbox.put_nowait((kind, [{"stream_id": error.stream_id, "error": str(error)}]))
@@ -139,7 +151,7 @@ class Connection:
               file=sys.stderr, flush=True)
         answer = ProtocolError(f"internal server error: {type(error).__name__}",
                                getattr(request, "stream_id", None))
-        if not isinstance(request, (Generate, Score)):
+        if not isinstance(request, (Generate, Score, Logits)):
             answer.kind = "MSG"
         self._error(answer)
 
@@ -156,7 +168,7 @@ class Connection:
                 if kind == "TOKEN":
                     self._forget_finished(elements)
                 try:
-                    await self.websocket.send(encode(kind, elements))
+                    await self.websocket.send(elements if kind == _BINARY else encode(kind, elements))
                 except ConnectionClosed:
                     return
             if item is None:
@@ -192,6 +204,9 @@ class Connection:
             return
         if request.stream_id in self.open:
             raise ProtocolError(f"stream {request.stream_id} is already open on this connection")
+        if isinstance(request, Logits):
+            self.held.submit(request, worker)
+            return
         if len(self.open) >= self.server.limits.max_streams:
             raise ProtocolError(f"too many open streams on this connection (limit "
                                 f"{self.server.limits.max_streams})")
@@ -246,7 +261,9 @@ def _merge(batch: list[tuple[str, list]]) -> list[tuple[str, list]]:
     """Consecutive items of the same frame type become one frame."""
     merged: list[tuple[str, list]] = []
     for kind, elements in batch:
-        if merged and merged[-1][0] == kind:
+        if kind == _BINARY:
+            merged.append((kind, elements))
+        elif merged and merged[-1][0] == kind:
             merged[-1][1].extend(elements)
         else:
             merged.append((kind, list(elements)))
