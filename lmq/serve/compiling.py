@@ -6,17 +6,18 @@ pure CPU and memory work that depends on the client's input; the engine's own li
 (`lmq.compiler.limits`, in the child set from `--max-automaton-states` and
 `--max-grammar-rules`) refuse the large ones at once, and the child enforces the rest:
 a process is the only place where a runaway can be stopped (killed) and kept within a
-memory budget (its address space is limited to its size at start plus
-`--max-compile-memory`), and its work holds no lock and no GIL of the server. So a hole
+memory budget, and its work holds no lock and no GIL of the server. So a hole
 reaches the model's batching loop only once its automaton is ready: the loop never waits
 for a compile, and the other clients' streams decode at their usual pace.
 
 Each of `--compile-workers` lanes owns one child (started with the server, niced, started
-anew after it was killed). Waiting holes are taken round robin across connections, and a
+anew after it was killed) and watches it while it compiles: past `--max-compile-seconds`,
+or once it holds `--max-compile-memory` MiB more than when it started, the child is
+killed and the hole answered with a `ConstraintTooLarge` error (Linux; the child's address
+space is also limited, to twice that, against an allocation too large to be watched). Waiting holes are taken round robin across connections, and a
 connection compiles on one lane at a time, so a client sending many costly constraints
-leaves the other lanes to everyone else. A compile past `--max-compile-seconds` is killed
-and its hole answered with a `ConstraintTooLarge` error; a hole cancelled or whose client
-left is dropped from the queue, or its compile killed. The child returns the
+leaves the other lanes to everyone else. A hole cancelled or whose client left is dropped
+from the queue, or its compile killed. The child returns the
 vocabulary-free `CompiledConstraint`; the lane finishes the automaton over the model's
 vocabulary and caches the plan by the program's hash (LRU, `CACHE_BYTES` of automata), so
 a repeated constraint costs nothing. Errors that do not depend on load (malformed, too
@@ -31,6 +32,7 @@ import multiprocessing
 import os
 import resource
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -50,6 +52,8 @@ from lmq.serve.streams import Owner, Stream
 CACHE_BYTES = 256 * 1024 * 1024
 #: how long a child may take to start (import lmq) before its lane reports a fault
 START_SECONDS = 120
+#: how often a lane looks at its compile's clock and resident memory
+WATCH_SECONDS = 0.05
 _TOO_LARGE = "ConstraintTooLarge"
 
 
@@ -228,6 +232,7 @@ class _Lane:
         self.stream: HoleStream | None = None         # the stream compiling now
         self._process: multiprocessing.process.BaseProcess | None = None
         self._connection: Connection | None = None
+        self._most_resident = 0                       # the child's resident bytes allowed
         self.started = threading.Event()
         threading.Thread(target=self._run, name=f"lmq-compile-{number}", daemon=True).start()
 
@@ -262,6 +267,8 @@ class _Lane:
         self._connection = ours
         try:
             if ours.poll(START_SECONDS) and ours.recv() == "ready":
+                budget = self.compiler.limits.memory_mb * 2 ** 20
+                self._most_resident = _resident_bytes(self._process.pid) + budget
                 return True
         except (EOFError, OSError):
             pass
@@ -271,13 +278,18 @@ class _Lane:
     def _compile(self, program: dict[str, Any]) -> HolePlan | _Failure:
         limits = self.compiler.limits
         self.compiler.compiles += 1
+        deadline = time.monotonic() + limits.seconds
         try:
             self._connection.send(program)
-            if not self._connection.poll(limits.seconds):
-                self._end_child()
-                return _Failure(f"constraint too large: compiling it took longer than the "
-                                f"server's limit of {limits.seconds:g} s (--max-compile-seconds)",
-                                _TOO_LARGE, cached=False)
+            while not self._connection.poll(WATCH_SECONDS):
+                if time.monotonic() > deadline:
+                    self._end_child()
+                    return _Failure(f"constraint too large: compiling it took longer than the "
+                                    f"server's limit of {limits.seconds:g} s "
+                                    "(--max-compile-seconds)", _TOO_LARGE, cached=False)
+                if _resident_bytes(self._process.pid) > self._most_resident:
+                    self._end_child()
+                    return _out_of_memory_failure(limits)
             answer = self._connection.recv()
         except (EOFError, OSError):         # out of memory outside Python, or cancelled
             code = self._end_child()
@@ -337,31 +349,35 @@ def _compile_in_child(program: dict[str, Any], vocabulary: Vocabulary,
         return _Failure(str(e), type(e).__name__)
     except RecursionError:
         return _Failure("constraint too large: it is nested too deeply to compile", _TOO_LARGE)
+    except MemoryError:                 # the address-space backstop
+        return _out_of_memory_failure(limits)
     except Exception as e:              # a fault on one program, never the end of the child
-        if _out_of_memory(e):
-            return _Failure(f"constraint too large: compiling it needs more than the server's "
-                            f"limit of {limits.memory_mb} MiB (--max-compile-memory)", _TOO_LARGE)
         return _Failure(f"internal server error: {type(e).__name__} while compiling the "
                         "constraint", None)
 
 
-def _out_of_memory(error: BaseException | None) -> bool:
-    """Whether `error` comes of the memory limit (numpy may raise another error while
-    handling a MemoryError)."""
-    while error is not None:
-        if isinstance(error, MemoryError):
-            return True
-        error = error.__context__
-    return False
+def _out_of_memory_failure(limits: CompileLimits) -> _Failure:
+    return _Failure(f"constraint too large: compiling it needs more than the server's limit "
+                    f"of {limits.memory_mb} MiB (--max-compile-memory)", _TOO_LARGE)
+
+
+def _resident_bytes(pid: int) -> int:
+    """Resident memory of process `pid` (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _limit_memory(megabytes: int) -> None:
-    """Limit this process's address space to its size now plus `megabytes` (Linux; where
-    /proc is missing the limit is not set)."""
+    """Limit this process's address space to its size now plus twice `megabytes`: a
+    backstop for an allocation too large and too fast for the lane's watch of the resident
+    memory (Linux; where /proc is missing the limit is not set)."""
     try:
         with open("/proc/self/statm") as statm:
             pages = int(statm.read().split()[0])
     except (OSError, ValueError, IndexError):
         return
-    size = pages * os.sysconf("SC_PAGE_SIZE") + megabytes * 1024 * 1024
+    size = pages * os.sysconf("SC_PAGE_SIZE") + 2 * megabytes * 2 ** 20
     resource.setrlimit(resource.RLIMIT_AS, (size, resource.getrlimit(resource.RLIMIT_AS)[1]))

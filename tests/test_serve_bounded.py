@@ -1,0 +1,295 @@
+"""Bounded work per request in a real `lmq serve-model` subprocess: constraint programs
+compile in child processes under the server's time and memory budgets, before the hole
+takes a slot. The issue's reproducers answer a clear error on their own stream at once; a
+client whose constraints run into the budgets leaves another client's requests at normal
+latency and the server's memory bounded; a compile is abandoned when its stream is
+cancelled or its client leaves; a repeated constraint is compiled once; a client with 256
+queued streams does not make another wait behind them."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from lmq.backends import default_model_path
+from lmtp_harness import RawClient, ServerProcess
+
+pytestmark = pytest.mark.model
+
+MODEL = f"llama.cpp:{default_model_path()}"
+PROMPT = [1, 504, 3287, 28, 827]
+#: the issue's reproducers: (constraint program fields, what the error says)
+REPRODUCERS = {
+    "chars": ({"language": ["chars", "<", 100000]}, None),          # a budget, not states
+    "dot star": ({"language": ["regex", ".*a.{40}"]}, "grows past 20,000 automaton states"),
+    "absurd bound": ({"language": ["regex", "a{1000000000}"]}, "grows past 20,000"),
+    "nested bounds": ({"language": ["regex", "(a{1000}){1000}"]}, "grows past 20,000"),
+    "10,000 rules": ({"grammar": "root ::= r0\n" + "".join(
+        f'r{i} ::= "a{i}" r{i + 1} | "b"\n' for i in range(10_000)) + 'r10000 ::= "z"\n'},
+        "more than 1,000 rules"),
+}
+#: a regex whose DFA keeps growing (with the state limit raised: only the clock stops it)
+ENDLESS = {"language": ["regex", ".*a.{40}"]}
+#: a regex whose automaton eats memory fast (about 80 MB/s)
+GREEDY = {"language": ["regex", "[a-z]{300000}"]}
+#: latency bound for a small request while another client's constraints are being refused
+NORMAL_SECONDS = 3.0
+
+
+def program(**fields) -> dict:
+    return {"grammar": None, "language": None, "min_tokens": 0, "max_tokens": 6, "stops": [],
+            **fields}
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of process `pid` and all its descendants (Linux /proc)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                total += next(int(line.split()[1]) * 1024 for line in status
+                              if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    pending.extend(int(child) for child in children.read().split())
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+    return total
+
+
+def compile_children(pid: int) -> set[int]:
+    """The server's compile processes (its children running multiprocessing's spawn)."""
+    found = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            for child in children.read().split():
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                        if b"spawn_main" in cmdline.read():
+                            found.add(int(child))
+                except FileNotFoundError:
+                    pass
+    return found
+
+
+def model_info(client: RawClient) -> dict:
+    client.send("MODEL_INFO", {"model": MODEL, "stream_id": 0})
+    while True:
+        kind, elements = client.frame()
+        for element in elements:
+            if "model_info" in element:
+                return element["model_info"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-streams", "256")
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def strained_server():
+    """The engine's state limit lifted, so only the server's memory budget stops a compile."""
+    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-automaton-states", "1000000000",
+                            "--max-compile-seconds", "30", "--max-compile-memory", "100")
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def timed_server():
+    """The engine's state limit lifted, so only the server's clock stops a compile."""
+    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-automaton-states", "1000000000",
+                            "--max-compile-seconds", "0.5")
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def patient_server():
+    """A long compile budget: a compile ends only when its stream goes."""
+    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-automaton-states", "1000000000",
+                            "--max-compile-seconds", "300")
+    yield process
+    process.kill()
+
+
+def test_reproducers_answer_on_their_own_stream(server):
+    """Each of the issue's reproducers is a clear error on its stream (or a quick result),
+    and the connection goes on serving."""
+    client = RawClient(server.url)
+    try:
+        for stream_id, (name, (fields, says)) in enumerate(REPRODUCERS.items(), 1):
+            started = time.monotonic()
+            elements = client.generate(MODEL, PROMPT, stream_id=stream_id, max_tokens=6,
+                                       constraint=program(**fields))
+            assert time.monotonic() - started < 30, name
+            last = elements[-1]
+            if says is None:
+                assert "error" not in last and last["finish_reason"] in ("stop", "length"), name
+            else:
+                assert last["error_type"] == "ConstraintTooLarge", (name, last)
+                assert says in last["error"] and "--max-" in last["error"], (name, last)
+        elements = client.generate(MODEL, PROMPT, stream_id=99, max_tokens=3)
+        assert [e.get("error") for e in elements] == [None] * 3
+    finally:
+        client.close()
+
+
+def test_a_repeated_constraint_is_compiled_once(server):
+    """The second request with the same program (an error or an automaton) is answered from
+    the server's cache: the compile count does not grow."""
+    client = RawClient(server.url)
+    try:
+        digits = program(language=["regex", "[0-9]{2,5}"])
+        first = client.generate(MODEL, PROMPT, stream_id=1, max_tokens=6, constraint=digits)
+        too_large = program(language=["regex", "(b|c)*b(b|c){20}"])
+        refused = client.generate(MODEL, PROMPT, stream_id=2, max_tokens=6, constraint=too_large)
+        before = model_info(client)
+        again = client.generate(MODEL, PROMPT, stream_id=3, max_tokens=6, constraint=digits)
+        refused_again = client.generate(MODEL, PROMPT, stream_id=4, max_tokens=6,
+                                        constraint=too_large)
+        after = model_info(client)
+        assert [e["token"] for e in again] == [e["token"] for e in first]
+        assert refused_again[-1]["error"] == refused[-1]["error"]
+        assert after["constraint_compiles"] == before["constraint_compiles"]
+        assert after["constraint_cache_hits"] == before["constraint_cache_hits"] + 2
+    finally:
+        client.close()
+
+
+def test_costly_constraints_leave_others_at_normal_latency_and_memory_bounded(strained_server):
+    """One client sends constraints that only the clock or the memory budget stops, several
+    at once; meanwhile another client's small requests (unconstrained, and with a fresh
+    constraint each) keep their usual latency, and the server with its compile processes
+    stays within its budgets."""
+    pid = strained_server.process.pid
+    baseline = tree_rss(pid)
+    costly = RawClient(strained_server.url)
+    other = RawClient(strained_server.url)
+    peak, latencies, done = [baseline], [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak.append(tree_rss(pid))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        expensive = [program(**GREEDY), program(language=["regex", "[a-y]{300000}"]),
+                     program(language=["regex", "[b-z]{300000}"])]
+        started = time.monotonic()
+        for stream_id, constraint in enumerate(expensive, 1):
+            costly.send("GENERATE", {"model": MODEL, "prompt": PROMPT, "stream_id": stream_id,
+                                     "max_tokens": 6, "constraint": constraint})
+        for i in range(12):
+            began = time.monotonic()
+            if i % 2:
+                digits = program(language=["regex", f"[0-9]{{1,{i + 2}}}"])
+                elements = other.generate(MODEL, PROMPT, stream_id=i, max_tokens=6, constraint=digits)
+            else:
+                elements = other.generate(MODEL, PROMPT, stream_id=i, max_tokens=8)
+            latencies.append(time.monotonic() - began)
+            assert "error" not in elements[-1], elements[-1]
+        answers = {}
+        while len(answers) < len(expensive):
+            for element in costly.frame(timeout=60)[1]:
+                answers[element["stream_id"]] = element
+        elapsed = time.monotonic() - started
+    finally:
+        done.set()
+        watcher.join()
+        costly.close()
+        other.close()
+    errors = [answers[i]["error"] for i in range(1, len(expensive) + 1)]
+    assert all(answers[i]["error_type"] == "ConstraintTooLarge" for i in answers), errors
+    assert all("more than the server's limit of 100 MiB (--max-compile-memory)" in error
+               for error in errors), errors
+    assert elapsed < 60, elapsed
+    assert max(latencies) < NORMAL_SECONDS, latencies
+    assert max(peak) - baseline < 1.5 * 2 ** 30, (max(peak) - baseline) / 2 ** 20
+
+
+def test_a_compile_past_the_time_budget_is_stopped(timed_server):
+    """A compile longer than --max-compile-seconds (a regex that never ends, a grammar of
+    990 rules) answers a clear error on its stream soon after the budget; the next
+    constraint compiles in a fresh process."""
+    client = RawClient(timed_server.url)
+    chain = "root ::= r0\n" + "".join(f'r{i} ::= "a{i}" r{i + 1} | "b"\n' for i in range(990)) \
+        + 'r990 ::= "z"\n'
+    try:
+        for stream_id, fields in enumerate([ENDLESS, {"grammar": chain}], 1):
+            started = time.monotonic()
+            [element] = client.generate(MODEL, PROMPT, stream_id=stream_id, max_tokens=6,
+                                        constraint=program(**fields))
+            assert time.monotonic() - started < 10
+            assert element["error_type"] == "ConstraintTooLarge"
+            assert "longer than the server's limit of 0.5 s (--max-compile-seconds)" in element["error"]
+        elements = client.generate(MODEL, PROMPT, stream_id=3, max_tokens=6,
+                                   constraint=program(language=["regex", "[a-c]+"]))
+        assert "error" not in elements[-1]
+    finally:
+        client.close()
+
+
+def test_a_compile_is_abandoned_when_its_stream_is_cancelled_or_its_client_leaves(patient_server):
+    """A compile that would run for minutes stops with its stream: CANCEL answers
+    "cancelled" and kills the compiling process; so does closing the connection."""
+    pid = patient_server.process.pid
+    children = compile_children(pid)
+    client = RawClient(patient_server.url)
+    try:
+        client.send("GENERATE", {"model": MODEL, "prompt": PROMPT, "stream_id": 1,
+                                 "max_tokens": 6, "constraint": program(**ENDLESS)})
+        time.sleep(1.0)                             # it is compiling now
+        client.send("CANCEL", {"stream_id": 1})
+        [element] = client.stream(1, timeout=10)
+        assert element["finish_reason"] == "cancelled"
+        _wait_for_replaced(pid, children)
+        children = compile_children(pid)
+        client.send("GENERATE", {"model": MODEL, "prompt": PROMPT, "stream_id": 2,
+                                 "max_tokens": 6, "constraint": program(**ENDLESS)})
+        time.sleep(1.0)
+    finally:
+        client.close()
+    _wait_for_replaced(pid, children)
+    other = RawClient(patient_server.url)
+    try:
+        elements = other.generate(MODEL, PROMPT, max_tokens=6,
+                                  constraint=program(language=["regex", "[a-c]+"]))
+        assert "error" not in elements[-1]
+    finally:
+        other.close()
+
+
+def _wait_for_replaced(pid: int, children: set[int]) -> None:
+    """Wait until one of the server's compile processes `children` is gone."""
+    deadline = time.monotonic() + 10
+    while children <= compile_children(pid):
+        assert time.monotonic() < deadline, "the compile was not abandoned"
+        time.sleep(0.1)
+
+
+def test_a_client_with_256_queued_streams_does_not_hold_up_another(server):
+    """One connection queues 256 streams (32 rounds of the 8 slots); another connection's
+    stream is admitted in the next round, not after all of them."""
+    greedy = RawClient(server.url)
+    other = RawClient(server.url)
+    try:
+        for stream_id in range(1, 257):
+            greedy.send("GENERATE", {"model": MODEL, "prompt": PROMPT, "stream_id": stream_id,
+                                     "max_tokens": 32, "temperature": 0})
+        greedy.frame()                               # its first streams are decoding
+        started = time.monotonic()
+        elements = other.generate(MODEL, PROMPT, max_tokens=4, temperature=0)
+        seconds = time.monotonic() - started
+        assert elements[-1]["finish_reason"] == "length" and len(elements) == 4
+        assert model_info(other)["waiting_streams"] >= 200     # most of the 256 still queued
+        assert seconds < 10, seconds
+    finally:
+        greedy.close()
+        other.close()
