@@ -3,9 +3,10 @@ compile in child processes under the server's time and memory budgets, before th
 takes a slot. The issue's reproducers answer a clear error on their own stream at once; a
 client whose constraints run into the budgets leaves another client's requests at normal
 latency and the server's memory bounded; a compile is abandoned when its stream is
-cancelled or its client leaves; a repeated constraint is compiled once; a client with 256
-queued streams does not make another wait behind them."""
+cancelled or its client leaves; a repeated constraint is compiled once. (Fairness of the
+batching loop across connections: test_serve_batching.py.)"""
 
+import contextlib
 import os
 import threading
 import time
@@ -83,38 +84,44 @@ def model_info(client: RawClient) -> dict:
                 return element["model_info"]
 
 
+@contextlib.contextmanager
+def serving(*flags: str):
+    process = ServerProcess(MODEL, "--n_ctx", "1024", *flags)
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
 @pytest.fixture(scope="module")
 def server():
-    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-streams", "256")
-    yield process
-    process.kill()
+    with serving() as process:
+        yield process
+
+
+#: the engine's state limit lifted, so only the server's own budgets stop a compile
+NO_STATE_LIMIT = ("--max-automaton-states", "1000000000")
 
 
 @pytest.fixture(scope="module")
 def strained_server():
-    """The engine's state limit lifted, so only the server's memory budget stops a compile."""
-    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-automaton-states", "1000000000",
-                            "--max-compile-seconds", "30", "--max-compile-memory", "100")
-    yield process
-    process.kill()
+    """Only the server's memory budget stops a compile."""
+    with serving(*NO_STATE_LIMIT, "--max-compile-seconds", "30", "--max-compile-memory", "100") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
 def timed_server():
-    """The engine's state limit lifted, so only the server's clock stops a compile."""
-    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-automaton-states", "1000000000",
-                            "--max-compile-seconds", "0.5")
-    yield process
-    process.kill()
+    """Only the server's clock stops a compile."""
+    with serving(*NO_STATE_LIMIT, "--max-compile-seconds", "0.5") as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
 def patient_server():
     """A long compile budget: a compile ends only when its stream goes."""
-    process = ServerProcess(MODEL, "--n_ctx", "1024", "--max-automaton-states", "1000000000",
-                            "--max-compile-seconds", "300")
-    yield process
-    process.kill()
+    with serving(*NO_STATE_LIMIT, "--max-compile-seconds", "300") as process:
+        yield process
 
 
 def test_reproducers_answer_on_their_own_stream(server):
@@ -272,24 +279,3 @@ def _wait_for_replaced(pid: int, children: set[int]) -> None:
     while children <= compile_children(pid):
         assert time.monotonic() < deadline, "the compile was not abandoned"
         time.sleep(0.1)
-
-
-def test_a_client_with_256_queued_streams_does_not_hold_up_another(server):
-    """One connection queues 256 streams (32 rounds of the 8 slots); another connection's
-    stream is admitted in the next round, not after all of them."""
-    greedy = RawClient(server.url)
-    other = RawClient(server.url)
-    try:
-        for stream_id in range(1, 257):
-            greedy.send("GENERATE", {"model": MODEL, "prompt": PROMPT, "stream_id": stream_id,
-                                     "max_tokens": 32, "temperature": 0})
-        greedy.frame()                               # its first streams are decoding
-        started = time.monotonic()
-        elements = other.generate(MODEL, PROMPT, max_tokens=4, temperature=0)
-        seconds = time.monotonic() - started
-        assert elements[-1]["finish_reason"] == "length" and len(elements) == 4
-        assert model_info(other)["waiting_streams"] >= 200     # most of the 256 still queued
-        assert seconds < 10, seconds
-    finally:
-        greedy.close()
-        other.close()
