@@ -120,7 +120,7 @@ class GrammarTokenAutomaton:
     def _check_size(self, state: llguidance.LLMatcher) -> None:
         """llguidance's own limits (parser items, lexer states) as `ConstraintTooLarge`."""
         reason = state.get_error().split("\n", 1)[0].strip()
-        if "Too many" in reason or "limit" in reason:
+        if "Too many" in reason or "limit" in reason or "; max is " in reason:
             raise ConstraintTooLarge(f"constraint too large: the grammar of {self.variable} "
                                      f"grows past llguidance's limits ({reason})")
 

@@ -233,11 +233,13 @@ class _Lane:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._connection: Connection | None = None
         self._most_resident = 0                       # the child's resident bytes allowed
+        self._stale = False                           # the child was killed from outside
         self.started = threading.Event()
         threading.Thread(target=self._run, name=f"lmq-compile-{number}", daemon=True).start()
 
     def kill(self) -> None:
         """Stop the child now (the lane starts another for its next compile)."""
+        self._stale = True
         process = self._process
         if process is not None:
             process.kill()
@@ -252,12 +254,14 @@ class _Lane:
                 outcome = _Failure("internal server error: the constraint compiler did not "
                                    "start", None, cached=False)
             self.compiler._done(self, outcome)
-            if self._process is None:       # killed: a fresh child for the next compile
+            if (self._process is None or self._stale) and not self.compiler._stopping:
+                self._end_child()           # killed: a fresh child for the next compile
                 self._start()
         self.kill()
 
     def _start(self) -> bool:
         """A fresh child, ready to compile (False if it did not start)."""
+        self._stale = False
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         self._process = context.Process(target=_child, name="lmq-compile", daemon=True,
@@ -301,8 +305,10 @@ class _Lane:
         return self.compiler._plan(program, answer)
 
     def _end_child(self) -> int | None:
-        """Kill the child and wait for it to go; its exit code."""
+        """Kill the child (if any) and wait for it to go; its exit code."""
         process, self._process = self._process, None
+        if process is None:
+            return None
         process.kill()
         process.join()
         self._connection.close()
