@@ -106,7 +106,8 @@ NO_STATE_LIMIT = ("--max-automaton-states", "1000000000")
 @pytest.fixture(scope="module")
 def strained_server():
     """Only the server's memory budget stops a compile."""
-    with serving(*NO_STATE_LIMIT, "--max-compile-seconds", "30", "--max-compile-memory", "100") as process:
+    budgets = ("--max-compile-seconds", "30", "--max-compile-memory", "100")
+    with serving(*NO_STATE_LIMIT, *budgets) as process:
         yield process
 
 
@@ -169,45 +170,50 @@ def test_a_repeated_constraint_is_compiled_once(server):
 
 
 def test_costly_constraints_leave_others_at_normal_latency_and_memory_bounded(strained_server):
-    """One client sends constraints that only the clock or the memory budget stops, several
-    at once; meanwhile another client's small requests (unconstrained, and with a fresh
+    """One client sends constraints that only the memory budget stops, several at once;
+    while they compile, another client's small requests (unconstrained, and with a fresh
     constraint each) keep their usual latency, and the server with its compile processes
     stays within its budgets."""
     pid = strained_server.process.pid
     baseline = tree_rss(pid)
     costly = RawClient(strained_server.url)
     other = RawClient(strained_server.url)
-    peak, latencies, done = [baseline], [], threading.Event()
+    peak, latencies, answers, done = [baseline], [], {}, threading.Event()
+    expensive = [program(**GREEDY), program(language=["regex", "[a-y]{300000}"]),
+                 program(language=["regex", "[b-z]{300000}"])]
 
     def watch() -> None:
         while not done.is_set():
             peak.append(tree_rss(pid))
             time.sleep(0.1)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        expensive = [program(**GREEDY), program(language=["regex", "[a-y]{300000}"]),
-                     program(language=["regex", "[b-z]{300000}"])]
-        started = time.monotonic()
+    def refused() -> None:
         for stream_id, constraint in enumerate(expensive, 1):
             costly.send("GENERATE", {"model": MODEL, "prompt": PROMPT, "stream_id": stream_id,
                                      "max_tokens": 6, "constraint": constraint})
-        for i in range(12):
+        while len(answers) < len(expensive):
+            for element in costly.frame(timeout=60)[1]:
+                answers[element["stream_id"]] = element
+
+    watcher, sender = threading.Thread(target=watch), threading.Thread(target=refused)
+    watcher.start()
+    started = time.monotonic()
+    sender.start()
+    try:
+        while sender.is_alive() or len(latencies) < 12:
+            i = len(latencies)
             began = time.monotonic()
             if i % 2:
                 digits = program(language=["regex", f"[0-9]{{1,{i + 2}}}"])
-                elements = other.generate(MODEL, PROMPT, stream_id=i, max_tokens=6, constraint=digits)
+                elements = other.generate(MODEL, PROMPT, stream_id=i, max_tokens=6,
+                                          constraint=digits)
             else:
                 elements = other.generate(MODEL, PROMPT, stream_id=i, max_tokens=8)
             latencies.append(time.monotonic() - began)
             assert "error" not in elements[-1], elements[-1]
-        answers = {}
-        while len(answers) < len(expensive):
-            for element in costly.frame(timeout=60)[1]:
-                answers[element["stream_id"]] = element
-        elapsed = time.monotonic() - started
+            assert time.monotonic() - started < 120
     finally:
+        sender.join(120)
         done.set()
         watcher.join()
         costly.close()
@@ -216,7 +222,6 @@ def test_costly_constraints_leave_others_at_normal_latency_and_memory_bounded(st
     assert all(answers[i]["error_type"] == "ConstraintTooLarge" for i in answers), errors
     assert all("more than the server's limit of 100 MiB (--max-compile-memory)" in error
                for error in errors), errors
-    assert elapsed < 60, elapsed
     assert max(latencies) < NORMAL_SECONDS, latencies
     assert max(peak) - baseline < 1.5 * 2 ** 30, (max(peak) - baseline) / 2 ** 20
 
@@ -235,7 +240,8 @@ def test_a_compile_past_the_time_budget_is_stopped(timed_server):
                                         constraint=program(**fields))
             assert time.monotonic() - started < 10
             assert element["error_type"] == "ConstraintTooLarge"
-            assert "longer than the server's limit of 0.5 s (--max-compile-seconds)" in element["error"]
+            assert ("longer than the server's limit of 0.5 s (--max-compile-seconds)"
+                    in element["error"])
         elements = client.generate(MODEL, PROMPT, stream_id=3, max_tokens=6,
                                    constraint=program(language=["regex", "[a-c]+"]))
         assert "error" not in elements[-1]

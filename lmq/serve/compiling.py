@@ -13,13 +13,16 @@ for a compile, and the other clients' streams decode at their usual pace.
 Each of `--compile-workers` lanes owns one child (started with the server, niced, started
 anew after it was killed) and watches it while it compiles: past `--max-compile-seconds`,
 or once it holds `--max-compile-memory` MiB more than when it started, the child is
-killed and the hole answered with a `ConstraintTooLarge` error (Linux; the child's address
-space is also limited, to twice that, against an allocation too large to be watched). Waiting holes are taken round robin across connections, and a
-connection compiles on one lane at a time, so a client sending many costly constraints
-leaves the other lanes to everyone else. A hole cancelled or whose client left is dropped
-from the queue, or its compile killed. The child returns the
-vocabulary-free `CompiledConstraint`; the lane finishes the automaton over the model's
-vocabulary and caches the plan by the program's hash (LRU, `CACHE_BYTES` of automata), so
+killed and the hole answered with a `ConstraintTooLarge` error (Linux; the child's
+address space is also limited, to twice that, against an allocation too fast to watch).
+Waiting holes are taken round robin across connections, and a connection compiles on one
+lane at a time, so a client sending many costly constraints leaves the other lanes to
+everyone else. A hole cancelled or whose client left is dropped from the queue, or its
+compile killed.
+
+The child returns the vocabulary-free `CompiledConstraint`; the lane finishes the
+automaton over the model's vocabulary and caches the plan (plans are never changed by
+decoding, so holes share them) by the program's hash (LRU, `CACHE_BYTES` of automata), so
 a repeated constraint costs nothing. Errors that do not depend on load (malformed, too
 large, unsatisfiable) are cached too; a timeout is not.
 """
@@ -203,7 +206,8 @@ class ConstraintCompiler:
         while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
             self._cached_bytes -= self._cache.popitem(last=False)[1][1]
 
-    def _plan(self, program: dict[str, Any], compiled: CompiledConstraint | None) -> HolePlan | _Failure:
+    def _plan(self, program: dict[str, Any],
+              compiled: CompiledConstraint | None) -> HolePlan | _Failure:
         """The plan over the model's vocabulary from what the child compiled."""
         try:
             plan = program_plan(program)
@@ -264,8 +268,9 @@ class _Lane:
         self._stale = False
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
+        compiler = self.compiler
         self._process = context.Process(target=_child, name="lmq-compile", daemon=True,
-                                        args=(theirs, self.compiler.vocabulary, self.compiler.limits))
+                                        args=(theirs, compiler.vocabulary, compiler.limits))
         self._process.start()
         theirs.close()
         self._connection = ours
