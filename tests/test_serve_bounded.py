@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from lmq.backends import default_model_path
 from lmtp_harness import RawClient, ServerProcess
@@ -285,3 +286,28 @@ def _wait_for_replaced(pid: int, children: set[int]) -> None:
     while children <= compile_children(pid):
         assert time.monotonic() < deadline, "the compile was not abandoned"
         time.sleep(0.1)
+
+
+def test_shutdown_while_compiling_answers_every_hole():
+    """SIGTERM while holes compile, wait for their turn, or their lane starts a fresh
+    process after a compile past its budget: every hole gets one answer on its stream,
+    the server exits 0 and logs no traceback."""
+    with serving(*NO_STATE_LIMIT, "--max-compile-seconds", "0.5") as process:
+        client = RawClient(process.url)
+        try:
+            for stream_id, letter in enumerate("abc", 1):
+                endless = program(language=["regex", f".*{letter}.{{40}}"])
+                client.send("GENERATE", {"model": MODEL, "prompt": PROMPT, "stream_id": stream_id,
+                                         "max_tokens": 6, "constraint": endless})
+            time.sleep(0.8)                     # the first compile is past its budget by now
+            assert process.terminate() == 0
+            answers = []
+            with contextlib.suppress(ConnectionClosed):      # the server closes after answering
+                while True:
+                    answers.extend(client.frame(timeout=10)[1])
+        finally:
+            client.close()
+        assert sorted(a["stream_id"] for a in answers) == [1, 2, 3], answers
+        assert all(a["error"] == "the server is shutting down" or "0.5 s" in a["error"]
+                   for a in answers), answers
+        assert "Traceback" not in "".join(process.log), "".join(process.log)

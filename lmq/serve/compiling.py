@@ -131,7 +131,7 @@ class ConstraintCompiler:
                 self._ready.pop(stream, None)
                 owner.deliver([stream.cancelled()])
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """End the lanes and their children; compiling streams get an error answer."""
         with self._condition:
             self._stopping = True
@@ -143,6 +143,8 @@ class ConstraintCompiler:
             self._condition.notify_all()
         for lane in self._lanes:
             lane.kill()
+        for lane in self._lanes:          # a child starting now is killed once it has started
+            lane.thread.join(timeout)
 
     def stats(self) -> dict[str, Any]:
         return {"compiling_streams": len(self._waiting) + len(self._running),
@@ -239,7 +241,8 @@ class _Lane:
         self._most_resident = 0                       # the child's resident bytes allowed
         self._stale = False                           # the child was killed from outside
         self.started = threading.Event()
-        threading.Thread(target=self._run, name=f"lmq-compile-{number}", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name=f"lmq-compile-{number}", daemon=True)
+        self.thread.start()
 
     def kill(self) -> None:
         """Stop the child now (the lane starts another for its next compile)."""
@@ -269,9 +272,10 @@ class _Lane:
         context = multiprocessing.get_context("spawn")
         ours, theirs = context.Pipe()
         compiler = self.compiler
-        self._process = context.Process(target=_child, name="lmq-compile", daemon=True,
-                                        args=(theirs, compiler.vocabulary, compiler.limits))
-        self._process.start()
+        process = context.Process(target=_child, name="lmq-compile", daemon=True,
+                                  args=(theirs, compiler.vocabulary, compiler.limits))
+        process.start()
+        self._process = process
         theirs.close()
         self._connection = ours
         try:
