@@ -8,6 +8,8 @@ batching loop across connections: test_serve_batching.py.)"""
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +22,7 @@ from lmtp_harness import RawClient, ServerProcess
 pytestmark = pytest.mark.model
 
 MODEL = f"llama.cpp:{default_model_path()}"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [1, 504, 3287, 28, 827]
 #: the issue's reproducers: (constraint program fields, what the error says)
 REPRODUCERS = {
@@ -62,14 +65,14 @@ def tree_rss(pid: int) -> int:
 
 
 def compile_children(pid: int) -> set[int]:
-    """The server's compile processes (its children running multiprocessing's spawn)."""
+    """The server's compile processes."""
     found = set()
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/children") as children:
             for child in children.read().split():
                 try:
                     with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                        if b"spawn_main" in cmdline.read():
+                        if b"lmq.serve.compiling" in cmdline.read():
                             found.add(int(child))
                 except FileNotFoundError:
                     pass
@@ -311,3 +314,27 @@ def test_shutdown_while_compiling_answers_every_hole():
         assert all(a["error"] == "the server is shutting down" or "0.5 s" in a["error"]
                    for a in answers), answers
         assert "Traceback" not in "".join(process.log), "".join(process.log)
+
+
+EMBEDDED = """
+from lmq.backends import default_model_path
+from lmq.backends.gguf import load_vocab_only
+from lmq.serve.compiling import CompileLimits, ConstraintCompiler
+from lmq.serve.holes import HoleStream
+
+compiler = ConstraintCompiler(load_vocab_only(default_model_path()).vocabulary(),
+                              CompileLimits(workers=1))
+compiler.wait_started()
+lane = compiler._lanes[0]
+print(type(lane._compile({"language": ["regex", "[0-9]+"]}).automaton).__name__)
+compiler.stop()
+"""
+
+
+def test_compiles_where_the_servers_main_module_cannot_be_imported_again():
+    """A server embedded in a program read from stdin (or a notebook) still compiles: the
+    compile processes never import the server's `__main__`."""
+    done = subprocess.run([sys.executable, "-"], input=EMBEDDED, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["DfaTokenAutomaton"], done.stdout

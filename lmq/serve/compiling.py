@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import resource
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -236,7 +238,7 @@ class _Lane:
     def __init__(self, compiler: ConstraintCompiler, number: int):
         self.compiler = compiler
         self.stream: HoleStream | None = None         # the stream compiling now
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._process: subprocess.Popen | None = None
         self._connection: Connection | None = None
         self._most_resident = 0                       # the child's resident bytes allowed
         self._stale = False                           # the child was killed from outside
@@ -267,21 +269,24 @@ class _Lane:
         self.kill()
 
     def _start(self) -> bool:
-        """A fresh child, ready to compile (False if it did not start)."""
+        """A fresh child, ready to compile (False if it did not start). A plain
+        subprocess running this module, not multiprocessing's spawn, which would import the
+        server's `__main__` again (impossible when the server was started from stdin or a
+        notebook)."""
         self._stale = False
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        compiler = self.compiler
-        process = context.Process(target=_child, name="lmq-compile", daemon=True,
-                                  args=(theirs, compiler.vocabulary, compiler.limits))
-        process.start()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            main = f"from lmq.serve.compiling import child; child({theirs.fileno()})"
+            process = subprocess.Popen([sys.executable, "-c", main], pass_fds=[theirs.fileno()],
+                                       stdin=subprocess.DEVNULL, env=_child_environment())
         self._process = process
-        theirs.close()
-        self._connection = ours
+        self._connection = Connection(ours.detach())
+        compiler = self.compiler
         try:
-            if ours.poll(START_SECONDS) and ours.recv() == "ready":
-                budget = self.compiler.limits.memory_mb * 2 ** 20
-                self._most_resident = _resident_bytes(self._process.pid) + budget
+            self._connection.send((compiler.vocabulary, compiler.limits))
+            if self._connection.poll(START_SECONDS) and self._connection.recv() == "ready":
+                budget = compiler.limits.memory_mb * 2 ** 20
+                self._most_resident = _resident_bytes(process.pid) + budget
                 return True
         except (EOFError, OSError):
             pass
@@ -319,16 +324,26 @@ class _Lane:
         if process is None:
             return None
         process.kill()
-        process.join()
+        code = process.wait()
         self._connection.close()
-        return process.exitcode
+        return code
+
+
+def _child_environment() -> dict[str, str]:
+    """The server's environment, with this lmq first on the module path."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return {**os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
 # --- the child process ----------------------------------------------------------------------
 
-def _child(connection: Connection, vocabulary: Vocabulary, limits: CompileLimits) -> None:
-    """Compile programs sent over `connection` until it closes; answer each with its
+def child(descriptor: int) -> None:
+    """The child's main: read the vocabulary and the limits from the socket `descriptor`,
+    say "ready", then compile programs until the socket closes, answering each with its
     `CompiledConstraint` (or None) or a `_Failure`."""
+    connection = Connection(descriptor)
+    vocabulary, limits = connection.recv()
     try:
         os.nice(5)                      # decoding goes first
     except OSError:
