@@ -65,6 +65,8 @@ CASES = {  # query → extra arguments; "ok" cases must succeed, the others be t
                                 {"g": "root ::= " + "(" * 10_000 + '"a"' + ")" * 10_000}, "large"),
     "GBNF a{2000}{2000}": ('"[X]" where GRAMMAR(X, g) and len(TOKENS(X)) < 4',
                            {"g": 'root ::= ("a"{2000}){2000}\n'}, "large"),
+    "GBNF of 5,000 alternatives": ('"[X]" where GRAMMAR(X, g)', {"g": "root ::= " + " | ".join(
+        f'"w{i}x{i * 7}"' for i in range(5_000)) + "\n"}, "large"),     # llguidance's limit
 }
 RANDOM_REGEXES = [_random_regex(seed) for seed in range(10)] + [
     "(a|b)*a[ab][ab][ab][ab][ab][ab][ab][ab][ab][ab][ab][ab][ab][ab][ab][ab][ab]"]

@@ -148,6 +148,10 @@ def test_waiting_streams_are_taken_round_robin_across_owners():
     assert len(waiting) == 3
     assert waiting.remove(many, lambda s: s.stream_id == 3) == [streams[3]]
     assert list(waiting) == [streams[2], streams[4]]
+    waiting.push(late)
+    assert waiting.pop(busy={many}) is late           # a busy owner is passed over
+    assert waiting.pop(busy={many}) is None           # only a busy owner waits
+    assert waiting.pop() is streams[2]
 
 
 class GatedStream(Stream):

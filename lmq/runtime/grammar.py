@@ -80,11 +80,14 @@ class GrammarTokenAutomaton:
     it); `mask` is computed by llguidance on every call.
     """
 
-    def __init__(self, grammar: Grammar, vocabulary: Vocabulary, *, variable: str):
+    def __init__(self, grammar: Grammar, vocabulary: Vocabulary, *, variable: str,
+                 lark: str | None = None):
+        """`lark`: `grammar_lark(grammar)` when it is at hand (it costs seconds for
+        grammars of hundreds of rules)."""
         self.grammar = grammar
         self.variable = variable
         self.size = vocabulary.size
-        self._template = _compiled_matcher(grammar, vocabulary, variable)
+        self._template = _compiled_matcher(grammar, vocabulary, variable, lark)
         self._bitmask = np.zeros((self.size + 31) // 32, dtype=np.int32)
         self._bits = self._bitmask.view(np.uint8)
         ends = np.array(sorted(vocabulary.end_ids), dtype=np.int64)
@@ -117,7 +120,7 @@ class GrammarTokenAutomaton:
     def _check_size(self, state: llguidance.LLMatcher) -> None:
         """llguidance's own limits (parser items, lexer states) as `ConstraintTooLarge`."""
         reason = state.get_error().split("\n", 1)[0].strip()
-        if "Too many" in reason or "limit" in reason:
+        if "Too many" in reason or "limit" in reason or "; max is " in reason:
             raise ConstraintTooLarge(f"constraint too large: the grammar of {self.variable} "
                                      f"grows past llguidance's limits ({reason})")
 
@@ -136,7 +139,13 @@ class GrammarTokenAutomaton:
         return mask
 
 
-def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -> llguidance.LLMatcher:
+def grammar_lark(grammar: Grammar) -> str:
+    """`grammar` in llguidance's Lark syntax, with lmq's settings."""
+    return _LARK_HEADER + to_lark(grammar)
+
+
+def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str,
+                      lark: str | None) -> llguidance.LLMatcher:
     """The template matcher of `grammar`, compiled once per (grammar, vocabulary)."""
     tokenizer = lltokenizer(vocabulary)
     key = (grammar.text, id(tokenizer))
@@ -145,7 +154,8 @@ def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str) -
         if entry is not None and entry[0] is tokenizer:     # not a reused id
             _compiled.move_to_end(key)
             return entry[1]
-    lark = _LARK_HEADER + to_lark(grammar)
+    if lark is None:
+        lark = grammar_lark(grammar)
     matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
     if matcher.is_error():
         raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")

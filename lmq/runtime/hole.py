@@ -30,7 +30,7 @@ from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, character_budget
                                     key_from_json, key_to_json, stopped_dfa, value_dfa)
 from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstraint
 from lmq.runtime.char_budget import CharBudgetAutomaton
-from lmq.runtime.grammar import GrammarTokenAutomaton
+from lmq.runtime.grammar import GrammarTokenAutomaton, grammar_lark
 from lmq.runtime.token_budget import TokenWindow
 from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
 
@@ -130,6 +130,16 @@ def plan_from_program(program: dict[str, Any], vocabulary: Vocabulary,
     """The plan a constraint program describes (the inverse of `HolePlan.to_program`; the
     program comes from a network client and is validated, never evaluated). A program
     with a language key is enforced through it; else its grammar, if any."""
+    plan = program_plan(program, name)
+    if plan.grammar is not None:
+        plan.grammar = _grammar_of(plan.grammar, name).text
+    _build_automaton(plan, vocabulary)
+    return plan
+
+
+def program_plan(program: dict[str, Any], name: str = "constraint") -> HolePlan:
+    """A constraint program's plan without its automaton (budget, stops, the language key
+    or the grammar text as sent): cheap, so a server checks it before any compiling."""
     try:
         language = program.get("language")
         plan = HolePlan(name, min_tokens=program.get("min_tokens", 0),
@@ -142,12 +152,46 @@ def plan_from_program(program: dict[str, Any], vocabulary: Vocabulary,
             plan.grammar = program.get("grammar")
     except (TypeError, KeyError, AttributeError, ValueError) as e:
         raise ConstraintError(f"malformed constraint program: {e}") from None
-    if plan.grammar is not None:
-        if not isinstance(plan.grammar, str):
-            raise ConstraintError("malformed constraint program: the grammar must be GBNF text")
-        plan.grammar = _grammar_of(plan.grammar, name).text
-    _build_automaton(plan, vocabulary)
+    if plan.grammar is not None and not isinstance(plan.grammar, str):
+        raise ConstraintError("malformed constraint program: the grammar must be GBNF text")
     return plan
+
+
+@dataclass(frozen=True)
+class CompiledConstraint:
+    """The vocabulary-free part of a plan's automaton, picklable: the byte DFA of its
+    language (with the character budget counted apart), or its checked grammar and that
+    grammar in llguidance's syntax. The costly part of compiling; a server builds it in
+    a separate process and finishes the automaton with `attach_automaton`."""
+
+    dfa: fa.ByteDfa | None = None
+    most_chars: int | None = None
+    grammar: Grammar | None = None
+    lark: str | None = None
+
+
+def compile_constraint(plan: HolePlan) -> CompiledConstraint | None:
+    """The compiled form of `plan`'s language or grammar (None when it has neither)."""
+    if plan.grammar is not None:
+        grammar = _grammar_of(plan.grammar, plan.name)
+        return CompiledConstraint(grammar=grammar, lark=grammar_lark(grammar))
+    if plan.language is None:
+        return None
+    dfa, most_chars = _language_dfa(plan.language, _stop_pairs(plan))
+    return CompiledConstraint(dfa=dfa, most_chars=most_chars)
+
+
+def attach_automaton(plan: HolePlan, compiled: CompiledConstraint | None,
+                     vocabulary: Vocabulary) -> None:
+    """Give `plan` the token automaton of `compiled` over `vocabulary`."""
+    if compiled is None:
+        return
+    if compiled.grammar is not None:
+        plan.grammar = compiled.grammar.text
+        plan.automaton = GrammarTokenAutomaton(compiled.grammar, vocabulary, variable=plan.name,
+                                               lark=compiled.lark)
+    else:
+        plan.automaton = _token_automaton(compiled.dfa, compiled.most_chars, vocabulary)
 
 
 def plan_hole(name: str, constraint: Constraint | None, scope: dict[str, Any],
@@ -278,8 +322,11 @@ def _build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
         return
     if plan.language is None:
         return
-    stops = tuple((rule.phrase, rule.keep) for rule in plan.stops)
-    plan.automaton = _dfa_automaton(plan.language, stops, vocabulary)
+    plan.automaton = _dfa_automaton(plan.language, _stop_pairs(plan), vocabulary)
+
+
+def _stop_pairs(plan: HolePlan) -> tuple[tuple[bytes, bool], ...]:
+    return tuple((rule.phrase, rule.keep) for rule in plan.stops)
 
 
 #: (language, stops, id of the vocabulary) → (the vocabulary, kept alive so its id stays
@@ -290,19 +337,28 @@ _automata: dict[tuple, tuple[Vocabulary, DfaTokenAutomaton | CharBudgetAutomaton
 def _dfa_automaton(key: LanguageKey, stops: tuple,
                    vocabulary: Vocabulary) -> DfaTokenAutomaton | CharBudgetAutomaton:
     """One token automaton per (language, stops, vocabulary), so masks computed for a
-    state serve every later hole with the same constraint. An upper bound on the
-    characters is a budget the automaton counts, not states of the DFA."""
+    state serve every later hole with the same constraint."""
     cache_key = (key, stops, id(vocabulary))
     cached = _automata.get(cache_key)
     if cached is None:
         if len(_automata) > 256:
             _automata.clear()
-        rest, most_chars = character_budget(key)
-        automaton = DfaTokenAutomaton.for_vocabulary(stopped_dfa(rest, stops), vocabulary)
-        if most_chars is not None:
-            automaton = CharBudgetAutomaton(automaton, most_chars)
+        automaton = _token_automaton(*_language_dfa(key, stops), vocabulary)
         cached = _automata[cache_key] = (vocabulary, automaton)
     return cached[1]
+
+
+def _language_dfa(key: LanguageKey, stops: tuple) -> tuple[fa.ByteDfa, int | None]:
+    """The byte DFA of a language with its stops, and the most characters it allows: an
+    upper bound on the characters is a budget the automaton counts, not states of the DFA."""
+    rest, most_chars = character_budget(key)
+    return stopped_dfa(rest, stops), most_chars
+
+
+def _token_automaton(dfa: fa.ByteDfa, most_chars: int | None,
+                     vocabulary: Vocabulary) -> DfaTokenAutomaton | CharBudgetAutomaton:
+    automaton = DfaTokenAutomaton.for_vocabulary(dfa, vocabulary)
+    return automaton if most_chars is None else CharBudgetAutomaton(automaton, most_chars)
 
 
 @functools.lru_cache(maxsize=256)

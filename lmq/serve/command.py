@@ -17,6 +17,7 @@ from typing import Any
 
 from lmq.compiler.nesting import literal_or_text
 from lmq.errors import QueryArgumentError
+from lmq.serve.compiling import CompileLimits
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -49,6 +50,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="open streams per connection (default 64)")
     serve.add_argument("--max-tokens", type=int, default=4096,
                        help="largest max_tokens of a GENERATE (default 4096)")
+    compiling = CompileLimits()
+    serve.add_argument("--max-compile-seconds", type=float, default=compiling.seconds,
+                       help="longest compile of one constraint; a longer one is stopped and "
+                            f"answered with an error (default {compiling.seconds:g})")
+    serve.add_argument("--max-compile-memory", type=int, default=compiling.memory_mb, metavar="MIB",
+                       help="memory one constraint compile may take, in MiB "
+                            f"(default {compiling.memory_mb})")
+    serve.add_argument("--max-automaton-states", type=int, default=compiling.states,
+                       help="states of one constraint automaton (default "
+                            f"{compiling.states}, or $LMQ_MAX_STATES)")
+    serve.add_argument("--max-grammar-rules", type=int, default=compiling.grammar_rules,
+                       help="rules of one GBNF grammar (default "
+                            f"{compiling.grammar_rules}, or $LMQ_MAX_GRAMMAR_RULES)")
+    serve.add_argument("--compile-workers", type=int, default=compiling.workers,
+                       help="constraint compiles running at once, each in a process of its "
+                            f"own; one per connection at a time (default {compiling.workers})")
 
 
 def backend_arguments(extra: list[str]) -> dict[str, Any]:
@@ -132,13 +149,23 @@ def serve_model(options: argparse.Namespace, extra: list[str]) -> int:
     if options.models_dir and not os.path.isdir(options.models_dir):
         raise QueryArgumentError(f"serve-model: --models-dir {options.models_dir!r} is not a "
                                  "directory")
-    for name in ("slots", "max_models", "max_frame_bytes", "max_streams", "max_tokens"):
+    for name in ("slots", "max_models", "max_frame_bytes", "max_streams", "max_tokens",
+                 "max_compile_memory", "max_automaton_states", "max_grammar_rules",
+                 "compile_workers"):
         if getattr(options, name) < 1:
             raise QueryArgumentError(f"serve-model: --{name.replace('_', '-')} must be at least 1")
+    if not options.max_compile_seconds > 0:
+        raise QueryArgumentError("serve-model: --max-compile-seconds must be more than 0")
     _check_exposure(options)
     _check_address(options.host, options.port)
+    compile_limits = CompileLimits(seconds=options.max_compile_seconds,
+                                   memory_mb=options.max_compile_memory,
+                                   states=options.max_automaton_states,
+                                   grammar_rules=options.max_grammar_rules,
+                                   workers=options.compile_workers)
     registry = ModelRegistry(backend_arguments(extra), slots=options.slots,
-                             max_models=options.max_models, models_dir=options.models_dir)
+                             max_models=options.max_models, models_dir=options.models_dir,
+                             compile_limits=compile_limits)
     if options.insecure_no_token and not options.token:
         print(f"lmq serve-model: WARNING: no --token: anyone who can reach {options.host} can "
               "use the served models", file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ import numpy as np
 from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, LmqError, ModelError
 from lmq.runtime.decoders import DECODERS, Decoder, HoleOutput
-from lmq.runtime.hole import plan_from_program
+from lmq.runtime.hole import HolePlan, plan_from_program
 from lmq.runtime.sampling import SamplingSettings
 from lmq.serve.protocol import Generate, ProtocolError
 from lmq.serve.streams import Owner, Stream
@@ -81,6 +81,7 @@ class HoleStream(Stream):
         super().__init__(owner, request.stream_id, request.prompt,
                          min(request.max_tokens, backend.context_size - len(request.prompt)))
         self.program = request.constraint
+        self.plan: HolePlan | None = None         # compiled ahead (`lmq.serve.compiling`)
         self.decoder = _decoder(request)
         self.backend = backend
         self.executor = executor
@@ -117,7 +118,7 @@ class HoleStream(Stream):
     def _decode(self, first_row: np.ndarray) -> None:
         sequence = BatchedSequence(self, first_row)
         try:
-            plan = plan_from_program(self.program, self.backend.vocabulary)
+            plan = self.plan or plan_from_program(self.program, self.backend.vocabulary)
             output = self.decoder.decode_hole(sequence, self.prompt, plan, self.backend,
                                               len(self.prompt) + self.new_tokens)
             self._send(self._final(output), last=True)

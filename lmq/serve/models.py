@@ -23,6 +23,7 @@ from typing import Any
 
 from lmq.backends.base import Backend
 from lmq.errors import QueryArgumentError
+from lmq.serve.compiling import CompileLimits, ConstraintCompiler
 from lmq.serve.protocol import ProtocolError, shown
 from lmq.serve.scheduler import ModelWorker
 
@@ -100,8 +101,9 @@ class ModelRegistry:
     """The loaded models of a server and the policy for loading others."""
 
     def __init__(self, backend_kwargs: dict[str, Any], slots: int, max_models: int,
-                 models_dir: str | None = None):
+                 models_dir: str | None = None, compile_limits: CompileLimits = CompileLimits()):
         self.backend_kwargs = backend_kwargs
+        self.compile_limits = compile_limits
         self.slots = slots
         self.max_models = max_models
         self.models_dir = os.path.realpath(models_dir) if models_dir is not None else None
@@ -124,7 +126,9 @@ class ModelRegistry:
         return self.workers[self._names[key]]
 
     def _add(self, key: ModelKey, backend: Backend) -> None:
-        self.workers[key] = ModelWorker(f"{key[0]}:{key[1]}", backend, self.slots)
+        compiler = ConstraintCompiler(backend.vocabulary, self.compile_limits)
+        compiler.wait_started()
+        self.workers[key] = ModelWorker(f"{key[0]}:{key[1]}", backend, self.slots, compiler)
         self._names[key] = key
         if os.path.exists(key[1]):
             self._names[(key[0], os.path.realpath(key[1]))] = key

@@ -31,11 +31,14 @@ import queue
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Container, Iterator
 
 from lmq.backends.base import Backend, Sequence, common_prefix
 from lmq.errors import LmqError
 from lmq.serve.streams import Owner, Stream
+
+if TYPE_CHECKING:
+    from lmq.serve.compiling import ConstraintCompiler
 
 
 #: cells a stream must find free beyond its prompt to be admitted (room to grow a while
@@ -64,8 +67,13 @@ class FairQueue:
     def peek(self) -> Stream:
         return next(iter(self._owners.values()))[0]
 
-    def pop(self) -> Stream:
-        owner, queued = next(iter(self._owners.items()))
+    def pop(self, busy: Container[Owner] = ()) -> Stream | None:
+        """The head of the next owner's queue in turn, passing over `busy` owners (None
+        when only they wait)."""
+        owner = next((o for o in self._owners if o not in busy), None)
+        if owner is None:
+            return None
+        queued = self._owners[owner]
         self.count -= 1
         stream = queued.popleft()
         if queued:
@@ -93,8 +101,12 @@ class FairQueue:
 class ModelWorker:
     """The batching loop of one served model."""
 
-    def __init__(self, model_id: str, backend: Backend, slots: int):
+    def __init__(self, model_id: str, backend: Backend, slots: int,
+                 compiler: "ConstraintCompiler | None" = None):
+        """`compiler`: where holes go before they wait for a slot (else a hole compiles
+        its constraint on its own decoding thread)."""
         self.model_id = model_id
+        self.compiler = compiler
         self.backend = backend
         self.slots = slots
         self.idle: list[Sequence] = [backend.sequence() for _ in range(slots)]   # most recent last
@@ -115,10 +127,18 @@ class ModelWorker:
     # --- called from the server's event loop ---------------------------------------------
 
     def submit(self, stream: Stream) -> None:
+        if self.compiler is not None:
+            self.compiler.submit(stream, self._queue)
+        else:
+            self._queue(stream)
+
+    def _queue(self, stream: Stream) -> None:
         self._commands.put(("submit", stream))
 
     def cancel(self, owner: Owner, stream_id: int | None = None) -> None:
         """Cancel one stream of `owner`, or all of them (stream_id None: it disconnected)."""
+        if self.compiler is not None:
+            self.compiler.cancel(owner, stream_id)
         self._commands.put(("cancel", owner, stream_id))
 
     def call(self, function: Callable[[], bool | None]) -> None:
@@ -128,6 +148,8 @@ class ModelWorker:
         self._commands.put(("call", function))
 
     def stop(self, timeout: float = 5.0) -> None:
+        if self.compiler is not None:
+            self.compiler.stop()
         self._commands.put(("stop",))
         self._thread.join(timeout)
         self.executor.shutdown(wait=False)
@@ -137,7 +159,8 @@ class ModelWorker:
                 "active_streams": len(self.active), "waiting_streams": len(self.waiting) + len(self.preempted),
                 "generated_tokens": self.generated_tokens, "batch_width": self.batch_width,
                 "max_batch_width": self.max_batch_width, "preemptions": self.preemptions,
-                "held_sequences": len(self.held)}
+                "held_sequences": len(self.held),
+                **(self.compiler.stats() if self.compiler is not None else {})}
 
     # --- the worker thread ------------------------------------------------------------------
 
