@@ -117,17 +117,14 @@ def test_best_k_returns_k_sorted_results():
 
 def test_draws_made_by_the_scheduler_equal_each_branch_drawing_alone(monkeypatch):
     """sample(n) branches without a mask have their next token drawn by the scheduler on
-    the step's rows (in parallel threads on a machine with the cores): the same tokens and
-    scores as each branch drawing in its own task."""
-    from lmq.runtime import branching, sampling
+    the step's rows: the same tokens and scores as each branch drawing in its own task."""
+    from lmq.runtime import branching
     query = r'"Q: Name a fruit.\nA:[X]" where len(TOKENS(X)) == 6'
 
     def run(mode):
         with monkeypatch.context() as patch:
             if mode == "task":
                 patch.setattr(branching.SampleDecoder, "_draw_ahead", lambda *args: None)
-            elif mode == "threads":
-                patch.setattr(sampling, "_draw_threads", lambda: 3)
             backend = LlamaCppBackend(default_model_path(), n_ctx=512, flash_attn=False)
             try:
                 results = lmq.run_sync(query, model=PinnedModel(backend), decoder="sample(n=5, seed=7)")
@@ -138,4 +135,3 @@ def test_draws_made_by_the_scheduler_equal_each_branch_drawing_alone(monkeypatch
     alone = run("task")
     assert len({tuple(tokens) for tokens, _ in alone}) > 1           # the branches differ
     assert run("scheduler") == alone
-    assert run("threads") == alone

@@ -27,7 +27,7 @@ import numpy as np
 
 from lmq.backends.base import Backend, Sequence, common_prefix
 from lmq.errors import ContextLimitError
-from lmq.runtime.sampling import DrawAhead, run_draws
+from lmq.runtime.sampling import DrawAhead
 
 
 class Lane:
@@ -149,8 +149,9 @@ class ModelScheduler:
                     for request in ready:
                         request.future.set_exception(error)
                 else:
-                    run_draws([(r.draw, row) for r, row in zip(ready, rows) if r.draw is not None])
                     for request, row in zip(ready, rows):
+                        if request.draw is not None:
+                            request.draw.run(row)
                         request.future.set_result(row)
                 self.steps += 1
                 self.batched += len(ready)
