@@ -1,4 +1,5 @@
-"""The `lmq` command: `lmq run FILE.lmq` and `lmq compile FILE.lmq`.
+"""The `lmq` command: `lmq run FILE.lmq`, `lmq compile FILE.lmq`, `lmq serve-model`,
+`lmq install-llama-server` and `lmq llama-server MODEL.gguf`.
 
 Exit codes: 0 success, 1 query error (syntax, constraint, context, model, an exception
 of the query's own code), 2 usage error. User errors print a message, never a traceback.
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 
 from lmq.compiler.codegen import compile_query
 from lmq.compiler.nesting import literal_or_text
+from lmq.engines.command import add_parsers as add_engine_parsers, install_llama_server, run_llama_server
 from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
 from lmq.runtime.hole import runtime_values, static_plan
 from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("file")
     compile_.add_argument("--gbnf", action="store_true", help="print per-hole GBNF grammars")
     add_serve_parser(commands)
+    add_engine_parsers(commands)
     return parser
 
 
@@ -208,12 +211,15 @@ def _print_grammars(program) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     options, extra = parser.parse_known_args(argv)
-    if extra and options.command != "serve-model":
+    if extra and options.command not in ("serve-model", "llama-server"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if options.command == "serve-model":
             return serve_model(options, extra)
-        return {"run": _run, "compile": _compile}[options.command](options)
+        if options.command == "llama-server":
+            return run_llama_server(options, extra)
+        return {"run": _run, "compile": _compile,
+                "install-llama-server": install_llama_server}[options.command](options)
     except _UsageError as e:
         print(f"lmq: {e}", file=sys.stderr)
         return 2
