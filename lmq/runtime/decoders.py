@@ -71,6 +71,7 @@ class Decoder:
             settings["seed"] = None
         SamplingSettings.of(settings)   # the knobs' types and ranges, for every decoder
         self.n = n
+        self.branch_index = 0           # which branch of a run with several results
         self.settings = settings
         self.max_len: int | None = max_len
         self._buffer: np.ndarray | None = None
@@ -79,6 +80,7 @@ class Decoder:
     def branch(self, index: int) -> "Decoder":
         """This decoder for branch `index` of a run with several results (own state)."""
         child = copy.copy(self)
+        child.branch_index = index
         child._buffer = child._spare_row = None
         return child
 
