@@ -139,7 +139,7 @@ def test_what_the_engine_cannot_do_names_feature_and_engine(remote, decoder, fea
 
 def test_distribution_names_feature_and_engine(remote):
     with pytest.raises(ModelError, match="distribution.*llama-server|llama-server.*distribution"):
-        lmq.run_sync('argmax "Colour:[C]" distribution C in [" red", " blue"]', model=remote)
+        lmq.run_sync('argmax\n    "Colour:[C]"\ndistribution\n    C in [" red", " blue"]', model=remote)
 
 
 def test_pushed_grammar_lets_a_stop_token_overshoot():

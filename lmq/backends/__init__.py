@@ -98,7 +98,12 @@ def _create(model_id: str, kwargs: dict) -> Backend:
     if model_id.startswith("llama-server:"):
         from lmq.backends.llama_server import LlamaServerBackend
         return LlamaServerBackend(model_id[len("llama-server:"):], **kwargs)
+    if model_id.startswith("openai:"):
+        from lmq.backends.openai_compat import OpenAiBackend
+        return OpenAiBackend(model_id[len("openai:"):], **kwargs)
     if model_id.startswith("local:transformers:"):
         from lmq.backends.transformers import TransformersBackend
         return TransformersBackend(model_id[len("local:transformers:"):], **kwargs)
-    raise ModelError(f"unknown model id {model_id!r} (expected local:llama.cpp:PATH.gguf or random)")
+    raise ModelError(f"unknown model id {model_id!r} (expected local:llama.cpp:PATH.gguf, llama.cpp:PATH.gguf, "
+                     "lmtp://HOST:PORT/MODEL, llama-server:URL, openai:URL, "
+                     "local:transformers:DIR or random)")

@@ -1,0 +1,131 @@
+"""The remote-engine figure of performance.md: queries on `llama-server:` ÷ the same
+requests sent straight to llama-server's `/completion` with the same grammar.
+
+One llama-server (`--parallel 8`) on the model. Each round runs the same set of
+single-hole queries twice, interleaved: through lmq (`lmq.run_sync` per query), and raw
+(the request body lmq's backend builds for that hole, posted with http.client and its
+stream read to the end). Prompts carry a fresh nonce per round and system, so neither
+finds the other's prompt in the server's cache. Throughput is generated tokens per
+second of wall time; the figure is lmq's ÷ raw's, for 1 client and for 8 concurrent
+clients (threads).
+
+    python -m bench.remote_engine                 # SmolLM2, 3 rounds
+    python -m bench.remote_engine --rounds 1 --queries 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+import lmq
+from bench.stats import median
+from lmq.backends import default_model_path
+from lmq.compiler.codegen import compile_query
+from lmq.engines.binary import require_binary
+from lmq.engines.process import LlamaServer
+from lmq.runtime.decoders import make_decoder
+from lmq.runtime.hole import plan_hole
+
+#: (prompt, where clause of X) — a grammar, a stop and a budget on every hole
+HOLES = [
+    ("Write a sentence about {topic}:", 'STOPS_BEFORE(X, ".") and REGEX(X, "[A-Za-z ,\']+") and len(TOKENS(X)) < 33'),
+    ("List some words about {topic}, separated by commas:", 'REGEX(X, "( [a-z]+,)+") and len(TOKENS(X)) < 33'),
+    ("A long number about {topic}:", 'INT(X) and len(TOKENS(X)) < 33'),
+    ("Describe {topic} in a few words:", 'STOPS_AT(X, "\\n") and len(TOKENS(X)) < 33'),
+]
+TOPICS = ["the sea", "a city", "music", "winter", "a forest", "coffee", "trains", "the moon"]
+
+
+def queries(count: int, nonce: str) -> list[str]:
+    return [f'"[{nonce}-{i}] {HOLES[i % len(HOLES)][0].format(topic=TOPICS[i % len(TOPICS)])}[X]" '
+            f'where {HOLES[i % len(HOLES)][1]}' for i in range(count)]
+
+
+def run_lmq(model: lmq.Model, texts: list[str], clients: int) -> tuple[float, int]:
+    def one(text: str) -> int:
+        return len(lmq.run_sync(text, model=model).tokens["X"])
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(one, texts))
+    return time.perf_counter() - started, tokens
+
+
+def raw_bodies(backend, texts: list[str]) -> list[dict]:
+    """The /completion body lmq's backend sends for each query's hole."""
+    decoder = make_decoder("argmax", {})
+    bodies = []
+    for text in texts:
+        program = compile_query(text)
+        spec = program.holes[0]
+        prompt = text[1:text.index("[X]")]
+        context = backend.vocabulary.prompt_start + backend.tokenize(prompt)
+        plan = plan_hole(spec.name, spec.where, {}, backend.vocabulary)
+        bodies.append(backend._request(context, plan, plan.max_tokens, backend._knobs(decoder)))
+    return bodies
+
+
+def run_raw(host: str, port: int, bodies: list[dict], clients: int) -> tuple[float, int]:
+    def one(body: dict) -> int:
+        connection = http.client.HTTPConnection(host, port, timeout=300)
+        connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        tokens = 0
+        for line in answer:
+            if line.startswith(b"data:"):
+                tokens += len(json.loads(line[5:]).get("tokens") or ())
+        connection.close()
+        return tokens
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(one, bodies))
+    return time.perf_counter() - started, tokens
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.remote_engine", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="GGUF path (default: the embedded SmolLM2)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--queries", type=int, default=16, help="queries per client count and round")
+    parser.add_argument("--threads", type=int, default=2, help="llama-server's -t")
+    parser.add_argument("--json", help="write every timing here")
+    options = parser.parse_args(argv)
+    path = options.model or default_model_path()
+    arguments = ["-c", "8192", "--parallel", "8", "--kv-unified", "-t", str(options.threads)]
+    figures: dict = {}
+    with LlamaServer(path, binary=require_binary(), arguments=arguments) as server:
+        server.wait_ready()
+        model = lmq.model(f"llama-server:{server.url}", max_concurrency=8)
+        backend = model.backend()
+        run_lmq(model, queries(4, "warm"), 4)
+        for clients in (1, 8):
+            count = options.queries * (1 if clients == 1 else 4)
+            rates: dict[str, list[float]] = {"lmq": [], "raw": []}
+            for round_ in range(options.rounds):
+                lmq_texts = queries(count, f"l{clients}r{round_}")
+                raw_texts = queries(count, f"r{clients}r{round_}")
+                seconds, tokens = run_lmq(model, lmq_texts, clients)
+                rates["lmq"].append(tokens / seconds)
+                seconds, tokens = run_raw("127.0.0.1", server.port, raw_bodies(backend, raw_texts), clients)
+                rates["raw"].append(tokens / seconds)
+                print(f"clients={clients} round {round_}: lmq {rates['lmq'][-1]:.1f} tok/s, "
+                      f"raw {rates['raw'][-1]:.1f} tok/s", file=sys.stderr)
+            ratio = median(rates["lmq"]) / median(rates["raw"])
+            figures[f"clients_{clients}"] = {"lmq_tokens_per_s": rates["lmq"], "raw_tokens_per_s": rates["raw"],
+                                             "ratio": ratio}
+            print(f"remote engine, {clients} client{'s' if clients > 1 else ''} on --parallel 8: "
+                  f"lmq {median(rates['lmq']):.1f} tok/s ÷ raw /completion {median(rates['raw']):.1f} "
+                  f"tok/s = {ratio:.3f} (target ≥ 0.9)")
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
