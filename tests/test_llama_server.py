@@ -47,11 +47,11 @@ QUERIES = [
     '"My favourite colour is[C]" where C in [" red", " green", " dark blue"]',
     '"Licence plate:[X]" where REGEX(X, "[A-Z]{3}-[0-9]{2}")',
     '"The animal:[X]" where STOPS_BEFORE(X, ".") and REGEX(X, "[a-z ]+") and len(TOKENS(X)) < 12',
-    '"A short word:[W]" where len(W) < 6 and len(TOKENS(W)) < 6',
+    '"Q: What colour is the sky on a clear day?\\nA: The sky is[W]" where len(W) < 6',
     '"[A]" where A == "1"',
     '"Yes or no?[X]" where X in [" yes", " no"] and len(TOKENS(X)) < 3',
     '"Answer in JSON:[X]" where JSON(X, {"type": "object", "properties": {"name": {"type": '
-    '"string", "maxLength": 8}}, "required": ["name"], "additionalProperties": false})',
+    '"string", "maxLength": 8}}, "required": ["name"], "additionalProperties": False})',
     '"Pick:[X]" where GRAMMAR(X, "root ::= \\" cat\\" | \\" dog\\" | \\" bird\\"")',
 ]
 
@@ -97,7 +97,7 @@ def test_capital_example_on_the_cli(llama_server):
 
 def test_several_holes_evaluate_the_prompt_prefix_once(remote):
     backend = remote.backend()
-    prefix = "A list of the planets of the solar system, one per line, from the sun outwards:\n" * 6
+    prefix = "A list of the planets of the solar system, one per line, from the sun outwards: " * 6
     query = (f'"{prefix}1.[A]\\n2.[B]\\n3.[C]\\n" where STOPS_BEFORE(A, "\\n") and '
              'STOPS_BEFORE(B, "\\n") and STOPS_BEFORE(C, "\\n") and len(TOKENS(A)) < 6 and '
              'len(TOKENS(B)) < 6 and len(TOKENS(C)) < 6')
@@ -128,7 +128,7 @@ def test_async_queries_share_the_slots(remote):
         return await asyncio.gather(*(lmq.run(f'"Number {i}:[N]" where INT(N) and len(TOKENS(N)) < 3',
                                               model=remote) for i in range(4)))
     results = asyncio.run(both())
-    assert all(r.variables["N"].strip().lstrip("-").isdigit() for r in results)
+    assert all(isinstance(r.variables["N"], int) for r in results)
 
 
 @pytest.mark.parametrize("decoder,feature", [("beam(n=2)", "beam"), ("best_k(n=2)", "best_k")])
@@ -251,7 +251,7 @@ def test_lmq_llama_server_serves_and_stops_on_sigterm(llama_server):
         assert f"listening on http://127.0.0.1:{port}" in line, process.stderr.read()
         result = lmq.run_sync('"Q: What is 2+2?\\nA:[A]" where INT(A) and len(TOKENS(A)) < 3',
                               model=lmq.model(f"llama-server:http://127.0.0.1:{port}"))
-        assert result.variables["A"].strip().isdigit()
+        assert isinstance(result.variables["A"], int)
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:

@@ -168,10 +168,8 @@ class RemoteEngineBackend(GgufBackend):
 
     def get_json(self, path: str) -> Any:
         """GET `path` (below the URL) as JSON, errors as ModelError."""
-        connection = self._connection()
+        answer = self._send("GET", path, None, f"GET {path}")
         try:
-            connection.request("GET", self._base_path + path, headers=self._headers)
-            answer = connection.getresponse()
             data = answer.read()
         except (OSError, http.client.HTTPException) as e:
             self._drop_connection()
@@ -183,13 +181,7 @@ class RemoteEngineBackend(GgufBackend):
 
     def post_events(self, path: str, body: dict[str, Any], hole: str) -> Iterator[dict[str, Any]]:
         """POST `body` as a streamed request and yield its server-sent events as JSON."""
-        connection = self._connection()
-        try:
-            connection.request("POST", self._base_path + path, json.dumps(body), self._headers)
-            answer = connection.getresponse()
-        except (OSError, http.client.HTTPException) as e:
-            self._drop_connection()
-            raise self._unreachable(e, f"while generating {hole}") from None
+        answer = self._send("POST", path, json.dumps(body), f"while generating {hole}")
         if answer.status != 200:
             data = answer.read()
             raise ModelError(f"{self.describe()} refused the request for {hole} (HTTP "
@@ -215,6 +207,24 @@ class RemoteEngineBackend(GgufBackend):
         except (OSError, http.client.HTTPException) as e:
             self._drop_connection()
             raise self._unreachable(e, f"while generating {hole}") from None
+
+    def _send(self, method: str, path: str, body: str | None, doing: str) -> http.client.HTTPResponse:
+        """Send one request on this thread's connection and read the answer's head. A
+        kept-alive connection the server has closed meanwhile fails before any answer:
+        the request is then sent once more on a new connection."""
+        for attempt in (1, 2):
+            reused = getattr(self._local, "connection", None) is not None
+            connection = self._connection()
+            try:
+                connection.request(method, self._base_path + path, body, self._headers)
+                return connection.getresponse()
+            except (OSError, http.client.HTTPException) as e:
+                self._drop_connection()
+                stale = reused and isinstance(e, (ConnectionResetError, BrokenPipeError,
+                                                  http.client.RemoteDisconnected))
+                if not stale or attempt == 2:
+                    raise self._unreachable(e, doing) from None
+        raise AssertionError("unreachable")
 
     def _connection(self) -> http.client.HTTPConnection:
         connection = getattr(self._local, "connection", None)
