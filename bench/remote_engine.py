@@ -32,10 +32,11 @@ from lmq.engines.process import LlamaServer
 from lmq.runtime.decoders import make_decoder
 from lmq.runtime.hole import plan_hole
 
-#: (prompt, where clause of X) — a grammar, a stop and a budget on every hole
+#: (prompt, where clause of X): a grammar, a stop and a budget on every hole, each
+#: language closed under prefixes (a value cut at the budget still satisfies it)
 HOLES = [
     ("Write a sentence about {topic}:", 'STOPS_BEFORE(X, ".") and REGEX(X, "[A-Za-z ,\']+") and len(TOKENS(X)) < 33'),
-    ("List some words about {topic}, separated by commas:", 'REGEX(X, "( [a-z]+,)+") and len(TOKENS(X)) < 33'),
+    ("List some words about {topic}, separated by commas:", 'REGEX(X, "[a-z, ]+") and len(TOKENS(X)) < 33'),
     ("A long number about {topic}:", 'INT(X) and len(TOKENS(X)) < 33'),
     ("Describe {topic} in a few words:", 'STOPS_AT(X, "\\n") and len(TOKENS(X)) < 33'),
 ]
@@ -43,7 +44,7 @@ TOPICS = ["the sea", "a city", "music", "winter", "a forest", "coffee", "trains"
 
 
 def queries(count: int, nonce: str) -> list[str]:
-    return [f'"[{nonce}-{i}] {HOLES[i % len(HOLES)][0].format(topic=TOPICS[i % len(TOPICS)])}[X]" '
+    return [f'"({nonce}-{i}) {HOLES[i % len(HOLES)][0].format(topic=TOPICS[i % len(TOPICS)])}[X]" '
             f'where {HOLES[i % len(HOLES)][1]}' for i in range(count)]
 
 

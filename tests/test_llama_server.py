@@ -259,3 +259,11 @@ def test_lmq_llama_server_serves_and_stops_on_sigterm(llama_server):
             process.kill()
     with socket.socket() as probe:           # the llama-server child is gone with it
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_value_cut_at_its_budget_before_its_language_is_complete_is_named(remote):
+    """A token budget with a value language is only checked after the fact on an engine:
+    the error says so and names the budget."""
+    with pytest.raises(ConstraintViolation, match="reached its budget of 4 tokens on llama-server"):
+        lmq.run_sync('"Some words, each followed by a comma:[X]" where REGEX(X, "( [a-z]+,)+") '
+                     'and len(TOKENS(X)) < 5', model=remote)

@@ -31,9 +31,10 @@ from lmq.backends.gguf import GgufBackend, load_vocab_only
 from lmq.compiler import automaton as fa
 from lmq.compiler.gbnf_export import dfa_to_gbnf
 from lmq.compiler.languages import ANY_TEXT, character_budget, stopped_dfa
-from lmq.errors import ConstraintTooLarge, ContextLimitError, ModelError, QueryArgumentError
+from lmq.errors import (ConstraintTooLarge, ConstraintViolation, ContextLimitError, ModelError,
+                        QueryArgumentError)
 from lmq.runtime.decoders import HoleOutput, _find_stop
-from lmq.runtime.hole import HolePlan
+from lmq.runtime.hole import HolePlan, language_holds
 from lmq.runtime.sampling import SamplingSettings
 
 #: seconds a request may wait for the engine's next bytes (a whole hole may take longer)
@@ -130,6 +131,13 @@ class RemoteEngineBackend(GgufBackend):
         if output.finish == "length" and generated.at_budget and budget < (plan.max_tokens or budget + 1):
             raise ContextLimitError(f"max_len of {max_len} tokens reached while generating "
                                     f"{plan.name}", result=(output.tokens, output.value))
+        if output.finish == "length" and plan.language is not None \
+                and not language_holds(plan.language, output.value.decode("utf-8", "replace")):
+            raise ConstraintViolation(
+                f"{plan.name} = {output.value.decode('utf-8', 'replace')!r} reached its budget of "
+                f"{len(output.tokens)} tokens on {self.describe()} before it satisfied its "
+                "constraint (an engine cannot steer a value to end within a token budget, as lmq "
+                "does in process): raise the len(TOKENS(...)) bound or drop it")
         if on_text and output.value:
             on_text(output.value)
         return output
