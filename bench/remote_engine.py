@@ -4,10 +4,11 @@ requests sent straight to llama-server's `/completion` with the same grammar.
 One llama-server (`--parallel 8`) on the model. Each round runs the same set of
 single-hole queries twice, interleaved: through lmq (`lmq.run_sync` per query), and raw
 (the request body lmq's backend builds for that hole, posted with http.client and its
-stream read to the end). Prompts carry a fresh nonce per round and system, so neither
-finds the other's prompt in the server's cache. Throughput is generated tokens per
-second of wall time; the figure is lmq's ÷ raw's, for 1 client and for 8 concurrent
-clients (threads).
+stream read to the end; building the bodies is not timed, while lmq's time includes
+compiling each query). Prompts carry a fresh nonce per round and system, so neither finds
+the other's prompt in the server's cache. Throughput is value tokens (counted alike:
+up to the end token or the stop) per second of wall time; the figure is lmq's ÷ raw's,
+for 1 client and for 8 concurrent clients (threads).
 
     python -m bench.remote_engine                 # SmolLM2, 3 rounds
     python -m bench.remote_engine --rounds 1 --queries 8 --json out.json
@@ -26,11 +27,12 @@ from typing import Sequence
 import lmq
 from bench.stats import median
 from lmq.backends import default_model_path
+from lmq.backends.remote_engine import Generated, hole_output
 from lmq.compiler.codegen import compile_query
 from lmq.engines.binary import require_binary
 from lmq.engines.process import LlamaServer
 from lmq.runtime.decoders import make_decoder
-from lmq.runtime.hole import plan_hole
+from lmq.runtime.hole import HolePlan, plan_hole
 
 #: (prompt, where clause of X): a grammar, a stop and a budget on every hole, each
 #: language closed under prefixes (a value cut at the budget still satisfies it)
@@ -57,35 +59,38 @@ def run_lmq(model: lmq.Model, texts: list[str], clients: int) -> tuple[float, in
     return time.perf_counter() - started, tokens
 
 
-def raw_bodies(backend, texts: list[str]) -> list[dict]:
-    """The /completion body lmq's backend sends for each query's hole."""
+def raw_requests(backend, texts: list[str]) -> list[tuple[dict, HolePlan]]:
+    """The /completion body lmq's backend sends for each query's hole, and the hole's plan."""
     decoder = make_decoder("argmax", {})
-    bodies = []
+    requests = []
     for text in texts:
-        program = compile_query(text)
-        spec = program.holes[0]
-        prompt = text[1:text.index("[X]")]
-        context = backend.vocabulary.prompt_start + backend.tokenize(prompt)
+        spec = compile_query(text).holes[0]
+        context = backend.vocabulary.prompt_start + backend.tokenize(text[1:text.index("[X]")])
         plan = plan_hole(spec.name, spec.where, {}, backend.vocabulary)
-        bodies.append(backend._request(context, plan, plan.max_tokens, backend._knobs(decoder)))
-    return bodies
+        requests.append((backend._request(context, plan, plan.max_tokens, backend._knobs(decoder)), plan))
+    return requests
 
 
-def run_raw(host: str, port: int, bodies: list[dict], clients: int) -> tuple[float, int]:
-    def one(body: dict) -> int:
+def run_raw(host: str, port: int, requests: list[tuple[dict, HolePlan]], clients: int,
+            vocabulary) -> tuple[float, int]:
+    """Post the bodies, read every stream to its end; the tokens are then counted as lmq
+    counts a value's (up to the end token or the stop), outside the timing."""
+    def one(body: dict) -> list[int]:
         connection = http.client.HTTPConnection(host, port, timeout=300)
         connection.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
-        answer = connection.getresponse()
-        tokens = 0
-        for line in answer:
+        tokens = []
+        for line in connection.getresponse():
             if line.startswith(b"data:"):
-                tokens += len(json.loads(line[5:]).get("tokens") or ())
+                tokens += json.loads(line[5:]).get("tokens") or ()
         connection.close()
         return tokens
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        tokens = sum(pool.map(one, bodies))
-    return time.perf_counter() - started, tokens
+        streams = list(pool.map(one, [body for body, _ in requests]))
+    seconds = time.perf_counter() - started
+    counted = sum(len(hole_output(Generated(tokens, [0.0] * len(tokens), False), plan, vocabulary).tokens)
+                  for tokens, (_, plan) in zip(streams, requests))
+    return seconds, counted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="GGUF path (default: the embedded SmolLM2)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--queries", type=int, default=16, help="queries per client count and round")
-    parser.add_argument("--threads", type=int, default=2, help="llama-server's -t")
+    parser.add_argument("--threads", type=int, default=1, help="llama-server's -t (1: on a loaded machine two spinning OpenMP threads crawl)")
     parser.add_argument("--json", help="write every timing here")
     options = parser.parse_args(argv)
     path = options.model or default_model_path()
@@ -112,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raw_texts = queries(count, f"r{clients}r{round_}")
                 seconds, tokens = run_lmq(model, lmq_texts, clients)
                 rates["lmq"].append(tokens / seconds)
-                seconds, tokens = run_raw("127.0.0.1", server.port, raw_bodies(backend, raw_texts), clients)
+                seconds, tokens = run_raw("127.0.0.1", server.port, raw_requests(backend, raw_texts), clients,
+                                          backend.vocabulary)
                 rates["raw"].append(tokens / seconds)
                 print(f"clients={clients} round {round_}: lmq {rates['lmq'][-1]:.1f} tok/s, "
                       f"raw {rates['raw'][-1]:.1f} tok/s", file=sys.stderr)

@@ -60,7 +60,7 @@ QUERIES = [
 def llama_server():
     """llama-server on SmolLM2 with 4 parallel slots (installed first if missing)."""
     binary = find_binary() or install()
-    with LlamaServer(PATH, binary=binary, arguments=["-c", "4096", "--parallel", "4", "-t", "2",
+    with LlamaServer(PATH, binary=binary, arguments=["-c", "4096", "--parallel", "4", "-t", "1",
                                                      "--kv-unified"]) as server:
         server.wait_ready()
         yield server
@@ -71,18 +71,12 @@ def remote(llama_server):
     return lmq.model(f"llama-server:{llama_server.url}")
 
 
-@pytest.fixture(scope="module")
-def local():
-    return lmq.model(None, n_ctx=4096)
-
-
 @pytest.mark.parametrize("query", QUERIES)
-def test_greedy_queries_give_the_in_process_values(query, remote, local):
-    here = lmq.run_sync(query, model=local)
-    there = lmq.run_sync(query, model=remote)
-    assert there.variables == here.variables
-    assert there.tokens == here.tokens
-    assert there.prompt == here.prompt
+def test_greedy_queries_give_the_in_process_values(query, remote):
+    """Values, tokens and prompt as in process (`logprob` differs: the engine reports the
+    model's unmasked log-probabilities)."""
+    here, there = (lmq.run_sync(query, model=model) for model in (lmq.model(None, n_ctx=4096), remote))
+    assert (there.variables, there.tokens, there.prompt) == (here.variables, here.tokens, here.prompt)
 
 
 def test_capital_example_on_the_cli(llama_server):
@@ -241,14 +235,30 @@ def test_unknown_model_arguments_are_named(stub):
 # ------------------------------------------------------------ lmq llama-server
 
 
-def test_lmq_llama_server_serves_and_stops_on_sigterm(llama_server):
-    port = free_port()
+def _start_cli(port):
+    """`lmq llama-server` in a subprocess, once it says it listens on `port`."""
     process = subprocess.Popen([sys.executable, "-m", "lmq.cli", "llama-server", PATH, "--port", str(port),
                                 "-c", "1024", "-t", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "LLAMA_SERVER": find_binary()})
+    line = process.stdout.readline()
+    assert f"listening on http://127.0.0.1:{port}" in line, process.stderr.read()
+    return process
+
+
+def _port_closes(port, within=15.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+def test_lmq_llama_server_serves_and_stops_on_sigterm(llama_server):
+    port = free_port()
+    process = _start_cli(port)
     try:
-        line = process.stdout.readline()
-        assert f"listening on http://127.0.0.1:{port}" in line, process.stderr.read()
         result = lmq.run_sync('"Q: What is 2+2?\\nA:[A]" where INT(A) and len(TOKENS(A)) < 3',
                               model=lmq.model(f"llama-server:http://127.0.0.1:{port}"))
         assert isinstance(result.variables["A"], int)
@@ -259,6 +269,14 @@ def test_lmq_llama_server_serves_and_stops_on_sigterm(llama_server):
             process.kill()
     with socket.socket() as probe:           # the llama-server child is gone with it
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_llama_server_dies_with_a_killed_lmq(llama_server):
+    port = free_port()
+    process = _start_cli(port)
+    process.kill()                           # SIGKILL: lmq cannot stop its child itself
+    process.wait(10)
+    assert _port_closes(port)
 
 
 def test_a_value_cut_at_its_budget_before_its_language_is_complete_is_named(remote):

@@ -4,10 +4,13 @@ and the tests run engines through this."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,8 +21,17 @@ from lmq.errors import ModelError
 
 #: seconds a model may take to load before the start counts as failed
 LOAD_TIMEOUT = 300.0
+_PR_SET_PDEATHSIG = 1
 #: seconds llama-server gets to exit after SIGTERM before it is killed
 STOP_GRACE = 10.0
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies, even by SIGKILL, so
+    no orphaned llama-server keeps a port and memory (Linux; elsewhere nothing). Linux
+    ties this to the starting thread: start a server from a thread that outlives it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,7 +56,7 @@ class LlamaServer:
                    "--port", str(self.port), *arguments]
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT
                                         if log not in (None, subprocess.DEVNULL) else log,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def wait_ready(self, timeout: float = LOAD_TIMEOUT) -> None:
         """Return once `/health` answers 200 (the model is loaded); a ModelError if the
