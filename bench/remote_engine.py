@@ -4,8 +4,8 @@ requests sent straight to llama-server's `/completion` with the same grammar.
 One llama-server (`--parallel 8`) on the model. Each round runs the same set of
 single-hole queries twice, interleaved: through lmq (`lmq.run_sync` per query), and raw
 (the request body lmq's backend builds for that hole, posted with http.client and its
-stream read to the end; building the bodies is not timed, while lmq's time includes
-compiling each query). Prompts carry a fresh nonce per round and system, so neither finds
+stream read to the end; building the bodies is not timed). The queries are compiled
+once, as an application's are, and called with a topic and a nonce. Prompts carry a fresh nonce per round and system, so neither finds
 the other's prompt in the server's cache. Throughput is value tokens (counted alike:
 up to the end token or the stop) per second of wall time; the figure is lmq's ÷ raw's,
 for 1 client and for 8 concurrent clients (threads).
@@ -45,27 +45,36 @@ HOLES = [
 TOPICS = ["the sea", "a city", "music", "winter", "a forest", "coffee", "trains", "the moon"]
 
 
-def queries(count: int, nonce: str) -> list[str]:
-    return [f'"({nonce}-{i}) {HOLES[i % len(HOLES)][0].format(topic=TOPICS[i % len(TOPICS)])}[X]" '
-            f'where {HOLES[i % len(HOLES)][1]}' for i in range(count)]
+#: the queries, compiled once and called with their arguments as an application would
+QUERIES = [f'"({{nonce}}) {prompt}[X]" where {where}' for prompt, where in HOLES]
 
 
-def run_lmq(model: lmq.Model, texts: list[str], clients: int) -> tuple[float, int]:
-    def one(text: str) -> int:
-        return len(lmq.run_sync(text, model=model).tokens["X"])
+def queries(count: int, nonce: str) -> list[tuple[str, dict[str, str]]]:
+    """(query text, its arguments) of `count` queries, their prompts marked with `nonce`."""
+    return [(QUERIES[i % len(QUERIES)], {"nonce": f"{nonce}-{i}", "topic": TOPICS[i % len(TOPICS)]})
+            for i in range(count)]
+
+
+def prompt_of(query: str, arguments: dict[str, str]) -> str:
+    return query[1:query.index("[X]")].format(**arguments)
+
+
+def run_lmq(model: lmq.Model, calls: list[tuple[str, dict[str, str]]], clients: int) -> tuple[float, int]:
+    def one(call: tuple[str, dict[str, str]]) -> int:
+        return len(lmq.run_sync(call[0], model=model, **call[1]).tokens["X"])
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        tokens = sum(pool.map(one, texts))
+        tokens = sum(pool.map(one, calls))
     return time.perf_counter() - started, tokens
 
 
-def raw_requests(backend, texts: list[str]) -> list[tuple[dict, HolePlan]]:
+def raw_requests(backend, calls: list[tuple[str, dict[str, str]]]) -> list[tuple[dict, HolePlan]]:
     """The /completion body lmq's backend sends for each query's hole, and the hole's plan."""
     decoder = make_decoder("argmax", {})
     requests = []
-    for text in texts:
-        spec = compile_query(text).holes[0]
-        context = backend.vocabulary.prompt_start + backend.tokenize(text[1:text.index("[X]")])
+    for query, arguments in calls:
+        spec = compile_query(query).holes[0]
+        context = backend.vocabulary.prompt_start + backend.tokenize(prompt_of(query, arguments))
         plan = plan_hole(spec.name, spec.where, {}, backend.vocabulary)
         requests.append((backend._request(context, plan, plan.max_tokens, backend._knobs(decoder)), plan))
     return requests
@@ -96,7 +105,7 @@ def run_raw(host: str, port: int, requests: list[tuple[dict, HolePlan]], clients
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.remote_engine", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="GGUF path (default: the embedded SmolLM2)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--queries", type=int, default=16, help="queries per client count and round")
     parser.add_argument("--threads", type=int, default=1, help="llama-server's -t (1: on a loaded machine two spinning OpenMP threads crawl)")
     parser.add_argument("--json", help="write every timing here")
