@@ -79,6 +79,14 @@ def test_greedy_queries_give_the_in_process_values(query, remote):
     assert (there.variables, there.tokens, there.prompt) == (here.variables, here.tokens, here.prompt)
 
 
+@pytest.mark.parametrize("query", QUERIES[:4] + QUERIES[5:8])
+def test_the_openai_llama_server_dialect_gives_the_native_values(query, llama_server, remote):
+    """`openai:URL/v1` in the llama-server dialect (`/v1/completions` with `grammar`)."""
+    openai = lmq.model(f"openai:{llama_server.url}/v1", dialect="llama-server")
+    native, there = (lmq.run_sync(query, model=model) for model in (remote, openai))
+    assert (there.variables, there.tokens, there.prompt) == (native.variables, native.tokens, native.prompt)
+
+
 def test_capital_example_on_the_cli(llama_server):
     def run(*model):
         done = subprocess.run([sys.executable, "-m", "lmq.cli", "run", str(ROOT / "examples" / "capital.lmq"),

@@ -19,27 +19,33 @@ from lmq.errors import ModelError
 from lmq.runtime.hole import HolePlan
 
 
+def llama_server_info(backend: RemoteEngineBackend, model: str | None) -> ServerInfo:
+    """What llama-server's `/props` and `/v1/models` (at the server's root) say about the
+    model: its GGUF path, vocabulary size, per-slot context, slots and chat template."""
+    props = backend.get_json("/props", at_root=True)
+    settings = props.get("default_generation_settings") or {}
+    context = settings.get("n_ctx") or props.get("n_ctx")
+    if not isinstance(context, int):
+        raise ModelError(f"{backend.describe()} did not say its context size in /props: is it "
+                         "llama-server?")
+    vocab_size = None
+    for entry in (backend.get_json("/v1/models", at_root=True).get("data") or []):
+        meta = entry.get("meta") or {}
+        if model in (None, entry.get("id")) and isinstance(meta.get("n_vocab"), int):
+            vocab_size = meta["n_vocab"]
+            break
+    return ServerInfo(model_path=props.get("model_path"), vocab_size=vocab_size,
+                      context_size=context, slots=props.get("total_slots"),
+                      chat_template=props.get("chat_template") or None)
+
+
 class LlamaServerBackend(RemoteEngineBackend):
     """A model served by llama.cpp's llama-server."""
 
     engine = "llama-server"
 
     def _server_info(self) -> ServerInfo:
-        props = self.get_json("/props")
-        settings = props.get("default_generation_settings") or {}
-        context = settings.get("n_ctx") or props.get("n_ctx")
-        if not isinstance(context, int):
-            raise ModelError(f"{self.describe()} did not say its context size in /props: is it "
-                             "llama-server?")
-        vocab_size = None
-        for entry in (self.get_json("/v1/models").get("data") or []):
-            meta = entry.get("meta") or {}
-            if self.model in (None, entry.get("id")) and isinstance(meta.get("n_vocab"), int):
-                vocab_size = meta["n_vocab"]
-                break
-        return ServerInfo(model_path=props.get("model_path"), vocab_size=vocab_size,
-                          context_size=context, slots=props.get("total_slots"),
-                          chat_template=props.get("chat_template") or None)
+        return llama_server_info(self, self.model)
 
     def _request(self, prompt: list[int], plan: HolePlan, budget: int,
                  knobs: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lmq.backends.llama_server import llama_server_info
 from lmq.backends.remote_engine import Generated, RemoteEngineBackend, ServerInfo, pushed_grammar
 from lmq.errors import ModelError, QueryArgumentError
 from lmq.runtime.hole import HolePlan
@@ -96,6 +97,8 @@ class OpenAiBackend(RemoteEngineBackend):
         super().__init__(url, **kwargs)
 
     def _server_info(self) -> ServerInfo:
+        if self.dialect.name == "llama-server":      # its native /props says more than /models
+            return llama_server_info(self, self.model)
         models = self.get_json("/models").get("data") or []
         entry = next((m for m in models if self.model in (None, m.get("id"))), None)
         if entry is None:
@@ -129,9 +132,10 @@ class OpenAiBackend(RemoteEngineBackend):
 
     def _request(self, prompt: list[int], plan: HolePlan, budget: int,
                  knobs: dict[str, Any]) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": budget,
-                                "stream": True, **knobs, **self.dialect.token_request,
-                                **self.dialect.constraint(plan)}
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": budget, "stream": True, **knobs,
+                                **self.dialect.token_request, **self.dialect.constraint(plan)}
+        if self.model is not None:
+            body["model"] = self.model
         if plan.stops:
             body["stop"] = [rule.phrase.decode("utf-8") for rule in plan.stops]
         return body

@@ -174,9 +174,10 @@ class RemoteEngineBackend(GgufBackend):
 
     # ---------------------------------------------------------------- HTTP
 
-    def get_json(self, path: str) -> Any:
-        """GET `path` (below the URL) as JSON, errors as ModelError."""
-        answer = self._send("GET", path, None, f"GET {path}")
+    def get_json(self, path: str, *, at_root: bool = False) -> Any:
+        """GET `path` (below the URL's path, or below the server's root) as JSON, errors
+        as ModelError."""
+        answer = self._send("GET", path, None, f"GET {path}", at_root)
         try:
             data = answer.read()
         except (OSError, http.client.HTTPException) as e:
@@ -216,7 +217,8 @@ class RemoteEngineBackend(GgufBackend):
             self._drop_connection()
             raise self._unreachable(e, f"while generating {hole}") from None
 
-    def _send(self, method: str, path: str, body: str | None, doing: str) -> http.client.HTTPResponse:
+    def _send(self, method: str, path: str, body: str | None, doing: str,
+              at_root: bool = False) -> http.client.HTTPResponse:
         """Send one request on this thread's connection and read the answer's head. A
         kept-alive connection the server has closed meanwhile fails before any answer:
         the request is then sent once more on a new connection."""
@@ -224,7 +226,8 @@ class RemoteEngineBackend(GgufBackend):
             reused = getattr(self._local, "connection", None) is not None
             connection = self._connection()
             try:
-                connection.request(method, self._base_path + path, body, self._headers)
+                connection.request(method, path if at_root else self._base_path + path, body,
+                                   self._headers)
                 return connection.getresponse()
             except (OSError, http.client.HTTPException) as e:
                 self._drop_connection()
