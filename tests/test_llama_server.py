@@ -293,3 +293,22 @@ def test_a_value_cut_at_its_budget_before_its_language_is_complete_is_named(remo
     with pytest.raises(ConstraintViolation, match="reached its budget of 4 tokens on llama-server"):
         lmq.run_sync('"Some words, each followed by a comma:[X]" where REGEX(X, "( [a-z]+,)+") '
                      'and len(TOKENS(X)) < 5', model=remote)
+
+
+# ------------------------------------------------------------ finding the binary
+
+
+def test_llama_server_without_a_binary_says_how_to_install_it(tmp_path):
+    env = {**os.environ, "LMQ_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env.pop("LLAMA_SERVER", None)
+    done = subprocess.run([sys.executable, "-m", "lmq.cli", "llama-server", PATH], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 1
+    assert "llama-server was not found" in done.stderr and "lmq install-llama-server" in done.stderr
+    assert str(tmp_path / "llama-server") in done.stderr
+
+
+def test_a_bad_llama_server_variable_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_SERVER", str(tmp_path / "nothing"))
+    with pytest.raises(ModelError, match="LLAMA_SERVER is .*nothing.*not an executable"):
+        find_binary()
