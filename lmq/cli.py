@@ -1,4 +1,6 @@
-"""The `lmq` command: `lmq run FILE.lmq`, `lmq compile FILE.lmq`, `lmq trace show FILE`.
+"""The `lmq` command: `lmq run FILE.lmq`, `lmq compile FILE.lmq`, `lmq trace show FILE`,
+`lmq serve-model`, `lmq playground`, `lmq install-llama-server` and `lmq llama-server
+MODEL.gguf`.
 
 Exit codes: 0 success, 1 query error (syntax, constraint, context, model, an exception
 of the query's own code), 2 usage error. User errors print a message, never a traceback.
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 
 from lmq.compiler.codegen import compile_query
 from lmq.compiler.nesting import literal_or_text
+from lmq.engines.command import add_parsers as add_engine_parsers, install_llama_server, run_llama_server
 from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
 from lmq.playground.command import add_parser as add_playground_parser, run_playground
 from lmq.runtime.hole import runtime_values, static_plan
@@ -58,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="alternatives shown before and after the mask (default 3)")
     add_serve_parser(commands)
     add_playground_parser(commands)
+    add_engine_parsers(commands)
     return parser
 
 
@@ -246,13 +250,15 @@ def _trace(options: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     options, extra = parser.parse_known_args(argv)
-    if extra and options.command != "serve-model":
+    if extra and options.command not in ("serve-model", "llama-server"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if options.command == "serve-model":
             return serve_model(options, extra)
-        return {"run": _run, "compile": _compile, "trace": _trace,
-                "playground": run_playground}[options.command](options)
+        if options.command == "llama-server":
+            return run_llama_server(options, extra)
+        return {"run": _run, "compile": _compile, "trace": _trace, "playground": run_playground,
+                "install-llama-server": install_llama_server}[options.command](options)
     except _UsageError as e:
         print(f"lmq: {e}", file=sys.stderr)
         return 2

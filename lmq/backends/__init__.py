@@ -7,6 +7,8 @@
 | `lmtp://HOST:PORT/MODEL`    | `LmtpBackend`: any model on an LMTP server    |
 | `local:transformers:DIR`    | `TransformersBackend` (`gguf_file=`, `device=`, `dtype=`) |
 | `random`                    | `RandomBackend` (`vocab=`, `seed=`)           |
+| `llama-server:http://H:P`   | `LlamaServerBackend`: llama.cpp's llama-server |
+| `openai:http://H:P/v1`      | `OpenAiBackend` (`dialect=`): vLLM, SGLang, … |
 | none                        | `LMQ_MODEL`, else the embedded SmolLM2 model  |
 
 Loaded models are shared per (id, keyword arguments): a model is loaded once per process.
@@ -93,7 +95,15 @@ def _create(model_id: str, kwargs: dict) -> Backend:
         if not slash or not model:
             raise ModelError(f"model {model_id!r}: expected lmtp://HOST:PORT/MODEL")
         return LmtpBackend(model, endpoint=endpoint, **kwargs)
+    if model_id.startswith("llama-server:"):
+        from lmq.backends.llama_server import LlamaServerBackend
+        return LlamaServerBackend(model_id[len("llama-server:"):], **kwargs)
+    if model_id.startswith("openai:"):
+        from lmq.backends.openai_compat import OpenAiBackend
+        return OpenAiBackend(model_id[len("openai:"):], **kwargs)
     if model_id.startswith("local:transformers:"):
         from lmq.backends.transformers import TransformersBackend
         return TransformersBackend(model_id[len("local:transformers:"):], **kwargs)
-    raise ModelError(f"unknown model id {model_id!r} (expected local:llama.cpp:PATH.gguf or random)")
+    raise ModelError(f"unknown model id {model_id!r} (expected local:llama.cpp:PATH.gguf, llama.cpp:PATH.gguf, "
+                     "lmtp://HOST:PORT/MODEL, llama-server:URL, openai:URL, "
+                     "local:transformers:DIR or random)")

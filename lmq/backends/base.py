@@ -97,6 +97,9 @@ class Backend(ABC):
     context_size: int
     #: prompt and generated tokens evaluated so far (each evaluation counts once)
     evaluated_tokens: int = 0
+    #: whether `sequence()` gives logits rows; a backend without them decodes every hole
+    #: itself (`generate_hole`: an inference engine that returns tokens)
+    returns_rows: bool = True
 
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:

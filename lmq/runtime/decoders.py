@@ -80,6 +80,7 @@ class Decoder:
             settings["seed"] = None
         SamplingSettings.of(settings)   # the knobs' types and ranges, for every decoder
         self.n = n
+        self.branch_index = 0           # which branch of a run with several results
         self.settings = settings
         self.max_len: int | None = max_len
         self._buffer: np.ndarray | None = None
@@ -88,6 +89,7 @@ class Decoder:
     def branch(self, index: int) -> "Decoder":
         """This decoder for branch `index` of a run with several results (own state)."""
         child = copy.copy(self)
+        child.branch_index = index
         child._buffer = child._spare_row = None
         if self.tracer is not None:
             child.tracer = self.tracer.for_branch(index)
@@ -122,7 +124,7 @@ class Decoder:
                                     f"{len(context) - max_len} more than {limit}",
                                     result=([], b""))
         remote = getattr(backend, "generate_hole", None)
-        if remote is not None and self.whole_holes_remote and self.n == 1:   # a server decodes it (LMTP)
+        if remote is not None and (not backend.returns_rows or self.whole_holes_remote and self.n == 1):
             return await remote(context, plan, max_len, self, on_text)
         vocabulary = backend.vocabulary
         ends = vocabulary.end_ids
