@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from typing import Any
 
 import lmq
 from bench.constraints import resolve_model
-from bench.options import bench_arguments, model_options
+from bench.options import bench_arguments, model_options, write_figures
 from bench.raw import RawLoop
 from bench.stats import median
 from lmq.backends import load_backend
@@ -116,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  sample(n=8) / 8 sequential sample(n=1)    {figures['sample8_over_8_sequential_sample1']:.3f}  "
           "(target <= 0.6)")
     print(f"  8 concurrent / 8 sequential async queries {figures['concurrent_over_sequential_async']:.3f}")
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=2))
-    return 0
+    return write_figures(arguments, figures)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import re
 import sys
@@ -47,7 +46,7 @@ import llama_cpp
 import numpy as np
 
 import lmq
-from bench.options import bench_arguments, model_options
+from bench.options import bench_arguments, model_options, write_figures
 from bench.raw import RawLoop
 from bench.stats import median, percentile
 from lmq.backends import default_model_path, load_backend
@@ -551,8 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         extra=_extra_arguments)
     figures = run(arguments)
     print_report(figures)
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=1, default=str))
+    write_figures(arguments, figures)
     problems = [row["problem"] for row in figures.get("throughput", {}).values() if row["problem"]]
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)

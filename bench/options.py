@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,3 +40,10 @@ def model_options(arguments: argparse.Namespace) -> dict[str, int]:
     references' alike (same threads for prompts and single tokens, same offload)."""
     return {"n_threads": arguments.threads, "n_threads_batch": arguments.threads,
             "n_gpu_layers": arguments.n_gpu_layers}
+
+
+def write_figures(arguments: argparse.Namespace, figures: dict) -> int:
+    """Write the figures to `--json` where it was given; the bench's exit status (0)."""
+    if arguments.json:
+        arguments.json.write_text(json.dumps(figures, indent=1, default=str))
+    return 0

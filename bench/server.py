@@ -24,7 +24,6 @@ is shared by everything else running on it: absolute numbers mean little, ratios
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import multiprocessing.pool
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any, Callable
 
 import lmq
 from bench.constraints import progress, resolve_model
-from bench.options import bench_arguments, model_options
+from bench.options import bench_arguments, model_options, write_figures
 from bench.raw import RawLoop
 from bench.stats import median
 
@@ -176,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "--clients", type=int, help="concurrent clients (default 8, smoke 2)"))
     figures = run(arguments)
     print_report(figures)
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=1))
-    return 0
+    return write_figures(arguments, figures)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import numpy as np
 
 import lmq
 from bench.constraints import resolve_model
-from bench.options import bench_arguments, model_options
+from bench.options import bench_arguments, model_options, write_figures
 from bench.stats import median
 from lmq.backends import load_backend
 from lmq.runtime.hole import HolePlan
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["before"] = before_and_now(arguments)
         for name, ratio in figures["before"]["now_over_before"].items():
             print(f"  {name:22s} untraced now/before ({arguments.before}) {ratio:.3f}  (target 1)")
-    if arguments.json:
-        arguments.json.write_text(json.dumps(figures, indent=2))
-    return 0
+    return write_figures(arguments, figures)
 
 
 if __name__ == "__main__":
