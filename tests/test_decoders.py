@@ -3,6 +3,7 @@ seeds): result shapes, constraints on every branch, seeds, batching of branches 
 concurrent queries, shared-prompt evaluation, max_len, decorators."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +124,36 @@ def test_max_len_raises_context_limit_with_partial_results(random_model):
 def test_bad_decoder_arguments_are_errors_naming_them(decoder, culprit, random_model):
     with pytest.raises(lmq.QueryArgumentError, match=culprit):
         lmq.run_sync(TWO_HOLES, model=random_model(), decoder=decoder)
+
+
+#: every knob the README's Decoders paragraph documents, with a valid non-default value
+DOCUMENTED_KNOBS = {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95,
+                    "repeat_penalty": 1.1, "repetition_penalty": 1.2, "penalty_last_n": 8,
+                    "frequency_penalty": 0.3, "presence_penalty": 0.2, "mirostat": 2,
+                    "mirostat_tau": 4.0, "mirostat_eta": 0.2, "seed": 3, "max_len": 4096, "n": 2}
+
+
+def test_documented_knobs_are_every_decoder_argument_and_in_the_readme():
+    from lmq.runtime.decoders import COMMON_ARGUMENTS
+    from lmq.runtime.sampling import KNOB_ALIASES
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    decoders_paragraph = readme[readme.index("**Decoders**"):].split("\n\n")[0]
+    assert set(DOCUMENTED_KNOBS) == COMMON_ARGUMENTS | set(KNOB_ALIASES)
+    assert [k for k in DOCUMENTED_KNOBS if k not in decoders_paragraph] == []
+
+
+@pytest.mark.parametrize("knob", sorted(DOCUMENTED_KNOBS))
+@pytest.mark.parametrize("decoder", ["sample", "argmax", "beam"])
+def test_every_documented_knob_is_accepted(decoder, knob, random_model):
+    result = lmq.run_sync(TWO_HOLES, model=random_model(), decoder=f"{decoder}({knob}={DOCUMENTED_KNOBS[knob]!r})")
+    results = result if isinstance(result, list) else [result]
+    assert results and all(r.variables["X"] is not None for r in results)
+
+
+@pytest.mark.parametrize("decoder", ["sample", "argmax", "beam"])
+def test_an_unknown_knob_is_an_error_naming_it(decoder, random_model):
+    with pytest.raises(lmq.QueryArgumentError, match=f"unknown argument of decoder {decoder}.*penalty_last_m"):
+        lmq.run_sync(TWO_HOLES, model=random_model(), decoder=f"{decoder}(penalty_last_m=8)")
 
 
 def test_repetition_penalty_alias_is_accepted(random_model):

@@ -19,23 +19,23 @@ import numpy as np
 from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.runtime.hole import HolePlan
-from lmq.runtime.sampling import DrawAhead, SamplingSettings
+from lmq.runtime.sampling import KNOB_ALIASES, DrawAhead, SamplingSettings
 from lmq.runtime.scheduler import DirectLane, Lane, run_ready
 from lmq.runtime.token_masks import TokenMask
 
 if TYPE_CHECKING:
     from lmq.runtime.trace import Tracer
 
-#: arguments every decoder accepts (llama.cpp sampling knobs under their llama.cpp names)
-COMMON_ARGUMENTS = frozenset({"max_len", "seed", "n", "temperature", "top_k", "top_p", "min_p",
-                              "typical_p", "repeat_penalty", "frequency_penalty",
-                              "presence_penalty", "mirostat", "mirostat_tau", "mirostat_eta"})
+#: arguments of the decoder itself, besides the sampling knobs
+DECODER_ARGUMENTS = frozenset({"max_len", "seed", "n"})
+#: arguments every decoder accepts: its own plus every `SamplingSettings` knob (under
+#: llama.cpp's names; LMQL's spellings are `KNOB_ALIASES`)
+COMMON_ARGUMENTS = DECODER_ARGUMENTS | SamplingSettings.names()
 #: how many of the most likely tokens a grammar hole tries for its last budgeted token
 FINAL_CANDIDATES = 256
 #: the most results (branches, beams) one query may ask for: llama.cpp's own limit on the
 #: sequences of one context (LLAMA_MAX_SEQ), past which branches could not share a batch
 MAX_N = 256
-ALIASES = {"repetition_penalty": "repeat_penalty"}
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Decoder:
     whole_holes_remote = True
 
     def __init__(self, **settings: Any):
-        settings = {ALIASES.get(k, k): v for k, v in settings.items()}
+        settings = {KNOB_ALIASES.get(k, k): v for k, v in settings.items()}
         unknown = sorted(set(settings) - self.arguments)
         if unknown:
             raise QueryArgumentError(f"unknown argument{'s' if len(unknown) > 1 else ''} of decoder "
