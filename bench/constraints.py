@@ -52,10 +52,10 @@ from bench.stats import median, percentile
 from lmq.backends import default_model_path, load_backend
 from lmq.backends.base import Vocabulary
 from lmq.backends.gguf import load_vocab_only
-from lmq.backends.vocabulary_index import vocabulary_index
+from lmq.constraints.vocabulary_index import vocabulary_index
 from lmq.compiler.ast import Expression, Span
 from lmq.compiler.constraints import WhereCompiler
-from lmq.runtime import hole as hole_module
+from lmq.constraints import hole_plan
 from lmq.runtime.decoders import Decoder
 from lmq.runtime.hole import plan_hole
 
@@ -347,15 +347,15 @@ def _where(text: str):
 def clear_constraint_caches() -> None:
     """Forget every constraint lmq compiled in memory (languages, regexes, automata,
     grammars), keeping what belongs to the vocabulary (its index and token trie)."""
-    from lmq.compiler import automaton, gbnf, json_schema, languages, regex
-    from lmq.runtime import grammar
+    from lmq.constraints import byte_dfa, gbnf, grammar_automaton, json_schema, languages, regex
+    from lmq.runtime import hole
 
-    for module in (automaton, gbnf, json_schema, languages, regex, grammar, hole_module):
+    for module in (byte_dfa, gbnf, json_schema, languages, regex, grammar_automaton, hole_plan, hole):
         for value in vars(module).values():
             if callable(getattr(value, "cache_clear", None)):
                 value.cache_clear()
-    hole_module._automata.clear()
-    grammar._compiled.clear()
+    hole_plan._automata.clear()
+    grammar_automaton._compiled.clear()
 
 
 def first_mask(text: str, scope: dict[str, Any], vocabulary: Vocabulary) -> float:
@@ -395,7 +395,7 @@ def compile_times(vocabulary: Vocabulary, cases: list[Case], n: int, repeats: in
 def vocabulary_preparation(vocab_path: str, repeats: int) -> dict[str, Any]:
     """Index build from an empty disk cache (cold) and from the cached file, each on a
     fresh copy of the vocabulary (lmq shares indexes per vocabulary object)."""
-    from lmq.runtime.grammar import lltokenizer
+    from lmq.constraints.grammar_automaton import lltokenizer
 
     gguf = load_vocab_only(vocab_path)
     start = time.perf_counter()

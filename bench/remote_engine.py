@@ -32,7 +32,8 @@ from lmq.compiler.codegen import compile_query
 from lmq.engines.binary import require_binary
 from lmq.engines.process import LlamaServer
 from lmq.runtime.decoders import make_decoder
-from lmq.runtime.hole import HolePlan, plan_hole
+from lmq.constraints.hole_plan import HolePlan
+from lmq.runtime.hole import plan_hole
 
 #: (prompt, where clause of X): a grammar, a stop and a budget on every hole, each
 #: language closed under prefixes (a value cut at the budget still satisfies it)

@@ -48,8 +48,8 @@ from bench.constraints import resolve_model
 from bench.options import bench_arguments, model_options, write_figures
 from bench.stats import median
 from lmq.backends import load_backend
-from lmq.runtime.hole import HolePlan
-from lmq.runtime.token_masks import TokenMask
+from lmq.constraints.hole_plan import HolePlan
+from lmq.constraints.token_masks import TokenMask
 from lmq.runtime.trace import Tracer, TraceSink
 
 ROOT = Path(__file__).resolve().parents[1]

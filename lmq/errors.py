@@ -45,7 +45,7 @@ class ConstraintError(LmqError):
 
 class ConstraintTooLarge(ConstraintError):
     """A constraint whose automaton or grammar would exceed lmq's limits
-    (`lmq.compiler.limits`): says how large it got and what the limit is."""
+    (`lmq.constraints.limits`): says how large it got and what the limit is."""
 
 
 class UnsatisfiableConstraint(ConstraintError):

@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 
-from lmq.compiler.automaton import DEAD, ByteDfa, any_bytes, valid_utf8
+from lmq.constraints.byte_dfa import DEAD, ByteDfa, any_bytes, valid_utf8
 
 
 def sample(dfa: ByteDfa, rng: random.Random, stop: float = 0.3, limit: int = 40,

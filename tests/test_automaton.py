@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lmq.compiler import automaton as fa
-from lmq.compiler.regex import regex_dfa
+from lmq.constraints import byte_dfa as fa
+from lmq.constraints.regex import regex_dfa
 from lmq.errors import ConstraintError
 
 from dfa_samples import samples

@@ -12,7 +12,7 @@ import pytest
 
 import lmq
 from lmq.backends.base import Sequence
-from lmq.compiler.languages import TYPE_PATTERNS
+from lmq.constraints.languages import TYPE_PATTERNS
 
 from constraint_trials import python_verdict, random_clause
 from vocab_paths import VOCAB_DIR
@@ -126,16 +126,15 @@ def test_unsatisfiable_constraints_name_the_variable(random_model):
 
 def test_the_soundness_check_stays_on(random_model, monkeypatch):
     """An engine that let a wrong value through is caught by the re-check."""
-    from lmq.compiler import automaton
-    from lmq.runtime import hole
+    from lmq.constraints import byte_dfa, hole_plan
 
-    monkeypatch.setattr(hole, "stopped_dfa", lambda key, stops: automaton.any_bytes())
-    hole._automata.clear()
+    monkeypatch.setattr(hole_plan, "stopped_dfa", lambda key, stops: byte_dfa.any_bytes())
+    hole_plan._automata.clear()
     with pytest.raises(lmq.ConstraintViolation, match="X"):
         for seed in range(5):
             lmq.run_sync('"[X]" where X in [" yes", " no"] and len(TOKENS(X)) < 4',
                          model=random_model(seed))
-    hole._automata.clear()
+    hole_plan._automata.clear()
 
 
 def test_unsupported_combinations_are_named(random_model):
@@ -210,3 +209,22 @@ def test_a_value_nothing_can_extend_ends_without_another_decode(pinned_model):
     # the prompt and every generated token but the last were evaluated: the last one
     # completed the value, and no end token had to be decoded after it
     assert backend.evaluated_tokens == len(context) + len(result.tokens["X"]) - 1
+
+
+def test_the_engine_package_depends_only_on_errors_and_the_vocabulary():
+    """lmq/constraints imports no runtime, compiler or server module: lowering the where
+    clause is the runtime's, the engine sees only plans and the vocabulary."""
+    import ast
+    from pathlib import Path
+
+    allowed = ("lmq.constraints", "lmq.errors", "lmq.backends.base")
+    package = Path(__file__).resolve().parent.parent / "lmq" / "constraints"
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmq"):
+                imported.add((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported.update((path.name, a.name) for a in node.names if a.name.startswith("lmq"))
+    assert len(list(package.glob("*.py"))) > 10
+    assert [(f, m) for f, m in sorted(imported) if not m.startswith(allowed)] == []

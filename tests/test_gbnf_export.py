@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from lmq.compiler import automaton as fa
-from lmq.compiler.gbnf_export import dfa_to_gbnf
-from lmq.compiler.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
+from lmq.constraints import byte_dfa as fa
+from lmq.constraints.gbnf_export import dfa_to_gbnf
+from lmq.constraints.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
 from lmq.errors import ConstraintError
 
 from dfa_samples import samples

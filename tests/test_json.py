@@ -18,10 +18,10 @@ from gbnf_check import GbnfOracle
 from llama_grammar import LlamaGrammar, checked_walk
 from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
-from lmq.compiler.gbnf import parse_gbnf
-from lmq.compiler.json_schema import json_constraint, type_schema, typed_value
+from lmq.constraints.gbnf import parse_gbnf
+from lmq.constraints.json_schema import json_constraint, type_schema, typed_value
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
-from lmq.runtime.grammar import GrammarTokenAutomaton
+from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
 from vocab_paths import vocab
 
 VOCABULARIES = {
@@ -204,7 +204,7 @@ def _plain(value: Any, data: Any) -> Any:
 def test_json_masks_equal_llama_cpp_grammar_sampler(target):
     """Completeness too: each mask is exactly the token set llama.cpp's own sampler allows
     for the same GBNF (JSON grammars are read as a few large lexemes; see
-    `lmq.compiler.llguidance_lark`)."""
+    `lmq.constraints.llguidance_lark`)."""
     gguf = load_vocab_only(VOCABULARIES["smollm2"])
     gbnf = json_constraint(target).gbnf
     automaton = GrammarTokenAutomaton(parse_gbnf(gbnf), gguf.vocabulary(), variable="X")

@@ -18,9 +18,9 @@ import unicodedata
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lmq.compiler import automaton as fa
-from lmq.compiler import limits, unicode_classes, unicode_tables
-from lmq.compiler.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
+from lmq.constraints import byte_dfa as fa
+from lmq.constraints import limits, unicode_classes, unicode_tables
+from lmq.constraints.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
 from lmq.errors import ConstraintError, ConstraintTooLarge
 
 from dfa_samples import samples

@@ -16,14 +16,14 @@ import pytest
 
 from lmq.backends.base import Vocabulary
 from lmq.backends.gguf import load_vocab_only
-from lmq.compiler import automaton
-from lmq.compiler.automaton import ByteDfa
-from lmq.compiler.regex import INT_PATTERN, regex_dfa
-from lmq.backends.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
+from lmq.constraints import byte_dfa as automaton
+from lmq.constraints.byte_dfa import ByteDfa
+from lmq.constraints.regex import INT_PATTERN, regex_dfa
+from lmq.constraints.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
                                           vocabulary_key)
-from lmq.runtime.class_patterns import ClassPatterns
-from lmq.runtime import token_masks
-from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
+from lmq.constraints.class_patterns import ClassPatterns
+from lmq.constraints import token_masks
+from lmq.constraints.token_masks import DfaTokenAutomaton, TokenMask
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                              "vocab", "*.gguf")))
@@ -322,7 +322,7 @@ def test_concurrent_processes_share_one_cache_file(tmp_path):
         "import random, sys, numpy as np\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from test_token_masks import synthetic_vocabulary\n"
-        "from lmq.backends.vocabulary_index import vocabulary_index\n"
+        "from lmq.constraints.vocabulary_index import vocabulary_index\n"
         "index = vocabulary_index(synthetic_vocabulary(random.Random(5), 3000))\n"
         "print(int(index.lo.sum()), int(index.order.sum()), index.node_count)\n")
     environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}

@@ -16,7 +16,7 @@ from typing import Any
 
 from lmq.backends.remote_engine import Generated, RemoteEngineBackend, ServerInfo, pushed_grammar
 from lmq.errors import ModelError
-from lmq.runtime.hole import HolePlan
+from lmq.constraints.hole_plan import HolePlan
 
 
 def llama_server_info(backend: RemoteEngineBackend, model: str | None) -> ServerInfo:

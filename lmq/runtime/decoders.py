@@ -18,10 +18,10 @@ import numpy as np
 
 from lmq.backends.base import Backend, Sequence
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
-from lmq.runtime.hole import HolePlan
+from lmq.constraints.hole_plan import HolePlan
 from lmq.runtime.sampling import KNOB_ALIASES, DrawAhead, SamplingSettings
 from lmq.runtime.scheduler import DirectLane, Lane, run_ready
-from lmq.runtime.token_masks import TokenMask
+from lmq.constraints.token_masks import TokenMask
 
 if TYPE_CHECKING:
     from lmq.runtime.trace import Tracer

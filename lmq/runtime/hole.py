@@ -1,204 +1,35 @@
-"""`HolePlan`: the constraint program of one hole, lowered from the IR at the moment the
-hole is reached (runtime operands evaluated in the query's scope).
+"""Lowering a hole's where clause into its `HolePlan` (lmq/constraints/hole_plan.py), at
+the moment the hole is reached (runtime operands evaluated in the query's scope).
 
-A plan has the parts a decoder enforces: a token budget (`min_tokens`/`max_tokens`, and
-counts the value may not end at), stop phrases, a `TokenAutomaton` (what may come next,
-as a token mask per state) and checks on the final value. Regular constraints (`in`,
-`==`, `!=`, substring, `len(X)`, `INT`, `FLOAT`, `REGEX`, and their `and`/`or`/`not`)
-become one byte automaton, with the stop phrases folded in so that a value cut at a stop
-still satisfies them; `GRAMMAR` and `JSON` become a grammar automaton (llguidance).
+Regular constraints (`in`, `==`, `!=`, substring, `len(X)`, `INT`, `FLOAT`, `REGEX`, and
+their `and`/`or`/`not`) become one language key, `GRAMMAR` and `JSON` a grammar, token
+counts the budget, `STOPS_AT`/`STOPS_BEFORE` stop rules, anything else a Python check on
+the final value. Contradictions are found here, before any model is involved.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Protocol
+from typing import Any, Callable
 
 from lmq.backends.base import Vocabulary
-from lmq.compiler import automaton as fa
 from lmq.compiler.codegen import HoleSpec, PromptProgram
 from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation, Operand,
                                       PythonCheck, StopPhrase, TokenCount, TypeConstraint,
                                       ValueComparison, conjuncts, lowered_operands)
-from lmq.compiler.gbnf import Grammar, parse_gbnf
-from lmq.compiler.gbnf_export import dfa_to_gbnf
-from lmq.compiler.json_schema import json_constraint
-from lmq.compiler.languages import (TYPE_PATTERNS, LanguageKey, character_budget, conjunction,
-                                    key_from_json, key_to_json, stopped_dfa, value_dfa)
-from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstraint
-from lmq.runtime.char_budget import CharBudgetAutomaton
-from lmq.runtime.grammar import GrammarTokenAutomaton, grammar_lark
-from lmq.runtime.token_budget import TokenWindow
-from lmq.runtime.token_masks import DfaTokenAutomaton, TokenMask
-
-
-class TokenAutomaton(Protocol):
-    """The per-hole token automaton of the constraint engine.
-
-    `mask(state)` is the state's `TokenMask` (computed once per state and cached by the
-    engine; end tokens are never in it); `accepts(state)` says whether the value may end
-    there. `advance` may consume the state it is given (grammar states are mutable): a
-    caller that keeps a state for another branch takes `fork(state)` first. `forced` is
-    the text every value must continue with (fast-forward).
-    """
-
-    def initial(self) -> Hashable: ...
-
-    def mask(self, state: Hashable) -> TokenMask: ...
-
-    def advance(self, state: Hashable, token: int) -> Hashable: ...
-
-    def accepts(self, state: Hashable) -> bool: ...
-
-    def forced(self, state: Hashable) -> bytes: ...
-
-    def fork(self, state: Hashable) -> Hashable: ...
-
-
-@dataclass(frozen=True)
-class StopRule:
-    phrase: bytes
-    keep: bool              # STOPS_AT keeps the phrase in the value, STOPS_BEFORE drops it
-
-
-@dataclass
-class HolePlan:
-    name: str
-    min_tokens: int = 0
-    max_tokens: int | None = None
-    excluded_counts: frozenset[int] = frozenset()    # `len(TOKENS(X)) != n`
-    stops: tuple[StopRule, ...] = ()
-    automaton: TokenAutomaton | None = None
-    language: LanguageKey | None = None              # the regular part, for the re-check
-    grammar: str | None = None                       # GBNF of a GRAMMAR/JSON constraint
-    convert: Callable[[str], Any] | None = None      # INT → int, FLOAT → float, JSON → object
-    checks: list[tuple[str, Callable[[Any], bool]]] = field(default_factory=list)
-    _windows: dict[int, TokenWindow] = field(default_factory=dict, repr=False, compare=False)
-
-    def may_end_at(self, count: int) -> bool:
-        """Whether a value of `count` tokens satisfies the token budget."""
-        return count >= self.min_tokens and count not in self.excluded_counts
-
-    @property
-    def counts_tokens(self) -> bool:
-        """Whether the token budget constrains the value's token count at all."""
-        return self.min_tokens > 0 or self.max_tokens is not None or bool(self.excluded_counts)
-
-    def remaining(self, count: int) -> TokenWindow:
-        """The token counts the budget still allows after `count` tokens (cached: the
-        decoder asks once per step)."""
-        window = self._windows.get(count)
-        if window is None:
-            window = self._windows[count] = TokenWindow.of(
-                self.min_tokens, self.max_tokens, self.excluded_counts).after(count)
-        return window
-
-    def gbnf(self) -> str | None:
-        """The plan's value language as GBNF (llama.cpp's dialect), None for any text."""
-        if self.grammar is not None:
-            return self.grammar
-        if self.language is None and not self.stops:
-            return None
-        stops = [(rule.phrase, rule.keep) for rule in self.stops]
-        note = ""
-        try:
-            base = value_dfa(self.language) if self.language is not None else fa.valid_utf8()
-        except ConstraintTooLarge:      # a character count too large to spell out as rules
-            rest, limit = character_budget(self.language)
-            if limit is None:
-                raise
-            base = value_dfa(rest)
-            note = f"# and at most {limit} characters (not expressed in the rules)\n"
-        return note + dfa_to_gbnf(fa.stop_values(base, stops) if stops else base)
-
-    def to_program(self) -> dict[str, Any]:
-        """The plan as an LMTP constraint program: a GRAMMAR/JSON constraint as its GBNF, a
-        regular one as lmq's exact language key (so an lmq server builds the very same
-        automaton and masks), the budget and the stops."""
-        return {"grammar": self.grammar,
-                "language": key_to_json(self.language) if self.language is not None else None,
-                "min_tokens": self.min_tokens, "max_tokens": self.max_tokens,
-                "excluded_counts": sorted(self.excluded_counts),
-                "stops": [{"phrase": r.phrase.decode("utf-8"), "keep": r.keep} for r in self.stops]}
-
-
-def plan_from_program(program: dict[str, Any], vocabulary: Vocabulary,
-                      name: str = "constraint") -> HolePlan:
-    """The plan a constraint program describes (the inverse of `HolePlan.to_program`; the
-    program comes from a network client and is validated, never evaluated). A program
-    with a language key is enforced through it; else its grammar, if any."""
-    plan = program_plan(program, name)
-    if plan.grammar is not None:
-        plan.grammar = _grammar_of(plan.grammar, name).text
-    _build_automaton(plan, vocabulary)
-    return plan
-
-
-def program_plan(program: dict[str, Any], name: str = "constraint") -> HolePlan:
-    """A constraint program's plan without its automaton (budget, stops, the language key
-    or the grammar text as sent): cheap, so a server checks it before any compiling."""
-    try:
-        language = program.get("language")
-        plan = HolePlan(name, min_tokens=program.get("min_tokens", 0),
-                        max_tokens=program.get("max_tokens"),
-                        excluded_counts=frozenset(program.get("excluded_counts", ())),
-                        stops=tuple(StopRule(s["phrase"].encode("utf-8"), bool(s["keep"]))
-                                    for s in program.get("stops", ())),
-                        language=key_from_json(language) if language is not None else None)
-        if language is None:
-            plan.grammar = program.get("grammar")
-    except (TypeError, KeyError, AttributeError, ValueError) as e:
-        raise ConstraintError(f"malformed constraint program: {e}") from None
-    if plan.grammar is not None and not isinstance(plan.grammar, str):
-        raise ConstraintError("malformed constraint program: the grammar must be GBNF text")
-    return plan
-
-
-@dataclass(frozen=True)
-class CompiledConstraint:
-    """The vocabulary-free part of a plan's automaton, picklable: the byte DFA of its
-    language (with the character budget counted apart), or its checked grammar and that
-    grammar in llguidance's syntax. The costly part of compiling; a server builds it in
-    a separate process and finishes the automaton with `attach_automaton`."""
-
-    dfa: fa.ByteDfa | None = None
-    most_chars: int | None = None
-    grammar: Grammar | None = None
-    lark: str | None = None
-
-
-def compile_constraint(plan: HolePlan) -> CompiledConstraint | None:
-    """The compiled form of `plan`'s language or grammar (None when it has neither)."""
-    if plan.grammar is not None:
-        grammar = _grammar_of(plan.grammar, plan.name)
-        return CompiledConstraint(grammar=grammar, lark=grammar_lark(grammar))
-    if plan.language is None:
-        return None
-    dfa, most_chars = _language_dfa(plan.language, _stop_pairs(plan))
-    return CompiledConstraint(dfa=dfa, most_chars=most_chars)
-
-
-def attach_automaton(plan: HolePlan, compiled: CompiledConstraint | None,
-                     vocabulary: Vocabulary) -> None:
-    """Give `plan` the token automaton of `compiled` over `vocabulary`."""
-    if compiled is None:
-        return
-    if compiled.grammar is not None:
-        plan.grammar = compiled.grammar.text
-        plan.automaton = GrammarTokenAutomaton(compiled.grammar, vocabulary, variable=plan.name,
-                                               lark=compiled.lark)
-    else:
-        plan.automaton = _token_automaton(compiled.dfa, compiled.most_chars, vocabulary)
+from lmq.constraints import byte_dfa as fa
+from lmq.constraints.hole_plan import HolePlan, StopRule, build_automaton, grammar_of
+from lmq.constraints.json_schema import json_constraint
+from lmq.constraints.languages import TYPE_PATTERNS, LanguageKey, character_budget, conjunction, value_dfa
+from lmq.errors import ConstraintError, UnsatisfiableConstraint
 
 
 def plan_hole(name: str, constraint: Constraint | None, scope: dict[str, Any],
               vocabulary: Vocabulary) -> HolePlan:
     """The plan of hole `name`, with its token automaton over `vocabulary`."""
     plan = lower_hole(name, constraint, scope)
-    _build_automaton(plan, vocabulary)
+    build_automaton(plan, vocabulary)
     return plan
 
 
@@ -315,52 +146,6 @@ def annotated_where(spec: HoleSpec, target: Any) -> Constraint:
     return Junction(f"{spec.where.source} and {typed.source}", "and", (spec.where, typed))
 
 
-def _build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
-    if plan.grammar is not None:
-        plan.automaton = GrammarTokenAutomaton(_grammar_of(plan.grammar, plan.name), vocabulary,
-                                               variable=plan.name)
-        return
-    if plan.language is None:
-        return
-    plan.automaton = _dfa_automaton(plan.language, _stop_pairs(plan), vocabulary)
-
-
-def _stop_pairs(plan: HolePlan) -> tuple[tuple[bytes, bool], ...]:
-    return tuple((rule.phrase, rule.keep) for rule in plan.stops)
-
-
-#: (language, stops, id of the vocabulary) → (the vocabulary, kept alive so its id stays
-#: its own, and the token automaton)
-_automata: dict[tuple, tuple[Vocabulary, DfaTokenAutomaton | CharBudgetAutomaton]] = {}
-
-
-def _dfa_automaton(key: LanguageKey, stops: tuple,
-                   vocabulary: Vocabulary) -> DfaTokenAutomaton | CharBudgetAutomaton:
-    """One token automaton per (language, stops, vocabulary), so masks computed for a
-    state serve every later hole with the same constraint."""
-    cache_key = (key, stops, id(vocabulary))
-    cached = _automata.get(cache_key)
-    if cached is None:
-        if len(_automata) > 256:
-            _automata.clear()
-        automaton = _token_automaton(*_language_dfa(key, stops), vocabulary)
-        cached = _automata[cache_key] = (vocabulary, automaton)
-    return cached[1]
-
-
-def _language_dfa(key: LanguageKey, stops: tuple) -> tuple[fa.ByteDfa, int | None]:
-    """The byte DFA of a language with its stops, and the most characters it allows: an
-    upper bound on the characters is a budget the automaton counts, not states of the DFA."""
-    rest, most_chars = character_budget(key)
-    return stopped_dfa(rest, stops), most_chars
-
-
-def _token_automaton(dfa: fa.ByteDfa, most_chars: int | None,
-                     vocabulary: Vocabulary) -> DfaTokenAutomaton | CharBudgetAutomaton:
-    automaton = DfaTokenAutomaton.for_vocabulary(dfa, vocabulary)
-    return automaton if most_chars is None else CharBudgetAutomaton(automaton, most_chars)
-
-
 @functools.lru_cache(maxsize=256)
 def _fewest_characters(key: LanguageKey) -> int:
     """The fewest characters of a value of `key`."""
@@ -430,15 +215,10 @@ def _grammar(plan: HolePlan, item: TypeConstraint, scope: dict[str, Any]) -> Non
         if not isinstance(argument, str):
             raise ConstraintError(f"{item.source}: the grammar must be a string of GBNF, "
                                   f"not {type(argument).__name__}")
-        plan.grammar = _grammar_of(argument, item.source).text
+        plan.grammar = grammar_of(argument, item.source).text
     else:
         constraint = json_constraint(argument, owner=item.source)
         plan.grammar, plan.convert = constraint.gbnf, constraint.value
-
-
-@functools.lru_cache(maxsize=256)
-def _grammar_of(text: str, owner: str) -> Grammar:
-    return parse_gbnf(text, owner=owner)
 
 
 def _bound_tokens(plan: HolePlan, item: TokenCount, bound: Any) -> None:
@@ -484,10 +264,6 @@ def _python_check(item: PythonCheck, scope: dict[str, Any], name: str) -> Callab
     return check
 
 
-_COMPARE = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
-            "!=": lambda a, b: a != b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
-
-
 def parse_int(text: str) -> int:
     """An INT value as an int, however long: Python's `int(str)` refuses more than 4,300
     digits, so longer digit strings are converted in halves joined arithmetically."""
@@ -504,33 +280,3 @@ def _digits_value(digits: str) -> int:
     return _digits_value(digits[:-low]) * 10 ** low + _digits_value(digits[-low:])
 
 
-def language_holds(key: LanguageKey, value: str) -> bool:
-    """Python's own verdict on a language key for a finished value: the reference the
-    automata are re-checked against (soundness), independent of them."""
-    kind = key[0]
-    if kind == "in":
-        return value in {o.decode("utf-8", "replace") for o in key[1]}
-    if kind == "contains":
-        return key[1].decode("utf-8", "replace") in value
-    if kind == "chars":
-        return _COMPARE[key[1]](len(value), key[2])
-    if kind == "regex":
-        return re.fullmatch(key[1], value) is not None
-    if kind == "not":
-        return not language_holds(key[1], value)
-    if kind == "and":
-        return all(language_holds(k, value) for k in key[1])
-    return any(language_holds(k, value) for k in key[1])
-
-
-def stops_hold(plan: HolePlan, value: bytes) -> bool:
-    """A value ended by stop phrases holds no occurrence of one except a kept phrase at its
-    very end (the first occurrence ends generation). Only checkable when every occurrence
-    could fire: no minimum or excluded token count held a stop back."""
-    if plan.min_tokens > 0 or plan.excluded_counts:
-        return True
-    for rule in plan.stops:
-        position = value.find(rule.phrase)
-        if position >= 0 and not (rule.keep and position + len(rule.phrase) == len(value)):
-            return False
-    return True

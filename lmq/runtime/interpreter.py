@@ -18,8 +18,8 @@ from lmq.compiler.constraints import Constraint, Operand
 from lmq.errors import ConstraintViolation, ContextLimitError
 from lmq.runtime.decoders import Decoder, HoleOutput
 from lmq.runtime.decorators import DecoratorContext, HoleDecorators
-from lmq.runtime.hole import (ANNOTATION, HolePlan, annotated_where, language_holds, plan_hole,
-                              stops_hold)
+from lmq.constraints.hole_plan import HolePlan, language_holds, stops_hold
+from lmq.runtime.hole import ANNOTATION, annotated_where, plan_hole
 from lmq.runtime.prompt import PromptState
 from lmq.runtime.result import LMQResult
 from lmq.runtime.scheduler import Lane, scheduler_for

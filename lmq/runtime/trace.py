@@ -26,9 +26,9 @@ from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, conjuncts
 from lmq.errors import ConstraintTooLarge, LmqSyntaxError, QueryArgumentError
 from lmq.runtime.decoders import _logsumexp, _step_mask
-from lmq.runtime.hole import HolePlan
+from lmq.constraints.hole_plan import HolePlan
 from lmq.runtime.result import LMQResult
-from lmq.runtime.token_masks import TokenMask
+from lmq.constraints.token_masks import TokenMask
 
 #: how many of the most likely tokens `top` and `masked_top` list
 TOP = 5

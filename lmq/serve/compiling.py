@@ -3,7 +3,7 @@ processes, under time and memory budgets, before a hole takes a cache slot.
 
 Compiling a constraint (a regex's DFA, a grammar's Lark text and llguidance lexer) is
 pure CPU and memory work that depends on the client's input; the engine's own limits
-(`lmq.compiler.limits`, in the child set from `--max-automaton-states` and
+(`lmq.constraints.limits`, in the child set from `--max-automaton-states` and
 `--max-grammar-rules`) refuse the large ones at once, and the child enforces the rest:
 a process is the only place where a runaway can be stopped (killed) and kept within a
 memory budget, and its work holds no lock and no GIL of the server. So a hole
@@ -44,11 +44,11 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from lmq.backends.base import Vocabulary
-from lmq.compiler import limits as engine_limits
+from lmq.constraints import limits as engine_limits
 from lmq.errors import ConstraintTooLarge, LmqError
-from lmq.runtime.grammar import GrammarTokenAutomaton
-from lmq.runtime.hole import (CompiledConstraint, HolePlan, attach_automaton,
-                              compile_constraint, program_plan)
+from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
+from lmq.constraints.hole_plan import (CompiledConstraint, HolePlan, attach_automaton,
+                                       compile_constraint, program_plan)
 from lmq.serve.holes import HoleStream
 from lmq.serve.scheduler import FairQueue
 from lmq.serve.streams import Owner, Stream

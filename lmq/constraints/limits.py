@@ -41,4 +41,4 @@ def too_many_states(what: str, grown: str = "") -> ConstraintTooLarge:
     grown = grown or f"{MAX_STATES:,} automaton states"
     return ConstraintTooLarge(f"constraint too large: {what} grows past {grown}; the limit is "
                               f"{MAX_STATES:,} states (set $LMQ_MAX_STATES or "
-                              f"lmq.compiler.limits.MAX_STATES to raise it)")
+                              f"lmq.constraints.limits.MAX_STATES to raise it)")

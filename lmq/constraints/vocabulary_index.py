@@ -3,7 +3,7 @@
 The constraint engine computes, for a byte automaton state, which tokens can be walked
 without dying. Walking every token separately would be a Python loop over the vocabulary;
 the trie shares common prefixes, and its breadth-first layout lets a mask be computed a
-whole level at a time with numpy gathers (see `lmq.runtime.token_masks`).
+whole level at a time with numpy gathers (see `lmq.constraints.token_masks`).
 
 Layout. Tokens with non-empty bytes are sorted by their bytes (`order`: sorted position →
 token id). Every distinct non-empty prefix is a node; nodes are numbered level by level

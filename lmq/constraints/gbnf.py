@@ -1,6 +1,6 @@
 """GBNF, llama.cpp's grammar dialect: a parser that checks a grammar the way llama.cpp
 does and names what is wrong, into a tree of rules (`Grammar`). The translation for
-llguidance is `lmq.compiler.llguidance_lark`."""
+llguidance is `lmq.constraints.llguidance_lark`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import functools
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-from lmq.compiler import limits
+from lmq.constraints import limits
 from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstraint
 
 #: llama.cpp refuses repetition counts above this (`MAX_REPETITION_THRESHOLD`)
@@ -167,7 +167,7 @@ class _Parser:
         if len(self.defined_at) >= limits.MAX_GRAMMAR_RULES:
             self.fail(f"constraint too large: more than {limits.MAX_GRAMMAR_RULES:,} rules; the "
                       f"limit is {limits.MAX_GRAMMAR_RULES:,} (set $LMQ_MAX_GRAMMAR_RULES or "
-                      "lmq.compiler.limits.MAX_GRAMMAR_RULES to raise it)", ConstraintTooLarge)
+                      "lmq.constraints.limits.MAX_GRAMMAR_RULES to raise it)", ConstraintTooLarge)
         self.defined_at[name] = start
         self.pos += 3
         self.space(newlines=True)
@@ -210,7 +210,7 @@ class _Parser:
                     self.fail(f"constraint too large: groups nested more than "
                               f"{limits.MAX_GRAMMAR_DEPTH} deep; the limit is "
                               f"{limits.MAX_GRAMMAR_DEPTH} (set $LMQ_MAX_GRAMMAR_DEPTH or "
-                              "lmq.compiler.limits.MAX_GRAMMAR_DEPTH to raise it)",
+                              "lmq.constraints.limits.MAX_GRAMMAR_DEPTH to raise it)",
                               ConstraintTooLarge)
                 self.depth += 1
                 self.pos += 1

@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from lmq.backends.vocabulary_index import VocabularyIndex
+from lmq.constraints.vocabulary_index import VocabularyIndex
 
 #: pattern tries kept per (vocabulary index, byte partition)
 CACHE_SIZE = 16

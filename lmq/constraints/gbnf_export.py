@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmq.compiler.automaton import DEAD, ByteDfa
+from lmq.constraints.byte_dfa import DEAD, ByteDfa
 from lmq.errors import ConstraintError
 
 #: (first lead byte, last lead byte, continuation bytes) of multi-byte UTF-8 characters

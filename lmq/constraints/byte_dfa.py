@@ -20,7 +20,7 @@ Operations: `intersect(a, b)`, `union(a, b)`, `complement(a)`, `concat(a, b)`,
 `with_stops(a, phrases)` (exit states for STOPS_AT / STOPS_BEFORE), `stop_values(a, phrases)`
 (the language of final values under those stops).
 Helpers: `run`, `matches`, `is_empty`, `forced_bytes`, `fewest_characters`.
-`lmq.compiler.regex.regex_dfa` compiles regexes; `lmq.compiler.gbnf_export.dfa_to_gbnf`
+`lmq.constraints.regex.regex_dfa` compiles regexes; `lmq.constraints.gbnf_export.dfa_to_gbnf`
 exports GBNF.
 
 Internally automata are built in "classed" form: a table over byte classes (bytes that
@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from lmq.compiler import limits
+from lmq.constraints import limits
 from lmq.errors import ConstraintError
 
 DEAD = 0
@@ -297,7 +297,7 @@ def char_count(op: str, n: int) -> ByteDfa:
 
 def valid_utf8() -> ByteDfa:
     """Every well-formed UTF-8 byte string (no overlongs, surrogates or stray bytes)."""
-    from lmq.compiler.regex import regex_dfa
+    from lmq.constraints.regex import regex_dfa
     return regex_dfa(r"(?s).*")
 
 

@@ -7,7 +7,7 @@ llguidance computes each one by walking its token trie in Rust. Two llguidance
 defaults are turned off because they break lmq's promises: byte forcing (with it, the
 mask of a state with forced text allows only the canonical tokenization of that text;
 lmq allows every tokenization and fast-forwards forced text itself, from `forced`), and
-greedy lexing where it could lose strings (see `lmq.compiler.llguidance_lark`).
+greedy lexing where it could lose strings (see `lmq.constraints.llguidance_lark`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import llguidance
 import numpy as np
 
 from lmq.backends.base import Vocabulary
-from lmq.compiler.gbnf import Grammar
-from lmq.compiler.llguidance_lark import to_lark
+from lmq.constraints.gbnf import Grammar
+from lmq.constraints.llguidance_lark import to_lark
 from lmq.errors import ConstraintError, ConstraintTooLarge, ConstraintViolation, UnsatisfiableConstraint
-from lmq.runtime.token_masks import TokenMask
+from lmq.constraints.token_masks import TokenMask
 
 #: matchers kept ready per (grammar, vocabulary): a repeated constraint compiles once
 COMPILED_CACHE_SIZE = 256

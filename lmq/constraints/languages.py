@@ -23,9 +23,9 @@ Keys:
 from __future__ import annotations
 
 import functools
-from lmq.compiler import automaton as fa
-from lmq.compiler.automaton import ByteDfa
-from lmq.compiler.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
+from lmq.constraints import byte_dfa as fa
+from lmq.constraints.byte_dfa import ByteDfa
+from lmq.constraints.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
 
 LanguageKey = tuple
 #: the fixed languages of INT(X) and FLOAT(X) (constraints.md)
@@ -88,7 +88,7 @@ def character_budget(key: LanguageKey) -> tuple[LanguageKey, int | None]:
     """(the key without its top-level upper bounds on the character count, the most
     characters they allow, or None): `len(X) < n` and `len(X) <= n` in the top-level
     `and` are counted by the decoder, not by n automaton states (see
-    `lmq.runtime.char_budget`); a bound inside `or`/`not` stays in the automaton."""
+    `lmq.constraints.char_budget`); a bound inside `or`/`not` stays in the automaton."""
     items = key[1] if key[0] == "and" else (key,)
     limit = None
     rest = []

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lmq.compiler.automaton import DEAD, ByteDfa
+from lmq.constraints.byte_dfa import DEAD, ByteDfa
 
 INFINITE = float("inf")
 

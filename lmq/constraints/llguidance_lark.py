@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable
 
-from lmq.compiler import gbnf as g
-from lmq.compiler import limits
-from lmq.compiler.regex import merge_ranges
+from lmq.constraints import gbnf as g
+from lmq.constraints import limits
+from lmq.constraints.regex import merge_ranges
 
 MAX_CODE_POINT = g.MAX_CODE_POINT
 #: candidates larger than this many NFA states stay split (the check is quadratic)

@@ -2,7 +2,7 @@
 
 The pattern is parsed by Python's own `re` parser, so escapes, classes and errors are
 exactly Python's; the parse tree is compiled to a byte NFA (Thompson construction) and
-determinized and minimized by `lmq.compiler.automaton`. Character sets are code-point
+determinized and minimized by `lmq.constraints.byte_dfa`. Character sets are code-point
 ranges compiled to UTF-8 byte automata: negated classes and `.` only produce valid UTF-8
 (never surrogates, overlongs or stray continuation bytes).
 
@@ -25,9 +25,9 @@ except ImportError:                            # pragma: no cover - Python 3.10
     import sre_parse                           # type: ignore[no-redef]
 import re
 
-from lmq.compiler import limits, unicode_classes
-from lmq.compiler.automaton import ByteDfa, Nfa
-from lmq.compiler.unicode_classes import CodePointRanges
+from lmq.constraints import limits, unicode_classes
+from lmq.constraints.byte_dfa import ByteDfa, Nfa
+from lmq.constraints.unicode_classes import CodePointRanges
 from lmq.errors import ConstraintError, ConstraintTooLarge
 
 INT_PATTERN = r" ?-?(0|[1-9][0-9]*)"

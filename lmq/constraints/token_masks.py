@@ -13,7 +13,7 @@ and a node whose whole subtree keeps its state alive (an exit state, or only byt
 state loops on) contributes its subtree of tokens without being walked further. The cost
 is proportional to the part of the trie that decides, not to V. Automata whose states
 keep nearly every token alive, with few byte classes (`len(X) < N`), switch to the much
-smaller trie of class strings (`lmq.runtime.class_patterns`).
+smaller trie of class strings (`lmq.constraints.class_patterns`).
 
 How a decoder applies a mask to a float32 logits row, fastest first (a mask is sparse up
 to `DENSE_FRACTION` of the vocabulary, and then `bias` is set):
@@ -40,11 +40,11 @@ from functools import cached_property
 import numpy as np
 
 from lmq.backends.base import Vocabulary
-from lmq.backends.vocabulary_index import (GROUP_BITS, VocabularyIndex, concatenated_ranges,
+from lmq.constraints.vocabulary_index import (GROUP_BITS, VocabularyIndex, concatenated_ranges,
                                           vocabulary_index)
-from lmq.compiler.automaton import ByteDfa, forced_bytes
-from lmq.runtime.class_patterns import ClassPatterns, class_patterns
-from lmq.runtime.token_budget import BudgetLengths, TokenWindow
+from lmq.constraints.byte_dfa import ByteDfa, forced_bytes
+from lmq.constraints.class_patterns import ClassPatterns, class_patterns
+from lmq.constraints.token_budget import BudgetLengths, TokenWindow
 
 #: a mask allowing more than this fraction of the vocabulary is dense (keeps a bias row):
 #: measured at V = 151,936, an argmax over `row[allowed]` beats one over the whole row up
