@@ -302,6 +302,44 @@ def test_vocabulary_index_cache_is_served_from_disk(tmp_path, monkeypatch):
     assert loaded.size == built.size
 
 
+def test_one_cache_per_vocabulary_held_weakly_and_cleared_of_compiled_constraints(tmp_path, monkeypatch):
+    """Every structure derived from a vocabulary lives in its one cache: an equal copy gets
+    its own, a vocabulary that goes away takes its cache along (so a new one at the same
+    address starts empty), and `clear_caches` forgets compiled automata but keeps the index."""
+    import gc
+    import weakref
+
+    from lmq.backends.base import Vocabulary as _Vocabulary
+    from lmq.constraints import vocabulary_cache as caches
+    from lmq.constraints.hole_plan import HolePlan, build_automaton
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    vocabulary = synthetic_vocabulary(random.Random(2))
+    plan = HolePlan("X", language=("regex", "[ab]+"))
+    build_automaton(plan, vocabulary)
+    cache = caches.vocabulary_cache(vocabulary)
+    assert cache.index is vocabulary_index(vocabulary) and len(cache.automata) == 1
+    again = HolePlan("X", language=("regex", "[ab]+"))
+    build_automaton(again, vocabulary)
+    assert again.automaton is plan.automaton                   # served from the cache
+
+    copy = _Vocabulary(tuple(vocabulary.token_bytes), vocabulary.end_ids, vocabulary.bos_id,
+                       vocabulary.eos_id, vocabulary.eot_id, vocabulary.add_bos)
+    assert copy == vocabulary and caches.vocabulary_cache(copy) is not cache
+
+    caches.clear_caches()
+    assert cache.automata == {} and cache.index is not None
+    fresh = HolePlan("X", language=("regex", "[ab]+"))
+    build_automaton(fresh, vocabulary)
+    assert fresh.automaton is not plan.automaton
+
+    gone = weakref.ref(cache)
+    count = len(caches._caches)
+    del vocabulary, plan, again, fresh, cache
+    gc.collect()
+    assert gone() is None and len(caches._caches) == count - 1
+
+
 def test_a_corrupt_cache_file_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     vocabulary = synthetic_vocabulary(random.Random(1))

@@ -16,15 +16,10 @@ budget; the pattern trie is built once per (vocabulary, byte partition), without
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import numpy as np
 
+from lmq.constraints.vocabulary_cache import PATTERNS_SIZE, VocabularyCache
 from lmq.constraints.vocabulary_index import VocabularyIndex
-
-#: pattern tries kept per (vocabulary index, byte partition)
-CACHE_SIZE = 16
 
 
 class ClassPatterns:
@@ -84,22 +79,10 @@ def _distinct(keys: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present), position[keys]
 
 
-_cache: OrderedDict[tuple[int, bytes], tuple[VocabularyIndex, ClassPatterns]] = OrderedDict()
-_lock = threading.Lock()
-
-
-def class_patterns(index: VocabularyIndex, byte_class: np.ndarray) -> ClassPatterns:
-    """The pattern trie of `index` under `byte_class` (256 class ids), built once."""
-    key = (id(index), np.asarray(byte_class, dtype=np.uint8).tobytes())
-    with _lock:
-        entry = _cache.get(key)
-        if entry is not None and entry[0] is index:
-            _cache.move_to_end(key)
-            return entry[1]
-    byte_class = np.asarray(byte_class, dtype=np.intp)
-    patterns = ClassPatterns(index, byte_class, int(byte_class.max()) + 1)
-    with _lock:
-        _cache[key] = (index, patterns)
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    return patterns
+def class_patterns(index: VocabularyIndex, byte_class: np.ndarray,
+                   cache: VocabularyCache) -> ClassPatterns:
+    """The pattern trie of `index` under `byte_class` (256 class ids), built once per
+    vocabulary (`cache` is the vocabulary's)."""
+    classes = np.asarray(byte_class, dtype=np.intp)
+    return cache.recent(cache.class_patterns, classes.astype(np.uint8).tobytes(),
+                        lambda: ClassPatterns(index, classes, int(classes.max()) + 1), PATTERNS_SIZE)

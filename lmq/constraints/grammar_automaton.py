@@ -12,21 +12,15 @@ greedy lexing where it could lose strings (see `lmq.constraints.llguidance_lark`
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
-
 import llguidance
 import numpy as np
 
 from lmq.backends.base import Vocabulary
 from lmq.constraints.gbnf import Grammar
 from lmq.constraints.llguidance_lark import to_lark
-from lmq.errors import ConstraintError, ConstraintTooLarge, ConstraintViolation, UnsatisfiableConstraint
 from lmq.constraints.token_masks import TokenMask
-
-#: matchers kept ready per (grammar, vocabulary): a repeated constraint compiles once
-COMPILED_CACHE_SIZE = 256
+from lmq.constraints.vocabulary_cache import MATCHERS_SIZE, vocabulary_cache
+from lmq.errors import ConstraintError, ConstraintTooLarge, ConstraintViolation, UnsatisfiableConstraint
 _LARK_HEADER = '%llguidance {"no_forcing": true}\n'
 
 
@@ -49,28 +43,18 @@ class _VocabularyTokens:
         return []
 
 
-_tokenizers: dict[int, tuple[weakref.ref, llguidance.LLTokenizer]] = {}
-_compiled: OrderedDict[tuple[str, int], tuple[llguidance.LLTokenizer, llguidance.LLMatcher]] = OrderedDict()
-_lock = threading.Lock()
-
-
 def lltokenizer(vocabulary: Vocabulary) -> llguidance.LLTokenizer:
     """llguidance's tokenizer (token trie) of `vocabulary`, built once per vocabulary."""
-    key = id(vocabulary)
-    with _lock:
-        entry = _tokenizers.get(key)
-        if entry is not None and entry[0]() is vocabulary:
-            return entry[1]
+    cache = vocabulary_cache(vocabulary)
+    if cache.tokenizer is not None:
+        return cache.tokenizer
     source = _VocabularyTokens(vocabulary)
     ends = sorted(vocabulary.end_ids) or [source.eos_token_id]
     tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(source), eos_token=ends)
-    def forget(ref: weakref.ref) -> None:     # no lock: the collector may run inside it
-        if _tokenizers.get(key, (None,))[0] is ref:
-            _tokenizers.pop(key, None)
-
-    with _lock:
-        _tokenizers[key] = (weakref.ref(vocabulary, forget), tokenizer)
-    return tokenizer
+    with cache.lock:
+        if cache.tokenizer is None:
+            cache.tokenizer = tokenizer
+        return cache.tokenizer
 
 
 class GrammarTokenAutomaton:
@@ -148,19 +132,13 @@ def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str,
                       lark: str | None) -> llguidance.LLMatcher:
     """The template matcher of `grammar`, compiled once per (grammar, vocabulary)."""
     tokenizer = lltokenizer(vocabulary)
-    key = (grammar.text, id(tokenizer))
-    with _lock:
-        entry = _compiled.get(key)
-        if entry is not None and entry[0] is tokenizer:     # not a reused id
-            _compiled.move_to_end(key)
-            return entry[1]
-    if lark is None:
-        lark = grammar_lark(grammar)
-    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
-    if matcher.is_error():
-        raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")
-    with _lock:
-        _compiled[key] = (tokenizer, matcher)
-        while len(_compiled) > COMPILED_CACHE_SIZE:
-            _compiled.popitem(last=False)
-    return matcher
+
+    def compile_matcher() -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(
+            lark if lark is not None else grammar_lark(grammar)), log_level=0)
+        if matcher.is_error():
+            raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")
+        return matcher
+
+    cache = vocabulary_cache(vocabulary)
+    return cache.recent(cache.matchers, grammar.text, compile_matcher, MATCHERS_SIZE)

@@ -27,6 +27,7 @@ from lmq.constraints.languages import (LanguageKey, character_budget, key_from_j
 from lmq.constraints.token_automaton import TokenAutomaton
 from lmq.constraints.token_budget import TokenWindow
 from lmq.constraints.token_masks import DfaTokenAutomaton
+from lmq.constraints.vocabulary_cache import vocabulary_cache
 from lmq.errors import ConstraintError, ConstraintTooLarge
 
 
@@ -181,23 +182,12 @@ def _stop_pairs(plan: HolePlan) -> tuple[tuple[bytes, bool], ...]:
     return tuple((rule.phrase, rule.keep) for rule in plan.stops)
 
 
-#: (language, stops, id of the vocabulary) → (the vocabulary, kept alive so its id stays
-#: its own, and the token automaton)
-_automata: dict[tuple, tuple[Vocabulary, DfaTokenAutomaton | CharBudgetAutomaton]] = {}
-
-
 def _dfa_automaton(key: LanguageKey, stops: tuple,
                    vocabulary: Vocabulary) -> DfaTokenAutomaton | CharBudgetAutomaton:
     """One token automaton per (language, stops, vocabulary), so masks computed for a
     state serve every later hole with the same constraint."""
-    cache_key = (key, stops, id(vocabulary))
-    cached = _automata.get(cache_key)
-    if cached is None:
-        if len(_automata) > 256:
-            _automata.clear()
-        automaton = _token_automaton(*_language_dfa(key, stops), vocabulary)
-        cached = _automata[cache_key] = (vocabulary, automaton)
-    return cached[1]
+    return vocabulary_cache(vocabulary).automaton(
+        (key, stops), lambda: _token_automaton(*_language_dfa(key, stops), vocabulary))
 
 
 def _language_dfa(key: LanguageKey, stops: tuple) -> tuple[fa.ByteDfa, int | None]:

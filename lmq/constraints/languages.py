@@ -23,6 +23,7 @@ Keys:
 from __future__ import annotations
 
 import functools
+
 from lmq.constraints import byte_dfa as fa
 from lmq.constraints.byte_dfa import ByteDfa
 from lmq.constraints.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
@@ -147,3 +148,10 @@ def key_from_json(data: object, depth: int = 0) -> LanguageKey:
     if kind == "not" and len(rest) == 1:
         return ("not", key_from_json(rest[0], depth + 1))
     raise ValueError(f"malformed language {data!r:.80}")
+
+
+@functools.lru_cache(maxsize=256)
+def fewest_value_characters(key: LanguageKey) -> int:
+    """The fewest characters of a value of `key`."""
+    language = value_dfa(key)
+    return int(fa.fewest_characters(language)[language.initial])

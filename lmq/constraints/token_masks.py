@@ -40,11 +40,12 @@ from functools import cached_property
 import numpy as np
 
 from lmq.backends.base import Vocabulary
-from lmq.constraints.vocabulary_index import (GROUP_BITS, VocabularyIndex, concatenated_ranges,
-                                          vocabulary_index)
 from lmq.constraints.byte_dfa import ByteDfa, forced_bytes
 from lmq.constraints.class_patterns import ClassPatterns, class_patterns
 from lmq.constraints.token_budget import BudgetLengths, TokenWindow
+from lmq.constraints.vocabulary_cache import VocabularyCache, vocabulary_cache
+from lmq.constraints.vocabulary_index import (GROUP_BITS, VocabularyIndex, concatenated_ranges,
+                                              vocabulary_index)
 
 #: a mask allowing more than this fraction of the vocabulary is dense (keeps a bias row):
 #: measured at V = 151,936, an argmax over `row[allowed]` beats one over the whole row up
@@ -177,10 +178,12 @@ class DfaTokenAutomaton:
     state numbers; masks, successors and forced bytes are computed on first use and
     cached, so a decoding step on a visited state is two dictionary lookups."""
 
-    def __init__(self, dfa: ByteDfa, index: VocabularyIndex, token_bytes: tuple[bytes, ...]):
+    def __init__(self, dfa: ByteDfa, index: VocabularyIndex, token_bytes: tuple[bytes, ...],
+                 cache: VocabularyCache | None = None):
         self.dfa = dfa
         self.index = index
         self.token_bytes = token_bytes
+        self.cache = cache if cache is not None else VocabularyCache()   # the vocabulary's
         self._flat = np.ascontiguousarray(dfa.transitions, dtype=np.int32).ravel()
         self._accepting = dfa.accepting.tolist()
         self._exits = dfa.exits.tolist()
@@ -205,7 +208,8 @@ class DfaTokenAutomaton:
     @classmethod
     def for_vocabulary(cls, dfa: ByteDfa, vocabulary: Vocabulary) -> "DfaTokenAutomaton":
         """The automaton of `dfa` over `vocabulary` (its index shared and disk-cached)."""
-        return cls(dfa, vocabulary_index(vocabulary), vocabulary.token_bytes)
+        return cls(dfa, vocabulary_index(vocabulary), vocabulary.token_bytes,
+                   vocabulary_cache(vocabulary))
 
     def initial(self) -> int:
         return int(self.dfa.initial)
@@ -342,7 +346,7 @@ class DfaTokenAutomaton:
             return False
         if self._patterns is None:
             byte_class, classed = self.dfa.byte_classes
-            self._patterns = (class_patterns(self.index, byte_class)
+            self._patterns = (class_patterns(self.index, byte_class, self.cache)
                               if classed.shape[1] <= PATTERN_CLASSES else False)
         return self._patterns is not False
 

@@ -27,14 +27,13 @@ import hashlib
 import marshal
 import os
 import tempfile
-import threading
-import weakref
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from lmq.backends.base import Vocabulary
+from lmq.constraints.vocabulary_cache import vocabulary_cache
 
 #: bump when the layout or the build changes: old cache files are then ignored
 FORMAT_VERSION = 7
@@ -250,17 +249,12 @@ def _store(path: str, index: VocabularyIndex) -> None:
             pass
 
 
-_memo: dict[int, tuple[weakref.ref, VocabularyIndex]] = {}
-_memo_lock = threading.Lock()
-
-
 def vocabulary_index(vocabulary: Vocabulary, *, use_disk_cache: bool = True) -> VocabularyIndex:
     """The index of `vocabulary`: shared in process, else read from the disk cache, else
     built (and cached on disk)."""
-    with _memo_lock:
-        entry = _memo.get(id(vocabulary))
-        if entry is not None and entry[0]() is vocabulary:
-            return entry[1]
+    cache = vocabulary_cache(vocabulary)
+    if cache.index is not None:
+        return cache.index
     index = None
     path = os.path.join(cache_directory(), vocabulary_key(vocabulary.token_bytes) + ".npz")
     if use_disk_cache:
@@ -269,7 +263,7 @@ def vocabulary_index(vocabulary: Vocabulary, *, use_disk_cache: bool = True) -> 
         index = VocabularyIndex.build(vocabulary.token_bytes)
         if use_disk_cache:
             _store(path, index)
-    with _memo_lock:
-        key = id(vocabulary)
-        _memo[key] = (weakref.ref(vocabulary, lambda _, key=key: _memo.pop(key, None)), index)
-    return index
+    with cache.lock:
+        if cache.index is None:
+            cache.index = index
+        return cache.index

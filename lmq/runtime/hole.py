@@ -9,7 +9,6 @@ the final value. Contradictions are found here, before any model is involved.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import Any, Callable
 
@@ -21,7 +20,8 @@ from lmq.compiler.constraints import (CharCount, Constraint, Junction, Negation,
 from lmq.constraints import byte_dfa as fa
 from lmq.constraints.hole_plan import HolePlan, StopRule, build_automaton, grammar_of
 from lmq.constraints.json_schema import json_constraint
-from lmq.constraints.languages import TYPE_PATTERNS, LanguageKey, character_budget, conjunction, value_dfa
+from lmq.constraints.languages import (TYPE_PATTERNS, LanguageKey, character_budget, conjunction,
+                                       fewest_value_characters, value_dfa)
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 
 
@@ -77,7 +77,7 @@ def lower_hole(name: str, constraint: Constraint | None, scope: dict[str, Any]) 
         rest, most_chars = character_budget(plan.language)
         language = value_dfa(rest)
         if fa.is_empty(language) or (plan.max_tokens == 0 and not language.accepting[language.initial]) \
-                or (most_chars is not None and _fewest_characters(rest) > most_chars):
+                or (most_chars is not None and fewest_value_characters(rest) > most_chars):
             raise UnsatisfiableConstraint(f"no value of {name} satisfies its constraints")
     return plan
 
@@ -144,13 +144,6 @@ def annotated_where(spec: HoleSpec, target: Any) -> Constraint:
     if spec.where is None:
         return typed
     return Junction(f"{spec.where.source} and {typed.source}", "and", (spec.where, typed))
-
-
-@functools.lru_cache(maxsize=256)
-def _fewest_characters(key: LanguageKey) -> int:
-    """The fewest characters of a value of `key`."""
-    language = value_dfa(key)
-    return int(fa.fewest_characters(language)[language.initial])
 
 
 def _stop_alternatives(item: Constraint) -> bool:
