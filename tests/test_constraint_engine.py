@@ -229,3 +229,31 @@ def test_the_engine_package_depends_only_on_errors_and_the_vocabulary():
                 imported.update((path.name, a.name) for a in node.names if a.name.startswith("lmq"))
     assert len(list(package.glob("*.py"))) > 10
     assert [(f, m) for f, m in sorted(imported) if not m.startswith(allowed)] == []
+
+
+def test_every_engine_automaton_has_what_the_token_automaton_protocol_states():
+    """The decoder asks an automaton only what `TokenAutomaton` states, without probing:
+    every automaton the engine builds has each member, and those that keep a budget
+    exactly have `BudgetedTokenAutomaton`'s too."""
+    import inspect
+    from pathlib import Path
+
+    from lmq.constraints.char_budget import CharBudgetAutomaton
+    from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
+    from lmq.constraints.token_automaton import BudgetedTokenAutomaton, TokenAutomaton
+    from lmq.constraints.token_masks import DfaTokenAutomaton
+
+    def members(protocol):
+        own = set(vars(protocol)) | set(getattr(protocol, "__annotations__", {}))
+        return {m for m in own if not m.startswith("_")}
+
+    stated, budgeted = members(TokenAutomaton), members(BudgetedTokenAutomaton)
+    assert {"initial", "mask", "advance", "accepts", "forced", "fork", "exact_budget",
+            "strands_nothing"} <= stated and {"budget_mask", "can_finish"} <= budgeted
+    for cls in (DfaTokenAutomaton, CharBudgetAutomaton, GrammarTokenAutomaton):
+        assert [m for m in stated if not hasattr(cls, m)] == [], cls
+        assert isinstance(cls.exact_budget, bool), cls
+        if cls.exact_budget:
+            assert [m for m in budgeted if not hasattr(cls, m)] == [], cls
+    decoder = Path(inspect.getfile(lmq.runtime.decoders)).read_text()
+    assert "getattr(automaton" not in decoder and "hasattr(automaton" not in decoder

@@ -41,6 +41,8 @@ State = tuple[int, int]      # (DFA state, characters of the value so far)
 class CharBudgetAutomaton:
     """The token automaton of `base` under "at most `limit` characters" (see module doc)."""
 
+    exact_budget = True
+
     def __init__(self, base: DfaTokenAutomaton, limit: int):
         self.base = base
         self.limit = limit

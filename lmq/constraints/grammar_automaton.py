@@ -64,6 +64,9 @@ class GrammarTokenAutomaton:
     it); `mask` is computed by llguidance on every call.
     """
 
+    exact_budget = False       # masks per call; the decoder checks the last budgeted token
+    strands_nothing = True     # a grammar's masks allow viable prefixes only: taken as they are
+
     def __init__(self, grammar: Grammar, vocabulary: Vocabulary, *, variable: str,
                  lark: str | None = None):
         """`lark`: `grammar_lark(grammar)` when it is at hand (it costs seconds for

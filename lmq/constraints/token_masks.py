@@ -178,6 +178,8 @@ class DfaTokenAutomaton:
     state numbers; masks, successors and forced bytes are computed on first use and
     cached, so a decoding step on a visited state is two dictionary lookups."""
 
+    exact_budget = True
+
     def __init__(self, dfa: ByteDfa, index: VocabularyIndex, token_bytes: tuple[bytes, ...],
                  cache: VocabularyCache | None = None):
         self.dfa = dfa

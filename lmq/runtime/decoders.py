@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, cast
 
 import numpy as np
 
 from lmq.backends.base import Backend, Sequence
-from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.constraints.hole_plan import HolePlan
+from lmq.constraints.token_automaton import BudgetedTokenAutomaton, TokenAutomaton
+from lmq.constraints.token_masks import TokenMask
+from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.runtime.sampling import KNOB_ALIASES, DrawAhead, SamplingSettings
 from lmq.runtime.scheduler import DirectLane, Lane, run_ready
-from lmq.constraints.token_masks import TokenMask
 
 if TYPE_CHECKING:
     from lmq.runtime.trace import Tracer
@@ -285,8 +286,8 @@ class Decoder:
         return self._spare_row
 
     @staticmethod
-    def _forced_tokens(automaton, state, backend: Backend, plan: HolePlan, count: int,
-                       room: int) -> list[int]:
+    def _forced_tokens(automaton: TokenAutomaton, state: Hashable, backend: Backend,
+                       plan: HolePlan, count: int, room: int) -> list[int]:
         """Fast-forward: the canonical tokens of the text every value must continue with,
         the last one held back (a longer token may span into what follows), within the
         token budget (one token left for the end) and the context."""
@@ -303,13 +304,15 @@ class Decoder:
                               plan, count)
 
 
-def _within_budget(automaton, state, tokens: list[int], plan: HolePlan, count: int) -> list[int]:
+def _within_budget(automaton: TokenAutomaton, state: Hashable, tokens: list[int], plan: HolePlan,
+                   count: int) -> list[int]:
     """The longest prefix of forced `tokens` after which a value can still end within the
     token budget (canonical tokens may take more than the budget leaves; the masks then
     find a shorter tokenization)."""
-    can_finish = getattr(automaton, "can_finish", None)
-    if not tokens or can_finish is None or (not plan.counts_tokens and automaton.strands_nothing):
+    if not tokens or not automaton.exact_budget or (not plan.counts_tokens
+                                                    and automaton.strands_nothing):
         return tokens
+    can_finish = cast(BudgetedTokenAutomaton, automaton).can_finish
     states = []
     for token in tokens:
         state = automaton.advance(state, token)
@@ -371,36 +374,35 @@ def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
     return None if best is None else best[2]
 
 
-def _step_mask(automaton, state, plan: HolePlan, count: int, row: np.ndarray) -> TokenMask:
+def _step_mask(automaton: TokenAutomaton, state: Hashable, plan: HolePlan, count: int,
+               row: np.ndarray | None) -> TokenMask:
     """The state's mask within the token budget. A DFA keeps exactly the tokens after
     which some value still ends at a count the budget allows (`budget_mask`: never a dead
     end while a value fits; also without a budget where a plain mask could strand it);
     a grammar's last budgeted token must complete it."""
-    if not plan.counts_tokens and getattr(automaton, "strands_nothing", True):
+    if not plan.counts_tokens and automaton.strands_nothing:
         return automaton.mask(state)
-    budget_mask = getattr(automaton, "budget_mask", None)
-    if budget_mask is not None:
-        return budget_mask(state, plan.remaining(count))
+    if automaton.exact_budget:
+        return cast(BudgetedTokenAutomaton, automaton).budget_mask(state, plan.remaining(count))
     if plan.max_tokens is not None and count + 1 == plan.max_tokens:
         return _final_mask(automaton, state, row)
     return automaton.mask(state)
 
 
-def _mask_needs_row(automaton, plan: HolePlan, count: int) -> bool:
+def _mask_needs_row(automaton: TokenAutomaton, plan: HolePlan, count: int) -> bool:
     """Only a grammar's last budgeted token needs the logits row for its mask (every
     other mask is computed while the engine evaluates the previous token)."""
-    return (getattr(automaton, "budget_mask", None) is None and plan.max_tokens is not None
+    return (not automaton.exact_budget and plan.max_tokens is not None
             and count + 1 == plan.max_tokens)
 
 
-def _complete(automaton, state) -> bool:
+def _complete(automaton: TokenAutomaton, state: Hashable) -> bool:
     """A finished value that nothing may extend (the last `in` option, a closed JSON
     document), known without a mask computation where the automaton caches masks."""
-    cached = getattr(automaton, "budget_mask", None) is not None
-    return cached and automaton.accepts(state) and automaton.mask(state).count == 0
+    return automaton.exact_budget and automaton.accepts(state) and automaton.mask(state).count == 0
 
 
-def _final_mask(automaton, state, row: np.ndarray) -> TokenMask:
+def _final_mask(automaton: TokenAutomaton, state: Hashable, row: np.ndarray) -> TokenMask:
     """The mask of a grammar's last budgeted token: only tokens that complete a value.
     The `FINAL_CANDIDATES` most likely allowed tokens are tried one by one on a copy of
     the parser state (sound; a completing token ranked lower is not found, and the hole
