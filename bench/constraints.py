@@ -52,10 +52,10 @@ from bench.stats import median, percentile
 from lmq.backends import default_model_path, load_backend
 from lmq.backends.base import Vocabulary
 from lmq.backends.gguf import load_vocab_only
-from lmq.constraints.vocabulary_index import vocabulary_index
 from lmq.compiler.ast import Expression, Span
 from lmq.compiler.constraints import WhereCompiler
 from lmq.constraints.vocabulary_cache import clear_caches
+from lmq.constraints.vocabulary_index import vocabulary_index
 from lmq.runtime.decoders import Decoder
 from lmq.runtime.hole import plan_hole
 

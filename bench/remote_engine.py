@@ -29,10 +29,10 @@ from bench.stats import median
 from lmq.backends import default_model_path
 from lmq.backends.remote_engine import Generated, hole_output
 from lmq.compiler.codegen import compile_query
+from lmq.constraints.hole_plan import HolePlan
 from lmq.engines.binary import require_binary
 from lmq.engines.process import LlamaServer
 from lmq.runtime.decoders import make_decoder
-from lmq.constraints.hole_plan import HolePlan
 from lmq.runtime.hole import plan_hole
 
 #: (prompt, where clause of X): a grammar, a stop and a budget on every hole, each

@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 
 import lmq
-from lmq.constraints.vocabulary_index import vocabulary_index
 from lmq.compiler.codegen import compile_query
-from lmq.constraints.languages import TYPE_PATTERNS
 from lmq.constraints.char_budget import CharBudgetAutomaton, walk_vocabulary
-from lmq.runtime.hole import plan_hole
+from lmq.constraints.languages import TYPE_PATTERNS
 from lmq.constraints.token_masks import DfaTokenAutomaton
+from lmq.constraints.vocabulary_index import vocabulary_index
+from lmq.runtime.hole import plan_hole
 
 from vocab_paths import VOCAB_DIR
 

@@ -14,15 +14,15 @@ import pytest
 
 import lmq
 from lmq.backends.gguf import load_vocab_only
-from lmq.constraints.vocabulary_index import vocabulary_index
-from lmq.constraints import byte_dfa as fa
 from lmq.compiler.codegen import compile_query
+from lmq.constraints import byte_dfa as fa
+from lmq.constraints.char_budget import CharBudgetAutomaton, token_characters, walk_vocabulary
 from lmq.constraints.gbnf import parse_gbnf
 from lmq.constraints.languages import stopped_dfa
-from lmq.constraints.char_budget import CharBudgetAutomaton, token_characters, walk_vocabulary
-from lmq.runtime.hole import lower_hole
 from lmq.constraints.token_budget import TokenWindow
 from lmq.constraints.token_masks import DfaTokenAutomaton
+from lmq.constraints.vocabulary_index import vocabulary_index
+from lmq.runtime.hole import lower_hole
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                              "vocab", "*.gguf")))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import lmq
-from lmq.backends.random import RandomBackend
 from lmq.backends import default_model_path
+from lmq.backends.random import RandomBackend
 
 SEEDS = range(12)
 TWO_HOLES = ('"Start:[X] then[Y]" where len(TOKENS(X)) < 5 and STOPS_AT(Y, "e") '

@@ -19,9 +19,9 @@ from llama_grammar import LlamaGrammar, checked_walk
 from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints.gbnf import parse_gbnf
+from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
 from lmq.constraints.json_schema import json_constraint, type_schema, typed_value
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
-from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
 from vocab_paths import vocab
 
 VOCABULARIES = {

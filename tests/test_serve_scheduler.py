@@ -13,8 +13,8 @@ import numpy as np
 from lmq.backends import default_model_path
 from lmq.backends.base import Sequence
 from lmq.backends.gguf import GgufBackend, load_vocab_only
-from lmq.runtime.decoders import DECODERS
 from lmq.constraints.hole_plan import plan_from_program
+from lmq.runtime.decoders import DECODERS
 from lmq.serve.holes import HoleStream
 from lmq.serve.protocol import Limits, parse_request
 from lmq.serve.rows import HeldSequences

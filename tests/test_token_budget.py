@@ -31,10 +31,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import lmq
 from lmq.backends.base import Backend, Sequence, Vocabulary
-from lmq.constraints.vocabulary_index import VocabularyIndex
-from lmq.constraints.languages import value_dfa
 from lmq.constraints.hole_plan import HolePlan
+from lmq.constraints.languages import value_dfa
 from lmq.constraints.token_masks import DfaTokenAutomaton
+from lmq.constraints.vocabulary_index import VocabularyIndex
 from vocab_paths import vocab
 
 LONG_RUN = int(os.environ.get("LMQ_PROPERTY_EXAMPLES", "0"))

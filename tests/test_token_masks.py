@@ -17,13 +17,13 @@ import pytest
 from lmq.backends.base import Vocabulary
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints import byte_dfa as automaton
-from lmq.constraints.byte_dfa import ByteDfa
-from lmq.constraints.regex import INT_PATTERN, regex_dfa
-from lmq.constraints.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
-                                          vocabulary_key)
-from lmq.constraints.class_patterns import ClassPatterns
 from lmq.constraints import token_masks
+from lmq.constraints.byte_dfa import ByteDfa
+from lmq.constraints.class_patterns import ClassPatterns
+from lmq.constraints.regex import INT_PATTERN, regex_dfa
 from lmq.constraints.token_masks import DfaTokenAutomaton, TokenMask
+from lmq.constraints.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
+                                              vocabulary_key)
 
 VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                              "vocab", "*.gguf")))

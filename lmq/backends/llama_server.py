@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmq.backends.remote_engine import Generated, RemoteEngineBackend, ServerInfo, pushed_grammar
-from lmq.errors import ModelError
 from lmq.constraints.hole_plan import HolePlan
+from lmq.errors import ModelError
 
 
 def llama_server_info(backend: RemoteEngineBackend, model: str | None) -> ServerInfo:

@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 from lmq.backends.llama_server import llama_server_info
 from lmq.backends.remote_engine import Generated, RemoteEngineBackend, ServerInfo, pushed_grammar
-from lmq.errors import ModelError, QueryArgumentError
 from lmq.constraints.hole_plan import HolePlan
+from lmq.errors import ModelError, QueryArgumentError
 from lmq.runtime.sampling import SamplingSettings
 
 #: OpenAI's own sampling fields; every other knob is an engine extension

@@ -30,11 +30,11 @@ from lmq.backends.base import Sequence
 from lmq.backends.gguf import GgufBackend, load_vocab_only
 from lmq.constraints import byte_dfa as fa
 from lmq.constraints.gbnf_export import dfa_to_gbnf
+from lmq.constraints.hole_plan import HolePlan, language_holds
 from lmq.constraints.languages import ANY_TEXT, character_budget, stopped_dfa
 from lmq.errors import (ConstraintTooLarge, ConstraintViolation, ContextLimitError, ModelError,
                         QueryArgumentError)
 from lmq.runtime.decoders import HoleOutput, _find_stop
-from lmq.constraints.hole_plan import HolePlan, language_holds
 from lmq.runtime.sampling import SamplingSettings
 
 #: seconds a request may wait for the engine's next bytes (a whole hole may take longer)

@@ -25,10 +25,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from lmq.constraints.vocabulary_index import VocabularyIndex
 from lmq.constraints.byte_dfa import DEAD, fewest_characters
 from lmq.constraints.token_budget import TokenWindow
 from lmq.constraints.token_masks import DfaTokenAutomaton, TokenMask
+from lmq.constraints.vocabulary_index import VocabularyIndex
 
 #: per-state token walks kept (each holds two int32 rows over the vocabulary)
 WALKS_KEPT = 16

@@ -24,11 +24,11 @@ import numpy as np
 
 from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, conjuncts
+from lmq.constraints.hole_plan import HolePlan
+from lmq.constraints.token_masks import TokenMask
 from lmq.errors import ConstraintTooLarge, LmqSyntaxError, QueryArgumentError
 from lmq.runtime.decoders import _logsumexp, _step_mask
-from lmq.constraints.hole_plan import HolePlan
 from lmq.runtime.result import LMQResult
-from lmq.constraints.token_masks import TokenMask
 
 #: how many of the most likely tokens `top` and `masked_top` list
 TOP = 5

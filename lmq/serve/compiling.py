@@ -45,10 +45,10 @@ from typing import Any, Callable
 
 from lmq.backends.base import Vocabulary
 from lmq.constraints import limits as engine_limits
-from lmq.errors import ConstraintTooLarge, LmqError
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
 from lmq.constraints.hole_plan import (CompiledConstraint, HolePlan, attach_automaton,
                                        compile_constraint, program_plan)
+from lmq.errors import ConstraintTooLarge, LmqError
 from lmq.serve.holes import HoleStream
 from lmq.serve.scheduler import FairQueue
 from lmq.serve.streams import Owner, Stream
