@@ -114,17 +114,29 @@ def _download_sources(version: str, work: str, log) -> str:
 
 
 def _build(source: str, build: str, jobs: int, log) -> str:
-    if shutil.which("cmake") is None:
-        raise ModelError("building llama-server needs cmake and a C++ compiler (apt-get install "
-                         "cmake g++, or pip install cmake)")
+    cmake = _cmake(log)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     print(f"building llama-server with {jobs} jobs (several minutes) …", file=log)
-    _step(["cmake", "-S", source, "-B", build, *generator, *CMAKE_OPTIONS], "cmake configure", log)
-    _step(["cmake", "--build", build, "--target", BINARY_NAME, "-j", str(jobs)], "cmake build", log)
+    _step([cmake, "-S", source, "-B", build, *generator, *CMAKE_OPTIONS], "cmake configure", log)
+    _step([cmake, "--build", build, "--target", BINARY_NAME, "-j", str(jobs)], "cmake build", log)
     binary = os.path.join(build, "bin", BINARY_NAME)
     if not os.access(binary, os.X_OK):
         raise ModelError(f"the llama.cpp build finished without {binary}")
     return binary
+
+
+def _cmake(log) -> str:
+    """cmake from PATH, else the PyPI package's (installed into this environment, as
+    llama-cpp-python's own build gets it: the machine needs only a C++ compiler)."""
+    found = shutil.which("cmake") or shutil.which("cmake", path=os.path.dirname(sys.executable))
+    if found is None:
+        print("no cmake on PATH: installing the cmake package from PyPI …", file=log)
+        _step([sys.executable, "-m", "pip", "install", "cmake"], "pip install cmake", log)
+        found = shutil.which("cmake", path=os.path.dirname(sys.executable))
+    if found is None:
+        raise ModelError("building llama-server needs cmake and a C++ compiler (apt-get install "
+                         "cmake g++, or pip install cmake)")
+    return found
 
 
 def _step(command: list[str], what: str, log) -> None:
