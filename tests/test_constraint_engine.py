@@ -212,23 +212,37 @@ def test_a_value_nothing_can_extend_ends_without_another_decode(pinned_model):
     assert backend.evaluated_tokens == len(context) + len(result.tokens["X"]) - 1
 
 
-def test_the_engine_package_depends_only_on_errors_and_the_vocabulary():
-    """lmq/constraints imports no runtime, compiler or server module: lowering the where
-    clause is the runtime's, the engine sees only plans and the vocabulary."""
+def lmq_imports(package: str) -> set[tuple[str, str]]:
+    """(file, imported lmq module) for every import in lmq/<package>/*.py."""
     import ast
     from pathlib import Path
 
-    allowed = ("lmq.constraints", "lmq.errors", "lmq.backends.base")
-    package = Path(__file__).resolve().parent.parent / "lmq" / "constraints"
+    folder = Path(__file__).resolve().parent.parent / "lmq" / package
     imported = set()
-    for path in package.glob("*.py"):
+    for path in folder.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmq"):
                 imported.add((path.name, node.module))
             elif isinstance(node, ast.Import):
                 imported.update((path.name, a.name) for a in node.names if a.name.startswith("lmq"))
-    assert len(list(package.glob("*.py"))) > 10
+    return imported
+
+
+def test_the_engine_package_depends_only_on_errors_and_the_vocabulary():
+    """lmq/constraints imports no runtime, compiler or server module: lowering the where
+    clause is the runtime's, the engine sees only plans and the vocabulary."""
+    allowed = ("lmq.constraints", "lmq.errors", "lmq.backends.base")
+    imported = lmq_imports("constraints")
+    assert len({f for f, _ in imported}) > 10
     assert [(f, m) for f, m in sorted(imported) if not m.startswith(allowed)] == []
+
+
+def test_backends_import_nothing_from_the_runtime():
+    """Data flows one way: the runtime drives backends; a backend (LMTP, llama-server,
+    OpenAI-compatible engines) needs only the engine's plans and the sampling knobs."""
+    imported = lmq_imports("backends")
+    assert any(m == "lmq.backends.sampling_settings" for _, m in imported)
+    assert [(f, m) for f, m in sorted(imported) if m.startswith(("lmq.runtime", "lmq.serve"))] == []
 
 
 def test_every_engine_automaton_has_what_the_token_automaton_protocol_states():

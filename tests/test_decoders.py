@@ -135,7 +135,7 @@ DOCUMENTED_KNOBS = {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05
 
 def test_documented_knobs_are_every_decoder_argument_and_in_the_readme():
     from lmq.runtime.decoders import COMMON_ARGUMENTS
-    from lmq.runtime.sampling import KNOB_ALIASES
+    from lmq.backends.sampling_settings import KNOB_ALIASES
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     decoders_paragraph = readme[readme.index("**Decoders**"):].split("\n\n")[0]
     assert set(DOCUMENTED_KNOBS) == COMMON_ARGUMENTS | set(KNOB_ALIASES)

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 
 import lmq
 

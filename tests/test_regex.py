@@ -13,7 +13,6 @@ import os
 import random
 import re
 import time
-import unicodedata
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import lmq
-from lmq.runtime.sampling import Sampler, SamplingSettings, make_sampler
+from lmq.backends.sampling_settings import SamplingSettings
+from lmq.runtime.sampling import Sampler, make_sampler
 
 ROW = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.3, 0.0, -0.4, -1.0, -2.0, 3.0, -np.inf], dtype=np.float32)
 DRAWS = 20000

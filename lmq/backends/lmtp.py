@@ -37,11 +37,12 @@ from websockets.asyncio.client import ClientConnection, connect as connect_async
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import connect as connect_sync
 
-import lmq.errors as errors
 from lmq.backends.base import Sequence
 from lmq.backends.gguf import GgufBackend, load_vocab_only
+from lmq.backends.sampling_settings import SamplingSettings
+from lmq.constraints.hole_plan import HoleOutput
+import lmq.errors as errors
 from lmq.errors import ContextLimitError, ModelError, QueryArgumentError
-from lmq.runtime.sampling import SamplingSettings
 
 DEFAULT_ENDPOINT = "localhost:8080"
 _CONNECT_TIMEOUT = 30
@@ -110,8 +111,6 @@ class LmtpBackend(GgufBackend):
     async def generate_hole(self, context: list[int], plan, max_len: int, decoder,
                             on_text: Callable[[bytes], None] | None = None):
         """One hole on the server: the same `HoleOutput` `decode_hole` returns in process."""
-        from lmq.runtime.decoders import HoleOutput
-
         if plan.max_tokens == 0:
             return HoleOutput([], b"", "length", 0.0)
         room = max_len - len(context)

@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 from lmq.backends.llama_server import llama_server_info
 from lmq.backends.remote_engine import Generated, RemoteEngineBackend, ServerInfo, pushed_grammar
+from lmq.backends.sampling_settings import SamplingSettings
 from lmq.constraints.hole_plan import HolePlan
 from lmq.errors import ModelError, QueryArgumentError
-from lmq.runtime.sampling import SamplingSettings
 
 #: OpenAI's own sampling fields; every other knob is an engine extension
 OPENAI_KNOBS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "seed")

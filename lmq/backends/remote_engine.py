@@ -28,14 +28,13 @@ from typing import Any, Callable, Iterator
 
 from lmq.backends.base import Sequence
 from lmq.backends.gguf import GgufBackend, load_vocab_only
+from lmq.backends.sampling_settings import SamplingSettings
 from lmq.constraints import byte_dfa as fa
 from lmq.constraints.gbnf_export import dfa_to_gbnf
-from lmq.constraints.hole_plan import HolePlan, language_holds
+from lmq.constraints.hole_plan import HoleOutput, HolePlan, find_stop, language_holds
 from lmq.constraints.languages import ANY_TEXT, character_budget, stopped_dfa
 from lmq.errors import (ConstraintTooLarge, ConstraintViolation, ContextLimitError, ModelError,
                         QueryArgumentError)
-from lmq.runtime.decoders import HoleOutput, _find_stop
-from lmq.runtime.sampling import SamplingSettings
 
 #: seconds a request may wait for the engine's next bytes (a whole hole may take longer)
 DEFAULT_TIMEOUT = 120.0
@@ -296,7 +295,7 @@ def hole_output(generated: Generated, plan: HolePlan, vocabulary) -> HoleOutput:
         value += table[token]
         logprob += score
         if plan.stops and plan.may_end_at(len(tokens)):
-            cut = _find_stop(value, plan, start)
+            cut = find_stop(value, plan, start)
             if cut is not None:
                 return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
         if plan.max_tokens is not None and len(tokens) >= plan.max_tokens:

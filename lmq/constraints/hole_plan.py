@@ -243,3 +243,28 @@ def stops_hold(plan: HolePlan, value: bytes) -> bool:
         if position >= 0 and not (rule.keep and position + len(rule.phrase) == len(value)):
             return False
     return True
+
+
+@dataclass
+class HoleOutput:
+    tokens: list[int]          # every generated token (the last may overshoot a stop)
+    value: bytes               # the value's bytes, stop overshoot removed
+    finish: str                # "end" (end token), "stop" (stop phrase), "length" (budget)
+    logprob: float             # model log-probability of the generated tokens
+
+
+def find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
+    """Where the value ends if a stop phrase ends inside the newest bytes (from `start`
+    on): an occurrence completed earlier, while a token count held the stop back, does not
+    fire. The occurrence that ends first wins (generation stops as soon as one phrase is
+    complete); STOPS_AT keeps the phrase, STOPS_BEFORE drops it."""
+    best: tuple[int, int, int] | None = None
+    for rule in plan.stops:
+        position = value.find(rule.phrase, max(0, start - len(rule.phrase) + 1))
+        if position < 0:
+            continue
+        end = position + len(rule.phrase)
+        candidate = (end, position, end if rule.keep else position)
+        if best is None or candidate < best:
+            best = candidate
+    return None if best is None else best[2]

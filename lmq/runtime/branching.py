@@ -24,8 +24,9 @@ import numpy as np
 
 from lmq.backends.base import Backend, common_prefix
 from lmq.compiler.codegen import PromptProgram
+from lmq.constraints.hole_plan import HoleOutput
 from lmq.errors import ContextLimitError, LmqError
-from lmq.runtime.decoders import COMMON_ARGUMENTS, DECODERS, Decoder, HoleOutput, _logsumexp, _nothing
+from lmq.runtime.decoders import COMMON_ARGUMENTS, DECODERS, Decoder, _logsumexp, _nothing
 from lmq.runtime.interpreter import Session, execute
 from lmq.runtime.sampling import DrawAhead, Sampler, make_sampler
 from lmq.runtime.scheduler import Lane

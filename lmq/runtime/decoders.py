@@ -11,17 +11,17 @@ decoders of runtime/branching.py (sample, beam, best_k; n>1) register in `DECODE
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Hashable, cast
 
 import numpy as np
 
 from lmq.backends.base import Backend, Sequence
-from lmq.constraints.hole_plan import HolePlan
+from lmq.backends.sampling_settings import KNOB_ALIASES, SamplingSettings
+from lmq.constraints.hole_plan import HoleOutput, HolePlan, find_stop
 from lmq.constraints.token_automaton import BudgetedTokenAutomaton, TokenAutomaton
 from lmq.constraints.token_masks import TokenMask
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
-from lmq.runtime.sampling import KNOB_ALIASES, DrawAhead, SamplingSettings
+from lmq.runtime.sampling import DrawAhead
 from lmq.runtime.scheduler import DirectLane, Lane, run_ready
 
 if TYPE_CHECKING:
@@ -37,14 +37,6 @@ FINAL_CANDIDATES = 256
 #: the most results (branches, beams) one query may ask for: llama.cpp's own limit on the
 #: sequences of one context (LLAMA_MAX_SEQ), past which branches could not share a batch
 MAX_N = 256
-
-
-@dataclass
-class HoleOutput:
-    tokens: list[int]          # every generated token (the last may overshoot a stop)
-    value: bytes               # the value's bytes, stop overshoot removed
-    finish: str                # "end" (end token), "stop" (stop phrase), "length" (budget)
-    logprob: float             # model log-probability of the generated tokens
 
 
 class Decoder:
@@ -155,7 +147,7 @@ class Decoder:
                         state = automaton.advance(state, token)
                         tokens.append(token)
                         value += table[token]
-                    cut = (_find_stop(value, plan, start)
+                    cut = (find_stop(value, plan, start)
                            if plan.stops and plan.may_end_at(len(tokens)) else None)
                     if on_text:
                         on_text(bytes(value[start:cut]))
@@ -189,7 +181,7 @@ class Decoder:
                         on_text(table[token])
                     return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
             if plan.stops and plan.may_end_at(len(tokens)):
-                cut = _find_stop(value, plan, start)
+                cut = find_stop(value, plan, start)
                 if cut is not None:
                     if on_text and cut > start:
                         on_text(bytes(value[start:cut]))
@@ -355,23 +347,6 @@ def _logsumexp(row: np.ndarray, out: np.ndarray | None = None, top: float | None
         return float(top)
     shifted = np.subtract(row, top, out=out)
     return float(top) + float(np.log(np.exp(shifted, out=shifted).sum()))
-
-
-def _find_stop(value: bytearray, plan: HolePlan, start: int) -> int | None:
-    """Where the value ends if a stop phrase ends inside the newest bytes (from `start`
-    on): an occurrence completed earlier, while a token count held the stop back, does not
-    fire. The occurrence that ends first wins (generation stops as soon as one phrase is
-    complete); STOPS_AT keeps the phrase, STOPS_BEFORE drops it."""
-    best: tuple[int, int, int] | None = None
-    for rule in plan.stops:
-        position = value.find(rule.phrase, max(0, start - len(rule.phrase) + 1))
-        if position < 0:
-            continue
-        end = position + len(rule.phrase)
-        candidate = (end, position, end if rule.keep else position)
-        if best is None or candidate < best:
-            best = candidate
-    return None if best is None else best[2]
 
 
 def _step_mask(automaton: TokenAutomaton, state: Hashable, plan: HolePlan, count: int,

@@ -15,9 +15,9 @@ from typing import Any, Callable
 from lmq.backends.base import Backend
 from lmq.compiler.codegen import HoleSpec, PromptProgram
 from lmq.compiler.constraints import Constraint, Operand
-from lmq.constraints.hole_plan import HolePlan, language_holds, stops_hold
+from lmq.constraints.hole_plan import HoleOutput, HolePlan, language_holds, stops_hold
 from lmq.errors import ConstraintViolation, ContextLimitError
-from lmq.runtime.decoders import Decoder, HoleOutput
+from lmq.runtime.decoders import Decoder
 from lmq.runtime.decorators import DecoratorContext, HoleDecorators
 from lmq.runtime.hole import ANNOTATION, annotated_where, plan_hole
 from lmq.runtime.prompt import PromptState

@@ -24,10 +24,10 @@ from typing import Any, Callable
 import numpy as np
 
 from lmq.backends.base import Backend, Sequence
-from lmq.constraints.hole_plan import HolePlan, plan_from_program
+from lmq.backends.sampling_settings import SamplingSettings
+from lmq.constraints.hole_plan import HoleOutput, HolePlan, plan_from_program
 from lmq.errors import ContextLimitError, LmqError, ModelError
-from lmq.runtime.decoders import DECODERS, Decoder, HoleOutput
-from lmq.runtime.sampling import SamplingSettings
+from lmq.runtime.decoders import DECODERS, Decoder
 from lmq.serve.protocol import Generate, ProtocolError
 from lmq.serve.streams import Owner, Stream
 

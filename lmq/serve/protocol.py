@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmq.backends.sampling_settings import KNOB_ALIASES, SamplingSettings
 from lmq.errors import LmqError, QueryArgumentError
-from lmq.runtime.sampling import KNOB_ALIASES, SamplingSettings
 
 
 class ProtocolError(LmqError):
