@@ -30,7 +30,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Container, Iterator
 
 from lmq.backends.base import Backend, Sequence, common_prefix
@@ -104,7 +103,7 @@ class ModelWorker:
     def __init__(self, model_id: str, backend: Backend, slots: int,
                  compiler: "ConstraintCompiler | None" = None):
         """`compiler`: where holes go before they wait for a slot (else a hole compiles
-        its constraint on its own decoding thread)."""
+        its constraint when it starts decoding)."""
         self.model_id = model_id
         self.compiler = compiler
         self.backend = backend
@@ -119,7 +118,6 @@ class ModelWorker:
         self.max_batch_width = 0              # the most streams decoded in one step so far
         self.preemptions = 0
         self.admissions = 0
-        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="lmq-hole")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"lmq-model {model_id}", daemon=True)
         self._thread.start()
@@ -152,7 +150,6 @@ class ModelWorker:
             self.compiler.stop()
         self._commands.put(("stop",))
         self._thread.join(timeout)
-        self.executor.shutdown(wait=False)
 
     def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "busy_slots": self.slots - len(self.idle),
@@ -213,8 +210,7 @@ class ModelWorker:
 
     def _admit(self, out: dict) -> None:
         """While a slot and room are free: resume preempted streams, then admit waiting
-        ones in turn across owners. Preempted streams go first so that the hole threads
-        started never outnumber the slots."""
+        ones in turn across owners."""
         while (self.preempted or self.waiting) and self.idle:
             stream = self.preempted[0] if self.preempted else self.waiting.peek()
             tokens = stream.resume_tokens or stream.prompt
@@ -291,7 +287,7 @@ class ModelWorker:
         steps = []
         for stream in list(self.active):
             tokens = stream.request()
-            if tokens is None:               # it finished on its own (a hole's thread)
+            if tokens is None:               # it finished
                 self._retire(stream)
             else:
                 steps.append((stream, tokens))
