@@ -4,8 +4,11 @@ A `ModelWorker` owns one backend and a pool of its sequences (cache slots), and 
 loop on its own thread: admit waiting streams (each onto the idle slot whose cached
 tokens share the longest prefix with its prompt, so a repeated prompt is not evaluated
 again), then advance every active stream by one token in one multi-sequence batch
-(`Backend.advance_many`), then hand each connection the elements of that step. A stream
-joins at the next step and leaves when it ends; a cancelled stream (CANCEL, or its client
+(`Backend.advance_many`), then hand each connection the elements of that step (one TOKEN
+frame per connection and step). A stream joins at the next step: its slot is cut back to
+the shared prefix (`Sequence.truncate`) and the rest of its prompt is evaluated in that
+step's batch, so admitting eight streams costs one decode, not eight. It leaves when it
+ends; a cancelled stream (CANCEL, or its client
 went away) frees its slot at the next step.
 
 The slots share one cache of `context_size` cells (llama.cpp's unified KV cache), and a
@@ -228,6 +231,10 @@ class ModelWorker:
                 stream.admission = self.admissions
             stream.resume_tokens = None
             self.active.append(stream)
+            kept = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)
+            if slot.truncate(kept):          # the rest joins the next step's batch
+                stream.next_tokens = tokens[kept:]
+                continue
             try:
                 elements = stream.step(slot.logits(tokens))
             except Exception as e:          # one stream's failure never stops the loop
@@ -249,8 +256,10 @@ class ModelWorker:
         return room >= 0 and self._free_idle(room, keep=keep)
 
     def used_cells(self) -> int:
-        """Cells of the active streams and of the slots clients hold."""
-        return sum(len(s.sequence.tokens) for s in self.active) + sum(len(s.tokens) for s in self.held)
+        """Cells of the active streams (with the tokens they wait to have evaluated) and
+        of the slots clients hold."""
+        return (sum(len(s.sequence.tokens) + len(s.next_tokens or ()) for s in self.active)
+                + sum(len(s.tokens) for s in self.held))
 
     def _free_idle(self, room: int, keep: Sequence | None = None) -> bool:
         """Drop idle slots' cached tokens (the longest first) until the idle slots but
@@ -331,7 +340,8 @@ class ModelWorker:
 
 def _drop_cells(slot: Sequence) -> None:
     """Free a slot's cells: the protocol's way is to keep one token only."""
-    slot.logits(slot.tokens[:1])
+    if not slot.truncate(1):
+        slot.logits(slot.tokens[:1])
 
 
 def _describe(error: Exception) -> str:
