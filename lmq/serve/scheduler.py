@@ -115,6 +115,7 @@ class ModelWorker:
         self.active: list[Stream] = []
         self.waiting = FairQueue()
         self.preempted: deque[Stream] = deque()    # resumed before any new stream starts
+        self._joining: set[Stream] = set()    # admitted, their prompts in the next step (not generated)
         self.held: set[Sequence] = set()      # slots clients hold between requests (LOGITS)
         self.generated_tokens = 0
         self.batch_width = 0                  # streams decoded in the latest step
@@ -234,6 +235,7 @@ class ModelWorker:
             kept = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)
             if slot.truncate(kept):          # the rest joins the next step's batch
                 stream.next_tokens = tokens[kept:]
+                self._joining.add(stream)
                 continue
             try:
                 elements = stream.step(slot.logits(tokens))
@@ -301,6 +303,7 @@ class ModelWorker:
             else:
                 steps.append((stream, tokens))
         self._preempt(steps)
+        joining, self._joining = self._joining, set()
         if not steps:
             return
         self.batch_width = len(steps)
@@ -311,7 +314,7 @@ class ModelWorker:
             for stream, _ in steps:
                 self._record(stream, [stream.failed(_describe(e))], out)
             return
-        self.generated_tokens += sum(len(tokens) for _, tokens in steps)
+        self.generated_tokens += sum(len(tokens) for s, tokens in steps if s not in joining)
         for (stream, _), row in zip(steps, rows):
             try:
                 elements = stream.step(row)
