@@ -103,6 +103,18 @@ def run_raw(host: str, port: int, requests: list[tuple[dict, HolePlan]], clients
     return seconds, counted
 
 
+def llama_server(path: str, threads: int, parallel: int = 8) -> LlamaServer:
+    """llama-server on `path` with `parallel` slots in one unified cache, loaded."""
+    arguments = ["-c", "8192", "--parallel", str(parallel), "--kv-unified", "-t", str(threads)]
+    server = LlamaServer(path, binary=require_binary(), arguments=arguments)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.remote_engine", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="GGUF path (default: the embedded SmolLM2)")
@@ -112,10 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="write every timing here")
     options = parser.parse_args(argv)
     path = options.model or default_model_path()
-    arguments = ["-c", "8192", "--parallel", "8", "--kv-unified", "-t", str(options.threads)]
     figures: dict = {}
-    with LlamaServer(path, binary=require_binary(), arguments=arguments) as server:
-        server.wait_ready()
+    with llama_server(path, options.threads) as server:
         model = lmq.model(f"llama-server:{server.url}", max_concurrency=8)
         backend = model.backend()
         run_lmq(model, queries(4, "warm"), 4)

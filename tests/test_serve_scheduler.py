@@ -113,7 +113,7 @@ def test_preempted_streams_resume_with_the_tokens_they_would_have_had():
         for i, prompt in enumerate(prompts):         # 4 fit at first (prompt + reserve)
             if i % 2:
                 stream = HoleStream(owner, request(i, prompt, max_tokens=500, constraint=HOLE),
-                                    backend, worker.executor)
+                                    backend)
             else:
                 stream = GenerateStream(owner, request(i, prompt, max_tokens=30), backend.vocabulary,
                                         backend.context_size)

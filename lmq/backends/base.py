@@ -80,6 +80,11 @@ class Sequence(ABC):
         copy cache cells override it to evaluate nothing."""
         self.logits(other.tokens)
 
+    def truncate(self, length: int) -> bool:
+        """Keep only the first `length` tokens' cells, evaluating nothing; False where the
+        engine cannot (the caller then brings the cache to its tokens with `logits`)."""
+        return False
+
     @abstractmethod
     def fork(self) -> "Sequence":
         """A new sequence sharing this one's cached tokens (no re-evaluation)."""

@@ -233,6 +233,14 @@ class LlamaSequence(Sequence):
             return backend._logits_row()
         return row
 
+    def truncate(self, length: int) -> bool:
+        if length < len(self.tokens):
+            llama_cpp.llama_memory_seq_rm(self.backend.memory, self.seq_id, length, -1)
+            del self.tokens[length:]
+            if self.backend._logits_owner is not None and self.backend._logits_owner[0] == self.seq_id:
+                self.backend._logits_owner = None
+        return True
+
     def fork(self) -> "LlamaSequence":
         child = self.backend.sequence()
         child.copy_from(self)

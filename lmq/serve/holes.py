@@ -2,9 +2,12 @@
 
 The hole is decoded on the server by the in-process decoder itself (`Decoder.decode_hole`:
 masks, end-token hiding, fast-forward of forced text, stops, budget), so a hole gives the
-same tokens through the server as in process. The decoder runs on a thread of its own and
-sees a `BatchedSequence`: each time it asks for the logits after new tokens, the request
-joins the model's next multi-sequence step and the thread waits for its row.
+same tokens through the server as in process. The decoding coroutine (`Decoder.decode`) is
+stepped by the model's batching loop itself, on its own thread: it sees a `LoopLane`, and
+each time it awaits the logits after new tokens it yields those tokens to the loop, which
+evaluates them in its next multi-sequence step and sends the row back in. No thread per
+hole, no hand-off per token, no copy of the row (the decoder is done with it before the
+loop's next step).
 
 Elements: each token is sent once the decoder has moved past it (forced tokens with
 log-probability 0: under the constraint they are certain); the last element carries
@@ -16,26 +19,18 @@ is an error element with `error_type`, the lmq error class name.
 
 from __future__ import annotations
 
-import queue
-import threading
-from concurrent.futures import Executor
 from typing import Any, Callable
 
 import numpy as np
 
-from lmq.backends.base import Backend, Sequence
+from lmq.backends.base import Backend
 from lmq.backends.sampling_settings import SamplingSettings
 from lmq.constraints.hole_plan import HoleOutput, HolePlan, plan_from_program
 from lmq.errors import ContextLimitError, LmqError, ModelError
 from lmq.runtime.decoders import DECODERS, Decoder
+from lmq.runtime.sampling import DrawAhead
 from lmq.serve.protocol import Generate, ProtocolError
 from lmq.serve.streams import Owner, Stream
-
-_CANCEL = object()
-
-
-class _Cancelled(Exception):
-    """Raised inside the decoding thread when its stream was cancelled."""
 
 
 class _RecordingChoices:
@@ -74,7 +69,7 @@ def _decoder(request: Generate) -> Decoder:
 
 
 class HoleStream(Stream):
-    def __init__(self, owner: Owner, request: Generate, backend: Backend, executor: Executor):
+    def __init__(self, owner: Owner, request: Generate, backend: Backend):
         if request.logit_bias or request.allow is not None or request.deny:
             raise ProtocolError("GENERATE: a constraint program cannot be combined with "
                                 "logit_bias or mask")
@@ -84,63 +79,48 @@ class HoleStream(Stream):
         self.plan: HolePlan | None = None         # compiled ahead (`lmq.serve.compiling`)
         self.decoder = _decoder(request)
         self.backend = backend
-        self.executor = executor
         self.emitted = 0                          # tokens of the hole sent so far
-        self._rows: queue.SimpleQueue = queue.SimpleQueue()       # → the decoding thread
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()   # ← token lists, None when done
-        self._lock = threading.Lock()
-        self._started = False
+        self.lane: LoopLane | None = None
+        self._decoding = None                     # the decoding coroutine, once started
 
     def step(self, row: np.ndarray) -> list[dict[str, Any]]:
-        """Hand the row to the decoding thread (it sends its own elements)."""
-        if not self._started:
-            self._started = True
-            self.executor.submit(self._decode, row.copy())
-        else:
-            self._rows.put(row.copy())
-        return []
-
-    def request(self) -> list[int] | None:
-        return None if self.finished else self._requests.get()
+        """Run the decoder on `row` up to its next request for tokens (→ `next_tokens`);
+        the elements of the tokens it moved past, and the last ones once it is done."""
+        if self.lane is None:
+            self.lane = LoopLane(self, row)
+            row = None
+        elements = self.lane.elements
+        try:
+            if self._decoding is None:
+                plan = self.plan or plan_from_program(self.program, self.backend.vocabulary)
+                self._decoding = self.decoder.decode(self.lane, self.prompt, plan, self.backend,
+                                                     len(self.prompt) + self.new_tokens)
+            self.next_tokens = self._decoding.send(row)
+        except StopIteration as done:
+            self.finished = True
+            elements += self._final(done.value)
+        except LmqError as e:
+            self.finished = True
+            made = e.result[0] if isinstance(e, ContextLimitError) and e.result else []
+            elements += self._unsent(made) + [{"stream_id": self.stream_id, "error": str(e),
+                                               "error_type": type(e).__name__}]
+        except Exception as e:        # a server fault ends this stream, never the server
+            self.finished = True
+            elements.append({"stream_id": self.stream_id, "error": f"internal server error: {e!r}"})
+        self.lane.elements = []
+        return elements
 
     def cancelled(self) -> dict[str, Any]:
-        with self._lock:
-            self._rows.put(_CANCEL)
-            return super().cancelled()
+        self._close()
+        return super().cancelled()
 
     def failed(self, message: str, error_type: str | None = None) -> dict[str, Any]:
-        with self._lock:
-            self._rows.put(_CANCEL)
-            return super().failed(message, error_type)
+        self._close()
+        return super().failed(message, error_type)
 
-    # --- the decoding thread ------------------------------------------------------------------
-
-    def _decode(self, first_row: np.ndarray) -> None:
-        sequence = BatchedSequence(self, first_row)
-        try:
-            plan = self.plan or plan_from_program(self.program, self.backend.vocabulary)
-            output = self.decoder.decode_hole(sequence, self.prompt, plan, self.backend,
-                                              len(self.prompt) + self.new_tokens)
-            self._send(self._final(output), last=True)
-        except _Cancelled:
-            pass
-        except LmqError as e:
-            made = e.result[0] if isinstance(e, ContextLimitError) and e.result else []
-            self._send(self._unsent(made) + [{"stream_id": self.stream_id, "error": str(e),
-                                              "error_type": type(e).__name__}], last=True)
-        except Exception as e:        # a server fault ends this stream, never the server
-            self._send([{"stream_id": self.stream_id,
-                         "error": f"internal server error: {e!r}"}], last=True)
-        finally:
-            self._requests.put(None)
-
-    def _send(self, elements: list[dict[str, Any]], last: bool = False) -> None:
-        with self._lock:
-            if self.finished:
-                return
-            if last:
-                self.finished = True
-            self.owner.deliver(elements)
+    def _close(self) -> None:
+        if self._decoding is not None:
+            self._decoding.close()
 
     def element(self, token: int, logprob: float) -> dict[str, Any]:
         self.emitted += 1
@@ -179,41 +159,57 @@ class HoleStream(Stream):
         return elements
 
 
-class BatchedSequence(Sequence):
-    """The decoding thread's cache slot, as the decoder sees it: every evaluation is a
-    request to the model's batching loop, answered with a copy of the row."""
+class LoopLane:
+    """The hole's cache slot, as its decoding coroutine sees it (a `Lane`): awaiting the
+    logits after new tokens yields them to the batching loop, which sends the row back.
+    The tokens the decoder moves past become elements (`elements`, taken by each step)."""
+
+    replaying = False
 
     def __init__(self, stream: HoleStream, first_row: np.ndarray):
-        super().__init__()
         self.stream = stream
-        self._first: np.ndarray | None = first_row
         self.tokens = list(stream.prompt)
+        self.elements: list[dict[str, Any]] = []
+        self._first: np.ndarray | None = first_row
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        if self._first is not None and tokens == self.tokens:
+    def logits(self, context: list[int]) -> "_Evaluation":
+        if self._first is not None and context == self.tokens:
             row, self._first = self._first, None
-            return row
-        if tokens[:len(self.tokens)] != self.tokens or len(tokens) == len(self.tokens):
+            return _Evaluation(None, row)
+        if context[:len(self.tokens)] != self.tokens or len(context) == len(self.tokens):
             raise ModelError("a server hole can only extend its tokens")
-        new = tokens[len(self.tokens):]
-        self.stream._send([self.stream.element(t, 0.0) for t in new])     # forced tokens
+        new = context[len(self.tokens):]
+        self.elements += [self.stream.element(t, 0.0) for t in new]      # forced tokens
         return self._evaluate(new)
 
-    def advance(self, token: int) -> np.ndarray:
-        self.stream._send([self.stream.chosen(token)])
-        return self._evaluate([token])
+    def advance(self, tokens: list[int], draw: DrawAhead | None = None) -> "_Evaluation":
+        """`draw` is left to the decoder (the loop hands it the row at once)."""
+        self.elements += [self.stream.chosen(t) for t in tokens]
+        return self._evaluate(tokens)
 
-    def _evaluate(self, tokens: list[int]) -> np.ndarray:
+    def _evaluate(self, tokens: list[int]) -> "_Evaluation":
         self._first = None
-        self.tokens.extend(tokens)
-        self.stream._requests.put(tokens)
-        row = self.stream._rows.get()
-        if row is _CANCEL:
-            raise _Cancelled
-        return row
+        self.tokens += tokens
+        return _Evaluation(tokens, None)
 
-    def fork(self) -> Sequence:
+    def fork(self) -> "LoopLane":
         raise ModelError("a server hole cannot fork")
 
     def release(self) -> None:
         pass
+
+
+class _Evaluation:
+    """The awaitable row after `tokens`: awaiting it yields them to the batching loop
+    (which sends back the row); with no tokens, the row is already here."""
+
+    __slots__ = ("tokens", "row")
+
+    def __init__(self, tokens: list[int] | None, row: np.ndarray | None):
+        self.tokens = tokens
+        self.row = row
+
+    def __await__(self):
+        if self.tokens is not None:
+            self.row = yield self.tokens
+        return self.row

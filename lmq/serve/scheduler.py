@@ -4,8 +4,11 @@ A `ModelWorker` owns one backend and a pool of its sequences (cache slots), and 
 loop on its own thread: admit waiting streams (each onto the idle slot whose cached
 tokens share the longest prefix with its prompt, so a repeated prompt is not evaluated
 again), then advance every active stream by one token in one multi-sequence batch
-(`Backend.advance_many`), then hand each connection the elements of that step. A stream
-joins at the next step and leaves when it ends; a cancelled stream (CANCEL, or its client
+(`Backend.advance_many`), then hand each connection the elements of that step (one TOKEN
+frame per connection and step). A stream joins at the next step: its slot is cut back to
+the shared prefix (`Sequence.truncate`) and the rest of its prompt is evaluated in that
+step's batch, so admitting eight streams costs one decode, not eight. It leaves when it
+ends; a cancelled stream (CANCEL, or its client
 went away) frees its slot at the next step.
 
 The slots share one cache of `context_size` cells (llama.cpp's unified KV cache), and a
@@ -30,7 +33,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Container, Iterator
 
 from lmq.backends.base import Backend, Sequence, common_prefix
@@ -104,7 +106,7 @@ class ModelWorker:
     def __init__(self, model_id: str, backend: Backend, slots: int,
                  compiler: "ConstraintCompiler | None" = None):
         """`compiler`: where holes go before they wait for a slot (else a hole compiles
-        its constraint on its own decoding thread)."""
+        its constraint when it starts decoding)."""
         self.model_id = model_id
         self.compiler = compiler
         self.backend = backend
@@ -113,13 +115,13 @@ class ModelWorker:
         self.active: list[Stream] = []
         self.waiting = FairQueue()
         self.preempted: deque[Stream] = deque()    # resumed before any new stream starts
+        self._joining: set[Stream] = set()    # admitted, their prompts in the next step (not generated)
         self.held: set[Sequence] = set()      # slots clients hold between requests (LOGITS)
         self.generated_tokens = 0
         self.batch_width = 0                  # streams decoded in the latest step
         self.max_batch_width = 0              # the most streams decoded in one step so far
         self.preemptions = 0
         self.admissions = 0
-        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="lmq-hole")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"lmq-model {model_id}", daemon=True)
         self._thread.start()
@@ -152,7 +154,6 @@ class ModelWorker:
             self.compiler.stop()
         self._commands.put(("stop",))
         self._thread.join(timeout)
-        self.executor.shutdown(wait=False)
 
     def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "busy_slots": self.slots - len(self.idle),
@@ -213,8 +214,7 @@ class ModelWorker:
 
     def _admit(self, out: dict) -> None:
         """While a slot and room are free: resume preempted streams, then admit waiting
-        ones in turn across owners. Preempted streams go first so that the hole threads
-        started never outnumber the slots."""
+        ones in turn across owners."""
         while (self.preempted or self.waiting) and self.idle:
             stream = self.preempted[0] if self.preempted else self.waiting.peek()
             tokens = stream.resume_tokens or stream.prompt
@@ -232,6 +232,11 @@ class ModelWorker:
                 stream.admission = self.admissions
             stream.resume_tokens = None
             self.active.append(stream)
+            kept = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)
+            if slot.truncate(kept):          # the rest joins the next step's batch
+                stream.next_tokens = tokens[kept:]
+                self._joining.add(stream)
+                continue
             try:
                 elements = stream.step(slot.logits(tokens))
             except Exception as e:          # one stream's failure never stops the loop
@@ -253,8 +258,10 @@ class ModelWorker:
         return room >= 0 and self._free_idle(room, keep=keep)
 
     def used_cells(self) -> int:
-        """Cells of the active streams and of the slots clients hold."""
-        return sum(len(s.sequence.tokens) for s in self.active) + sum(len(s.tokens) for s in self.held)
+        """Cells of the active streams (with the tokens they wait to have evaluated) and
+        of the slots clients hold."""
+        return (sum(len(s.sequence.tokens) + len(s.next_tokens or ()) for s in self.active)
+                + sum(len(s.tokens) for s in self.held))
 
     def _free_idle(self, room: int, keep: Sequence | None = None) -> bool:
         """Drop idle slots' cached tokens (the longest first) until the idle slots but
@@ -291,11 +298,12 @@ class ModelWorker:
         steps = []
         for stream in list(self.active):
             tokens = stream.request()
-            if tokens is None:               # it finished on its own (a hole's thread)
+            if tokens is None:               # it finished
                 self._retire(stream)
             else:
                 steps.append((stream, tokens))
         self._preempt(steps)
+        joining, self._joining = self._joining, set()
         if not steps:
             return
         self.batch_width = len(steps)
@@ -306,7 +314,7 @@ class ModelWorker:
             for stream, _ in steps:
                 self._record(stream, [stream.failed(_describe(e))], out)
             return
-        self.generated_tokens += sum(len(tokens) for _, tokens in steps)
+        self.generated_tokens += sum(len(tokens) for s, tokens in steps if s not in joining)
         for (stream, _), row in zip(steps, rows):
             try:
                 elements = stream.step(row)
@@ -335,7 +343,8 @@ class ModelWorker:
 
 def _drop_cells(slot: Sequence) -> None:
     """Free a slot's cells: the protocol's way is to keep one token only."""
-    slot.logits(slot.tokens[:1])
+    if not slot.truncate(1):
+        slot.logits(slot.tokens[:1])
 
 
 def _describe(error: Exception) -> str:

@@ -240,7 +240,7 @@ def _stream(owner: Connection, request: Generate | Score, worker: ModelWorker) -
     if request.allow is not None and not set(request.allow) - set(request.deny or ()):
         raise ProtocolError("GENERATE: the mask allows no token")
     if request.constraint is not None:
-        return HoleStream(owner, request, backend, worker.executor)
+        return HoleStream(owner, request, backend)
     return GenerateStream(owner, request, backend.vocabulary, context)
 
 
