@@ -86,6 +86,24 @@ def test_concurrent_clients_decode_together_with_in_process_results(server):
         assert tokens == lmq.run_sync(query(i), model=local).tokens, i
 
 
+def test_sixteen_client_processes_decode_at_least_eight_wide():
+    """16 client processes against a fresh server of 8 slots: its MODEL_INFO reports steps
+    8 streams wide (the streams of a second wave reuse cells in another layout, so their
+    greedy values may differ from in process in near ties: equality is the test above's)."""
+    process = ServerProcess(MODEL, "--n_ctx", "1024", "--slots", str(CLIENTS))
+    try:
+        endpoint = process.url.removeprefix("ws://").rstrip("/")
+        assert model_info(process.url)["max_batch_width"] == 0
+        clients = 2 * CLIENTS
+        with multiprocessing.get_context("spawn").Pool(clients, _client_setup, (endpoint,)) as pool:
+            results = pool.map(_client_query, range(clients), chunksize=1)
+        info = model_info(process.url)
+        assert info["max_batch_width"] >= CLIENTS
+        assert all(len(tokens["X"]) == HOLE_TOKENS for tokens in results) and len(results) == clients
+    finally:
+        process.kill()
+
+
 def test_streams_outgrowing_the_cache_are_preempted_and_finish(small_server):
     """8 connections' streams need more cells than the cache has: the newest are preempted,
     resumed later, and every stream still gets all its tokens."""
