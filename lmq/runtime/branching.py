@@ -41,11 +41,13 @@ class SampleDecoder(Decoder):
         super().__init__(**settings)
         self._sampler: Sampler | None = None
         self._lane: Lane | None = None
-        self._ahead: DrawAhead | None = None
+        self._ahead: DrawAhead | None = None       # this step's draw, made by the scheduler
+        self._draw: DrawAhead | None = None
 
     def branch(self, index: int) -> "SampleDecoder":
         child = super().branch(index)
         child._sampler = make_sampler(self.settings, self.settings.get("seed"), index)
+        child._ahead = child._draw = None
         return child
 
     async def decode(self, lane: Lane, *args: Any, **kwargs: Any) -> HoleOutput:
@@ -57,9 +59,13 @@ class SampleDecoder(Decoder):
         """Without a mask, a plain draw at temperature 1 needs only the row (and the end
         tokens hidden while the value may not end): the scheduler makes it."""
         sampler = self.sampler()
-        if automaton is not None or not sampler.settings.plain or sampler.settings.temperature != 1:
+        if automaton is not None or not sampler.knows_normalizer:
             return None
-        self._ahead = DrawAhead(sampler, None if plan.may_end_at(count) else end_list)
+        if self._draw is None or self._draw.sampler is not sampler:
+            self._draw = DrawAhead(sampler)            # one per branch, reused every step
+        self._draw.hidden = None if plan.may_end_at(count) else end_list
+        self._draw.token = None
+        self._ahead = self._draw
         return self._ahead
 
     async def _select(self, row, mask, hidden, end_list):
@@ -68,7 +74,7 @@ class SampleDecoder(Decoder):
             return self._choose_later(row, mask, hidden, end_list)
         if ahead.token < 0:
             return -1, _nothing
-        chosen, normalizer = float(row[ahead.token]), ahead.log_normalizer
+        chosen, normalizer = float(row[ahead.token]), ahead.sampler.log_normalizer
         return ahead.token, lambda: chosen - normalizer
 
     def sampler(self) -> Sampler:
@@ -84,9 +90,7 @@ class SampleDecoder(Decoder):
         """A plain draw at temperature 1 leaves the hidden entries out itself and knows its
         normalizer: the row needs no copy."""
         sampler = self.sampler()
-        if not sampler.settings.plain or sampler.settings.temperature != 1:
-            return None
-        return sampler.pick_hiding(row, hidden)
+        return sampler.pick_hiding(row, hidden) if sampler.knows_normalizer else None
 
     picks_maximum = False
 

@@ -70,7 +70,13 @@ class Sampler:
             return self._mirostat(ids, probs, row.shape[0])
         return int(ids[self._draw(probs)])
 
-    def pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int:
+    @property
+    def knows_normalizer(self) -> bool:
+        """A plain draw at temperature 1: `pick_hiding` sums the row's exponentials, so
+        the chosen token's log-probability needs no further pass."""
+        return self.settings.plain and self.settings.temperature == 1
+
+    def pick_hiding(self, row: np.ndarray, hidden: np.ndarray | None) -> int:
         """A plain draw from `row` with the `hidden` entries left out, without a copy of
         the row; -1 when nothing is left."""
         self.log_normalizer = None
@@ -210,19 +216,15 @@ class DrawAhead:
     and thread wake-ups costing more than the passes over the rows). The same sampler draws
     what the branch would have drawn itself."""
 
-    __slots__ = ("sampler", "hidden", "token", "log_normalizer")
+    __slots__ = ("sampler", "hidden", "token")
 
-    def __init__(self, sampler: Sampler, hidden: np.ndarray | None):
+    def __init__(self, sampler: Sampler):
         self.sampler = sampler
-        self.hidden = hidden
+        self.hidden: np.ndarray | None = None
         self.token: int | None = None
-        self.log_normalizer = 0.0
 
     def run(self, row: np.ndarray) -> None:
-        sampler = self.sampler
-        self.token = (sampler.pick(row) if self.hidden is None
-                      else sampler.pick_hiding(row, self.hidden))
-        self.log_normalizer = sampler.log_normalizer
+        self.token = self.sampler.pick_hiding(row, self.hidden)
 
 
 def make_sampler(settings: dict[str, Any], seed: int | None, branch: int = 0) -> Sampler:
