@@ -32,7 +32,7 @@ from lmq.constraints.vocabulary_index import VocabularyIndex
 
 #: per-state token walks kept (each holds two int32 rows over the vocabulary)
 WALKS_KEPT = 16
-#: narrowed masks kept per automaton (a dense one holds a 4V-byte bias row)
+#: narrowed masks kept per automaton (a dense one holds a V/8-byte bit row)
 NARROWED_KEPT = 32
 
 State = tuple[int, int]      # (DFA state, characters of the value so far)

@@ -15,16 +15,9 @@ is proportional to the part of the trie that decides, not to V. Automata whose s
 keep nearly every token alive, with few byte classes (`len(X) < N`), switch to the much
 smaller trie of class strings (`lmq.constraints.class_patterns`).
 
-How a decoder applies a mask to a float32 logits row, fastest first (a mask is sparse up
-to `DENSE_FRACTION` of the vocabulary, and then `bias` is set):
-
-- sparse: work on `mask.gather(row)`, the k allowed scores aligned with `mask.allowed`
-  (argmax, softmax, sampling: O(k), never touching the rest of the row); `mask.best(row)`
-  is the greedy choice;
-- dense, when the decoder may write the row (the backend's logits row is valid until the
-  next call): `mask.restrict(row)` writes -inf at the blocked ids in place (O(blocked)
-  when they are few, else one in-place add of `bias`);
-- a masked copy, leaving `row` untouched: `mask.apply(row, out)`.
+A mask is sparse (its sorted allowed ids) up to `DENSE_FRACTION` of the vocabulary, else
+dense (a packed bit row); lmq/constraints/token_choice.py applies either to a logits row
+and picks or draws a token.
 
 End tokens are never in a mask (their bytes are empty): the decoder allows them itself
 when `accepts(state)` holds.
@@ -47,15 +40,13 @@ from lmq.constraints.vocabulary_cache import VocabularyCache, vocabulary_cache
 from lmq.constraints.vocabulary_index import (GROUP_BITS, VocabularyIndex, concatenated_ranges,
                                               vocabulary_index)
 
-#: a mask allowing more than this fraction of the vocabulary is dense (keeps a bias row):
-#: measured at V = 151,936, an argmax over `row[allowed]` beats one over the whole row up
-#: to about 4,000 allowed tokens, and a dense row costs 4V bytes per state
+#: a mask allowing more than this fraction of the vocabulary is dense (a packed bit row,
+#: V/8 bytes): a pick over a sparse mask's k allowed scores touches only those, a dense
+#: one is a pass over the whole row (measured at V = 151,936, gathering beats the pass up
+#: to about 4,000 allowed tokens)
 DENSE_FRACTION = 1 / 32
-#: a dense mask blocking at most this fraction of the vocabulary is applied by copying the
-#: row and writing -inf at the blocked ids (cheaper than adding the bias row)
-FEW_BLOCKED_FRACTION = 1 / 16
-#: dense masks kept per automaton (each holds a 4V-byte bias row: 600 kB at 152k tokens);
-#: the oldest is dropped first (`len(X) < N` visits its N states once each, in order)
+#: dense masks kept per automaton (a bit row each, and a 4V-byte bias row where the
+#: numpy fallback of token_choice.py applies it); the oldest is dropped first (`len(X) < N` visits its N states once each, in order)
 DENSE_MASKS_KEPT = 64
 #: at most this many live (node, state) pairs of a trie level are walked in plain Python
 PYTHON_FRONTIER = 48
@@ -81,96 +72,67 @@ class TokenMask:
 
     size: int                    # vocabulary size V
     count: int                   # how many tokens are allowed
-    bias: np.ndarray | None      # float32 (V,): 0 allowed, -inf masked; dense masks only
-    hot: np.ndarray = field(repr=False)   # intp ids the hot path indexes with: the allowed
-                                          # ids (sparse) or the blocked ids (dense)
+    bits: np.ndarray | None = field(repr=False)   # dense masks only: uint32 words, bit
+                                                  # t % 32 of word t // 32 set iff t is allowed
 
     @staticmethod
     def of(allowed: np.ndarray, size: int) -> "TokenMask":
-        """A mask of sorted int32 `allowed` ids; dense (bias row) above `DENSE_FRACTION`."""
+        """A mask of sorted int32 `allowed` ids; dense above `DENSE_FRACTION`."""
         if len(allowed) > DENSE_FRACTION * size:
             flags = np.zeros(size, dtype=bool)
             flags[allowed] = True
             return TokenMask.of_flags(flags)
         allowed.flags.writeable = False
-        hot = allowed.astype(np.intp)
-        hot.flags.writeable = False
-        mask = TokenMask(size, len(allowed), None, hot)
+        mask = TokenMask(size, len(allowed), None)
         mask.__dict__["allowed"] = allowed
         return mask
 
     @staticmethod
     def of_flags(flags: np.ndarray) -> "TokenMask":
         """A mask of a bool row (True: allowed); dense above `DENSE_FRACTION`."""
-        blocked = np.flatnonzero(~flags)
-        count = len(flags) - len(blocked)
+        count = int(np.count_nonzero(flags))
         if count <= DENSE_FRACTION * len(flags):
             return TokenMask.of(np.flatnonzero(flags).astype(np.int32), len(flags))
-        bias = np.where(flags, np.float32(0.0), np.float32(-np.inf))
-        bias.flags.writeable = blocked.flags.writeable = False
-        return TokenMask(len(flags), count, bias, blocked)
+        packed = np.packbits(flags, bitorder="little")
+        words = np.zeros(-(-len(flags) // 32), dtype="<u4")
+        words.view(np.uint8)[:len(packed)] = packed
+        words.flags.writeable = False
+        return TokenMask(len(flags), count, words)
 
     @cached_property
     def allowed(self) -> np.ndarray:
         """The allowed token ids, sorted (int32; built on first use for a dense mask)."""
-        allowed = np.flatnonzero(self.bias == 0.0).astype(np.int32)
+        allowed = np.flatnonzero(self.flags).astype(np.int32)
         allowed.flags.writeable = False
         return allowed
 
     @property
+    def flags(self) -> np.ndarray:
+        """A bool row over the vocabulary, True where allowed (built per call)."""
+        if self.bits is None:
+            flags = np.zeros(self.size, dtype=bool)
+            flags[self.allowed] = True
+            return flags
+        return np.unpackbits(self.bits.view(np.uint8), count=self.size, bitorder="little").view(bool)
+
+    @cached_property
+    def bias(self) -> np.ndarray:
+        """float32 (V,): 0 where allowed, -inf elsewhere (the numpy fallback's dense masks)."""
+        bias = np.where(self.flags, np.float32(0.0), np.float32(-np.inf))
+        bias.flags.writeable = False
+        return bias
+
+    @property
     def dense(self) -> bool:
-        return self.bias is not None
-
-    def best(self, row: np.ndarray, scratch: np.ndarray | None = None) -> int:
-        """The allowed token with the highest score in `row`, or -1 if none is allowed.
-        A dense mask blocking few tokens first tries the row's own argmax (usually
-        allowed); `scratch` (float32, length V) spares a dense mask an allocation."""
-        if self.bias is None:
-            if not len(self.hot):
-                return -1
-            return int(self.hot[np.argmax(row[self.hot])])
-        if len(self.hot) <= FEW_BLOCKED_FRACTION * self.size:
-            top = int(np.argmax(row))
-            if self.bias[top] == 0.0:
-                return top
-        if scratch is None:
-            scratch = np.empty(self.size, dtype=np.float32)
-        return int(np.argmax(np.add(row, self.bias, out=scratch)))
-
-    def gather(self, row: np.ndarray) -> np.ndarray:
-        """The scores of the allowed tokens, aligned with `allowed` (a sparse decoder's
-        whole working set: argmax, softmax and sampling need nothing else)."""
-        return row[self.allowed if self.bias is not None else self.hot]
-
-    def apply(self, row: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """`out` = `row` with every token not allowed at -inf (`row` is not written)."""
-        if self.bias is None:
-            out.fill(-np.inf)
-            out[self.hot] = row[self.hot]
-        elif len(self.hot) <= FEW_BLOCKED_FRACTION * self.size:
-            np.copyto(out, row)
-            out[self.hot] = -np.inf
-        else:
-            np.add(row, self.bias, out=out)
-        return out
-
-    def restrict(self, row: np.ndarray) -> np.ndarray:
-        """Write -inf into `row` itself at every token not allowed; returns `row`."""
-        if self.bias is None:
-            kept = row[self.hot]
-            row.fill(-np.inf)
-            row[self.hot] = kept
-        elif len(self.hot) <= FEW_BLOCKED_FRACTION * self.size:
-            row[self.hot] = -np.inf
-        else:
-            np.add(row, self.bias, out=row)
-        return row
+        return self.bits is not None
 
     def __contains__(self, token: int) -> bool:
-        if self.bias is not None:
-            return 0 <= token < self.size and self.bias[token] == 0.0
-        position = int(np.searchsorted(self.hot, token))
-        return position < self.count and int(self.hot[position]) == token
+        if not 0 <= token < self.size:
+            return False
+        if self.bits is not None:
+            return bool(int(self.bits[token >> 5]) >> (token & 31) & 1)
+        position = int(np.searchsorted(self.allowed, token))
+        return position < self.count and int(self.allowed[position]) == token
 
 
 class DfaTokenAutomaton:
