@@ -9,11 +9,12 @@
  * Candidates of a step: the tokens of the mask (a sorted int32 id list, a packed uint32
  * bit row with bit t % 32 of word t / 32 set when token t is allowed, or every token when
  * there is no mask), plus the `allow` ids, less the `hidden` ids. The hot loops
- * (_kernel_loops.h) work on 32 tokens (one mask word) at a time with GCC vector
- * extensions; on x86-64 they are compiled for AVX-512, AVX2 and the baseline, and the
- * best the CPU supports is chosen when the module loads (the binary stays portable). exp
- * is a polynomial (Cephes' expf, relative error ~1e-7) that vectorizes; sums are float32
- * lanes flushed to double every FLUSH_WORDS words.
+ work on 32 tokens (one mask word) at a time: written with GCC vector extensions
+ * (_kernel_loops.h, compiled for AVX2 and the baseline) and with AVX-512 intrinsics
+ * (_kernel_avx512.h: a mask word's halves are the lane masks); the best set the CPU
+ * supports is chosen when the module loads, so the binary stays portable. exp is a
+ * polynomial (Cephes', relative error ~1e-7); sums are float32 lanes flushed to double
+ * every FLUSH_WORDS words.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -84,7 +85,9 @@ INLINE uint32_t word_bits(const Words *c, Py_ssize_t w, Py_ssize_t *next) {
 
 /* The hot loops of one instruction set (_kernel_loops.h). */
 typedef struct {
-    Py_ssize_t (*best)(const Words *c, float *top);
+    /* the best candidate; with `kept`, its candidates' scores compacted there (their
+     * count in *n_kept, -1 where the set does not compact) */
+    Py_ssize_t (*best)(const Words *c, float *top, float *kept, Py_ssize_t *n_kept);
     double (*sum)(const Words *c, Py_ssize_t first, Py_ssize_t last, float top, float scale,
                   Py_ssize_t *next);
     void (*block_sums)(const Words *c, float top, float scale, double *sums);
@@ -92,10 +95,8 @@ typedef struct {
 } Loops;
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define SUFFIX _avx512
-#define TARGET __attribute__((target("avx512f,fma")))
-#define VBYTES 64
-#include "_kernel_loops.h"
+#include <immintrin.h>
+#include "_kernel_avx512.h"
 #define SUFFIX _avx2
 #define TARGET __attribute__((target("avx2,fma")))
 #define VBYTES 32
@@ -192,11 +193,14 @@ static int get_buffer(PyObject *obj, Arg *arg, Py_ssize_t itemsize, char kind, c
 
 #define ITEMS(arg) ((arg).held ? (arg).view.len / (arg).view.itemsize : 0)
 
-/* best(row, ids, bits, allow, hidden, want_normalizer) -> (index, log-normalizer or None) */
+/* best(row, ids, bits, allow, hidden, want_normalizer, compact) -> (index, log-normalizer
+ * or None); `compact`: a dense mask blocking many tokens, whose candidates are compacted
+ * while picking where the instruction set can (the normalizer then sums them alone). */
 static PyObject *kernel_best(PyObject *self, PyObject *args) {
     PyObject *row_o, *ids_o, *bits_o, *allow_o, *hidden_o;
-    int want;
-    if (!PyArg_ParseTuple(args, "OOOOOp", &row_o, &ids_o, &bits_o, &allow_o, &hidden_o, &want)) return NULL;
+    int want, compact;
+    if (!PyArg_ParseTuple(args, "OOOOOpp", &row_o, &ids_o, &bits_o, &allow_o, &hidden_o, &want, &compact))
+        return NULL;
     Arg a[5];
     memset(a, 0, sizeof a);
     if (get_buffer(row_o, &a[0], 4, 'f', "row", 0) || get_buffer(ids_o, &a[1], 4, 'i', "ids", 1)
@@ -226,7 +230,7 @@ static PyObject *kernel_best(PyObject *self, PyObject *args) {
             failed = 1;
         } else {
             Words c = {values, n, NULL, NULL, 0};
-            Py_ssize_t at = loops->best(&c, &top);
+            Py_ssize_t at = loops->best(&c, &top, NULL, NULL);
             if (at >= 0) {
                 index = tokens[at];
                 for (Py_ssize_t i = 0; i < n; i++)      /* ties: the lowest token id */
@@ -243,8 +247,14 @@ static PyObject *kernel_best(PyObject *self, PyObject *args) {
             failed = 1;
         } else {
             Words c = {row, size, a[2].held ? a[2].view.buf : NULL, edits, n_edits};
-            index = loops->best(&c, &top);
-            if (index >= 0 && want) total = words_total(&c, top, 1.0f);
+            float *kept = want && compact ? malloc(sizeof(float) * (size_t)(size + 32)) : NULL;
+            Py_ssize_t n_kept = -1;
+            index = loops->best(&c, &top, kept, &n_kept);
+            if (index >= 0 && want) {
+                Words compact = {kept, n_kept, NULL, NULL, 0};
+                total = words_total(n_kept >= 0 ? &compact : &c, top, 1.0f);
+            }
+            free(kept);
             free(edits);
         }
     }
@@ -266,7 +276,7 @@ static int draw_one(const float *row, Py_ssize_t size, const int64_t *hidden, Py
     float top;
     *index = -1;
     *normalizer = -INFINITY;
-    if (loops->best(&c, &top) >= 0) {
+    if (loops->best(&c, &top, NULL, NULL) >= 0) {
         loops->block_sums(&c, top, scale, sums);
         double total = sums[blocks - 1];
         if (total > 0.0) {
@@ -369,7 +379,7 @@ static PyObject *kernel_masked(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"best", kernel_best, METH_VARARGS,
-     "best(row, ids, bits, allow, hidden, want_normalizer) -> (index, log-normalizer or None)"},
+     "best(row, ids, bits, allow, hidden, want_normalizer, compact) -> (index, log-normalizer or None)"},
     {"draw", kernel_draw, METH_VARARGS,
      "draw(rows, hiddens, us, temperature) -> [(index, normalizer)]"},
     {"masked", kernel_masked, METH_VARARGS,

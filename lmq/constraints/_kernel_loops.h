@@ -61,8 +61,9 @@ LOCAL void N(word_weights)(const float *row, float top, float scale, uint32_t bi
                          & N(lane_mask)(bits, part));
 }
 
-/* The highest candidate score and its first index (-1 when every candidate is -inf). */
-TARGET static Py_ssize_t N(words_best)(const Words *c, float *top) {
+/* The highest candidate score and its first index (-1 when every candidate is -inf);
+ * `kept` is left alone (this instruction set does not compact the candidates). */
+TARGET static Py_ssize_t N(words_best)(const Words *c, float *top, float *kept, Py_ssize_t *n_kept) {
     const Py_ssize_t full = c->size / 32, words = (c->size + 31) / 32;
     vf best[PARTS];
     vi at[PARTS];
@@ -101,6 +102,7 @@ TARGET static Py_ssize_t N(words_best)(const Words *c, float *top) {
         }
     }
     *top = m;
+    if (n_kept) *n_kept = -1;
     return index;
 }
 

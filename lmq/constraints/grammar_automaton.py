@@ -76,7 +76,6 @@ class GrammarTokenAutomaton:
         self.size = vocabulary.size
         self._template = _compiled_matcher(grammar, vocabulary, variable, lark)
         self._bitmask = np.zeros((self.size + 31) // 32, dtype=np.int32)
-        self._bits = self._bitmask.view(np.uint8)
         ends = np.array(sorted(vocabulary.end_ids), dtype=np.int64)
         self._end_clear = np.full(len(self._bitmask), -1, dtype=np.int32)
         np.bitwise_and.at(self._end_clear, ends // 32, ~(np.int32(1) << (ends % 32).astype(np.int32)))
@@ -119,7 +118,7 @@ class GrammarTokenAutomaton:
             self._check_size(state)
             raise ConstraintError(f"the grammar of {self.variable} failed: {state.get_error()}")
         np.bitwise_and(self._bitmask, self._end_clear, out=self._bitmask)
-        mask = TokenMask.of_flags(np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool))
+        mask = TokenMask.of_bits(self._bitmask, self.size)
         if not mask.count and not state.is_accepting():
             raise UnsatisfiableConstraint(f"no token of the vocabulary continues {self.variable} "
                                           "under its grammar, and the value is not complete")

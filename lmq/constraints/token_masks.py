@@ -99,6 +99,18 @@ class TokenMask:
         words.flags.writeable = False
         return TokenMask(len(flags), count, words)
 
+    @staticmethod
+    def of_bits(words: np.ndarray, size: int) -> "TokenMask":
+        """A mask of a packed bit row (32-bit words, bit t % 32 of word t // 32 set iff
+        token t is allowed: llguidance's form; copied); dense above `DENSE_FRACTION`."""
+        flags = np.unpackbits(words.view(np.uint8), count=size, bitorder="little").view(bool)
+        count = int(np.count_nonzero(flags))
+        if count <= DENSE_FRACTION * size:
+            return TokenMask.of(np.flatnonzero(flags).astype(np.int32), size)
+        copy = words.astype("<u4")
+        copy.flags.writeable = False
+        return TokenMask(size, count, copy)
+
     @cached_property
     def allowed(self) -> np.ndarray:
         """The allowed token ids, sorted (int32; built on first use for a dense mask)."""

@@ -26,7 +26,8 @@ from lmq.backends.base import Backend, common_prefix
 from lmq.compiler.codegen import PromptProgram
 from lmq.constraints.hole_plan import HoleOutput
 from lmq.errors import ContextLimitError, LmqError
-from lmq.runtime.decoders import COMMON_ARGUMENTS, DECODERS, Decoder, _logsumexp, _nothing
+from lmq.constraints.token_choice import log_normalizer
+from lmq.runtime.decoders import COMMON_ARGUMENTS, DECODERS, Decoder, _nothing
 from lmq.runtime.interpreter import Session, execute
 from lmq.runtime.sampling import DrawAhead, Sampler, make_sampler
 from lmq.runtime.scheduler import Lane
@@ -86,13 +87,13 @@ class SampleDecoder(Decoder):
     def _pick(self, row: np.ndarray, ids: np.ndarray | None) -> int:
         return self.sampler().pick(row, self._lane.tokens if self._lane is not None else (), ids)
 
-    def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int | None:
+    def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray | None) -> int | None:
         """A plain draw at temperature 1 leaves the hidden entries out itself and knows its
         normalizer: the row needs no copy."""
         sampler = self.sampler()
         return sampler.pick_hiding(row, hidden) if sampler.knows_normalizer else None
 
-    picks_maximum = False
+    picks_best = False
 
     def _known_normalizer(self) -> float | None:
         """A draw at temperature 1 has summed the row's exponentials already."""
@@ -182,7 +183,7 @@ class SearchDecoder(Decoder):
         total = 0.0
         for position in range(start, len(context)):
             token = context[position]
-            total += float(row[token]) - _logsumexp(row)
+            total += float(row[token]) - log_normalizer(row)
             if position + 1 < len(context):
                 row = await lane.advance([token])
         return total
@@ -211,10 +212,12 @@ class SearchDecoder(Decoder):
         top = np.argpartition(-row, width - 1)[:width] if width < row.size else np.arange(row.size)
         top = top[np.argsort(-row[top], kind="stable")]
         top = top[np.isfinite(row[top])]
-        total = self._total = _logsumexp(row)
+        total = self._total = log_normalizer(row)
         self._candidates = [(int(ids[i]) if ids is not None else int(i), float(row[i]) - total)
                             for i in top]
         return int(top[0]) if top.size else 0
+
+    picks_best = False                    # the search needs the n best: `_pick` finds them
 
     def _known_normalizer(self) -> float | None:
         return self._total                # summed by _pick for the search's candidates

@@ -19,6 +19,7 @@ from lmq.backends.base import Backend, Sequence
 from lmq.backends.sampling_settings import KNOB_ALIASES, SamplingSettings
 from lmq.constraints.hole_plan import HoleOutput, HolePlan, find_stop
 from lmq.constraints.token_automaton import BudgetedTokenAutomaton, TokenAutomaton
+from lmq.constraints.token_choice import candidates, choose, log_normalizer
 from lmq.constraints.token_masks import TokenMask
 from lmq.errors import ContextLimitError, QueryArgumentError, UnsatisfiableConstraint
 from lmq.runtime.sampling import DrawAhead
@@ -77,13 +78,12 @@ class Decoder:
         self.settings = settings
         self.max_len: int | None = max_len
         self._buffer: np.ndarray | None = None
-        self._spare_row: np.ndarray | None = None
 
     def branch(self, index: int) -> "Decoder":
         """This decoder for branch `index` of a run with several results (own state)."""
         child = copy.copy(self)
         child.branch_index = index
-        child._buffer = child._spare_row = None
+        child._buffer = None
         if self.tracer is not None:
             child.tracer = self.tracer.for_branch(index)
         return child
@@ -206,46 +206,35 @@ class Decoder:
     def _choose_later(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                       end_list: np.ndarray) -> tuple[int, Callable[[], float]]:
         """(token, a function giving its log-probability under the masked distribution),
-        or (-1, …) when nothing is allowed: the normalizer, a full pass over the row, can
-        be summed while the engine evaluates the token. Sparse masks gather only the
-        allowed entries; dense masks and hidden end tokens work on a reused scratch row
-        (the backend's row is never written, and is copied where the sum needs it later:
-        the next decode rewrites it)."""
-        ids = None
-        if mask is None and hidden is not None:
+        or (-1, …) when nothing is allowed. The candidates are the mask's tokens (every
+        token without one) and the end tokens unless they are `hidden`
+        (lmq/constraints/token_choice.py). A decoder taking the best candidate has
+        `choose` pick it and its normalizer (summed at once by the kernel, else by numpy
+        when the function is called, while the engine evaluates the token); the others
+        pick among the candidates' scores in a reused row (the backend's row is never
+        written: the next decode rewrites it)."""
+        allow = end_list if hidden is None else None
+        if self.picks_best:
+            return choose(row, mask, allow, hidden)
+        if mask is None:
             index = self._pick_hiding(row, hidden)
             if index is not None:
                 if index < 0:
                     return -1, _nothing
                 chosen, known = float(row[index]), self._known_normalizer()
                 return index, lambda: chosen - known
-        if mask is None:
-            candidates = row if hidden is None else self._scratch(row)
-            if hidden is not None:
-                np.copyto(candidates, row)
-                candidates[hidden] = -np.inf
-        elif mask.bias is None:
-            ids = mask.allowed if hidden is not None else np.concatenate((mask.allowed, end_list))
-            if len(ids) == 0:
-                return -1, _nothing
-            candidates = row[ids]
-        else:
-            candidates = np.add(row, mask.bias, out=self._scratch(row))
-            if hidden is None:
-                candidates[end_list] = row[end_list]
-        index = self._pick(candidates, ids)
-        chosen = float(candidates[index])
+        values, ids = candidates(row, mask, allow, hidden, self._scratch(row))
+        if not len(values):
+            return -1, _nothing
+        index = self._pick(values, ids)
+        chosen = float(values[index])
         if chosen == -np.inf:
             return -1, _nothing
         token = int(ids[index]) if ids is not None else index
         known = self._known_normalizer()
         if known is not None:
             return token, lambda: chosen - known
-        if candidates is row:
-            candidates = self._scratch(row)
-            np.copyto(candidates, row)
-        spare = self._spare(candidates) if ids is None else None
-        return token, lambda: chosen - _logsumexp(candidates, spare, top=chosen if self.picks_maximum else None)
+        return token, lambda: chosen - log_normalizer(values)
 
     def _draw_ahead(self, plan: HolePlan, automaton, count: int,
                     end_list: np.ndarray) -> DrawAhead | None:
@@ -253,14 +242,14 @@ class Decoder:
         this decoder's choice needs nothing but the row; else None."""
         return None
 
-    def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray) -> int | None:
+    def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray | None) -> int | None:
         """The chosen entry of `row` with the `hidden` entries left out (-1: none left),
         where the decoder can pick so without a copy of the row and knows the normalizer
         afterwards (`_known_normalizer`); else None."""
         return None
 
-    #: whether `_pick` takes the row's maximum (its logsumexp then skips finding it)
-    picks_maximum = True
+    #: whether the decoder takes the best candidate (`choose`), not `_pick`'s choice
+    picks_best = True
 
     def _known_normalizer(self) -> float | None:
         """log Σ exp(candidates) where `_pick` has summed it already, else None."""
@@ -270,12 +259,6 @@ class Decoder:
         if self._buffer is None or self._buffer.shape != row.shape:
             self._buffer = np.empty_like(row)
         return self._buffer
-
-    def _spare(self, row: np.ndarray) -> np.ndarray:
-        """A second reused row (the first may hold the candidates themselves)."""
-        if self._spare_row is None or self._spare_row.shape != row.shape:
-            self._spare_row = np.empty_like(row)
-        return self._spare_row
 
     @staticmethod
     def _forced_tokens(automaton: TokenAutomaton, state: Hashable, backend: Backend,
@@ -336,17 +319,6 @@ def _value(score: float | Callable[[], float]) -> float:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _logsumexp(row: np.ndarray, out: np.ndarray | None = None, top: float | None = None) -> float:
-    """log Σ exp(row), stable; `out` (same shape) spares a full row the two temporaries;
-    `top`, the row's maximum where the caller knows it."""
-    if top is None:
-        top = row.max()
-    if top == -np.inf:
-        return float(top)
-    shifted = np.subtract(row, top, out=out)
-    return float(top) + float(np.log(np.exp(shifted, out=shifted).sum()))
 
 
 def _step_mask(automaton: TokenAutomaton, state: Hashable, plan: HolePlan, count: int,

@@ -15,10 +15,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from lmq.backends.sampling_settings import SamplingSettings
+from lmq.constraints.token_choice import draw, draw_rows
 
 _MIROSTAT_M = 100          # llama.cpp's sample size for mirostat 1's s estimate
-#: entries per block of a plain draw (block sums, then one block's cumulative sum)
-DRAW_BLOCK = 256
 
 
 class Sampler:
@@ -30,9 +29,6 @@ class Sampler:
         self.mu = 2.0 * settings.mirostat_tau
         #: log Σ exp(row) of the last row `pick` drew from at temperature 1, else None
         self.log_normalizer: float | None = None
-        self._weights: np.ndarray | None = None      # exponentials, padded to whole blocks
-        self._ones: np.ndarray | None = None
-        self._size = 0
 
     def state(self) -> dict[str, Any]:
         """What the next draws depend on besides the rows: the random stream's state
@@ -145,41 +141,15 @@ class Sampler:
         return out
 
     def _draw_scaled(self, row: np.ndarray, hidden: np.ndarray | None = None) -> int:
-        """A draw from softmax(row / temperature) in three passes over the row, in reused
-        buffers: exponentials, their sums per block of `DRAW_BLOCK` (a matrix-vector
-        product: BLAS sums blocks several times faster than a reduction), then a search
-        among the block sums and inside one block (a cumulative sum over the whole row is
-        the slow part of a plain inverse-CDF draw). Masked entries weigh exp(-inf) = 0 and
-        `hidden` entries are zeroed, so neither is ever drawn; -1 when nothing is left. At
-        temperature 1 the sum is the row's normalizer (kept for the caller)."""
-        size = row.shape[0]
-        if self._weights is None or self._size != size:
-            self._size = size
-            self._weights = np.zeros(-(-size // DRAW_BLOCK) * DRAW_BLOCK, dtype=np.float32)
-            self._ones = np.ones(DRAW_BLOCK, dtype=np.float32)
-        weights = self._weights[:size]
+        """A draw from softmax(row / temperature) (`token_choice.draw`: masked entries
+        weigh exp(-inf) = 0 and `hidden` entries are left out, so neither is ever drawn);
+        -1 when nothing is left. At temperature 1 the row's normalizer is kept for the
+        caller."""
         temperature = self.settings.temperature
-        top = row.max()
-        np.subtract(row, top, out=weights)
-        if temperature != 1:
-            np.multiply(weights, np.float32(1 / temperature), out=weights)
-        np.exp(weights, out=weights)
-        if hidden is not None:
-            weights[hidden] = 0.0
-        blocks = np.cumsum(self._weights.reshape(-1, DRAW_BLOCK) @ self._ones, dtype=np.float64)
-        total = float(blocks[-1])
-        if total == 0.0:
-            return -1
-        if temperature == 1:
-            self.log_normalizer = float(top) + math.log(total)
-        target = self.rng.random() * total
-        block = min(int(np.searchsorted(blocks, target, side="right")), blocks.size - 1)
-        start = block * DRAW_BLOCK
-        inside = np.cumsum(self._weights[start:start + DRAW_BLOCK], dtype=np.float64)
-        offset = int(np.searchsorted(inside, target - (blocks[block - 1] if block else 0.0), side="right"))
-        if offset >= DRAW_BLOCK or self._weights[start + offset] == 0:   # rounding at the edge
-            offset = int(np.flatnonzero(self._weights[start:start + DRAW_BLOCK])[-1])
-        return min(start + offset, size - 1)
+        index, normalizer = draw(row, self.rng.random(), temperature, hidden)
+        if temperature == 1 and index >= 0:
+            self.log_normalizer = normalizer
+        return index
 
     def _draw(self, probs: np.ndarray) -> int:
         cumulative = np.cumsum(probs)
@@ -214,7 +184,7 @@ class DrawAhead:
     branch's task then only reads the token (on an H200 this took sample(n=8) from 1.44 to
     1.37 of the raw batch; running the draws in parallel threads made it 1.7-2.0, the GIL
     and thread wake-ups costing more than the passes over the rows). The same sampler draws
-    what the branch would have drawn itself."""
+    what the branch would have drawn itself; `run_all` makes a step's draws in one call."""
 
     __slots__ = ("sampler", "hidden", "token")
 
@@ -225,6 +195,19 @@ class DrawAhead:
 
     def run(self, row: np.ndarray) -> None:
         self.token = self.sampler.pick_hiding(row, self.hidden)
+
+    @staticmethod
+    def run_all(draws: list["DrawAhead"], rows: list[np.ndarray]) -> None:
+        """`run` of each draw on its row, the rows drawn from in one kernel call (each
+        sampler's random stream advances as `run` would advance it)."""
+        for ahead in draws:
+            ahead.sampler.log_normalizer = None
+        us = [ahead.sampler.rng.random() for ahead in draws]
+        drawn = draw_rows(rows, us, [ahead.hidden for ahead in draws])
+        for ahead, (token, normalizer) in zip(draws, drawn):
+            ahead.token = token
+            if token >= 0:
+                ahead.sampler.log_normalizer = normalizer
 
 
 def make_sampler(settings: dict[str, Any], seed: int | None, branch: int = 0) -> Sampler:

@@ -16,8 +16,8 @@ import numpy as np
 
 from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, ValueComparison
+from lmq.constraints.token_choice import log_normalizer
 from lmq.errors import ConstraintError, QueryArgumentError
-from lmq.runtime.decoders import _logsumexp
 from lmq.runtime.scheduler import Lane, scheduler_for
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ async def score_continuations(lane: Lane, context: list[int],
             steps = [forks[i].advance([continuations[i][position - 1]]) for i in active]
             for i, step in zip(active, steps):
                 row = await step                    # all done in one step: no suspension after the first
-                scores[i][position] = float(row[continuations[i][position]]) - _logsumexp(row)
+                scores[i][position] = float(row[continuations[i][position]]) - log_normalizer(row)
     finally:
         for fork in forks:
             fork.release()
@@ -129,7 +129,7 @@ async def fill_distribution(session: "Session", name: str, distribution: Constra
     logprobs = await score_continuations(session.lane, context, continuations)
     result = ScoreResult(session.prompt.text, values, continuations, logprobs)
     scores = result.logprobs(session.decoder.distribution_norm)
-    log_probs = scores - _logsumexp(scores)
+    log_probs = scores - log_normalizer(scores)
     best = int(np.argmax(scores))
     session.variables[f"P({name})"] = [(v, float(p)) for v, p in zip(values, np.exp(log_probs))]
     session.variables[f"log P({name})"] = [(v, float(lp)) for v, lp in zip(values, log_probs)]
@@ -153,4 +153,4 @@ def _distribution_values(distribution: Constraint, scope: dict[str, Any]) -> lis
 
 
 def _log_softmax(row: np.ndarray) -> np.ndarray:
-    return row.astype(np.float64) - _logsumexp(row)
+    return row.astype(np.float64) - log_normalizer(row)

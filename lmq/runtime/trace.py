@@ -25,9 +25,10 @@ import numpy as np
 from lmq.backends.base import Backend
 from lmq.compiler.constraints import Constraint, conjuncts
 from lmq.constraints.hole_plan import HolePlan
+from lmq.constraints.token_choice import candidates, log_normalizer
 from lmq.constraints.token_masks import TokenMask
 from lmq.errors import ConstraintTooLarge, LmqSyntaxError, QueryArgumentError
-from lmq.runtime.decoders import _logsumexp, _step_mask
+from lmq.runtime.decoders import _step_mask
 from lmq.runtime.result import LMQResult
 
 #: how many of the most likely tokens `top` and `masked_top` list
@@ -207,27 +208,19 @@ class _StepScores:
     def __init__(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                  end_list: np.ndarray):
         self.row = row
-        self.normalizer = _logsumexp(row)
+        self.normalizer = log_normalizer(row)
         self.top = _best(row, self.normalizer, None)
         ends = len(end_list) if hidden is None else 0
         if mask is None and hidden is None:
             self.allowed, self.masked_top = len(row), self.top
             return
-        ids = None
-        if mask is None:
-            values = row.copy()
-            values[hidden] = -np.inf
-            self.allowed = len(row) - len(hidden)
-        elif mask.bias is None:
-            ids = mask.allowed if hidden is not None else np.concatenate((mask.allowed, end_list))
-            values = row[ids]
+        values, ids = candidates(row, mask, end_list if hidden is None else None, hidden,
+                                 np.empty_like(row))
+        if ids is not None:
             self.allowed = len(ids)
         else:
-            values = row + mask.bias
-            if hidden is None:
-                values[end_list] = row[end_list]
-            self.allowed = mask.count + ends
-        self.masked_top = _best(values, _logsumexp(values), ids)
+            self.allowed = len(row) - len(hidden) if mask is None else mask.count + ends
+        self.masked_top = _best(values, log_normalizer(values), ids)
 
     def model_logprob(self, token: int) -> float:
         return float(self.row[token]) - self.normalizer

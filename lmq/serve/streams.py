@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lmq.backends.base import Sequence, Vocabulary
-from lmq.runtime.decoders import _logsumexp
+from lmq.constraints.token_choice import log_normalizer
 from lmq.runtime.sampling import Sampler
 from lmq.serve.protocol import Generate, Score
 
@@ -83,7 +83,7 @@ class GenerateStream(Stream):
         token = self.sampler.pick(row, self.prompt[-64:] + self.generated[-64:])
         if row[token] == -np.inf:
             return [self.failed("the mask allows no token")]
-        total = _logsumexp(row)
+        total = log_normalizer(row)
         element = {"stream_id": self.stream_id, "token": token,
                    "logprob": float(row[token]) - total, "finish_reason": None,
                    "top_logprobs": self._top(row, token, total)}
@@ -115,7 +115,7 @@ class ScoreStream(Stream):
     def step(self, row: np.ndarray) -> list[dict[str, Any]]:
         token = self.scored[self.position]
         element = {"stream_id": self.stream_id, "token": token,
-                   "logprob": float(row[token]) - _logsumexp(row), "finish_reason": None}
+                   "logprob": float(row[token]) - log_normalizer(row), "finish_reason": None}
         self.position += 1
         if self.position == len(self.scored):
             return [self.finish(element, "stop")]
