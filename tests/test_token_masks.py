@@ -1,6 +1,7 @@
 """Token masks of byte DFAs over vocabularies: exact against brute force on a synthetic
 vocabulary, equal to a per-token walk on the five shared GGUF vocabularies, the disk
-cache of the vocabulary index, and the mask's application to a logits row."""
+cache of the vocabulary index, and the mask's sparse and dense forms (applied to a logits
+row in tests/constraints/test_token_choice.py)."""
 
 from __future__ import annotations
 
@@ -178,28 +179,22 @@ def test_forced_bytes_follow_the_only_continuation():
     assert words.forced(automaton.run(dfa, dfa.initial, b"hell")) == b"o world"
 
 
-@pytest.mark.parametrize("count", [20, 600, 990])      # sparse; dense; dense, few blocked
-def test_best_gather_apply_and_restrict_agree_with_a_reference_row(count):
+@pytest.mark.parametrize("count", [0, 20, 600, 1000])      # empty; sparse; dense; everything
+def test_a_mask_holds_exactly_its_tokens_in_either_form(count):
     rng = np.random.default_rng(count)
     size = 1000
     allowed = np.sort(rng.choice(size, count, replace=False)).astype(np.int32)
-    mask = TokenMask.of(allowed, size)
-    assert mask.dense == (count > 20) and mask.count == count
-    blocked = np.setdiff1d(np.arange(size), allowed)
-    for trial in range(20):
-        row = rng.standard_normal(size).astype(np.float32)
-        row[blocked[trial % len(blocked)]] = 10.0 if trial % 2 else 0.0   # a blocked maximum
-        reference = np.full(size, -np.inf, dtype=np.float32)
-        reference[allowed] = row[allowed]
-        before = row.copy()
-        out = np.empty_like(row)
-        assert mask.apply(row, out) is out and np.array_equal(out, reference)
-        assert mask.best(row) == mask.best(row, np.empty_like(row)) == int(np.argmax(reference))
-        assert np.array_equal(mask.gather(row), row[allowed])
-        assert np.array_equal(row, before)
-        assert mask.restrict(row) is row and np.array_equal(row, reference)
-    assert int(allowed[0]) in mask and int(blocked[0]) not in mask
-    assert TokenMask.of(np.empty(0, dtype=np.int32), size).best(row) == -1
+    flags = np.zeros(size, dtype=bool)
+    flags[allowed] = True
+    words = np.zeros((size + 31) // 32, dtype=np.int32)              # llguidance's form
+    words.view(np.uint8)[:-(-size // 8)] = np.packbits(flags, bitorder="little")
+    for mask in (TokenMask.of(allowed.copy(), size), TokenMask.of_flags(flags), TokenMask.of_bits(words, size)):
+        assert mask.dense == (count > 20) and mask.count == count
+        assert np.array_equal(mask.allowed, allowed) and np.array_equal(mask.flags, flags)
+        assert np.array_equal(mask.bias, np.where(flags, 0.0, -np.inf).astype(np.float32))
+        assert [t in mask for t in range(-1, size + 1)] == [False, *flags.tolist(), False]
+    words[0] = 0                                 # of_bits copied the words it was given
+    assert TokenMask.of_bits(words, size).count <= count == mask.count
 
 
 @pytest.fixture(scope="module", params=VOCABULARIES, ids=os.path.basename)
