@@ -193,6 +193,19 @@ static int get_buffer(PyObject *obj, Arg *arg, Py_ssize_t itemsize, char kind, c
 
 #define ITEMS(arg) ((arg).held ? (arg).view.len / (arg).view.itemsize : 0)
 
+/* A step's buffers into a[0..3]: the float32 row, the mask's bit words (or None; they
+ * must cover the row), the int64 allow and hidden ids (or None). */
+static int get_step(PyObject *row, PyObject *bits, PyObject *allow, PyObject *hidden, Arg *a) {
+    if (get_buffer(row, &a[0], 4, 'f', "row", 0) || get_buffer(bits, &a[1], 4, 'u', "bits", 1)
+        || get_buffer(allow, &a[2], 8, 'i', "allow", 1) || get_buffer(hidden, &a[3], 8, 'i', "hidden", 1))
+        return -1;
+    if (a[1].held && ITEMS(a[1]) < (ITEMS(a[0]) + 31) / 32) {
+        PyErr_Format(PyExc_ValueError, "bits: %zd words cannot cover %zd tokens", ITEMS(a[1]), ITEMS(a[0]));
+        return -1;
+    }
+    return 0;
+}
+
 /* best(row, ids, bits, allow, hidden, want_normalizer, compact) -> (index, log-normalizer
  * or None); `compact`: a dense mask blocking many tokens, whose candidates are compacted
  * while picking where the instruction set can (the normalizer then sums them alone). */
@@ -203,38 +216,30 @@ static PyObject *kernel_best(PyObject *self, PyObject *args) {
         return NULL;
     Arg a[5];
     memset(a, 0, sizeof a);
-    if (get_buffer(row_o, &a[0], 4, 'f', "row", 0) || get_buffer(ids_o, &a[1], 4, 'i', "ids", 1)
-        || get_buffer(bits_o, &a[2], 4, 'u', "bits", 1) || get_buffer(allow_o, &a[3], 8, 'i', "allow", 1)
-        || get_buffer(hidden_o, &a[4], 8, 'i', "hidden", 1)) {
+    if (get_step(row_o, bits_o, allow_o, hidden_o, a) || get_buffer(ids_o, &a[4], 4, 'i', "ids", 1)) {
         release(a, 5);
         return NULL;
     }
     const float *row = a[0].view.buf;
-    Py_ssize_t size = ITEMS(a[0]), n_allow = ITEMS(a[3]), n_hidden = ITEMS(a[4]);
-    const int64_t *allow = a[3].held ? a[3].view.buf : NULL, *hidden = a[4].held ? a[4].view.buf : NULL;
-    if (a[2].held && ITEMS(a[2]) < (size + 31) / 32) {
-        release(a, 5);
-        return PyErr_Format(PyExc_ValueError, "bits: %zd words cannot cover %zd tokens", ITEMS(a[2]), size);
-    }
+    Py_ssize_t size = ITEMS(a[0]), n_allow = ITEMS(a[2]), n_hidden = ITEMS(a[3]);
+    const int64_t *allow = a[2].held ? a[2].view.buf : NULL, *hidden = a[3].held ? a[3].view.buf : NULL;
     Py_ssize_t index = -1;
     float top = -INFINITY;
     double total = 0.0;
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (a[1].held) {
-        float *values;
-        int64_t *tokens;
-        Py_ssize_t n = gather(row, size, a[1].view.buf, ITEMS(a[1]), allow, n_allow, hidden, n_hidden,
+    if (a[4].held) {
+        float *values = NULL;
+        int64_t *tokens = NULL;
+        Py_ssize_t n = gather(row, size, a[4].view.buf, ITEMS(a[4]), allow, n_allow, hidden, n_hidden,
                               &values, &tokens);
         if (n < 0) {
             failed = 1;
         } else {
             Words c = {values, n, NULL, NULL, 0};
-            Py_ssize_t at = loops->best(&c, &top, NULL, NULL);
-            if (at >= 0) {
-                index = tokens[at];
+            if (loops->best(&c, &top, NULL, NULL) >= 0) {
                 for (Py_ssize_t i = 0; i < n; i++)      /* ties: the lowest token id */
-                    if (values[i] == top && tokens[i] < index) index = tokens[i];
+                    if (values[i] == top && (index < 0 || tokens[i] < index)) index = tokens[i];
                 if (want) total = words_total(&c, top, 1.0f);
             }
         }
@@ -246,7 +251,7 @@ static PyObject *kernel_best(PyObject *self, PyObject *args) {
         if (!edits) {
             failed = 1;
         } else {
-            Words c = {row, size, a[2].held ? a[2].view.buf : NULL, edits, n_edits};
+            Words c = {row, size, a[1].held ? a[1].view.buf : NULL, edits, n_edits};
             float *kept = want && compact ? malloc(sizeof(float) * (size_t)(size + 32)) : NULL;
             Py_ssize_t n_kept = -1;
             index = loops->best(&c, &top, kept, &n_kept);
@@ -346,16 +351,14 @@ static PyObject *kernel_masked(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOO", &row_o, &bits_o, &allow_o, &hidden_o, &out_o)) return NULL;
     Arg a[5];
     memset(a, 0, sizeof a);
-    if (get_buffer(row_o, &a[0], 4, 'f', "row", 0) || get_buffer(bits_o, &a[1], 4, 'u', "bits", 1)
-        || get_buffer(allow_o, &a[2], 8, 'i', "allow", 1) || get_buffer(hidden_o, &a[3], 8, 'i', "hidden", 1)
-        || get_buffer(out_o, &a[4], 4, 'f', "out", 0)) {
+    if (get_step(row_o, bits_o, allow_o, hidden_o, a) || get_buffer(out_o, &a[4], 4, 'f', "out", 0)) {
         release(a, 5);
         return NULL;
     }
     Py_ssize_t size = ITEMS(a[0]);
-    if (ITEMS(a[4]) != size || a[4].view.readonly || (a[1].held && ITEMS(a[1]) < (size + 31) / 32)) {
+    if (ITEMS(a[4]) != size || a[4].view.readonly) {
         release(a, 5);
-        PyErr_SetString(PyExc_ValueError, "out must be a writable row of the row's size, bits must cover it");
+        PyErr_SetString(PyExc_ValueError, "out must be a writable row of the row's size");
         return NULL;
     }
     Py_ssize_t n_edits = 0;
