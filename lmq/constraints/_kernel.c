@@ -380,6 +380,35 @@ static PyObject *kernel_masked(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The instruction sets this CPU can run, best first. */
+static int supported(const char *name) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (!strcmp(name, "avx512")) return __builtin_cpu_supports("avx512f");
+    if (!strcmp(name, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return !strcmp(name, "baseline");
+}
+
+static const Loops *loops_of(const char *name) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (!strcmp(name, "avx512")) return &loops_avx512;
+    if (!strcmp(name, "avx2")) return &loops_avx2;
+#endif
+    return &loops_base;
+}
+
+static const char *NAMES[] = {"avx512", "avx2", "baseline"};
+
+/* use(name): run the loops of instruction set `name` from now on (tests cover each). */
+static PyObject *kernel_use(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    if (!supported(name)) return PyErr_Format(PyExc_ValueError, "instruction set %s is not available", name);
+    loops = loops_of(name);
+    return PyObject_SetAttrString(self, "instructions", arg) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
 static PyMethodDef methods[] = {
     {"best", kernel_best, METH_VARARGS,
      "best(row, ids, bits, allow, hidden, want_normalizer, compact) -> (index, log-normalizer or None)"},
@@ -387,24 +416,28 @@ static PyMethodDef methods[] = {
      "draw(rows, hiddens, us, temperature) -> [(index, normalizer)]"},
     {"masked", kernel_masked, METH_VARARGS,
      "masked(row, bits, allow, hidden, out): out = row with non-candidates at -inf"},
+    {"use", kernel_use, METH_O, "use(name): the loops of instruction set `name` from now on"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",
                                     "lmq's per-token kernels (see token_choice.py).", -1, methods};
 
+/* `instructions`: the set in use (the best this CPU has); `available`: all it can run. */
 PyMODINIT_FUNC PyInit__kernel(void) {
-    const char *instructions = "baseline";
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) {
-        loops = &loops_avx512;
-        instructions = "avx512";
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        loops = &loops_avx2;
-        instructions = "avx2";
+    PyObject *m = PyModule_Create(&module), *available = PyList_New(0);
+    for (size_t i = 0; m && available && i < sizeof NAMES / sizeof *NAMES; i++) {
+        if (!supported(NAMES[i])) continue;
+        PyObject *name = PyUnicode_FromString(NAMES[i]);
+        if (!name || PyList_Append(available, name) < 0) Py_CLEAR(available);
+        Py_XDECREF(name);
     }
-#endif
-    PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddStringConstant(m, "instructions", instructions) < 0) Py_CLEAR(m);
+    if (!m || !available || PyModule_AddObjectRef(m, "available", available) < 0
+        || PyModule_AddObjectRef(m, "instructions", PyList_GET_ITEM(available, 0)) < 0) {
+        Py_XDECREF(available);
+        Py_XDECREF(m);
+        return NULL;
+    }
+    loops = loops_of(PyUnicode_AsUTF8(PyList_GET_ITEM(available, 0)));
+    Py_DECREF(available);
     return m;
 }

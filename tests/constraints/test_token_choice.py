@@ -61,11 +61,22 @@ def reference(row, mask, allow, hidden):
     return int(np.flatnonzero(values == top)[0]), top + math.log(np.exp(values - top).sum())
 
 
-def both(action):
-    """`action()` with the kernel (where built) and with numpy."""
+def every_way(action) -> list:
+    """`action()` with the kernel's loops for each instruction set this CPU runs, then
+    with numpy (last)."""
+    results = []
+    if token_choice.KERNEL_BUILT:
+        from lmq.constraints import _kernel
+        best = _kernel.instructions
+        try:
+            for name in _kernel.available:
+                _kernel.use(name)
+                results.append(action())
+        finally:
+            _kernel.use(best)
     with token_choice.numpy_fallback():
-        fallback = action()
-    return action(), fallback
+        results.append(action())
+    return results
 
 
 def close(a: float, b: float) -> bool:
@@ -82,9 +93,12 @@ def test_the_kernel_is_in_use_unless_lmq_no_kernel_is_set():
 
 
 def test_the_kernel_is_built_in_this_install():
-    """CI installs with `pip install -e .`: a silent fallback to numpy fails here."""
+    """CI installs with `pip install -e .`: a silent fallback to numpy fails here. The
+    property tests run the loops of every instruction set the CPU has."""
     from lmq.constraints import _kernel
-    assert _kernel.instructions in ("avx512", "avx2", "baseline")
+    assert _kernel.instructions == _kernel.available[0] and "baseline" in _kernel.available
+    with pytest.raises(ValueError, match="not available"):
+        _kernel.use("sse1")
 
 
 @SETTINGS
@@ -93,10 +107,10 @@ def test_best_and_choose_agree_with_the_reference_on_kernel_and_numpy(step):
     row, mask, allow, hidden = step
     expected_token, expected_normalizer = reference(row, mask, allow, hidden)
     before = row.copy()
-    for token, normalizer in both(lambda: token_choice.best(row, mask, allow, hidden, normalizer=True)):
+    for token, normalizer in every_way(lambda: token_choice.best(row, mask, allow, hidden, normalizer=True)):
         assert token == expected_token
         assert close(normalizer, expected_normalizer) or normalizer == expected_normalizer == -math.inf
-    for token, logprob in both(lambda: token_choice.choose(row, mask, allow, hidden)):
+    for token, logprob in every_way(lambda: token_choice.choose(row, mask, allow, hidden)):
         assert token == expected_token
         expected = 0.0 if token < 0 else float(row[token]) - expected_normalizer
         assert close(logprob(), expected)
@@ -107,18 +121,18 @@ def test_best_and_choose_agree_with_the_reference_on_kernel_and_numpy(step):
 @given(steps())
 def test_candidates_are_the_same_scores_on_kernel_and_numpy(step):
     row, mask, allow, hidden = step
-    (kernel_values, kernel_ids), (numpy_values, numpy_ids) = both(
+    *kernel, (numpy_values, numpy_ids) = every_way(
         lambda: tuple(np.copy(a) if a is not None else None
                       for a in token_choice.candidates(row, mask, allow, hidden, np.empty_like(row))))
-    assert np.array_equal(kernel_values, numpy_values)
-    assert (kernel_ids is None) == (numpy_ids is None)
-    if kernel_ids is not None:
-        assert np.array_equal(kernel_ids, numpy_ids)
-    full = np.full(len(row), -np.inf, dtype=np.float32)
-    if kernel_ids is None:
-        full = kernel_values
-    else:
-        full[kernel_ids] = kernel_values
+    for kernel_values, kernel_ids in kernel:
+        assert np.array_equal(kernel_values, numpy_values)
+        assert (kernel_ids is None) == (numpy_ids is None)
+        if kernel_ids is not None:
+            assert np.array_equal(kernel_ids, numpy_ids)
+    full = numpy_values
+    if numpy_ids is not None:
+        full = np.full(len(row), -np.inf, dtype=np.float32)
+        full[numpy_ids] = numpy_values
     token, normalizer = reference(row, mask, allow, hidden)
     assert token == (int(np.argmax(full)) if full.max() > -np.inf else -1)
     assert close(token_choice.log_normalizer(full), normalizer) or normalizer == -math.inf
@@ -139,11 +153,12 @@ def test_the_same_uniform_numbers_draw_the_same_tokens_on_kernel_and_numpy(step,
         bounds = np.concatenate(([0.0], cumulative / cumulative[-1]))
         us = [u for u in us if np.abs(bounds - u).min() > 1e-5]
     for u in us:
-        (token, normalizer), (expected, expected_normalizer) = both(
+        *kernel, (expected, expected_normalizer) = every_way(
             lambda: token_choice.draw(row, u, temperature, hidden))
-        assert token == expected
-        assert token == -1 if not allowed.any() else allowed[token]
-        assert close(normalizer, expected_normalizer) or normalizer == expected_normalizer == -math.inf
+        assert expected == -1 if not allowed.any() else allowed[expected]
+        for token, normalizer in kernel:
+            assert token == expected
+            assert close(normalizer, expected_normalizer) or normalizer == expected_normalizer == -math.inf
     drawn = token_choice.draw_rows([row] * len(us), us, [hidden] * len(us), temperature)
     assert drawn == [token_choice.draw(row, u, temperature, hidden) for u in us]
 
@@ -157,20 +172,21 @@ def test_draws_agree_on_many_full_size_rows():
     for _ in range(200):
         row = (rng.standard_normal(49152) * rng.uniform(0.5, 4)).astype(np.float32)
         us = rng.random(10).tolist()
-        kernel, fallback = both(lambda: token_choice.draw_rows([row] * 10, us, [ends] * 10))
-        assert [t for t, _ in kernel] == [t for t, _ in fallback]
-        assert all(close(a, b) for (_, a), (_, b) in zip(kernel, fallback))
+        *kernel, fallback = every_way(lambda: token_choice.draw_rows([row] * 10, us, [ends] * 10))
+        for drawn in kernel:
+            assert [t for t, _ in drawn] == [t for t, _ in fallback]
+            assert all(close(a, b) for (_, a), (_, b) in zip(drawn, fallback))
 
 
 def test_nothing_to_choose_is_minus_one():
     row = np.array([1.0, -np.inf, 3.0], dtype=np.float32)
     empty = TokenMask.of(np.empty(0, dtype=np.int32), 3)
     blocked = TokenMask.of(np.array([1], dtype=np.int32), 3)
-    for kernel, fallback in (both(lambda: token_choice.best(row, empty, None, None, True)),
-                             both(lambda: token_choice.best(row, blocked, None, None, True)),
-                             both(lambda: token_choice.best(row, None, None, np.array([0, 1, 2]), True)),
-                             both(lambda: token_choice.draw(row, 0.5, 1.0, np.array([0, 2])))):
-        assert kernel == fallback == (-1, -math.inf)
+    for action in (lambda: token_choice.best(row, empty, None, None, True),
+                   lambda: token_choice.best(row, blocked, None, None, True),
+                   lambda: token_choice.best(row, None, None, np.array([0, 1, 2]), True),
+                   lambda: token_choice.draw(row, 0.5, 1.0, np.array([0, 2]))):
+        assert set(every_way(action)) == {(-1, -math.inf)}
 
 
 # ------------------------------------------------------------------ on the model
