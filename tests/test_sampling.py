@@ -8,7 +8,7 @@ import pytest
 
 import lmq
 from lmq.backends.sampling_settings import SamplingSettings
-from lmq.runtime.sampling import Sampler, make_sampler
+from lmq.runtime.sampling import DrawAhead, Sampler, make_sampler
 
 ROW = np.array([2.0, 1.5, 1.2, 0.9, 0.5, 0.3, 0.0, -0.4, -1.0, -2.0, 3.0, -np.inf], dtype=np.float32)
 DRAWS = 20000
@@ -216,6 +216,30 @@ def test_hidden_entries_are_never_drawn_and_leave_the_normalizer():
     only = np.full(4, -np.inf, dtype=np.float32)
     only[1] = 0.0
     assert s.pick_hiding(only, np.array([1])) == -1
+
+
+def test_a_steps_draws_ahead_in_one_call_are_each_samplers_own_draws():
+    """`DrawAhead.run_all` (one kernel call for a step's rows) draws what `run` draws on
+    each row, each sampler's stream and normalizer moving as they would alone."""
+    rows = np.random.default_rng(2).normal(0, 3, (6, 300)).astype(np.float32)
+    rows[4] = -np.inf                                 # nothing left to draw: -1
+    hiddens = [None, np.array([3, 7]), None, np.array([0]), None, np.array([299])]
+
+    def aheads():
+        made = [DrawAhead(make_sampler({}, seed=5, branch=i)) for i in range(len(rows))]
+        for ahead, hidden in zip(made, hiddens):
+            ahead.hidden = hidden
+        return made
+
+    alone, together = aheads(), aheads()
+    for _ in range(3):
+        for ahead, row in zip(alone, rows):
+            ahead.run(row)
+        DrawAhead.run_all(together, list(rows))
+        assert [a.token for a in together] == [a.token for a in alone]
+        assert [a.sampler.log_normalizer for a in together] == [a.sampler.log_normalizer for a in alone]
+        assert together[4].token == -1 and together[1].token not in (3, 7)
+    assert [a.sampler.state() for a in together] == [a.sampler.state() for a in alone]
 
 
 @pytest.mark.parametrize("knobs", [{"temperature": 0.9, "top_k": 20}, {"mirostat": 2}])
