@@ -14,6 +14,8 @@ from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints.gbnf import parse_gbnf
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
+from lmq.constraints import llguidance_lark
+from lmq.constraints.json_schema import schema_to_gbnf
 from lmq.constraints.llguidance_lark import choose_lexemes
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 from vocab_paths import vocab
@@ -145,6 +147,36 @@ def test_json_grammar_reads_as_one_lexeme_and_split_words_do_not():
     assert choose_lexemes(parse_gbnf(GRAMMARS["split-words"]).rules) == set()
     assert choose_lexemes(parse_gbnf('root ::= s s\ns ::= "\\"" [a-z]* "\\""').rules) == {"root"}
     assert choose_lexemes(parse_gbnf('root ::= s+\ns ::= "\\"" [a-z]* "\\""').rules) == {"s"}
+
+
+LEXEME_CASES = [*GRAMMARS.values(),
+                'root ::= "a" | "ab"', 'root ::= [0-9] | [1-9] [0-9]{0,3} ","',
+                'root ::= x y\nx ::= "[" [a-z]{0,3} "]"\ny ::= "[" | "(" [a-z]* ")"',
+                'root ::= s ("," s)*\ns ::= "\\"" [a-c]{0,4} "\\""',
+                'root ::= k+\nk ::= "ab" | "a" "c"', 'root ::= "x" [a-z]? [a-y]? "."',
+                *(schema_to_gbnf(schema) for schema in (
+                    {"type": "object", "properties": {"n": {"type": "integer"},
+                                                      "s": {"type": "string", "maxLength": 5}}},
+                    {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+                    {"enum": ["a", "ab", 1, 12]}, {"type": "integer"}))]
+
+
+@pytest.mark.parametrize("text", LEXEME_CASES)
+def test_prefix_free_proof_agrees_with_the_product_construction(text, monkeypatch):
+    """The Glushkov proof only shortcuts the product construction: the lexemes chosen
+    with it are those chosen without it."""
+    rules = parse_gbnf(text).rules
+    chosen = choose_lexemes(rules)
+    monkeypatch.setattr(llguidance_lark, "_proven_prefix_free", lambda *args: False)
+    assert choose_lexemes(rules) == chosen
+
+
+def test_prefix_free_proof_refuses_what_is_not_prefix_free():
+    rules = parse_gbnf('root ::= a "," a\na ::= "x" | "xy"').rules
+    assert not llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord(","), ord(",")),))
+    assert not llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord("x"), ord("x")),))
+    rules = parse_gbnf('root ::= a "," a\na ::= "x" "y"?  ";"').rules
+    assert llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord(","), ord(",")),))
 
 
 def test_forced_bytes_and_fork(vocabularies):

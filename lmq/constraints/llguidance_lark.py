@@ -15,10 +15,18 @@ from `root` down, each non-recursive, non-empty rule made of characters only, ch
 whole set (single characters included) with a product construction over their NFAs,
 and demotes a rule involved in a conflict (its sub-rules become candidates) until none
 is left. JSON grammars come out as one or a few lexemes (a JSON value is prefix-free).
+
+The check is first tried the cheap way: the subset construction over the lexemes'
+Glushkov automaton (one state per character position, rule references inlined; nearly
+deterministic for JSON, so the subsets are mostly single positions). When no subset
+holding a final position has a successor, no accepted string continues: the set is
+prefix-free. Only when that proof fails does the product construction decide (and pick
+the lexeme to demote).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Iterable
 
@@ -31,6 +39,9 @@ MAX_CODE_POINT = g.MAX_CODE_POINT
 MAX_LEXEME_STATES = 3000
 #: pairs explored by one check before giving up on promotion
 MAX_PAIRS = 200_000
+#: position-list entries the Glushkov proof may build before leaving the check to the
+#: product construction (nested bounded repetitions grow their final sets quadratically)
+MAX_POSITION_WORK = 100_000
 
 Ranges = tuple[tuple[int, int], ...]
 
@@ -41,7 +52,7 @@ def choose_lexemes(rules: dict[str, g.Node]) -> set[str]:
     demoted: set[str] = set()
     while True:
         lexemes, singles = _promote(rules, candidates - demoted)
-        if not lexemes:
+        if not lexemes or _proven_prefix_free(rules, lexemes, singles):
             return lexemes
         nfa = _Nfa(rules)
         starts = []
@@ -130,6 +141,7 @@ def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], 
     return lexemes, merge_ranges(chars)
 
 
+@functools.lru_cache(maxsize=4096)
 def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
     if isinstance(node, g.AnyChar):
         return ((0, MAX_CODE_POINT),)
@@ -144,6 +156,197 @@ def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
     if next_low <= MAX_CODE_POINT:
         complement.append((next_low, MAX_CODE_POINT))
     return tuple(complement)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Glushkov:
+    """The Glushkov automaton of several lexemes: a position per character (class) read,
+    with the positions that may follow it. `states` counts the NFA states `_Nfa` would
+    create for the current lexeme, so that its size limit applies alike."""
+
+    def __init__(self, rules: dict[str, g.Node]):
+        self.rules = rules
+        self.ranges: list[Ranges] = []
+        self.follow: list[list[int]] = []
+        self.states = 0
+        self.work = 0
+        self.built: dict[int, tuple] = {}
+
+    def position(self, ranges: Ranges) -> int:
+        self.ranges.append(ranges)
+        self.follow.append([])
+        return len(self.ranges) - 1
+
+    def link(self, last: list[int], first: list[int]) -> None:
+        if first:
+            self.work += len(last) * len(first)
+            if self.work > MAX_POSITION_WORK:
+                raise _TooLarge
+            follow = self.follow
+            for p in last:
+                follow[p].extend(first)
+
+    def shared(self, node: g.Node) -> tuple[list[int], list[int], bool]:
+        """`node(node)` for a node built many times (a rule's body, a repeated item):
+        after its first build, copied from it, shifted. Only its final positions gain
+        successors after it is built (from what follows it), so their count then is
+        all a copy needs to keep."""
+        built = self.built.get(id(node))
+        if built is None:
+            start, states, work = len(self.ranges), self.states, self.work
+            first, last, nullable = self.node(node)
+            self.built[id(node)] = (start, len(self.ranges), first, last, nullable,
+                                    {p: len(self.follow[p]) for p in last},
+                                    self.states - states, self.work - work)
+            return first, last, nullable
+        start, end, first, last, nullable, inner, states, work = built
+        shift = len(self.ranges) - start
+        self.states += states
+        self.work += work + end - start
+        if self.work > MAX_POSITION_WORK:
+            raise _TooLarge
+        self.ranges += self.ranges[start:end]
+        self.follow += [[q + shift for q in follow] for follow in self.follow[start:end]]
+        for p, count in inner.items():
+            del self.follow[p + shift][count:]
+        return [p + shift for p in first], [p + shift for p in last], nullable
+
+    def node(self, node: g.Node) -> tuple[list[int], list[int], bool]:
+        """(first positions, final positions, nullable) of `node`."""
+        if isinstance(node, g.RuleRef):
+            return self.shared(self.rules[node.name])
+        if isinstance(node, (g.CharClass, g.AnyChar)):
+            p = self.position(_ranges(node))
+            return [p], [p], False
+        if isinstance(node, g.Literal):
+            if not node.text:
+                return [], [], True
+            self.states += len(node.text) - 1
+            chain = [self.position(((ord(c), ord(c)),)) for c in node.text]
+            for p, q in zip(chain, chain[1:]):
+                self.follow[p].append(q)
+            return chain[:1], chain[-1:], False
+        if isinstance(node, g.Sequence):
+            self.states += max(len(node.items) - 1, 0)
+            return self.sequence([self.node(item) for item in node.items])
+        if isinstance(node, g.Choice):
+            first, last, nullable = [], [], False
+            for item in node.alternatives:
+                f, l, n = self.node(item)
+                first += f
+                last += l
+                nullable = nullable or n
+            return first, last, nullable
+        return self.repeat(node)
+
+    def sequence(self, parts: list[tuple[list[int], list[int], bool]]) -> tuple[list[int], list[int], bool]:
+        first: list[int] = []
+        last: list[int] = []
+        nullable = True
+        for f, l, n in parts:
+            self.link(last, f)
+            if nullable:
+                first = first + f
+            last = last + l if n else l
+            nullable = nullable and n
+            self.work += len(last)
+        return first, last, nullable
+
+    def repeat(self, node: g.Repeat) -> tuple[list[int], list[int], bool]:
+        """x{low,high} as low copies of x and (x (x …)?)? nested optional copies, as
+        `_Nfa.repeat` builds it; x{low,} as low copies and a looping one."""
+        if self.states > MAX_LEXEME_STATES:
+            raise _TooLarge
+        parts = [self.shared(node.item) for _ in range(node.low)]
+        if node.high is None:
+            self.states += node.low + 2
+            first, last, _ = self.shared(node.item)
+            self.link(last, first)
+            parts.append((first, last, True))
+            return self.sequence(parts)
+        self.states += node.high
+        optional: tuple[list[int], list[int], bool] = ([], [], True)
+        for _ in range(node.high - node.low):
+            first, last, nullable = self.shared(node.item)
+            self.link(last, optional[0])
+            optional = (first + optional[0] if nullable else first, last + optional[1], True)
+            self.work += len(optional[1])
+        return self.sequence(parts + [optional])
+
+
+def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ranges) -> bool:
+    """Whether the lexemes and single characters are prefix-free together, by the subset
+    construction over their Glushkov automaton (see the module docstring); False when the
+    proof does not apply (the product construction then decides), or a lexeme is too
+    large to promote."""
+    automaton = _Glushkov(rules)
+    heads = [automaton.position(((low, high),)) for low, high in singles]
+    final = set(heads)
+    try:
+        for name in sorted(lexemes):
+            automaton.states = 2
+            first, last, _ = automaton.node(g.RuleRef(name))
+            if automaton.states > MAX_LEXEME_STATES:
+                return False
+            heads += first
+            final.update(last)
+    except _TooLarge:
+        return False
+    successors = _Successors(automaton.ranges)
+    follow = automaton.follow
+    pending = successors(heads)
+    seen = set(pending)
+    while pending:
+        subset = pending.pop()
+        targets = follow[subset[0]] if len(subset) == 1 else \
+            list(dict.fromkeys(q for p in subset for q in follow[p]))
+        if not targets:
+            continue
+        if not final.isdisjoint(subset):
+            return False               # an accepted string continues
+        for successor in successors(targets):
+            if successor not in seen:
+                if len(seen) > MAX_LEXEME_STATES:
+                    return False
+                seen.add(successor)
+                pending.append(successor)
+    return True
+
+
+class _Successors:
+    """The sets of positions one character leads to from a set of `targets` (their
+    successors): each target alone when their ranges are disjoint (as in most states of
+    a JSON grammar; decided once per combination of ranges), else one set per piece of
+    the ranges' common refinement."""
+
+    def __init__(self, ranges: list[Ranges]):
+        self.ranges = ranges
+        self.disjoint: dict[tuple[int, ...], bool] = {}
+
+    def __call__(self, targets: list[int]) -> list[tuple[int, ...]]:
+        if len(targets) == 1:
+            return [(targets[0],)]
+        ranges = self.ranges
+        targets = list(dict.fromkeys(targets))
+        key = tuple(id(ranges[q]) for q in targets)
+        disjoint = self.disjoint.get(key)
+        if disjoint is None:
+            pieces = sorted(piece for q in targets for piece in ranges[q])
+            disjoint = self.disjoint[key] = all(pieces[i][1] < pieces[i + 1][0]
+                                                for i in range(len(pieces) - 1))
+        if disjoint:
+            return [(q,) for q in targets]
+        pieces = [(low, high, q) for q in targets for low, high in ranges[q]]
+        cuts = sorted({low for low, _, _ in pieces} | {high + 1 for _, high, _ in pieces})
+        found: dict[tuple[int, ...], None] = {}
+        for low, high in zip(cuts, cuts[1:]):
+            covering = tuple(sorted({q for a, b, q in pieces if a <= low and high - 1 <= b}))
+            if covering:
+                found[covering] = None
+        return list(found)
 
 
 def _intersect(a: Ranges, b: Ranges) -> bool:
