@@ -21,7 +21,7 @@ from lmq.constraints import byte_dfa as fa
 from lmq.constraints.char_budget import CharBudgetAutomaton
 from lmq.constraints.gbnf import Grammar, parse_gbnf
 from lmq.constraints.gbnf_export import dfa_to_gbnf
-from lmq.constraints.grammar_automaton import GrammarTokenAutomaton, grammar_lark
+from lmq.constraints.grammar_automaton import GrammarTokenAutomaton, lark_of
 from lmq.constraints.languages import (LanguageKey, character_budget, key_from_json, key_to_json,
                                        stopped_dfa, value_dfa)
 from lmq.constraints.token_automaton import TokenAutomaton
@@ -147,7 +147,7 @@ def compile_constraint(plan: HolePlan) -> CompiledConstraint | None:
     """The compiled form of `plan`'s language or grammar (None when it has neither)."""
     if plan.grammar is not None:
         grammar = grammar_of(plan.grammar, plan.name)
-        return CompiledConstraint(grammar=grammar, lark=grammar_lark(grammar))
+        return CompiledConstraint(grammar=grammar, lark=lark_of(grammar, plan.name))
     if plan.language is None:
         return None
     dfa, most_chars = _language_dfa(plan.language, _stop_pairs(plan))
@@ -170,8 +170,7 @@ def attach_automaton(plan: HolePlan, compiled: CompiledConstraint | None,
 def build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
     """Give `plan` the token automaton of its grammar or language over `vocabulary`."""
     if plan.grammar is not None:
-        plan.automaton = GrammarTokenAutomaton(grammar_of(plan.grammar, plan.name), vocabulary,
-                                               variable=plan.name)
+        plan.automaton = GrammarTokenAutomaton(plan.grammar, vocabulary, variable=plan.name)
         return
     if plan.language is None:
         return

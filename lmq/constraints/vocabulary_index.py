@@ -26,13 +26,13 @@ import functools
 import hashlib
 import marshal
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from lmq.backends.base import Vocabulary
+from lmq.constraints.disk_cache import cache_directory, write_atomically
 from lmq.constraints.vocabulary_cache import vocabulary_cache
 
 #: bump when the layout or the build changes: old cache files are then ignored
@@ -216,11 +216,6 @@ def vocabulary_key(token_bytes: tuple[bytes, ...]) -> str:
     return f"v{FORMAT_VERSION}-{digest.hexdigest()}"
 
 
-def cache_directory() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "lmq")
-
-
 def _load(path: str, size: int) -> VocabularyIndex | None:
     try:
         with np.load(path, allow_pickle=False) as stored:
@@ -228,25 +223,6 @@ def _load(path: str, size: int) -> VocabularyIndex | None:
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
         return None                       # missing or unreadable: rebuilt and rewritten
     return VocabularyIndex(size=size, **arrays)
-
-
-def _store(path: str, index: VocabularyIndex) -> None:
-    """Write to a temporary file and rename it into place, so that a concurrent reader
-    sees either no file or a complete one; a cache that cannot be written is skipped."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    except OSError:
-        return
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **index.arrays())
-        os.replace(temporary, path)
-    except OSError:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
 
 
 def vocabulary_index(vocabulary: Vocabulary, *, use_disk_cache: bool = True) -> VocabularyIndex:
@@ -262,7 +238,7 @@ def vocabulary_index(vocabulary: Vocabulary, *, use_disk_cache: bool = True) -> 
     if index is None:
         index = VocabularyIndex.build(vocabulary.token_bytes)
         if use_disk_cache:
-            _store(path, index)
+            write_atomically(path, lambda f: np.savez(f, **index.arrays()))
     with cache.lock:
         if cache.index is None:
             cache.index = index
