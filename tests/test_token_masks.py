@@ -250,6 +250,40 @@ def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, column_walk, tmp_path, mo
             state = after
 
 
+@pytest.mark.parametrize("pattern", ["[a-z ]+", "[0-9]+", "[ -~]*", "x[a-c]*y?", "(ab|[a-c ])+",
+                                     "[^\\x00-\\x7f]+", "[é a-z]+", "( [a-z]+)*\\."])
+def test_filtered_subtrees_give_the_per_token_walk_masks(gguf_vocab, column_walk, pattern):
+    """States that only loop or die filter whole subtrees on their tokens' byte groups
+    (exact only where no group holds both a looping and a dying byte); masks equal a
+    per-token walk in every state along a few steps."""
+    vocabulary = gguf_vocab.vocabulary()
+    dfa = regex_dfa(pattern)
+    tokens = DfaTokenAutomaton(dfa, vocabulary_index(vocabulary), vocabulary.token_bytes)
+    state = tokens.initial()
+    for step in range(4):
+        mask = tokens.mask(state)
+        assert mask.allowed.tolist() == column_walk.mask(dfa, state), (pattern, state)
+        if not mask.count:
+            break
+        state = tokens.advance(state, int(mask.allowed[(step + 1) * len(mask.allowed) // 5]))
+
+
+def test_a_loop_or_die_state_filters_instead_of_walking(gguf_vocab, monkeypatch):
+    """`[a-z ]+` sets its subtrees aside for filtering after the first byte."""
+    subtrees = []
+    original = DfaTokenAutomaton._filtered_positions
+
+    def spy(self, filtered, few):
+        subtrees.append(len(few) + sum(len(starts) for starts, *_ in filtered))
+        return original(self, filtered, few)
+
+    monkeypatch.setattr(DfaTokenAutomaton, "_filtered_positions", spy)
+    vocabulary = gguf_vocab.vocabulary()
+    tokens = DfaTokenAutomaton(regex_dfa("[a-z ]+"), vocabulary_index(vocabulary), vocabulary.token_bytes)
+    tokens.mask(tokens.initial())
+    assert len(subtrees) == 1 and subtrees[0] >= 10    # most first bytes a-z and space
+
+
 def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab, column_walk):
     """`len(X) < 12` keeps almost every token alive in each of its states: after a couple
     of whole-trie walks the automaton uses the class-pattern trie; masks stay exact."""
