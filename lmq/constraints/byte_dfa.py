@@ -30,7 +30,6 @@ minimization proportional to the number of distinct behaviours, not to 256.
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
@@ -246,10 +245,9 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
     number = {(b"", node_class[0]): 1}
     order: list[tuple] = [(b"", node_class[0])]
     sources, bytes_, targets, accepting = [], [], [], [False]
-    for state in order:
-        suffix, node = state
+    for source, (suffix, node) in enumerate(order, 1):      # `order` grows as it is read
         if suffix:
-            out = [(suffix[0], (suffix[1:], node))]
+            out: Iterable = ((suffix[0], (suffix[1:], node)),)
             accepting.append(False)
         else:
             final, edges = classes[node]
@@ -260,25 +258,23 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
             if known is None:
                 known = number[target] = len(order) + 1
                 order.append(target)
-            sources.append(number[state])
+            sources.append(source)
             bytes_.append(byte)
             targets.append(known)
     count = len(order) + 1
     transitions = np.zeros((count, 256), np.int32)
     transitions[sources, bytes_] = targets
     used = sorted(set(bytes_))
+    columns = np.ascontiguousarray(transitions[:, used].T)
     merged: dict[bytes, int] = {bytes(4 * count): 0}
+    class_of = [merged.setdefault(column.tobytes(), len(merged)) for column in columns]
     byte_class = np.zeros(256, np.intp)
-    columns = [np.zeros(count, np.int32)]
-    for byte in used:
-        column = transitions[:, byte]
-        key = column.tobytes()
-        if key not in merged:
-            merged[key] = len(columns)
-            columns.append(column)
-        byte_class[byte] = merged[key]
-    return _seal(np.column_stack(columns), byte_class, np.array(accepting),
-                 np.zeros(count, bool), 1)
+    byte_class[used] = class_of
+    first = np.zeros(len(merged), np.intp)
+    first[class_of] = used                    # a byte of each class (any: they act alike)
+    table = transitions[:, first]
+    table[:, 0] = DEAD
+    return _seal(table, byte_class, np.array(accepting), np.zeros(count, bool), 1)
 
 
 def _option_bytes(strings: Iterable[bytes]) -> Iterator[bytes]:
@@ -286,6 +282,20 @@ def _option_bytes(strings: Iterable[bytes]) -> Iterator[bytes]:
         if not isinstance(data, (bytes, bytearray)):
             raise ConstraintError(f"an option must be bytes, not {data!r}")
         yield bytes(data)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """The length of the common prefix of `a` and `b` (slices compared by halves)."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:                     # a[:low] == b[:low], a[:high] != b[:high]
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _children_first(tree: list[tuple[bool, list]]) -> list[int]:
@@ -307,7 +317,7 @@ def _radix_tree(words: list[bytes]) -> list[tuple[bool, list]]:
     previous = b""
     trie_nodes = 1
     for word in words:
-        common = len(os.path.commonprefix((previous, word)))
+        common = _common_prefix(previous, word)
         trie_nodes += len(word) - common
         if trie_nodes > OPTION_NODES_PER_STATE * limits.MAX_STATES:
             raise limits.too_many_states("the list of options", f"{trie_nodes:,} trie nodes "
