@@ -5,6 +5,7 @@ llguidance is `lmq.constraints.llguidance_lark`."""
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Iterator, Union
 
@@ -14,6 +15,11 @@ from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstra
 #: llama.cpp refuses repetition counts above this (`MAX_REPETITION_THRESHOLD`)
 MAX_REPETITIONS = 2000
 MAX_CODE_POINT = 0x10FFFF
+_NAME = re.compile(r"[A-Za-z0-9-]+")
+_INTEGER = re.compile(r"[0-9]+")
+_SPACE = re.compile(r"(?:[ \t]|#[^\r\n]*)*")
+_SPACE_AND_NEWLINES = re.compile(r"(?:[ \t\r\n]|#[^\r\n]*)*")
+_PLAIN_CHARS = re.compile(r'[^"\\]+')
 
 
 @dataclass(frozen=True)
@@ -128,31 +134,22 @@ class _Parser:
         return self.text[at] if at < len(self.text) else ""
 
     def space(self, newlines: bool) -> None:
-        while True:
-            c = self.peek()
-            if c in (" ", "\t") or (newlines and c in ("\r", "\n")):
-                self.pos += 1
-            elif c == "#":
-                while self.peek() not in ("", "\r", "\n"):
-                    self.pos += 1
-            else:
-                return
+        """Skip blanks and comments (and newlines when `newlines`)."""
+        self.pos = (_SPACE_AND_NEWLINES if newlines else _SPACE).match(self.text, self.pos).end()
 
     def name(self) -> str:
-        start = self.pos
-        while _is_word_char(self.peek()):
-            self.pos += 1
-        if self.pos == start:
+        found = _NAME.match(self.text, self.pos)
+        if found is None:
             self.fail("expected a rule name (letters, digits and '-')")
-        return self.text[start:self.pos]
+        self.pos = found.end()
+        return found.group()
 
     def integer(self) -> int:
-        start = self.pos
-        while self.peek().isdigit() and self.peek().isascii():
-            self.pos += 1
-        if self.pos == start:
+        found = _INTEGER.match(self.text, self.pos)
+        if found is None:
             self.fail("expected an integer")
-        return int(self.text[start:self.pos])
+        self.pos = found.end()
+        return int(found.group())
 
     def rule(self) -> None:
         start = self.pos
@@ -291,7 +288,12 @@ class _Parser:
             if self.peek() == "":
                 self.pos = start
                 self.fail("unterminated string literal (opened here)")
-            chars.append(chr(self.char()))
+            plain = _PLAIN_CHARS.match(self.text, self.pos)
+            if plain is not None:
+                chars.append(plain.group())
+                self.pos = plain.end()
+            else:
+                chars.append(chr(self.char()))
         self.pos += 1
         return Literal("".join(chars))
 

@@ -295,20 +295,28 @@ def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ra
             final.update(last)
     except _TooLarge:
         return False
+    # Every single position is checked (unreachable ones too: a refusal only costs the
+    # product construction); the subsets of several positions are explored from where a
+    # character leads to several, until they part into single ones again.
     successors = _Successors(automaton.ranges)
     follow = automaton.follow
-    pending = successors(heads)
+    pending = [subset for subset in successors(heads) if len(subset) > 1]
+    for p, targets in enumerate(follow):
+        if targets:
+            if p in final:
+                return False           # an accepted string continues
+            if len(targets) > 1 and not successors.disjoint(targets):
+                pending += [subset for subset in successors(targets) if len(subset) > 1]
     seen = set(pending)
     while pending:
         subset = pending.pop()
-        targets = follow[subset[0]] if len(subset) == 1 else \
-            list(dict.fromkeys(q for p in subset for q in follow[p]))
+        targets = list(dict.fromkeys(q for p in subset for q in follow[p]))
         if not targets:
             continue
         if not final.isdisjoint(subset):
-            return False               # an accepted string continues
+            return False
         for successor in successors(targets):
-            if successor not in seen:
+            if len(successor) > 1 and successor not in seen:
                 if len(seen) > MAX_LEXEME_STATES:
                     return False
                 seen.add(successor)
@@ -319,26 +327,28 @@ def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ra
 class _Successors:
     """The sets of positions one character leads to from a set of `targets` (their
     successors): each target alone when their ranges are disjoint (as in most states of
-    a JSON grammar; decided once per combination of ranges), else one set per piece of
-    the ranges' common refinement."""
+    a JSON grammar; decided once per combination of ranges, which copies of a rule
+    share), else one set per piece of the ranges' common refinement."""
 
     def __init__(self, ranges: list[Ranges]):
         self.ranges = ranges
-        self.disjoint: dict[tuple[int, ...], bool] = {}
+        self.identity = list(map(id, ranges))
+        self.known: dict[tuple[int, ...], bool] = {}
+
+    def disjoint(self, targets: list[int]) -> bool:
+        key = tuple(map(self.identity.__getitem__, targets))
+        disjoint = self.known.get(key)
+        if disjoint is None:
+            pieces = sorted(piece for q in dict.fromkeys(targets) for piece in self.ranges[q])
+            disjoint = self.known[key] = all(pieces[i][1] < pieces[i + 1][0]
+                                             for i in range(len(pieces) - 1))
+        return disjoint
 
     def __call__(self, targets: list[int]) -> list[tuple[int, ...]]:
-        if len(targets) == 1:
-            return [(targets[0],)]
-        ranges = self.ranges
         targets = list(dict.fromkeys(targets))
-        key = tuple(id(ranges[q]) for q in targets)
-        disjoint = self.disjoint.get(key)
-        if disjoint is None:
-            pieces = sorted(piece for q in targets for piece in ranges[q])
-            disjoint = self.disjoint[key] = all(pieces[i][1] < pieces[i + 1][0]
-                                                for i in range(len(pieces) - 1))
-        if disjoint:
+        if len(targets) == 1 or self.disjoint(targets):
             return [(q,) for q in targets]
+        ranges = self.ranges
         pieces = [(low, high, q) for q in targets for low, high in ranges[q]]
         cuts = sorted({low for low, _, _ in pieces} | {high + 1 for _, high, _ in pieces})
         found: dict[tuple[int, ...], None] = {}
