@@ -92,8 +92,9 @@ def _parse(text: str, owner: str) -> Grammar:
     rules = _Parser(text, owner).parse()
     if "root" not in rules:
         raise ConstraintError(f"{owner}: the grammar has no 'root' rule")
-    _check_left_recursion(rules, owner)
-    if not _productive(rules)["root"]:
+    refs = references(rules)
+    _check_left_recursion(rules, owner, refs)
+    if not _productive(rules, refs)["root"]:
         raise UnsatisfiableConstraint(f"{owner}: the grammar derives no string from 'root' "
                                       "(every derivation recurses forever)")
     return Grammar(text, rules)
@@ -345,14 +346,14 @@ def references(rules: dict[str, Node]) -> dict[str, set[str]]:
             for name, node in rules.items()}
 
 
-def nullable_rules(rules: dict[str, Node]) -> dict[str, bool]:
-    """Which rules derive the empty string."""
-    return fixpoint(rules, _nullable)
+def nullable_rules(rules: dict[str, Node], refs: dict[str, set[str]] | None = None) -> dict[str, bool]:
+    """Which rules derive the empty string (`refs`: `references(rules)` if at hand)."""
+    return fixpoint(rules, _nullable, refs)
 
 
-def _productive(rules: dict[str, Node]) -> dict[str, bool]:
+def _productive(rules: dict[str, Node], refs: dict[str, set[str]]) -> dict[str, bool]:
     """Which rules derive some string at all."""
-    return fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True))
+    return fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True), refs)
 
 
 def _nullable(node: Node, nullable: dict[str, bool]) -> bool:
@@ -373,14 +374,14 @@ def _derives(node: Node, known: dict[str, bool], terminal) -> bool:
     return terminal(node)
 
 
-def fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
+def fixpoint(rules: dict[str, Node], holds, refs: dict[str, set[str]] | None = None) -> dict[str, bool]:
     """Least fixpoint of a monotone property of rules (nullable, productive): `holds(node,
     known)` decides a rule from what is known of the rules it refers to. A rule is decided
     again only when one it refers to became true (linear in the grammar, also for long
     chains of rules)."""
     value = {name: False for name in rules}
     users: dict[str, list[str]] = {name: [] for name in rules}
-    for name, used in references(rules).items():
+    for name, used in (refs if refs is not None else references(rules)).items():
         for other in used:
             users[other].append(name)
     pending = list(reversed(rules))
@@ -397,11 +398,11 @@ def fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
     return value
 
 
-def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
+def _check_left_recursion(rules: dict[str, Node], owner: str, refs: dict[str, set[str]]) -> None:
     """llama.cpp refuses a rule that can reach itself before consuming a character;
     lmq also refuses an unbounded repetition of something that may be empty, which
     llama.cpp's check misses."""
-    nullable = nullable_rules(rules)
+    nullable = nullable_rules(rules, refs)
 
     def leftmost(node: Node) -> set[str]:
         if isinstance(node, RuleRef):

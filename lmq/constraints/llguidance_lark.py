@@ -46,9 +46,10 @@ MAX_POSITION_WORK = 100_000
 Ranges = tuple[tuple[int, int], ...]
 
 
-def choose_lexemes(rules: dict[str, g.Node]) -> set[str]:
-    """Names of the rules to lex as single lexemes (see the module docstring)."""
-    candidates = _character_rules(rules)
+def choose_lexemes(rules: dict[str, g.Node], refs: dict[str, set[str]] | None = None) -> set[str]:
+    """Names of the rules to lex as single lexemes (see the module docstring; `refs`:
+    `gbnf.references(rules)` if at hand)."""
+    candidates = _character_rules(rules, refs if refs is not None else g.references(rules))
     demoted: set[str] = set()
     while True:
         lexemes, singles = _promote(rules, candidates - demoted)
@@ -74,8 +75,9 @@ def to_lark(grammar: g.Grammar) -> str:
     become terminals (lexed greedily, which is exact for them), every other
     character is a lexeme of its own. Rules used inside a lexeme are written once
     more as helper terminals (`H…`), which no rule references."""
-    lexemes = choose_lexemes(grammar.rules)
-    rules, helpers = _reachable(grammar.rules, lexemes)
+    refs = g.references(grammar.rules)
+    lexemes = choose_lexemes(grammar.rules, refs)
+    rules, helpers = _reachable(grammar.rules, lexemes, refs)
     index = {name: f"{i}_{name.replace('-', '_')}" for i, name in enumerate(grammar.rules)}
 
     def helper(name: str) -> str:
@@ -93,14 +95,13 @@ def to_lark(grammar: g.Grammar) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _character_rules(rules: dict[str, g.Node]) -> set[str]:
+def _character_rules(rules: dict[str, g.Node], refs: dict[str, set[str]]) -> set[str]:
     """Rules that reference, transitively, no recursive rule, may not be empty, and
     inline into at most `limits.MAX_GRAMMAR_DEPTH` levels of rules (deeper chains
     would be walked too deep, and they are not worth one lexeme)."""
-    refs = g.references(rules)
     closed = {name for name, done in g.fixpoint(
         rules, lambda node, known: all(known[n.name] for n in g.nodes_of(node)
-                                       if isinstance(n, g.RuleRef))).items() if done}
+                                       if isinstance(n, g.RuleRef)), refs).items() if done}
     height: dict[str, int] = {}
     pending = list(closed)
     while pending:                   # each rule after the rules it refers to
@@ -111,7 +112,7 @@ def _character_rules(rules: dict[str, g.Node]) -> set[str]:
             continue
         pending.pop()
         height[name] = 1 + max((height[r] for r in refs[name]), default=0)
-    nullable = g.nullable_rules(rules)
+    nullable = g.nullable_rules(rules, refs)
     return {name for name in closed
             if not nullable[name] and height[name] <= limits.MAX_GRAMMAR_DEPTH}
 
@@ -499,10 +500,10 @@ class _Nfa:
         return None
 
 
-def _reachable(rules: dict[str, g.Node], lexemes: set[str]) -> tuple[list[str], list[str]]:
+def _reachable(rules: dict[str, g.Node], lexemes: set[str],
+               refs: dict[str, set[str]]) -> tuple[list[str], list[str]]:
     """The rules reachable from root without entering a lexeme (lexemes included), and
     the rules used inside lexemes, each in order of definition."""
-    refs = g.references(rules)
 
     def references(name: str) -> list[str]:
         return list(refs[name])
