@@ -245,6 +245,7 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
     number = {(b"", node_class[0]): 1}
     order: list[tuple] = [(b"", node_class[0])]
     sources, bytes_, targets, accepting = [], [], [], [False]
+    lookup, grow = number.get, order.append
     for source, (suffix, node) in enumerate(order, 1):      # `order` grows as it is read
         if suffix:
             out: Iterable = ((suffix[0], (suffix[1:], node)),)
@@ -254,10 +255,10 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
             out = [(label[0], (label[1:], child)) for label, child in edges]
             accepting.append(final)
         for byte, target in out:
-            known = number.get(target)
+            known = lookup(target)
             if known is None:
-                known = number[target] = len(order) + 1
-                order.append(target)
+                grow(target)
+                known = number[target] = len(order)
             sources.append(source)
             bytes_.append(byte)
             targets.append(known)
