@@ -21,10 +21,11 @@ from lmq.backends.base import Vocabulary
 from lmq.constraints import grammar_cache
 from lmq.constraints.gbnf import Grammar, parse_gbnf
 from lmq.constraints.llguidance_lark import to_lark
-from lmq.constraints.token_masks import TokenMask
+from lmq.constraints.token_masks import DENSE_FRACTION, TokenMask
 from lmq.constraints.vocabulary_cache import MATCHERS_SIZE, vocabulary_cache
 from lmq.errors import ConstraintError, ConstraintTooLarge, ConstraintViolation, UnsatisfiableConstraint
 _LARK_HEADER = '%llguidance {"no_forcing": true}\n'
+_BIT_NUMBERS = np.arange(32)              # a bitmask word's bits, lowest first
 
 
 class _VocabularyTokens:
@@ -124,7 +125,13 @@ class GrammarTokenAutomaton:
             self._check_size(state)
             raise ConstraintError(f"the grammar of {self.variable} failed: {state.get_error()}")
         np.bitwise_and(self._bitmask, self._end_clear, out=self._bitmask)
-        mask = TokenMask.of_flags(np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool))
+        words = np.flatnonzero(self._bitmask)
+        if len(words) * 32 <= DENSE_FRACTION * self.size:    # surely sparse: unpack those words
+            bits = np.unpackbits(self._bits.reshape(-1, 4)[words], axis=1, bitorder="little")
+            mask = TokenMask.of((words[:, None] * 32 + _BIT_NUMBERS)[bits.view(bool)].astype(np.int32),
+                                self.size)
+        else:
+            mask = TokenMask.of_flags(np.unpackbits(self._bits, count=self.size, bitorder="little").view(bool))
         if not mask.count and not state.is_accepting():
             raise UnsatisfiableConstraint(f"no token of the vocabulary continues {self.variable} "
                                           "under its grammar, and the value is not complete")
