@@ -482,9 +482,12 @@ class DfaTokenAutomaton:
             return np.empty(0, dtype=np.intp)
         starts, counts, low, high = (np.concatenate(column) for column in zip(*filtered))
         positions = concatenated_ranges(starts, counts)
+        if (low == low[0]).all() and (high == high[0]).all():   # one state: as scalars
+            low, high = low[:1], high[:1]
+        else:
+            low, high = np.repeat(low, counts), np.repeat(high, counts)
         groups = self.index.token_groups
-        closed = ((groups[0][positions] & np.repeat(low, counts))
-                  | (groups[1][positions] & np.repeat(high, counts))) == 0
+        closed = ((groups[0][positions] & low) | (groups[1][positions] & high)) == 0
         return positions[closed]
 
     def _roots(self, state: int) -> tuple[np.ndarray, np.ndarray]:
