@@ -99,9 +99,9 @@ def _character_rules(rules: dict[str, g.Node], refs: dict[str, set[str]]) -> set
     """Rules that reference, transitively, no recursive rule, may not be empty, and
     inline into at most `limits.MAX_GRAMMAR_DEPTH` levels of rules (deeper chains
     would be walked too deep, and they are not worth one lexeme)."""
+    refs_of_body = {id(node): refs[name] for name, node in rules.items()}   # a body's refs alike
     closed = {name for name, done in g.fixpoint(
-        rules, lambda node, known: all(known[n.name] for n in g.nodes_of(node)
-                                       if isinstance(n, g.RuleRef)), refs).items() if done}
+        rules, lambda node, known: all(known[r] for r in refs_of_body[id(node)]), refs).items() if done}
     height: dict[str, int] = {}
     pending = list(closed)
     while pending:                   # each rule after the rules it refers to
