@@ -284,8 +284,8 @@ def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ra
     proof does not apply (the product construction then decides), or a lexeme is too
     large to promote."""
     automaton = _Glushkov(rules)
-    heads = [automaton.position(((low, high),)) for low, high in singles]
-    final = set(heads)
+    heads: list[int] = []
+    final: set[int] = set()
     try:
         for name in sorted(lexemes):
             automaton.states = 2
@@ -296,6 +296,9 @@ def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ra
             final.update(last)
     except _TooLarge:
         return False
+    if any(_intersect(automaton.ranges[p], singles) for p in heads):
+        return False       # a single character starts a lexeme (the product construction's
+                           # first test, which refuses an equal one-character lexeme too)
     # Every single position is checked (unreachable ones too: a refusal only costs the
     # product construction); the subsets of several positions are explored from where a
     # character leads to several, until they part into single ones again.
