@@ -16,7 +16,7 @@ from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints.gbnf import parse_gbnf
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
-from lmq.constraints import gbnf, llguidance_lark
+from lmq.constraints import llguidance_lark
 from lmq.constraints.json_schema import schema_to_gbnf
 from lmq.constraints.llguidance_lark import choose_lexemes
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
