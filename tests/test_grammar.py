@@ -16,7 +16,7 @@ from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints.gbnf import parse_gbnf
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
-from lmq.constraints import llguidance_lark
+from lmq.constraints import gbnf, llguidance_lark
 from lmq.constraints.json_schema import schema_to_gbnf
 from lmq.constraints.llguidance_lark import choose_lexemes
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
@@ -228,11 +228,15 @@ def test_prefix_free_proof_agrees_on_random_grammars(monkeypatch):
 
 
 def test_prefix_free_proof_refuses_what_is_not_prefix_free():
-    rules = parse_gbnf('root ::= a "," a\na ::= "x" | "xy"').rules
-    assert not llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord(","), ord(",")),))
-    assert not llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord("x"), ord("x")),))
-    rules = parse_gbnf('root ::= a "," a\na ::= "x" "y"?  ";"').rules
-    assert llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord(","), ord(",")),))
+    def proven(text: str, single: str) -> bool:
+        rules = parse_gbnf(text).rules
+        return llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord(single), ord(single)),),
+                                                   gbnf.nullable_rules(rules))
+
+    assert not proven('root ::= a "," a\na ::= "x" | "xy"', ",")
+    assert not proven('root ::= a "," a\na ::= "x" "y"? ";"', "x")     # "x" starts a lexeme
+    assert not proven('root ::= a "," a\na ::= "y"? "x" ";"', "x")     # after an optional "y"
+    assert proven('root ::= a "," a\na ::= "x" "y"? ";"', ",")
 
 
 def test_forced_bytes_and_fork(vocabularies):

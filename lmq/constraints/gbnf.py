@@ -348,7 +348,7 @@ def references(rules: dict[str, Node]) -> dict[str, set[str]]:
 
 def nullable_rules(rules: dict[str, Node], refs: dict[str, set[str]] | None = None) -> dict[str, bool]:
     """Which rules derive the empty string (`refs`: `references(rules)` if at hand)."""
-    return fixpoint(rules, _nullable, refs)
+    return fixpoint(rules, derives_empty, refs)
 
 
 def _productive(rules: dict[str, Node], refs: dict[str, set[str]]) -> dict[str, bool]:
@@ -356,7 +356,8 @@ def _productive(rules: dict[str, Node], refs: dict[str, set[str]]) -> dict[str, 
     return fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True), refs)
 
 
-def _nullable(node: Node, nullable: dict[str, bool]) -> bool:
+def derives_empty(node: Node, nullable: dict[str, bool]) -> bool:
+    """Whether `node` derives the empty string (`nullable`: `nullable_rules`' answer)."""
     return _derives(node, nullable, lambda terminal: isinstance(terminal, Literal) and terminal.text == "")
 
 
@@ -408,7 +409,7 @@ def _check_left_recursion(rules: dict[str, Node], owner: str, refs: dict[str, se
         if isinstance(node, RuleRef):
             return {node.name}
         if isinstance(node, Repeat):
-            if node.high is None and _nullable(node.item, nullable):
+            if node.high is None and derives_empty(node.item, nullable):
                 raise ConstraintError(f"{owner}: unbounded repetition of an item that may be empty "
                                       "(the empty string would have infinitely many derivations)")
             return leftmost(node.item) if node.high != 0 else set()
@@ -416,7 +417,7 @@ def _check_left_recursion(rules: dict[str, Node], owner: str, refs: dict[str, se
             found: set[str] = set()
             for item in node.items:
                 found |= leftmost(item)
-                if not _nullable(item, nullable):
+                if not derives_empty(item, nullable):
                     break
             return found
         if isinstance(node, Choice):

@@ -21,7 +21,7 @@ from lmq.constraints import byte_dfa as fa
 from lmq.constraints.char_budget import CharBudgetAutomaton
 from lmq.constraints.gbnf import Grammar, parse_gbnf
 from lmq.constraints.gbnf_export import dfa_to_gbnf
-from lmq.constraints.grammar_automaton import GrammarTokenAutomaton, lark_of
+from lmq.constraints.grammar_automaton import GrammarTokenAutomaton, grammar_lark
 from lmq.constraints.languages import (LanguageKey, character_budget, key_from_json, key_to_json,
                                        stopped_dfa, value_dfa)
 from lmq.constraints.token_automaton import TokenAutomaton
@@ -144,10 +144,12 @@ class CompiledConstraint:
 
 
 def compile_constraint(plan: HolePlan) -> CompiledConstraint | None:
-    """The compiled form of `plan`'s language or grammar (None when it has neither)."""
+    """The compiled form of `plan`'s language or grammar (None when it has neither). A
+    grammar is translated here, not read from the grammar cache on disk: a server's
+    compile budget bounds this work, whatever an earlier process left there."""
     if plan.grammar is not None:
         grammar = grammar_of(plan.grammar, plan.name)
-        return CompiledConstraint(grammar=grammar, lark=lark_of(grammar, plan.name))
+        return CompiledConstraint(grammar=grammar, lark=grammar_lark(grammar))
     if plan.language is None:
         return None
     dfa, most_chars = _language_dfa(plan.language, _stop_pairs(plan))

@@ -49,11 +49,13 @@ Ranges = tuple[tuple[int, int], ...]
 def choose_lexemes(rules: dict[str, g.Node], refs: dict[str, set[str]] | None = None) -> set[str]:
     """Names of the rules to lex as single lexemes (see the module docstring; `refs`:
     `gbnf.references(rules)` if at hand)."""
-    candidates = _character_rules(rules, refs if refs is not None else g.references(rules))
+    refs = refs if refs is not None else g.references(rules)
+    nullable = g.nullable_rules(rules, refs)
+    candidates = _character_rules(rules, refs, nullable)
     demoted: set[str] = set()
     while True:
         lexemes, singles = _promote(rules, candidates - demoted)
-        if not lexemes or _proven_prefix_free(rules, lexemes, singles):
+        if not lexemes or _proven_prefix_free(rules, lexemes, singles, nullable):
             return lexemes
         nfa = _Nfa(rules)
         starts = []
@@ -95,7 +97,8 @@ def to_lark(grammar: g.Grammar) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _character_rules(rules: dict[str, g.Node], refs: dict[str, set[str]]) -> set[str]:
+def _character_rules(rules: dict[str, g.Node], refs: dict[str, set[str]],
+                     nullable: dict[str, bool]) -> set[str]:
     """Rules that reference, transitively, no recursive rule, may not be empty, and
     inline into at most `limits.MAX_GRAMMAR_DEPTH` levels of rules (deeper chains
     would be walked too deep, and they are not worth one lexeme)."""
@@ -112,7 +115,6 @@ def _character_rules(rules: dict[str, g.Node], refs: dict[str, set[str]]) -> set
             continue
         pending.pop()
         height[name] = 1 + max((height[r] for r in refs[name]), default=0)
-    nullable = g.nullable_rules(rules, refs)
     return {name for name in closed
             if not nullable[name] and height[name] <= limits.MAX_GRAMMAR_DEPTH}
 
@@ -195,6 +197,8 @@ class _Glushkov:
         after its first build, copied from it, shifted. Only its final positions gain
         successors after it is built (from what follows it), so their count then is
         all a copy needs to keep."""
+        if self.states > MAX_LEXEME_STATES:
+            raise _TooLarge                    # as `_Nfa.build_rule` will find
         built = self.built.get(id(node))
         if built is None:
             start, states, work = len(self.ranges), self.states, self.work
@@ -278,11 +282,17 @@ class _Glushkov:
         return self.sequence(parts + [optional])
 
 
-def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ranges) -> bool:
+def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ranges,
+                        nullable: dict[str, bool]) -> bool:
     """Whether the lexemes and single characters are prefix-free together, by the subset
     construction over their Glushkov automaton (see the module docstring); False when the
     proof does not apply (the product construction then decides), or a lexeme is too
-    large to promote."""
+    large to promote. A single character that may start a lexeme refuses the proof at
+    once, as it fails the product construction's first test (which refuses an equal
+    one-character lexeme too)."""
+    if any(_intersect(ranges, singles) for name in lexemes
+           for ranges in _first_ranges(g.RuleRef(name), rules, nullable)):
+        return False
     automaton = _Glushkov(rules)
     heads: list[int] = []
     final: set[int] = set()
@@ -296,9 +306,6 @@ def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ra
             final.update(last)
     except _TooLarge:
         return False
-    if any(_intersect(automaton.ranges[p], singles) for p in heads):
-        return False       # a single character starts a lexeme (the product construction's
-                           # first test, which refuses an equal one-character lexeme too)
     # Every single position is checked (unreachable ones too: a refusal only costs the
     # product construction); the subsets of several positions are explored from where a
     # character leads to several, until they part into single ones again.
@@ -326,6 +333,26 @@ def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ra
                 seen.add(successor)
                 pending.append(successor)
     return True
+
+
+def _first_ranges(node: g.Node, rules: dict[str, g.Node], nullable: dict[str, bool]) -> list[Ranges]:
+    """The character ranges a string of `node` may start with (rules inlined)."""
+    if isinstance(node, g.RuleRef):
+        return _first_ranges(rules[node.name], rules, nullable)
+    if isinstance(node, (g.CharClass, g.AnyChar)):
+        return [_ranges(node)]
+    if isinstance(node, g.Literal):
+        return [((ord(node.text[0]), ord(node.text[0])),)] if node.text else []
+    if isinstance(node, g.Repeat):
+        return _first_ranges(node.item, rules, nullable) if node.high != 0 else []
+    if isinstance(node, g.Choice):
+        return [r for item in node.alternatives for r in _first_ranges(item, rules, nullable)]
+    found: list[Ranges] = []
+    for item in node.items:
+        found += _first_ranges(item, rules, nullable)
+        if not g.derives_empty(item, nullable):
+            break
+    return found
 
 
 class _Successors:
