@@ -165,6 +165,27 @@ def test_forced_bytes_is_the_common_prefix_of_options(items):
     assert fa.forced_bytes(dfa, dfa.initial) == os.path.commonprefix(items)
 
 
+@SETTINGS
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=9).map(b"".join), max_size=9))
+def test_options_is_the_automaton_of_the_subset_construction(items):
+    """The radix-tree construction of `options` gives the very automaton (same states,
+    numbering and table) as determinizing the options' NFA and minimizing it."""
+    nfa = fa.Nfa()
+    start, final = nfa.state(), nfa.state()
+    for data in items:
+        here = start
+        for byte in data:
+            here, previous = nfa.state(), here
+            nfa.edge(previous, byte, byte, here)
+        nfa.epsilon(here, final)
+    expected = nfa.determinize(start, {final}, set())
+    dfa = fa.options(items)
+    assert dfa.initial == expected.initial
+    assert np.array_equal(dfa.transitions, expected.transitions)
+    assert np.array_equal(dfa.accepting, expected.accepting)
+    assert not dfa.exits.any()
+
+
 # ---------------------------------------------------------------- stop phrases
 
 

@@ -56,6 +56,8 @@ def test_every_figure_is_produced_finite_and_positive(smoke):
     assert set(MASKED) | {"all"} <= set(figures["mask_step"])
     assert figures["mask_step"]["size"] == 151936
     assert set(CASES) - {"none"} | {"lmql"} == set(figures["compile"])
+    assert all(set(row) == {"cold_p50_ms", "disk_p50_ms", "warm_p50_ms"}
+               for row in figures["compile"].values())
     assert {"cold_s", "cached_s", "llguidance_tokenizer_s", "token_bytes_s"} <= set(figures["vocabulary"])
     checked = 0
     for section in ("throughput", "mask_step", "compile", "vocabulary", "sections_s"):
@@ -71,7 +73,7 @@ def test_every_figure_is_produced_finite_and_positive(smoke):
 def test_every_target_is_judged_and_printed(smoke):
     figures, report = smoke
     rows = figures["targets"]
-    assert len(rows) == 11
+    assert len(rows) == 12
     for row in rows:
         assert isinstance(row["pass"], bool) and math.isfinite(row["value"]) and row["value"] > 0
         printed = re.search(rf"^{re.escape(row['figure'])}\s+([0-9.]+)\s+(\S+ \S+)\s+(PASS|MISS)$",

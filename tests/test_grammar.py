@@ -6,6 +6,8 @@ qwen2 and llama-spm vocabularies; llama.cpp through llama-cpp-python."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,8 @@ from lmq.backends import default_model_path
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints.gbnf import parse_gbnf
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
+from lmq.constraints import gbnf, llguidance_lark
+from lmq.constraints.json_schema import schema_to_gbnf
 from lmq.constraints.llguidance_lark import choose_lexemes
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
 from vocab_paths import vocab
@@ -145,6 +149,94 @@ def test_json_grammar_reads_as_one_lexeme_and_split_words_do_not():
     assert choose_lexemes(parse_gbnf(GRAMMARS["split-words"]).rules) == set()
     assert choose_lexemes(parse_gbnf('root ::= s s\ns ::= "\\"" [a-z]* "\\""').rules) == {"root"}
     assert choose_lexemes(parse_gbnf('root ::= s+\ns ::= "\\"" [a-z]* "\\""').rules) == {"s"}
+
+
+LEXEME_CASES = [*GRAMMARS.values(),
+                'root ::= "a" | "ab"', 'root ::= [0-9] | [1-9] [0-9]{0,3} ","',
+                'root ::= x y\nx ::= "[" [a-z]{0,3} "]"\ny ::= "[" | "(" [a-z]* ")"',
+                'root ::= s ("," s)*\ns ::= "\\"" [a-c]{0,4} "\\""',
+                'root ::= k+\nk ::= "ab" | "a" "c"', 'root ::= "x" [a-z]? [a-y]? "."',
+                *(schema_to_gbnf(schema) for schema in (
+                    {"type": "object", "properties": {"n": {"type": "integer"},
+                                                      "s": {"type": "string", "maxLength": 5}}},
+                    {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+                    {"enum": ["a", "ab", 1, 12]}, {"type": "integer"}))]
+
+
+@pytest.mark.parametrize("text", LEXEME_CASES)
+def test_prefix_free_proof_agrees_with_the_product_construction(text, monkeypatch):
+    """The Glushkov proof only shortcuts the product construction: the lexemes chosen
+    with it are those chosen without it."""
+    rules = parse_gbnf(text).rules
+    chosen = choose_lexemes(rules)
+    monkeypatch.setattr(llguidance_lark, "_proven_prefix_free", lambda *args: False)
+    assert choose_lexemes(rules) == chosen
+
+
+def _random_grammar(rng: random.Random) -> str:
+    """Rules r0..r3, each referring only to later ones, built from literals, classes,
+    groups, alternatives and repetitions over "abcde"; most rules are delimited by "x" …
+    "y" (prefix-free as JSON values are, unless their body reads "y"), the rest not."""
+    def item(rule: int, depth: int) -> str:
+        kind = rng.randrange(6 if depth < 2 else 3)
+        if kind == 0 or (kind == 2 and rule == 3):
+            text = '"' + "".join(rng.choice("abcde") for _ in range(rng.randint(1, 3))) + '"'
+        elif kind == 1:
+            text = rng.choice(["[a-b]", "[bc]", "[d-e]", "[c]", "[^x-y]"])
+        elif kind == 2:
+            text = f"r{rng.randint(rule + 1, 3)}"
+        else:
+            text = "(" + " | ".join(sequence(rule, depth + 1) for _ in range(rng.randint(1, 2))) + ")"
+        return text + rng.choice(["", "", "", "?", "*", "+", "{2}", "{0,2}"] if kind < 2 else
+                                 ["", "", "?", "*"])
+
+    def sequence(rule: int, depth: int) -> str:
+        return " ".join(item(rule, depth) for _ in range(rng.randint(1, 2)))
+
+    def body(rule: int) -> str:
+        text = " | ".join(sequence(rule, 0) for _ in range(rng.randint(1, 2)))
+        return f'"x" ({text}) "y"' if rng.random() < 0.7 else text
+
+    rules = [f"r{i} ::= {body(i)}" for i in range(4)]
+    return f"root ::= {sequence(-1, 1)} r0\n" + "\n".join(rules)
+
+
+def test_prefix_free_proof_agrees_on_random_grammars(monkeypatch):
+    """On random grammars the lexemes chosen with the proof are those chosen without it,
+    and the proof settles a fair share of the choices."""
+    proofs: list[bool] = []
+    proof = llguidance_lark._proven_prefix_free
+
+    def recorded(*args):
+        proofs.append(proof(*args))
+        return proofs[-1]
+
+    checked = 0
+    for seed in range(100):
+        try:
+            rules = parse_gbnf(_random_grammar(random.Random(seed))).rules
+        except ConstraintError:
+            continue
+        with monkeypatch.context() as patch:
+            patch.setattr(llguidance_lark, "_proven_prefix_free", recorded)
+            chosen = choose_lexemes(rules)
+        with monkeypatch.context() as patch:
+            patch.setattr(llguidance_lark, "_proven_prefix_free", lambda *args: False)
+            assert choose_lexemes(rules) == chosen, seed
+        checked += 1
+    assert checked >= 70 and sum(proofs) >= 20, (checked, sum(proofs), len(proofs))
+
+
+def test_prefix_free_proof_refuses_what_is_not_prefix_free():
+    def proven(text: str, single: str) -> bool:
+        rules = parse_gbnf(text).rules
+        return llguidance_lark._proven_prefix_free(rules, {"a"}, ((ord(single), ord(single)),),
+                                                   gbnf.nullable_rules(rules))
+
+    assert not proven('root ::= a "," a\na ::= "x" | "xy"', ",")
+    assert not proven('root ::= a "," a\na ::= "x" "y"? ";"', "x")     # "x" starts a lexeme
+    assert not proven('root ::= a "," a\na ::= "y"? "x" ";"', "x")     # after an optional "y"
+    assert proven('root ::= a "," a\na ::= "x" "y"? ";"', ",")
 
 
 def test_forced_bytes_and_fork(vocabularies):

@@ -105,9 +105,15 @@ def synthetic_vocabulary(rng: random.Random, size: int = 400) -> Vocabulary:
 
 
 def random_dfa(rng: random.Random, alphabet: bytes) -> tuple[ByteDfa, ByteDfa]:
+    """A random DFA; about a third of its states only loop on ASCII bytes or die (the
+    masks filter their subtrees instead of walking them: no byte group mixes both)."""
     n = rng.randint(3, 9)
-    edges = {(s, b): rng.randrange(n) for s in range(1, n) for b in alphabet
-             if rng.random() < 0.7}
+    looping = {s for s in range(1, n) if rng.random() < 0.3}
+    edges = {}
+    for s in range(1, n):
+        for b in alphabet:
+            if rng.random() < 0.7 and (s not in looping or b < 0x80):
+                edges[(s, b)] = s if s in looping else rng.randrange(n)
     accepting = {s for s in range(1, n) if rng.random() < 0.3}
     exits = {s for s in range(2, n) if rng.random() < 0.2}
     return make_dfa(n, edges, accepting, exits)
@@ -243,6 +249,40 @@ def test_gguf_masks_equal_a_per_token_walk(gguf_vocab, column_walk, tmp_path, mo
             after = tokens.advance(state, token)
             assert after == automaton.run(dfa, state, table[token]) != 0
             state = after
+
+
+@pytest.mark.parametrize("pattern", ["[a-z ]+", "[0-9]+", "[ -~]*", "x[a-c]*y?", "(ab|[a-c ])+",
+                                     "[^\\x00-\\x7f]+", "[é a-z]+", "( [a-z]+)*\\."])
+def test_filtered_subtrees_give_the_per_token_walk_masks(gguf_vocab, column_walk, pattern):
+    """States that only loop or die filter whole subtrees on their tokens' byte groups
+    (exact only where no group holds both a looping and a dying byte); masks equal a
+    per-token walk in every state along a few steps."""
+    vocabulary = gguf_vocab.vocabulary()
+    dfa = regex_dfa(pattern)
+    tokens = DfaTokenAutomaton(dfa, vocabulary_index(vocabulary), vocabulary.token_bytes)
+    state = tokens.initial()
+    for step in range(4):
+        mask = tokens.mask(state)
+        assert mask.allowed.tolist() == column_walk.mask(dfa, state), (pattern, state)
+        if not mask.count:
+            break
+        state = tokens.advance(state, int(mask.allowed[(step + 1) * len(mask.allowed) // 5]))
+
+
+def test_a_loop_or_die_state_filters_instead_of_walking(gguf_vocab, monkeypatch):
+    """`[a-z ]+` sets its subtrees aside for filtering after the first byte."""
+    subtrees = []
+    original = DfaTokenAutomaton._filtered_positions
+
+    def spy(self, filtered, few):
+        subtrees.append(len(few) + sum(len(starts) for starts, *_ in filtered))
+        return original(self, filtered, few)
+
+    monkeypatch.setattr(DfaTokenAutomaton, "_filtered_positions", spy)
+    vocabulary = gguf_vocab.vocabulary()
+    tokens = DfaTokenAutomaton(regex_dfa("[a-z ]+"), vocabulary_index(vocabulary), vocabulary.token_bytes)
+    tokens.mask(tokens.initial())
+    assert len(subtrees) == 1 and subtrees[0] >= 10    # most first bytes a-z and space
 
 
 def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab, column_walk):

@@ -34,7 +34,7 @@ from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -219,41 +219,125 @@ def literal(data: bytes) -> ByteDfa:
 
 def options(strings: Iterable[bytes]) -> ByteDfa:
     """Exactly one of `strings`. An option that is a prefix of another both accepts and
-    continues. Built as a trie whose equal subtrees are merged bottom-up (the minimal
-    acyclic automaton, in one pass instead of a partition refinement)."""
-    children: list[dict[int, int]] = [{}, {}]        # node 0 stands for DEAD, 1 is the root
-    accepting = [False, False]
+    continues. The minimal acyclic automaton, built without a partition refinement and
+    without a state per byte of the trie (long options would make thousands):
+
+    1. the radix tree of the sorted options (a node where options branch or end, an
+       edge per run of bytes between), from their common prefixes;
+    2. its nodes merged bottom-up, equal (accepting, edges) being equal languages;
+    3. the bytes inside the edges into one merged node, as states per distinct edge
+       suffix: a state inside an edge has a single continuation, so it equals another
+       exactly when both spell the same suffix into the same node.
+    States are numbered breadth-first in byte order and byte classes are merged as
+    `_finish` does, so the automaton is the one any other construction gives."""
+    words = sorted(set(_option_bytes(strings)))
+    if not words:
+        return empty()
+    radix = _radix_tree(words)
+    node_class: list[int] = [0] * len(radix)
+    signatures: dict[tuple, int] = {}
+    for node in _children_first(radix):
+        accepting, edges = radix[node]
+        node_class[node] = signatures.setdefault(
+            (accepting, tuple((label, node_class[child]) for label, child in edges)), len(signatures))
+    classes = {number: signature for signature, number in signatures.items()}
+    # states: a merged node, or (suffix, node) inside edges; each one's (byte, target) pairs
+    number = {(b"", node_class[0]): 1}
+    order: list[tuple] = [(b"", node_class[0])]
+    sources, bytes_, targets, accepting = [], [], [], [False]
+    lookup, grow = number.get, order.append
+    for source, (suffix, node) in enumerate(order, 1):      # `order` grows as it is read
+        if suffix:
+            out: Iterable = ((suffix[0], (suffix[1:], node)),)
+            accepting.append(False)
+        else:
+            final, edges = classes[node]
+            out = [(label[0], (label[1:], child)) for label, child in edges]
+            accepting.append(final)
+        for byte, target in out:
+            known = lookup(target)
+            if known is None:
+                grow(target)
+                known = number[target] = len(order)
+            sources.append(source)
+            bytes_.append(byte)
+            targets.append(known)
+    count = len(order) + 1
+    transitions = np.zeros((count, 256), np.int32)
+    transitions[sources, bytes_] = targets
+    used = sorted(set(bytes_))
+    columns = np.ascontiguousarray(transitions[:, used].T)
+    merged: dict[bytes, int] = {bytes(4 * count): 0}
+    class_of = [merged.setdefault(column.tobytes(), len(merged)) for column in columns]
+    byte_class = np.zeros(256, np.intp)
+    byte_class[used] = class_of
+    first = np.zeros(len(merged), np.intp)
+    first[class_of] = used                    # a byte of each class (any: they act alike)
+    table = transitions[:, first]
+    table[:, 0] = DEAD
+    return _seal(table, byte_class, np.array(accepting), np.zeros(count, bool), 1)
+
+
+def _option_bytes(strings: Iterable[bytes]) -> Iterator[bytes]:
     for data in strings:
         if not isinstance(data, (bytes, bytearray)):
             raise ConstraintError(f"an option must be bytes, not {data!r}")
-        node = 1
-        for byte in data:
-            child = children[node].get(byte)
-            if child is None:
-                if len(children) > OPTION_NODES_PER_STATE * limits.MAX_STATES:
-                    raise limits.too_many_states("the list of options", f"{len(children):,} "
-                                                 f"trie nodes ({OPTION_NODES_PER_STATE} per state)")
-                child = children[node][byte] = len(children)
-                children.append({})
-                accepting.append(False)
-            node = child
-        accepting[node] = True
-    # A child always has a larger number than its parent: merge from the leaves up.
-    merged = list(range(len(children)))
-    shapes: dict[tuple, int] = {}
-    for node in range(len(children) - 1, 0, -1):
-        shape = (accepting[node], *sorted((byte, merged[child])
-                                          for byte, child in children[node].items()))
-        merged[node] = shapes.setdefault(shape, node)
-    byte_set = sorted({byte for edges in children for byte in edges})
-    byte_class = np.zeros(256, np.intp)
-    byte_class[byte_set] = np.arange(1, len(byte_set) + 1)
-    column = {byte: index for index, byte in enumerate(byte_set, 1)}
-    table = [[0] * (len(byte_set) + 1) for _ in children]
-    for node, edges in enumerate(children):
-        for byte, child in edges.items():
-            table[node][column[byte]] = merged[child]
-    return _finish(table, byte_class, accepting, [False] * len(children), 1, minimal=True)
+        yield bytes(data)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """The length of the common prefix of `a` and `b` (slices compared by halves)."""
+    low, high = 0, min(len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:                     # a[:low] == b[:low], a[:high] != b[:high]
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _children_first(tree: list[tuple[bool, list]]) -> list[int]:
+    """The nodes of a tree (node 0 the root), each after all of its children."""
+    order, stack = [], [0]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(child for _, child in tree[node][1])
+    return order[::-1]
+
+
+def _radix_tree(words: list[bytes]) -> list[tuple[bool, list]]:
+    """The radix tree of sorted distinct `words`: per node (accepting, [(edge bytes,
+    child)]), edges in byte order, node 0 the root. The trie it compresses is bounded
+    like an option trie (`OPTION_NODES_PER_STATE`)."""
+    nodes: list[tuple[bool, list]] = [(words[0] == b"", [])]
+    stack = [(0, 0)]                                   # (depth, node) along the last word
+    previous = b""
+    trie_nodes = 1
+    for word in words:
+        common = _common_prefix(previous, word)
+        trie_nodes += len(word) - common
+        if trie_nodes > OPTION_NODES_PER_STATE * limits.MAX_STATES:
+            raise limits.too_many_states("the list of options", f"{trie_nodes:,} trie nodes "
+                                         f"({OPTION_NODES_PER_STATE} per state)")
+        while stack[-1][0] > common:
+            child_depth, child = stack.pop()
+            if stack[-1][0] < common:                  # the edge to `child` branches inside
+                parent = stack[-1][1]
+                label, _ = nodes[parent][1][-1]
+                cut = common - stack[-1][0]
+                nodes.append((False, [(label[cut:], child)]))
+                nodes[parent][1][-1] = (label[:cut], len(nodes) - 1)
+                stack.append((common, len(nodes) - 1))
+        if len(word) > common:
+            nodes.append((True, []))
+            nodes[stack[-1][1]][1].append((word[common:], len(nodes) - 1))
+            stack.append((len(word), len(nodes) - 1))
+        previous = word
+    return nodes
 
 
 def contains(data: bytes) -> ByteDfa:

@@ -5,6 +5,7 @@ llguidance is `lmq.constraints.llguidance_lark`."""
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Iterator, Union
 
@@ -14,6 +15,11 @@ from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstra
 #: llama.cpp refuses repetition counts above this (`MAX_REPETITION_THRESHOLD`)
 MAX_REPETITIONS = 2000
 MAX_CODE_POINT = 0x10FFFF
+_NAME = re.compile(r"[A-Za-z0-9-]+")
+_INTEGER = re.compile(r"[0-9]+")
+_SPACE = re.compile(r"(?:[ \t]|#[^\r\n]*)*")
+_SPACE_AND_NEWLINES = re.compile(r"(?:[ \t\r\n]|#[^\r\n]*)*")
+_PLAIN_CHARS = re.compile(r'[^"\\]+')
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,9 @@ def _parse(text: str, owner: str) -> Grammar:
     rules = _Parser(text, owner).parse()
     if "root" not in rules:
         raise ConstraintError(f"{owner}: the grammar has no 'root' rule")
-    _check_left_recursion(rules, owner)
-    if not _productive(rules)["root"]:
+    refs = references(rules)
+    _check_left_recursion(rules, owner, refs)
+    if not _productive(rules, refs)["root"]:
         raise UnsatisfiableConstraint(f"{owner}: the grammar derives no string from 'root' "
                                       "(every derivation recurses forever)")
     return Grammar(text, rules)
@@ -128,31 +135,22 @@ class _Parser:
         return self.text[at] if at < len(self.text) else ""
 
     def space(self, newlines: bool) -> None:
-        while True:
-            c = self.peek()
-            if c in (" ", "\t") or (newlines and c in ("\r", "\n")):
-                self.pos += 1
-            elif c == "#":
-                while self.peek() not in ("", "\r", "\n"):
-                    self.pos += 1
-            else:
-                return
+        """Skip blanks and comments (and newlines when `newlines`)."""
+        self.pos = (_SPACE_AND_NEWLINES if newlines else _SPACE).match(self.text, self.pos).end()
 
     def name(self) -> str:
-        start = self.pos
-        while _is_word_char(self.peek()):
-            self.pos += 1
-        if self.pos == start:
+        found = _NAME.match(self.text, self.pos)
+        if found is None:
             self.fail("expected a rule name (letters, digits and '-')")
-        return self.text[start:self.pos]
+        self.pos = found.end()
+        return found.group()
 
     def integer(self) -> int:
-        start = self.pos
-        while self.peek().isdigit() and self.peek().isascii():
-            self.pos += 1
-        if self.pos == start:
+        found = _INTEGER.match(self.text, self.pos)
+        if found is None:
             self.fail("expected an integer")
-        return int(self.text[start:self.pos])
+        self.pos = found.end()
+        return int(found.group())
 
     def rule(self) -> None:
         start = self.pos
@@ -291,7 +289,12 @@ class _Parser:
             if self.peek() == "":
                 self.pos = start
                 self.fail("unterminated string literal (opened here)")
-            chars.append(chr(self.char()))
+            plain = _PLAIN_CHARS.match(self.text, self.pos)
+            if plain is not None:
+                chars.append(plain.group())
+                self.pos = plain.end()
+            else:
+                chars.append(chr(self.char()))
         self.pos += 1
         return Literal("".join(chars))
 
@@ -343,17 +346,18 @@ def references(rules: dict[str, Node]) -> dict[str, set[str]]:
             for name, node in rules.items()}
 
 
-def nullable_rules(rules: dict[str, Node]) -> dict[str, bool]:
-    """Which rules derive the empty string."""
-    return fixpoint(rules, _nullable)
+def nullable_rules(rules: dict[str, Node], refs: dict[str, set[str]] | None = None) -> dict[str, bool]:
+    """Which rules derive the empty string (`refs`: `references(rules)` if at hand)."""
+    return fixpoint(rules, derives_empty, refs)
 
 
-def _productive(rules: dict[str, Node]) -> dict[str, bool]:
+def _productive(rules: dict[str, Node], refs: dict[str, set[str]]) -> dict[str, bool]:
     """Which rules derive some string at all."""
-    return fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True))
+    return fixpoint(rules, lambda node, known: _derives(node, known, lambda terminal: True), refs)
 
 
-def _nullable(node: Node, nullable: dict[str, bool]) -> bool:
+def derives_empty(node: Node, nullable: dict[str, bool]) -> bool:
+    """Whether `node` derives the empty string (`nullable`: `nullable_rules`' answer)."""
     return _derives(node, nullable, lambda terminal: isinstance(terminal, Literal) and terminal.text == "")
 
 
@@ -371,14 +375,14 @@ def _derives(node: Node, known: dict[str, bool], terminal) -> bool:
     return terminal(node)
 
 
-def fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
+def fixpoint(rules: dict[str, Node], holds, refs: dict[str, set[str]] | None = None) -> dict[str, bool]:
     """Least fixpoint of a monotone property of rules (nullable, productive): `holds(node,
     known)` decides a rule from what is known of the rules it refers to. A rule is decided
     again only when one it refers to became true (linear in the grammar, also for long
     chains of rules)."""
     value = {name: False for name in rules}
     users: dict[str, list[str]] = {name: [] for name in rules}
-    for name, used in references(rules).items():
+    for name, used in (refs if refs is not None else references(rules)).items():
         for other in used:
             users[other].append(name)
     pending = list(reversed(rules))
@@ -395,17 +399,17 @@ def fixpoint(rules: dict[str, Node], holds) -> dict[str, bool]:
     return value
 
 
-def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
+def _check_left_recursion(rules: dict[str, Node], owner: str, refs: dict[str, set[str]]) -> None:
     """llama.cpp refuses a rule that can reach itself before consuming a character;
     lmq also refuses an unbounded repetition of something that may be empty, which
     llama.cpp's check misses."""
-    nullable = nullable_rules(rules)
+    nullable = nullable_rules(rules, refs)
 
     def leftmost(node: Node) -> set[str]:
         if isinstance(node, RuleRef):
             return {node.name}
         if isinstance(node, Repeat):
-            if node.high is None and _nullable(node.item, nullable):
+            if node.high is None and derives_empty(node.item, nullable):
                 raise ConstraintError(f"{owner}: unbounded repetition of an item that may be empty "
                                       "(the empty string would have infinitely many derivations)")
             return leftmost(node.item) if node.high != 0 else set()
@@ -413,7 +417,7 @@ def _check_left_recursion(rules: dict[str, Node], owner: str) -> None:
             found: set[str] = set()
             for item in node.items:
                 found |= leftmost(item)
-                if not _nullable(item, nullable):
+                if not derives_empty(item, nullable):
                     break
             return found
         if isinstance(node, Choice):

@@ -12,11 +12,14 @@ greedy lexing where it could lose strings (see `lmq.constraints.llguidance_lark`
 
 from __future__ import annotations
 
+from typing import Callable
+
 import llguidance
 import numpy as np
 
 from lmq.backends.base import Vocabulary
-from lmq.constraints.gbnf import Grammar
+from lmq.constraints import grammar_cache
+from lmq.constraints.gbnf import Grammar, parse_gbnf
 from lmq.constraints.llguidance_lark import to_lark
 from lmq.constraints.token_masks import TokenMask
 from lmq.constraints.vocabulary_cache import MATCHERS_SIZE, vocabulary_cache
@@ -67,14 +70,16 @@ class GrammarTokenAutomaton:
     exact_budget = False       # masks per call; the decoder checks the last budgeted token
     strands_nothing = True     # a grammar's masks allow viable prefixes only: taken as they are
 
-    def __init__(self, grammar: Grammar, vocabulary: Vocabulary, *, variable: str,
+    def __init__(self, grammar: Grammar | str, vocabulary: Vocabulary, *, variable: str,
                  lark: str | None = None):
-        """`lark`: `grammar_lark(grammar)` when it is at hand (it costs seconds for
-        grammars of hundreds of rules)."""
-        self.grammar = grammar
+        """`grammar`: a checked grammar, or GBNF text (checked unless its llguidance
+        form is in the grammar cache); `lark`: `grammar_lark(grammar)` when it is at
+        hand (it costs seconds for grammars of hundreds of rules)."""
+        self.text = grammar if isinstance(grammar, str) else grammar.text
         self.variable = variable
         self.size = vocabulary.size
-        self._template = _compiled_matcher(grammar, vocabulary, variable, lark)
+        self._template = _compiled_matcher(self.text, vocabulary, variable,
+                                           lambda: lark if lark is not None else lark_of(grammar, variable))
         self._bitmask = np.zeros((self.size + 31) // 32, dtype=np.int32)
         ends = np.array(sorted(vocabulary.end_ids), dtype=np.int64)
         self._end_clear = np.full(len(self._bitmask), -1, dtype=np.int32)
@@ -130,17 +135,26 @@ def grammar_lark(grammar: Grammar) -> str:
     return _LARK_HEADER + to_lark(grammar)
 
 
-def _compiled_matcher(grammar: Grammar, vocabulary: Vocabulary, variable: str,
-                      lark: str | None) -> llguidance.LLMatcher:
-    """The template matcher of `grammar`, compiled once per (grammar, vocabulary)."""
+def lark_of(grammar: Grammar | str, owner: str) -> str:
+    """`grammar_lark` of a grammar or of GBNF text, through the grammar cache on disk
+    (text not found there is parsed and checked first; `owner` names it in errors)."""
+    if isinstance(grammar, Grammar):
+        return grammar_cache.cached("lark", grammar.text, lambda: grammar_lark(grammar))
+    return grammar_cache.cached("lark", grammar, lambda: grammar_lark(parse_gbnf(grammar, owner=owner)))
+
+
+def _compiled_matcher(text: str, vocabulary: Vocabulary, variable: str,
+                      lark: Callable[[], str]) -> llguidance.LLMatcher:
+    """The template matcher of GBNF `text` (`lark()`: its llguidance form), compiled
+    once per (grammar, vocabulary)."""
     tokenizer = lltokenizer(vocabulary)
 
     def compile_matcher() -> llguidance.LLMatcher:
-        matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(
-            lark if lark is not None else grammar_lark(grammar)), log_level=0)
+        matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark()),
+                                       log_level=0)
         if matcher.is_error():
             raise ConstraintError(f"the grammar of {variable} cannot be compiled: {matcher.get_error()}")
         return matcher
 
     cache = vocabulary_cache(vocabulary)
-    return cache.recent(cache.matchers, grammar.text, compile_matcher, MATCHERS_SIZE)
+    return cache.recent(cache.matchers, text, compile_matcher, MATCHERS_SIZE)

@@ -144,7 +144,9 @@ class CompiledConstraint:
 
 
 def compile_constraint(plan: HolePlan) -> CompiledConstraint | None:
-    """The compiled form of `plan`'s language or grammar (None when it has neither)."""
+    """The compiled form of `plan`'s language or grammar (None when it has neither). A
+    grammar is translated here, not read from the grammar cache on disk: a server's
+    compile budget bounds this work, whatever an earlier process left there."""
     if plan.grammar is not None:
         grammar = grammar_of(plan.grammar, plan.name)
         return CompiledConstraint(grammar=grammar, lark=grammar_lark(grammar))
@@ -170,8 +172,7 @@ def attach_automaton(plan: HolePlan, compiled: CompiledConstraint | None,
 def build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
     """Give `plan` the token automaton of its grammar or language over `vocabulary`."""
     if plan.grammar is not None:
-        plan.automaton = GrammarTokenAutomaton(grammar_of(plan.grammar, plan.name), vocabulary,
-                                               variable=plan.name)
+        plan.automaton = GrammarTokenAutomaton(plan.grammar, vocabulary, variable=plan.name)
         return
     if plan.language is None:
         return

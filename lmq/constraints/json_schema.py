@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from llama_cpp.llama_grammar import SchemaConverter
 
+from lmq.constraints import grammar_cache
 from lmq.errors import ConstraintError, ConstraintViolation, UnsatisfiableConstraint
 
 _COMPACT_SPACE = 'space ::= ""'
@@ -98,6 +99,12 @@ def _contradiction(schema: Any) -> str | None:
 
 @functools.lru_cache(maxsize=256)
 def _converted(schema_text: str, owner: str) -> str:
+    """The GBNF of a schema (its JSON text: property order is kept, it orders the
+    document's keys), from the grammar cache on disk when it was converted before."""
+    return grammar_cache.cached("json-schema", schema_text, lambda: _convert(schema_text, owner))
+
+
+def _convert(schema_text: str, owner: str) -> str:
     try:
         converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         converter.visit(converter.resolve_refs(json.loads(schema_text), "input"), "")

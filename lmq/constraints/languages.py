@@ -31,6 +31,9 @@ from lmq.constraints.regex import FLOAT_PATTERN, INT_PATTERN, regex_dfa
 LanguageKey = tuple
 #: the fixed languages of INT(X) and FLOAT(X) (constraints.md)
 TYPE_PATTERNS = {"INT": INT_PATTERN, "FLOAT": FLOAT_PATTERN}
+#: their automata, built on first use and then kept for the process: constants of the
+#: library like its Unicode tables, not compiled user constraints (`clear_caches` keeps them)
+_TYPE_DFAS: dict[str, ByteDfa] = {}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -44,13 +47,22 @@ def language_dfa(key: LanguageKey) -> ByteDfa:
     if kind == "chars":
         return fa.char_count(key[1], key[2])
     if kind == "regex":
-        return regex_dfa(key[1])
+        return _regex(key[1])
     if kind == "not":
         return fa.complement(language_dfa(key[1]))
     if kind in ("and", "or"):
         combine = fa.intersect if kind == "and" else fa.union
         return functools.reduce(combine, (language_dfa(k) for k in key[1]))
     raise ValueError(f"unknown language key {key!r}")
+
+
+def _regex(pattern: str) -> ByteDfa:
+    if pattern not in TYPE_PATTERNS.values():
+        return regex_dfa(pattern)
+    dfa = _TYPE_DFAS.get(pattern)
+    if dfa is None:
+        dfa = _TYPE_DFAS[pattern] = regex_dfa(pattern)
+    return dfa
 
 
 @functools.lru_cache(maxsize=1024)

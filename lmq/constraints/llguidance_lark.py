@@ -15,10 +15,18 @@ from `root` down, each non-recursive, non-empty rule made of characters only, ch
 whole set (single characters included) with a product construction over their NFAs,
 and demotes a rule involved in a conflict (its sub-rules become candidates) until none
 is left. JSON grammars come out as one or a few lexemes (a JSON value is prefix-free).
+
+The check is first tried the cheap way: the subset construction over the lexemes'
+Glushkov automaton (one state per character position, rule references inlined; nearly
+deterministic for JSON, so the subsets are mostly single positions). When no subset
+holding a final position has a successor, no accepted string continues: the set is
+prefix-free. Only when that proof fails does the product construction decide (and pick
+the lexeme to demote).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Iterable
 
@@ -31,17 +39,23 @@ MAX_CODE_POINT = g.MAX_CODE_POINT
 MAX_LEXEME_STATES = 3000
 #: pairs explored by one check before giving up on promotion
 MAX_PAIRS = 200_000
+#: position-list entries the Glushkov proof may build before leaving the check to the
+#: product construction (nested bounded repetitions grow their final sets quadratically)
+MAX_POSITION_WORK = 100_000
 
 Ranges = tuple[tuple[int, int], ...]
 
 
-def choose_lexemes(rules: dict[str, g.Node]) -> set[str]:
-    """Names of the rules to lex as single lexemes (see the module docstring)."""
-    candidates = _character_rules(rules)
+def choose_lexemes(rules: dict[str, g.Node], refs: dict[str, set[str]] | None = None) -> set[str]:
+    """Names of the rules to lex as single lexemes (see the module docstring; `refs`:
+    `gbnf.references(rules)` if at hand)."""
+    refs = refs if refs is not None else g.references(rules)
+    nullable = g.nullable_rules(rules, refs)
+    candidates = _character_rules(rules, refs, nullable)
     demoted: set[str] = set()
     while True:
         lexemes, singles = _promote(rules, candidates - demoted)
-        if not lexemes:
+        if not lexemes or _proven_prefix_free(rules, lexemes, singles, nullable):
             return lexemes
         nfa = _Nfa(rules)
         starts = []
@@ -63,8 +77,9 @@ def to_lark(grammar: g.Grammar) -> str:
     become terminals (lexed greedily, which is exact for them), every other
     character is a lexeme of its own. Rules used inside a lexeme are written once
     more as helper terminals (`H…`), which no rule references."""
-    lexemes = choose_lexemes(grammar.rules)
-    rules, helpers = _reachable(grammar.rules, lexemes)
+    refs = g.references(grammar.rules)
+    lexemes = choose_lexemes(grammar.rules, refs)
+    rules, helpers = _reachable(grammar.rules, lexemes, refs)
     index = {name: f"{i}_{name.replace('-', '_')}" for i, name in enumerate(grammar.rules)}
 
     def helper(name: str) -> str:
@@ -82,14 +97,14 @@ def to_lark(grammar: g.Grammar) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _character_rules(rules: dict[str, g.Node]) -> set[str]:
+def _character_rules(rules: dict[str, g.Node], refs: dict[str, set[str]],
+                     nullable: dict[str, bool]) -> set[str]:
     """Rules that reference, transitively, no recursive rule, may not be empty, and
     inline into at most `limits.MAX_GRAMMAR_DEPTH` levels of rules (deeper chains
     would be walked too deep, and they are not worth one lexeme)."""
-    refs = g.references(rules)
+    refs_of_body = {id(node): refs[name] for name, node in rules.items()}   # a body's refs alike
     closed = {name for name, done in g.fixpoint(
-        rules, lambda node, known: all(known[n.name] for n in g.nodes_of(node)
-                                       if isinstance(n, g.RuleRef))).items() if done}
+        rules, lambda node, known: all(known[r] for r in refs_of_body[id(node)]), refs).items() if done}
     height: dict[str, int] = {}
     pending = list(closed)
     while pending:                   # each rule after the rules it refers to
@@ -100,7 +115,6 @@ def _character_rules(rules: dict[str, g.Node]) -> set[str]:
             continue
         pending.pop()
         height[name] = 1 + max((height[r] for r in refs[name]), default=0)
-    nullable = g.nullable_rules(rules)
     return {name for name in closed
             if not nullable[name] and height[name] <= limits.MAX_GRAMMAR_DEPTH}
 
@@ -130,6 +144,7 @@ def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], 
     return lexemes, merge_ranges(chars)
 
 
+@functools.lru_cache(maxsize=4096)
 def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
     if isinstance(node, g.AnyChar):
         return ((0, MAX_CODE_POINT),)
@@ -144,6 +159,235 @@ def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
     if next_low <= MAX_CODE_POINT:
         complement.append((next_low, MAX_CODE_POINT))
     return tuple(complement)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Glushkov:
+    """The Glushkov automaton of several lexemes: a position per character (class) read,
+    with the positions that may follow it. `states` counts the NFA states `_Nfa` would
+    create for the current lexeme, so that its size limit applies alike."""
+
+    def __init__(self, rules: dict[str, g.Node]):
+        self.rules = rules
+        self.ranges: list[Ranges] = []
+        self.follow: list[list[int]] = []
+        self.states = 0
+        self.work = 0
+        self.built: dict[int, tuple] = {}
+
+    def position(self, ranges: Ranges) -> int:
+        self.ranges.append(ranges)
+        self.follow.append([])
+        return len(self.ranges) - 1
+
+    def link(self, last: list[int], first: list[int]) -> None:
+        if first:
+            self.work += len(last) * len(first)
+            if self.work > MAX_POSITION_WORK:
+                raise _TooLarge
+            follow = self.follow
+            for p in last:
+                follow[p].extend(first)
+
+    def shared(self, node: g.Node) -> tuple[list[int], list[int], bool]:
+        """`node(node)` for a node built many times (a rule's body, a repeated item):
+        after its first build, copied from it, shifted. Only its final positions gain
+        successors after it is built (from what follows it), so their count then is
+        all a copy needs to keep."""
+        if self.states > MAX_LEXEME_STATES:
+            raise _TooLarge                    # as `_Nfa.build_rule` will find
+        built = self.built.get(id(node))
+        if built is None:
+            start, states, work = len(self.ranges), self.states, self.work
+            first, last, nullable = self.node(node)
+            self.built[id(node)] = (start, len(self.ranges), first, last, nullable,
+                                    {p: len(self.follow[p]) for p in last},
+                                    self.states - states, self.work - work)
+            return first, last, nullable
+        start, end, first, last, nullable, inner, states, work = built
+        shift = len(self.ranges) - start
+        self.states += states
+        self.work += work + end - start
+        if self.work > MAX_POSITION_WORK:
+            raise _TooLarge
+        self.ranges += self.ranges[start:end]
+        self.follow += [[q + shift for q in follow] for follow in self.follow[start:end]]
+        for p, count in inner.items():
+            del self.follow[p + shift][count:]
+        return [p + shift for p in first], [p + shift for p in last], nullable
+
+    def node(self, node: g.Node) -> tuple[list[int], list[int], bool]:
+        """(first positions, final positions, nullable) of `node`."""
+        if isinstance(node, g.RuleRef):
+            return self.shared(self.rules[node.name])
+        if isinstance(node, (g.CharClass, g.AnyChar)):
+            p = self.position(_ranges(node))
+            return [p], [p], False
+        if isinstance(node, g.Literal):
+            if not node.text:
+                return [], [], True
+            self.states += len(node.text) - 1
+            chain = [self.position(((ord(c), ord(c)),)) for c in node.text]
+            for p, q in zip(chain, chain[1:]):
+                self.follow[p].append(q)
+            return chain[:1], chain[-1:], False
+        if isinstance(node, g.Sequence):
+            self.states += max(len(node.items) - 1, 0)
+            return self.sequence([self.node(item) for item in node.items])
+        if isinstance(node, g.Choice):
+            first, last, nullable = [], [], False
+            for item in node.alternatives:
+                f, l, n = self.node(item)
+                first += f
+                last += l
+                nullable = nullable or n
+            return first, last, nullable
+        return self.repeat(node)
+
+    def sequence(self, parts: list[tuple[list[int], list[int], bool]]) -> tuple[list[int], list[int], bool]:
+        first: list[int] = []
+        last: list[int] = []
+        nullable = True
+        for f, l, n in parts:
+            self.link(last, f)
+            if nullable:
+                first = first + f
+            last = last + l if n else l
+            nullable = nullable and n
+            self.work += len(last)
+        return first, last, nullable
+
+    def repeat(self, node: g.Repeat) -> tuple[list[int], list[int], bool]:
+        """x{low,high} as low copies of x and (x (x …)?)? nested optional copies, as
+        `_Nfa.repeat` builds it; x{low,} as low copies and a looping one."""
+        if self.states > MAX_LEXEME_STATES:
+            raise _TooLarge
+        parts = [self.shared(node.item) for _ in range(node.low)]
+        if node.high is None:
+            self.states += node.low + 2
+            first, last, _ = self.shared(node.item)
+            self.link(last, first)
+            parts.append((first, last, True))
+            return self.sequence(parts)
+        self.states += node.high
+        optional: tuple[list[int], list[int], bool] = ([], [], True)
+        for _ in range(node.high - node.low):
+            first, last, nullable = self.shared(node.item)
+            self.link(last, optional[0])
+            optional = (first + optional[0] if nullable else first, last + optional[1], True)
+            self.work += len(optional[1])
+        return self.sequence(parts + [optional])
+
+
+def _proven_prefix_free(rules: dict[str, g.Node], lexemes: set[str], singles: Ranges,
+                        nullable: dict[str, bool]) -> bool:
+    """Whether the lexemes and single characters are prefix-free together, by the subset
+    construction over their Glushkov automaton (see the module docstring); False when the
+    proof does not apply (the product construction then decides), or a lexeme is too
+    large to promote. A single character that may start a lexeme refuses the proof at
+    once, as it fails the product construction's first test (which refuses an equal
+    one-character lexeme too)."""
+    if any(_intersect(ranges, singles) for name in lexemes
+           for ranges in _first_ranges(g.RuleRef(name), rules, nullable)):
+        return False
+    automaton = _Glushkov(rules)
+    heads: list[int] = []
+    final: set[int] = set()
+    try:
+        for name in sorted(lexemes):
+            automaton.states = 2
+            first, last, _ = automaton.node(g.RuleRef(name))
+            if automaton.states > MAX_LEXEME_STATES:
+                return False
+            heads += first
+            final.update(last)
+    except _TooLarge:
+        return False
+    # Every single position is checked (unreachable ones too: a refusal only costs the
+    # product construction); the subsets of several positions are explored from where a
+    # character leads to several, until they part into single ones again.
+    successors = _Successors(automaton.ranges)
+    follow = automaton.follow
+    pending = [subset for subset in successors(heads) if len(subset) > 1]
+    for p, targets in enumerate(follow):
+        if targets:
+            if p in final:
+                return False           # an accepted string continues
+            if len(targets) > 1 and not successors.disjoint(targets):
+                pending += [subset for subset in successors(targets) if len(subset) > 1]
+    seen = set(pending)
+    while pending:
+        subset = pending.pop()
+        targets = list(dict.fromkeys(q for p in subset for q in follow[p]))
+        if not targets:
+            continue
+        if not final.isdisjoint(subset):
+            return False
+        for successor in successors(targets):
+            if len(successor) > 1 and successor not in seen:
+                if len(seen) > MAX_LEXEME_STATES:
+                    return False
+                seen.add(successor)
+                pending.append(successor)
+    return True
+
+
+def _first_ranges(node: g.Node, rules: dict[str, g.Node], nullable: dict[str, bool]) -> list[Ranges]:
+    """The character ranges a string of `node` may start with (rules inlined)."""
+    if isinstance(node, g.RuleRef):
+        return _first_ranges(rules[node.name], rules, nullable)
+    if isinstance(node, (g.CharClass, g.AnyChar)):
+        return [_ranges(node)]
+    if isinstance(node, g.Literal):
+        return [((ord(node.text[0]), ord(node.text[0])),)] if node.text else []
+    if isinstance(node, g.Repeat):
+        return _first_ranges(node.item, rules, nullable) if node.high != 0 else []
+    if isinstance(node, g.Choice):
+        return [r for item in node.alternatives for r in _first_ranges(item, rules, nullable)]
+    found: list[Ranges] = []
+    for item in node.items:
+        found += _first_ranges(item, rules, nullable)
+        if not g.derives_empty(item, nullable):
+            break
+    return found
+
+
+class _Successors:
+    """The sets of positions one character leads to from a set of `targets` (their
+    successors): each target alone when their ranges are disjoint (as in most states of
+    a JSON grammar; decided once per combination of ranges, which copies of a rule
+    share), else one set per piece of the ranges' common refinement."""
+
+    def __init__(self, ranges: list[Ranges]):
+        self.ranges = ranges
+        self.identity = list(map(id, ranges))
+        self.known: dict[tuple[int, ...], bool] = {}
+
+    def disjoint(self, targets: list[int]) -> bool:
+        key = tuple(map(self.identity.__getitem__, targets))
+        disjoint = self.known.get(key)
+        if disjoint is None:
+            pieces = sorted(piece for q in dict.fromkeys(targets) for piece in self.ranges[q])
+            disjoint = self.known[key] = all(pieces[i][1] < pieces[i + 1][0]
+                                             for i in range(len(pieces) - 1))
+        return disjoint
+
+    def __call__(self, targets: list[int]) -> list[tuple[int, ...]]:
+        targets = list(dict.fromkeys(targets))
+        if len(targets) == 1 or self.disjoint(targets):
+            return [(q,) for q in targets]
+        ranges = self.ranges
+        pieces = [(low, high, q) for q in targets for low, high in ranges[q]]
+        cuts = sorted({low for low, _, _ in pieces} | {high + 1 for _, high, _ in pieces})
+        found: dict[tuple[int, ...], None] = {}
+        for low, high in zip(cuts, cuts[1:]):
+            covering = tuple(sorted({q for a, b, q in pieces if a <= low and high - 1 <= b}))
+            if covering:
+                found[covering] = None
+        return list(found)
 
 
 def _intersect(a: Ranges, b: Ranges) -> bool:
@@ -286,10 +530,10 @@ class _Nfa:
         return None
 
 
-def _reachable(rules: dict[str, g.Node], lexemes: set[str]) -> tuple[list[str], list[str]]:
+def _reachable(rules: dict[str, g.Node], lexemes: set[str],
+               refs: dict[str, set[str]]) -> tuple[list[str], list[str]]:
     """The rules reachable from root without entering a lexeme (lexemes included), and
     the rules used inside lexemes, each in order of definition."""
-    refs = g.references(rules)
 
     def references(name: str) -> list[str]:
         return list(refs[name])

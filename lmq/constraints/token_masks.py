@@ -51,6 +51,7 @@ DENSE_MASKS_KEPT = 64
 #: at most this many live (node, state) pairs of a trie level are walked in plain Python
 PYTHON_FRONTIER = 48
 DEAD = 0
+_BIT_NUMBERS = np.arange(32)              # a bit word's bits, lowest first
 ALL_GROUPS = (int(np.bitwise_or.reduce(GROUP_BITS[0])), int(np.bitwise_or.reduce(GROUP_BITS[1])))
 #: a state with at most this many allowed tokens finds their successors one token at a time
 FEW_SUCCESSORS = 2048
@@ -103,6 +104,12 @@ class TokenMask:
     def of_bits(words: np.ndarray, size: int) -> "TokenMask":
         """A mask of a packed bit row (32-bit words, bit t % 32 of word t // 32 set iff
         token t is allowed: llguidance's form; copied); dense above `DENSE_FRACTION`."""
+        set_words = np.flatnonzero(words)
+        if len(set_words) * 32 <= DENSE_FRACTION * size:    # surely sparse: unpack those words
+            bits = np.unpackbits(words.view(np.uint8).reshape(-1, 4)[set_words], axis=1,
+                                 bitorder="little")
+            return TokenMask.of((set_words[:, None] * 32 + _BIT_NUMBERS)[bits.view(bool)]
+                                .astype(np.int32), size)
         flags = np.unpackbits(words.view(np.uint8), count=size, bitorder="little").view(bool)
         count = int(np.count_nonzero(flags))
         if count <= DENSE_FRACTION * size:
@@ -175,7 +182,9 @@ class DfaTokenAutomaton:
         self._lengths: BudgetLengths | None = None
         self._forced: dict[int, bytes] = {}
         self._open_table: np.ndarray | None = None
-        self._open_words: dict[int, tuple[int, int]] = {}
+        self._filterable: np.ndarray | None = None  # per state: only loops or dies, by whole groups
+        self._filtering = False                     # some state is filterable
+        self._open_words: dict[int, tuple[int, int, bool]] = {}
         self._looping: list[bool] | None = None
         self._walked = 0                         # (node, state) pairs of the current walk
         self._patterns: ClassPatterns | None | bool = None   # False: too many byte classes
@@ -347,17 +356,18 @@ class DfaTokenAutomaton:
             forced = self._forced[state] = forced_bytes(self.dfa, state)
         return forced
 
-    def _opened(self, state: int) -> tuple[int, int]:
-        """`_open_groups` of one state, as two Python ints (all groups, without looking
-        further, when the state has no loop, as in most states of an option list)."""
+    def _opened(self, state: int) -> tuple[int, int, bool]:
+        """`_open_groups` of one state, as two Python ints and whether it is filterable
+        (all groups, without looking further, when the state has no loop, as in most
+        states of an option list)."""
         if self._looping is None:
             transitions = self.dfa.transitions
             loops = transitions == np.arange(len(transitions))[:, None]
             self._looping = loops.any(axis=1).tolist()
-        opened = ALL_GROUPS
+        opened = (*ALL_GROUPS, False)
         if self._looping[state]:
-            low, high = _open_groups(self.dfa.transitions, np.array([state]))
-            opened = (int(low[0]), int(high[0]))
+            (low, high), filterable = _open_groups(self.dfa.transitions, np.array([state]))
+            opened = (int(low[0]), int(high[0]), bool(filterable[0]))
         self._open_words[state] = opened
         return opened
 
@@ -377,7 +387,10 @@ class DfaTokenAutomaton:
         The trie is walked level by level. A live node whose subtree holds only bytes its
         state loops on (its `below` groups avoid the state's open groups; always so in an
         exit state) contributes its whole subtree without being walked further; any other
-        live node contributes the tokens ending there, and its children are walked. A
+        live node contributes the tokens ending there, and its children are walked;
+        except where the state only loops or dies (by whole byte groups, as in `[a-z ]+`)
+        and the node's prefix only loops: then its subtree's tokens are filtered at once
+        on their byte groups (`VocabularyIndex.token_groups`) instead of walked. A
         level's live (node, state) pairs are numpy arrays, or Python lists when there are
         only a handful (numpy's per-call cost would dominate). Tokens are collected as
         ranges of sorted positions."""
@@ -388,6 +401,8 @@ class DfaTokenAutomaton:
         counts: list[np.ndarray] = []
         few_starts: list[int] = []               # the same, from the Python-walked levels
         few_counts: list[int] = []
+        filtered: list[tuple[np.ndarray, ...]] = []    # subtrees to filter: (starts, counts,
+        few_filtered: list[tuple[int, ...]] = []       # open groups' low and high words)
         nodes, states = self._roots(state)
         pairs = None
         self._walked = 0
@@ -397,26 +412,24 @@ class DfaTokenAutomaton:
             if pairs is None and len(nodes) <= PYTHON_FRONTIER:
                 pairs = list(zip(nodes.tolist(), states.tolist()))
             if pairs is None:
-                nodes, states = self._numpy_level(nodes, states, starts, counts)
+                nodes, states = self._numpy_level(nodes, states, starts, counts, filtered=filtered)
                 if not len(nodes):
                     break
             else:
-                pairs = self._python_level(pairs, few_starts, few_counts)
+                pairs = self._python_level(pairs, few_starts, few_counts, few_filtered)
                 if not pairs:
                     break
                 if len(pairs) > PYTHON_FRONTIER:
                     nodes, states = np.array(pairs, dtype=np.int32).T
                     pairs = None
-        if few_starts:
-            starts.append(np.array(few_starts, dtype=np.int32))
-            counts.append(np.array(few_counts, dtype=np.int32))
-        if not starts:
-            return np.empty(0, dtype=np.int32)
+        starts.append(np.array(few_starts, dtype=np.int32))
+        counts.append(np.array(few_counts, dtype=np.int32))
         starts, counts = np.concatenate(starts), np.concatenate(counts)
-        total = int(counts.sum())
+        kept = self._filtered_positions(filtered, few_filtered)
+        total = int(counts.sum()) + len(kept)
         if total > len(index.order) // 2:
-            return self._flags(starts, counts)
-        tokens = index.order[concatenated_ranges(starts, counts)]
+            return self._flags(starts, counts, kept)
+        tokens = index.order[np.concatenate((concatenated_ranges(starts, counts), kept))]
         if total > DENSE_FRACTION * index.size:
             flags = np.zeros(index.size, dtype=bool)
             flags[tokens] = True
@@ -424,17 +437,39 @@ class DfaTokenAutomaton:
         tokens.sort()
         return tokens
 
-    def _flags(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """The bool row over the vocabulary of disjoint sorted-position ranges: +1 at each
-        start, -1 at each end, a running sum, then read through each token's rank."""
+    def _flags(self, starts: np.ndarray, counts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The bool row over the vocabulary of disjoint sorted-position ranges and more
+        `positions`: +1 at each start, -1 at each end, a running sum, the positions set,
+        then read through each token's rank."""
         keep = counts > 0
         starts = starts[keep]
         marks = np.zeros(len(self.index.order) + 2, dtype=np.int8)
         marks[starts] = 1
         marks[starts + counts[keep]] -= 1
         inside = np.cumsum(marks, dtype=np.int8).view(bool)
+        inside[positions] = True
         inside[-2:] = False                      # the rank of an empty token points here
         return inside[self.index.rank]
+
+    def _filtered_positions(self, filtered: list[tuple[np.ndarray, ...]],
+                            few: list[tuple[int, ...]]) -> np.ndarray:
+        """The sorted positions, in the subtrees set aside for filtering, of the tokens
+        whose byte groups avoid their state's open groups (each byte loops, none dies)."""
+        if few:
+            columns = list(zip(*few))
+            filtered.append((np.array(columns[0], dtype=np.int32), np.array(columns[1], dtype=np.int32),
+                             np.array(columns[2], dtype=np.uint64), np.array(columns[3], dtype=np.uint64)))
+        if not filtered:
+            return np.empty(0, dtype=np.intp)
+        starts, counts, low, high = (np.concatenate(column) for column in zip(*filtered))
+        positions = concatenated_ranges(starts, counts)
+        if (low == low[0]).all() and (high == high[0]).all():   # one state: as scalars
+            low, high = low[:1], high[:1]
+        else:
+            low, high = np.repeat(low, counts), np.repeat(high, counts)
+        groups = self.index.token_groups
+        closed = ((groups[0][positions] & low) | (groups[1][positions] & high)) == 0
+        return positions[closed]
 
     def _roots(self, state: int) -> tuple[np.ndarray, np.ndarray]:
         """The live (node, state) pairs of the trie's first level from `state`."""
@@ -443,16 +478,18 @@ class DfaTokenAutomaton:
         nodes = np.flatnonzero(states).astype(np.int32)
         return nodes, states[nodes]
 
-    def _numpy_level(self, nodes, states, starts, counts, ends=None):
+    def _numpy_level(self, nodes, states, starts, counts, ends=None, filtered=None):
         """One level of live pairs as arrays: record ranges (and into `ends`, the state
-        each range's tokens end in), return the next level's."""
+        each range's tokens end in; else into `filtered`, the subtrees to filter), return
+        the next level's."""
         index = self.index
         if self._open_table is None:
-            self._open_table = _open_groups(self.dfa.transitions,
-                                            np.arange(len(self.dfa.transitions)))
+            self._open_table, self._filterable = _open_groups(
+                self.dfa.transitions, np.arange(len(self.dfa.transitions)))
+            self._filtering = bool(self._filterable.any())
         below, opened = index.below, self._open_table
-        closed = ((below[0][nodes] & opened[0][states])
-                  | (below[1][nodes] & opened[1][states])) == 0
+        low, high = opened[0][states], opened[1][states]
+        closed = ((below[0][nodes] & low) | (below[1][nodes] & high)) == 0
         done = nodes[closed]
         starts.append(index.lo[done])
         counts.append(index.hi[done] - index.lo[done])
@@ -460,6 +497,14 @@ class DfaTokenAutomaton:
         walked = ~closed
         if ends is not None:
             ends += (states[closed], states[walked])
+        elif filtered is not None and self._filtering:
+            above = index.above
+            taken = walked & self._filterable[states] \
+                & (((above[0][nodes] & low) | (above[1][nodes] & high)) == 0)
+            if taken.any():
+                kept = nodes[taken]
+                filtered.append((index.lo[kept], index.hi[kept] - index.lo[kept], low[taken], high[taken]))
+                walked &= ~taken
         nodes, states = nodes[walked], states[walked]
         starts.append(index.lo[nodes])
         counts.append(index.exact[nodes])
@@ -470,11 +515,11 @@ class DfaTokenAutomaton:
         keep = states != DEAD
         return nodes[keep], states[keep]
 
-    def _python_level(self, pairs, starts, counts):
+    def _python_level(self, pairs, starts, counts, filtered):
         """One level of a few live pairs in plain Python (list in, list out). A pair whose
         subtree holds at most `SMALL_SUBTREE` tokens is finished at once, depth first: a
         long chain like a run of spaces would otherwise cost a level per byte."""
-        byte, child_start, lo, hi, exact, below_low, below_high = self._views
+        byte, child_start, lo, hi, exact, below_low, below_high, above_low, above_high = self._views
         table = self._table
         self._walked += len(pairs)
         following: list[tuple[int, int]] = []
@@ -485,6 +530,9 @@ class DfaTokenAutomaton:
             if not (below_low[node] & opened[0] or below_high[node] & opened[1]):
                 starts.append(lo[node])
                 counts.append(hi[node] - lo[node])
+                return
+            if opened[2] and not (above_low[node] & opened[0] or above_high[node] & opened[1]):
+                filtered.append((lo[node], hi[node] - lo[node], opened[0], opened[1]))
                 return
             if exact[node]:
                 starts.append(lo[node])
@@ -511,15 +559,25 @@ class DfaTokenAutomaton:
         return following
 
 
-def _open_groups(transitions: np.ndarray, states: np.ndarray) -> np.ndarray:
+def _open_groups(transitions: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each of `states`, the bits (`GROUP_BITS`; shape (2, len(states))) of the byte
     groups holding a byte that leaves the state: a subtree whose groups avoid them keeps
-    the state on every path. Blocks of 1024 states bound the temporary arrays."""
+    the state on every path; and whether the state is filterable: every byte loops or
+    dies, and no group holds both kinds (then a token walked from it lives exactly when
+    its groups avoid the open ones). Blocks of 1024 states bound the temporary arrays."""
     open_bits = np.zeros((2, len(states)), dtype=np.uint64)
+    filterable = np.zeros(len(states), dtype=bool)
     for first in range(0, len(states), 1024):
         block = states[first:first + 1024]
-        leaves = transitions[block] != block[:, None]
+        rows = transitions[block]
+        leaves = rows != block[:, None]
+        mixed = np.zeros(len(block), dtype=bool)
         for word in range(2):
-            open_bits[word, first:first + len(block)] = np.bitwise_or.reduce(
-                np.where(leaves, GROUP_BITS[word], np.uint64(0)), axis=1)
-    return open_bits
+            bits = GROUP_BITS[word]
+            leaving = np.bitwise_or.reduce(np.where(leaves, bits, np.uint64(0)), axis=1)
+            looping = np.bitwise_or.reduce(np.where(leaves, np.uint64(0), bits), axis=1)
+            open_bits[word, first:first + len(block)] = leaving
+            mixed |= (leaving & looping) != 0
+        filterable[first:first + len(block)] = ~mixed & ((rows == DEAD) | ~leaves).all(axis=1) \
+            & (block != DEAD)
+    return open_bits, filterable
