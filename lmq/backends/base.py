@@ -87,8 +87,12 @@ class Sequence(ABC):
 
     def rows(self, tokens: list[int], count: int) -> list[np.ndarray]:
         """`logits`, with the rows after each of the last `count` tokens (copies, in
-        order), on a backend that `speculates`."""
-        raise NotImplementedError(f"{type(self).__name__} returns one row per evaluation")
+        order). Engines that keep several rows of one batch (a backend that `speculates`)
+        evaluate the tokens together; here the last ones are evaluated one by one."""
+        first = len(tokens) - count + 1
+        rows = [np.array(self.logits(tokens[:first]))]
+        rows += [np.array(self.advance(token)) for token in tokens[first:]]
+        return rows
 
     @abstractmethod
     def fork(self) -> "Sequence":

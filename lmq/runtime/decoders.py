@@ -125,16 +125,16 @@ class Decoder:
         remote = getattr(backend, "generate_hole", None)
         if remote is not None and (not backend.returns_rows or self.whole_holes_remote and self.n == 1):
             return await remote(context, plan, max_len, self, on_text)
+        speculate = self._speculates(lane, backend)
         try:
-            return await self._decode_tokens(lane, context, plan, backend, max_len, on_text,
-                                             self._speculates(lane, backend))
+            return await self._decode_tokens(lane, context, plan, backend, max_len, on_text, speculate)
         finally:
-            if lane.guessed:                # guesses past the hole's end leave the cache
+            if speculate and lane.guessed:  # guesses past the hole's end leave the cache
                 lane.drop_guesses()
 
     def _speculates(self, lane: Lane, backend: Backend) -> bool:
         """Whether this hole evaluates forced text with a guess of what follows."""
-        return (self.speculates and backend.speculates and not lane.replaying
+        return (self.speculates and backend.speculates and lane.speculates and not lane.replaying
                 and not os.environ.get("LMQ_NO_SPECULATION"))
 
     async def _decode_tokens(self, lane: Lane, context: list[int], plan: HolePlan,
@@ -336,7 +336,7 @@ class Decoder:
         the last one held back (a longer token may span into what follows), within the
         token budget (one token left for the end) and the context; and, when `speculate`,
         the held-back one as the guess of the next choice, where that choice would be
-        evaluated (it is not the budget's last token, and the context has room)."""
+        evaluated (not the budget's last token, room in the context, a value that goes on)."""
         text = _whole_characters(automaton.forced(state))
         if not text:
             return [], []           # mid-character: the mask forces the rest byte-exactly
@@ -348,11 +348,16 @@ class Decoder:
             limit = min(limit, plan.max_tokens - count - 1)
         forced = _within_budget(automaton, state, tokens[:max(0, min(limit, room - count - 1))],
                                 plan, count)
-        after = count + len(forced) + 1          # tokens once the guess is chosen
-        if (speculate and len(forced) == len(tokens) - 1 and after < room
-                and (plan.max_tokens is None or after < plan.max_tokens)):
-            return forced, tokens[-1:]
-        return forced, []
+        after = count + len(tokens)              # tokens once the guess is chosen
+        if (not speculate or len(forced) < len(tokens) - 1 or after >= room
+                or plan.max_tokens is not None and after >= plan.max_tokens):
+            return forced, []
+        if automaton.exact_budget and plan.may_end_at(after):
+            for token in tokens:
+                state = automaton.advance(state, token)
+            if _complete(automaton, state):
+                return forced, []       # the guess would end the value: no row after it
+        return forced, tokens[-1:]
 
 
 def _within_budget(automaton: TokenAutomaton, state: Hashable, tokens: list[int], plan: HolePlan,

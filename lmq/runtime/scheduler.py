@@ -36,6 +36,7 @@ class _Guesses:
 
     sequence: Sequence | None
     guessed = 0
+    speculates = True           # the lane can return the rows after guessed tokens
 
     @property
     def tokens(self) -> list[int]:
