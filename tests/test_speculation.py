@@ -18,11 +18,13 @@ from lmq.backends.random import RandomBackend, RandomSequence
 SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"},
                          "city": {"enum": ["Paris", "London", "New York"]},
+                         "occupation": {"type": "string", "maxLength": 12},
                          "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 10},
                                      "maxItems": 2}},
-          "required": ["name", "age", "city", "hobbies"]}
+          "required": ["name", "age", "city", "occupation", "hobbies"]}
 QUERIES = [
-    ('"A person as JSON:\\n[X]" where JSON(X, SCHEMA)', {"SCHEMA": SCHEMA}),
+    ('"Describe a fictional person as a JSON object with name, age, city, occupation and '
+     'hobbies.\\n[X]" where JSON(X, SCHEMA)', {"SCHEMA": SCHEMA}),
     ('"Say one sentence:[X]" where X in SENTENCES',
      {"SENTENCES": [" The old lighthouse keeper walked along the shore",
                     " The old lighthouse keeper rowed out to sea",
@@ -116,47 +118,74 @@ def test_a_guess_that_would_end_the_value_is_not_evaluated(pinned_model):
     assert backend.evaluated_tokens == len(context) + len(result.tokens["X"]) - 1
 
 
-def run_smollm2(query: str, scope: dict, decoder: str, monkeypatch, speculate: bool):
-    """`run` on a fresh SmolLM2 context (the same cache history for both modes), and the
-    llama_decode calls it made."""
+def run_smollm2(query: str, scope: dict, decoder: str, monkeypatch, speculate: bool,
+                wrong_guesses_cheap: bool | None = None):
+    """`run` on a fresh SmolLM2 context (the same cache history for both modes), the
+    llama_decode calls it made and the tokens it evaluated."""
     backend = LlamaCppBackend(default_model_path(), n_ctx=1024, flash_attn=False)
+    if wrong_guesses_cheap is not None:
+        backend.wrong_guesses_cheap = wrong_guesses_cheap
     try:
-        return run(backend, query, scope, decoder, monkeypatch, speculate), backend.decodes
+        return (run(backend, query, scope, decoder, monkeypatch, speculate), backend.decodes,
+                backend.evaluated_tokens)
     finally:
         backend.close()
 
 
+def lane_steps(monkeypatch) -> list[int]:
+    """A counter of sequence evaluations (one per sequence in each batch step)."""
+    steps = [0]
+    advance_many = LlamaCppBackend.advance_many
+
+    def counting(self, batch, rows=None):
+        steps[0] += len(batch)
+        return advance_many(self, batch, rows)
+    monkeypatch.setattr(LlamaCppBackend, "advance_many", counting)
+    return steps
+
+
 @pytest.mark.model
-@pytest.mark.parametrize("query, scope, fewer", [(*QUERIES[0], 4), (*QUERIES[1], 0), (*QUERIES[2], 1)])
-def test_smollm2_decodes_the_same_in_fewer_llama_decodes(query, scope, fewer, monkeypatch):
+@pytest.mark.parametrize("cheap", [False, True])
+@pytest.mark.parametrize("query, scope", QUERIES)
+def test_smollm2_decodes_the_same_in_fewer_llama_decodes(query, scope, cheap, monkeypatch):
     """On the real model: the same values, tokens and token events in fewer llama_decode
-    calls. Log-probabilities agree to llama.cpp's rounding only: its CPU kernels give
-    logits that depend on the shapes of the batches that filled the KV cache (up to
-    tenths of a nat on SmolLM2's Q4_1 weights, as between any two batchings). (The `in`
-    value's forced runs end in branch points or in its last token: nothing to guess.)"""
-    (off, off_tokens), off_decodes = run_smollm2(query, scope, "argmax", monkeypatch, speculate=False)
-    (on, on_tokens), on_decodes = run_smollm2(query, scope, "argmax", monkeypatch, speculate=True)
+    calls, guessing every held-back token (as on a GPU, `cheap`) or only those the mask
+    allows alone (on a CPU: then no guess is wrong, and no token is evaluated in vain).
+    Log-probabilities agree to llama.cpp's rounding only: its CPU kernels give logits
+    that depend on the shapes of the batches that filled the KV cache (up to tenths of a
+    nat on SmolLM2's Q4_1 weights, as between any two batchings)."""
+    (off, off_tokens), off_decodes, off_evaluated = run_smollm2(query, scope, "argmax", monkeypatch,
+                                                                False, cheap)
+    (on, on_tokens), on_decodes, on_evaluated = run_smollm2(query, scope, "argmax", monkeypatch,
+                                                            True, cheap)
     assert [(v, t) for v, t, _ in on] == [(v, t) for v, t, _ in off]
     assert [e[:4] for e in on_tokens] == [e[:4] for e in off_tokens]
     for (_, tokens, on_logprob), (*_, off_logprob) in zip(on, off):
         assert on_logprob == pytest.approx(off_logprob, abs=0.02 * len(tokens["X"]))
-    assert on_decodes <= off_decodes - fewer
+    assert on_decodes <= off_decodes
+    if not cheap:
+        assert on_evaluated == off_evaluated
+    if query == QUERIES[0][0]:          # a JSON document's held-back tokens are guessed
+        assert on_decodes <= off_decodes - (4 if cheap else 1)
 
 
 @pytest.mark.model
 def test_smollm2_branches_speculate_in_one_batch(monkeypatch):
-    """sample(n=3) on the real model: every branch's value is a document of the schema,
-    in fewer llama_decode calls (the branches' guesses share the batches). Seeded draws
-    are the same as without guesses on rows that are (see the test above on keyed rows);
-    on llama.cpp a draw near a boundary may follow the rounding of other batch shapes."""
+    """sample(n=3) on the real model, every held-back token guessed: every branch's value
+    is a document of the schema, in fewer evaluations of a branch (the branches share
+    each batch, so a step is saved only where all of them guessed right). Seeded draws are the same as without guesses on rows that are (see the
+    test on keyed rows); on llama.cpp a draw near a boundary may follow the rounding of
+    other batch shapes."""
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                                "city": SCHEMA["properties"]["city"]},
               "required": ["name", "city"]}
-    query, scope = QUERIES[0][0], {"SCHEMA": schema}
-    (off, _), off_decodes = run_smollm2(query, scope, "sample(n=3, seed=7)", monkeypatch, False)
-    (on, _), on_decodes = run_smollm2(query, scope, "sample(n=3, seed=7)", monkeypatch, True)
+    query, scope = '"A person as JSON:\\n[X]" where JSON(X, SCHEMA)', {"SCHEMA": schema}
+    steps = lane_steps(monkeypatch)
+    (off, _), *_ = run_smollm2(query, scope, "sample(n=3, seed=7)", monkeypatch, False, True)
+    off_steps, steps[0] = steps[0], 0
+    (on, _), *_ = run_smollm2(query, scope, "sample(n=3, seed=7)", monkeypatch, True, True)
     assert len(on) == 3
     for variables, _, _ in on:
         assert set(variables["X"]) == {"name", "city"}
         assert variables["X"]["city"] in schema["properties"]["city"]["enum"]
-    assert on_decodes < off_decodes
+    assert steps[0] < off_steps

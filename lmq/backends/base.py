@@ -118,6 +118,11 @@ class Backend(ABC):
     #: `Sequence.rows`) and `Sequence.truncate` drops cells: the decoder then evaluates
     #: forced text together with a guess of the tokens after it (speculative evaluation)
     speculates: bool = False
+    #: whether a wrong guess costs little next to a decode (an engine whose decode time is
+    #: mostly fixed per call, as on a GPU); else the decoder guesses only a token the mask
+    #: allows alone, since where compute is the cost (a CPU) every evaluated token and
+    #: kept row costs as much in a batch as alone
+    wrong_guesses_cheap: bool = False
 
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:

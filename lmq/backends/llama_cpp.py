@@ -83,6 +83,7 @@ class LlamaCppBackend(GgufBackend):
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         super().__init__(GgufVocab(self.model.model), self.path)
         self.context_size = llama_cpp.llama_n_ctx(self.ctx)
+        self.wrong_guesses_cheap = self.model.model_params.n_gpu_layers > 0
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.gguf.vocab)

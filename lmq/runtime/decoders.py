@@ -163,6 +163,7 @@ class Decoder:
         ahead: list[np.ndarray] = []    # the rows after the checked guesses, in order
         pending: Any = None
         while True:
+            mask = None
             if not guesses:
                 forced, guess = [], []
                 if automaton is not None:
@@ -182,6 +183,10 @@ class Decoder:
                         on_text(bytes(value[start:cut]))
                     if cut is not None:
                         return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob + _value(score))
+                if guess and not backend.wrong_guesses_cheap:
+                    mask = _sole_token_mask(automaton, state, plan, len(tokens))
+                    if mask is None:
+                        guess = []
                 if pending is None:
                     pending = lane.logits(context + tokens + guess, len(guess) + 1)
                     guesses = guess
@@ -192,9 +197,8 @@ class Decoder:
                                            len(guess) + 1)
                     guesses, ahead = guess, []
             logprob += _value(score)
-            mask = None
             count = len(tokens)
-            if automaton is not None and not _mask_needs_row(automaton, plan, count):
+            if automaton is not None and mask is None and not _mask_needs_row(automaton, plan, count):
                 mask = _step_mask(automaton, state, plan, count, None)
             may_end = plan.may_end_at(count) and (automaton is None or automaton.accepts(state))
             if ahead:
@@ -433,6 +437,16 @@ def _mask_needs_row(automaton: TokenAutomaton, plan: HolePlan, count: int) -> bo
     other mask is computed while the engine evaluates the previous token)."""
     return (not automaton.exact_budget and plan.max_tokens is not None
             and count + 1 == plan.max_tokens)
+
+
+def _sole_token_mask(automaton: TokenAutomaton, state: Hashable, plan: HolePlan,
+                     count: int) -> TokenMask | None:
+    """The state's mask where it allows one token alone (nor may the value end there),
+    else None: a guess of that token cannot be wrong."""
+    if _mask_needs_row(automaton, plan, count) or plan.may_end_at(count) and automaton.accepts(state):
+        return None
+    mask = _step_mask(automaton, state, plan, count, None)
+    return mask if mask.count == 1 else None
 
 
 def _complete(automaton: TokenAutomaton, state: Hashable) -> bool:
