@@ -196,3 +196,30 @@ def test_smollm2_branches_speculate_in_one_batch(monkeypatch):
         assert set(variables["X"]) == {"name", "city"}
         assert variables["X"]["city"] in schema["properties"]["city"]["enum"]
     assert steps[0] < off_steps
+
+
+@pytest.mark.model
+def test_llama_cpp_keeps_the_rows_asked_for_each_sequence_of_a_batch():
+    """One batch of two sequences, rows kept at the last 2 and 3 positions: each row is
+    the row after its own prefix (computed alone for comparison; llama.cpp's rounding
+    differs between batch shapes, a row of another context differs entirely)."""
+    backend = LlamaCppBackend(default_model_path(), n_ctx=256)
+    try:
+        texts = ["The capital of France is Paris. The capital of Italy is",
+                 "def add(a, b):\n    return a +"]
+        prompts = [backend.tokenize(text) for text in texts]
+        sequences = [backend.sequence() for _ in prompts]
+        for sequence, prompt in zip(sequences, prompts):
+            sequence.logits(prompt[:-4])
+        rows = [[row.copy() for row in kept] for kept in backend.advance_many(
+            [(s, p[-4:]) for s, p in zip(sequences, prompts)], [2, 3])]
+        assert [len(kept) for kept in rows] == [2, 3]
+        assert [s.tokens for s in sequences] == prompts
+        reference = backend.sequence()
+        for prompt, kept in zip(prompts, rows):
+            for row, end in zip(kept, range(len(prompt) - len(kept) + 1, len(prompt) + 1)):
+                alone = np.array(reference.logits(prompt[:end]))
+                assert int(row.argmax()) == int(alone.argmax())
+                assert np.corrcoef(row, alone)[0, 1] > 0.99
+    finally:
+        backend.close()
