@@ -202,7 +202,8 @@ def test_a_minimum_token_count_never_dead_ends_a_finite_branch(random_model):
         assert re.fullmatch(TYPE_PATTERNS["INT"], result.prompt[len("N: "):])
 
 
-def test_a_value_nothing_can_extend_ends_without_another_decode(pinned_model):
+def test_a_value_nothing_can_extend_ends_without_another_decode(pinned_model, monkeypatch):
+    monkeypatch.setenv("LMQ_NO_SPECULATION", "1")    # a rejected guess is one more evaluation
     backend = lmq.model("random", seed=2).backend()
     result = lmq.run_sync('"Pick:[X]" where X in [" yes", " no"]', model=pinned_model(backend))
     vocabulary = backend.vocabulary

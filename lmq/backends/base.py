@@ -85,6 +85,15 @@ class Sequence(ABC):
         engine cannot (the caller then brings the cache to its tokens with `logits`)."""
         return False
 
+    def rows(self, tokens: list[int], count: int) -> list[np.ndarray]:
+        """`logits`, with the rows after each of the last `count` tokens (copies, in
+        order). Engines that keep several rows of one batch (a backend that `speculates`)
+        evaluate the tokens together; here the last ones are evaluated one by one."""
+        first = len(tokens) - count + 1
+        rows = [np.array(self.logits(tokens[:first]))]
+        rows += [np.array(self.advance(token)) for token in tokens[first:]]
+        return rows
+
     @abstractmethod
     def fork(self) -> "Sequence":
         """A new sequence sharing this one's cached tokens (no re-evaluation)."""
@@ -105,6 +114,15 @@ class Backend(ABC):
     #: whether `sequence()` gives logits rows; a backend without them decodes every hole
     #: itself (`generate_hole`: an inference engine that returns tokens)
     returns_rows: bool = True
+    #: whether one evaluation returns rows at several positions (`advance_many`'s `rows`,
+    #: `Sequence.rows`) and `Sequence.truncate` drops cells: the decoder then evaluates
+    #: forced text together with a guess of the tokens after it (speculative evaluation)
+    speculates: bool = False
+    #: whether a wrong guess costs little next to a decode (an engine whose decode time is
+    #: mostly fixed per call, as on a GPU); else the decoder guesses only a token the mask
+    #: allows alone, since where compute is the cost (a CPU) every evaluated token and
+    #: kept row costs as much in a batch as alone
+    wrong_guesses_cheap: bool = False
 
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
@@ -123,15 +141,20 @@ class Backend(ABC):
     def sequence(self) -> Sequence:
         """A new, empty sequence."""
 
-    def advance_many(self, steps: list[tuple[Sequence, list[int]]]) -> list[np.ndarray]:
+    def advance_many(self, steps: list[tuple[Sequence, list[int]]],
+                     rows: list[int] | None = None) -> list:
         """Append tokens to several sequences in one engine step (one multi-sequence batch
         where the engine has one) and return each sequence's logits row after its last new
-        token, in order. Rows are valid until the next call on this backend. Engines
-        without batches evaluate the sequences one after another."""
-        rows = []
-        for sequence, tokens in steps:
-            rows.append(np.array(sequence.logits(sequence.tokens + list(tokens))))
-        return rows
+        token, in order; where `rows[k]` > 1 (a backend that `speculates`), the list of
+        rows after each of sequence k's last `rows[k]` new tokens. Rows are valid until the
+        next call on this backend. Engines without batches evaluate the sequences one
+        after another."""
+        out: list = []
+        for k, (sequence, tokens) in enumerate(steps):
+            count = rows[k] if rows is not None else 1
+            context = sequence.tokens + list(tokens)
+            out.append(sequence.rows(context, count) if count > 1 else np.array(sequence.logits(context)))
+        return out
 
     def describe(self) -> str:
         return type(self).__name__

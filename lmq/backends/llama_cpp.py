@@ -67,6 +67,9 @@ class LlamaCppBackend(GgufBackend):
     #: sequences of the unified KV cache: branches of a query and concurrent queries decode
     #: together (a single sequence measured no slower with 16 than with 1)
     DEFAULT_SEQUENCES = 16
+    speculates = True
+    #: llama_decode calls so far (tests and benchmarks)
+    decodes = 0
 
     def __init__(self, path: str, n_seq_max: int = DEFAULT_SEQUENCES, **kwargs):
         self.path = check_gguf(path)
@@ -80,6 +83,7 @@ class LlamaCppBackend(GgufBackend):
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         super().__init__(GgufVocab(self.model.model), self.path)
         self.context_size = llama_cpp.llama_n_ctx(self.ctx)
+        self.wrong_guesses_cheap = self.model.model_params.n_gpu_layers > 0
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.gguf.vocab)
@@ -114,6 +118,7 @@ class LlamaCppBackend(GgufBackend):
     def _run_batch(self) -> None:
         """One llama_decode of the filled batch."""
         batch = self._batch.batch
+        self.decodes += 1
         status = self._decode_batch(self.ctx, batch)
         if status == 1 and self._forget_kept():       # 1: no room in the KV cache
             status = self._decode_batch(self.ctx, batch)
@@ -132,11 +137,14 @@ class LlamaCppBackend(GgufBackend):
                 freed = True
         return freed
 
-    def advance_many(self, steps: list[tuple["LlamaSequence", list[int]]]) -> list[np.ndarray]:
-        """All sequences' new tokens in one llama_decode (chunked by n_batch); each row is
-        a zero-copy view when one decode sufficed, else a copy."""
-        seq_ids, tokens, positions, last = [], [], [], []
-        for sequence, new in steps:
+    def advance_many(self, steps: list[tuple["LlamaSequence", list[int]]],
+                     rows: list[int] | None = None) -> list:
+        """All sequences' new tokens in one llama_decode (chunked by n_batch), logits
+        kept only where asked (`rows[k]` trailing positions of sequence k, else its
+        last); each row is a zero-copy view when one decode sufficed, else a copy."""
+        seq_ids, tokens, positions = [], [], []
+        wanted, owner = [], {}
+        for k, (sequence, new) in enumerate(steps):
             if not new:
                 raise ModelError("advance_many needs at least one token per sequence")
             start = len(sequence.tokens)
@@ -145,26 +153,34 @@ class LlamaCppBackend(GgufBackend):
             seq_ids.extend([sequence.seq_id] * len(new))
             positions.extend(range(start, start + len(new)))
             tokens.extend(new)
-            last.append(len(tokens) - 1)
-        rows: list[np.ndarray] = [None] * len(steps)   # type: ignore[list-item]
+            count = rows[k] if rows is not None else 1
+            for index in range(len(tokens) - min(count, len(new)), len(tokens)):
+                wanted.append(index)
+                owner[index] = k
+        out: list = [None if rows is None or rows[k] == 1 else [] for k in range(len(steps))]
         batch, size = self._batch, self.n_batch
         single = len(tokens) <= size
-        wanted = np.zeros(len(tokens), dtype=np.int8)
-        wanted[last] = 1
-        owner = {index: k for k, index in enumerate(last)}
+        outputs = np.zeros(len(tokens), dtype=np.int8)
+        outputs[wanted] = 1
         for offset in range(0, len(tokens), size):
             n = min(size, len(tokens) - offset)
             part = slice(offset, offset + n)
-            batch.fill(tokens[part], positions[part], seq_ids[part], wanted[part])
+            batch.fill(tokens[part], positions[part], seq_ids[part], outputs[part])
             self._run_batch()
-            for i in np.flatnonzero(wanted[offset:offset + n]).tolist():
+            for i in np.flatnonzero(outputs[offset:offset + n]).tolist():
                 row = self._logits_row(i)
-                rows[owner[offset + i]] = row if single else row.copy()
+                k = owner[offset + i]
+                if not single:
+                    row = row.copy()
+                if out[k] is None:
+                    out[k] = row
+                else:
+                    out[k].append(row)
         for sequence, new in steps:
             sequence.tokens.extend(new)
         self.evaluated_tokens += len(tokens)
         self._logits_owner = None
-        return rows
+        return out
 
     def _logits_row(self, index: int = -1) -> np.ndarray:
         """The row as a zero-copy view; views are kept per address (making one costs
@@ -240,6 +256,17 @@ class LlamaSequence(Sequence):
             if self.backend._logits_owner is not None and self.backend._logits_owner[0] == self.seq_id:
                 self.backend._logits_owner = None
         return True
+
+    def rows(self, tokens: list[int], count: int) -> list[np.ndarray]:
+        """The cache brought to `tokens` with the last `count` of them evaluated in one
+        batch (with what else is not cached), keeping their rows."""
+        if len(tokens) > self.backend.context_size:
+            raise ContextLimitError(f"{len(tokens)} tokens do not fit the context of "
+                                    f"{self.backend.context_size} tokens")
+        common = min(common_prefix(self.tokens, tokens), len(tokens) - count)
+        self.truncate(common)
+        rows = self.backend.advance_many([(self, tokens[common:])], [count])[0]
+        return [row.copy() for row in rows]
 
     def fork(self) -> "LlamaSequence":
         child = self.backend.sequence()

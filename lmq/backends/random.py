@@ -24,6 +24,9 @@ def _vocab(path: str) -> GgufVocab:
 class RandomBackend(GgufBackend):
     """Uniform over allowed tokens; counts evaluated tokens like a real engine would."""
 
+    speculates = True
+    wrong_guesses_cheap = True      # every guess is made, so tests see guesses rejected
+
     def __init__(self, vocab: str, seed: int = 0, n_ctx: int = 4096, end_probability: float = 0.0):
         super().__init__(_vocab(vocab), vocab)
         self.context_size = n_ctx
@@ -38,7 +41,8 @@ class RandomBackend(GgufBackend):
     def sequence(self) -> "RandomSequence":
         return RandomSequence(self)
 
-    def _logits(self) -> np.ndarray:
+    def _logits(self, tokens: list[int]) -> np.ndarray:
+        """The row after `tokens` (a fresh draw: the noise does not depend on them)."""
         row = self._row
         row[:] = self.rng.gumbel(size=row.shape[0])
         if self.end_probability and self.rng.random() < self.end_probability:
@@ -59,14 +63,28 @@ class RandomSequence(Sequence):
         common = min(common_prefix(self.tokens, tokens), len(tokens) - 1)
         backend.evaluated_tokens += len(tokens) - common
         self.tokens = list(tokens)
-        return backend._logits()
+        return backend._logits(self.tokens)
+
+    def rows(self, tokens: list[int], count: int) -> list[np.ndarray]:
+        if len(tokens) > self.backend.context_size:
+            raise ContextLimitError(f"{len(tokens)} tokens do not fit the context of "
+                                    f"{self.backend.context_size} tokens")
+        first = self.logits(tokens[:len(tokens) - count + 1]).copy()
+        self.backend.evaluated_tokens += count - 1
+        self.tokens = list(tokens)
+        return [first] + [self.backend._logits(tokens[:end]).copy()
+                          for end in range(len(tokens) - count + 2, len(tokens) + 1)]
+
+    def truncate(self, length: int) -> bool:
+        del self.tokens[length:]
+        return True
 
     def advance(self, token: int) -> np.ndarray:
         if len(self.tokens) >= self.backend.context_size:
             raise ContextLimitError(f"the context of {self.backend.context_size} tokens is full")
         self.tokens.append(token)
         self.backend.evaluated_tokens += 1
-        return self.backend._logits()
+        return self.backend._logits(self.tokens)
 
     def fork(self) -> "RandomSequence":
         child = RandomSequence(self.backend)

@@ -114,6 +114,7 @@ class SearchDecoder(Decoder):
     name = "beam"
     keeps_searching = False
     whole_holes_remote = False
+    speculates = False          # a choice waits for the search, and a split forks the lane
 
     def __init__(self, **settings: Any):
         settings = dict(settings)

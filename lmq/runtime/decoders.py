@@ -11,6 +11,7 @@ decoders of runtime/branching.py (sample, beam, best_k; n>1) register in `DECODE
 from __future__ import annotations
 
 import copy
+import os
 from typing import TYPE_CHECKING, Any, Callable, Hashable, cast
 
 import numpy as np
@@ -52,6 +53,11 @@ class Decoder:
     #: branches decode here in one batch (as in process, so with the same rows) on rows
     #: the server computes
     whole_holes_remote = True
+    #: whether forced text is evaluated with a guess of the next choice (speculative
+    #: evaluation, on backends that `speculate`; `LMQ_NO_SPECULATION=1` turns it off):
+    #: only for decoders whose choice never waits for other branches, as the guess's
+    #: rows are used after the step that made them
+    speculates = True
 
     def __init__(self, **settings: Any):
         settings = {KNOB_ALIASES.get(k, k): v for k, v in settings.items()}
@@ -119,6 +125,26 @@ class Decoder:
         remote = getattr(backend, "generate_hole", None)
         if remote is not None and (not backend.returns_rows or self.whole_holes_remote and self.n == 1):
             return await remote(context, plan, max_len, self, on_text)
+        speculate = self._speculates(lane, backend)
+        try:
+            return await self._decode_tokens(lane, context, plan, backend, max_len, on_text, speculate)
+        finally:
+            if speculate and lane.guessed:  # guesses past the hole's end leave the cache
+                lane.drop_guesses()
+
+    def _speculates(self, lane: Lane, backend: Backend) -> bool:
+        """Whether this hole evaluates forced text with a guess of what follows."""
+        return (self.speculates and backend.speculates and lane.speculates and not lane.replaying
+                and not os.environ.get("LMQ_NO_SPECULATION"))
+
+    async def _decode_tokens(self, lane: Lane, context: list[int], plan: HolePlan,
+                             backend: Backend, max_len: int,
+                             on_text: Callable[[bytes], None] | None, speculate: bool) -> HoleOutput:
+        """The per-token loop. Each evaluation carries the chosen token, the forced text
+        after it (fast-forward) and, when `speculate`, a guess of the token after that
+        (the canonical tokenization's last token, which fast-forward holds back) with its
+        row kept: where the decoder's own choice on that row equals the guess, the next
+        row is ready without another evaluation; otherwise the guess leaves the cache."""
         vocabulary = backend.vocabulary
         ends = vocabulary.end_ids
         end_list = np.fromiter(sorted(ends), dtype=np.int64)
@@ -128,18 +154,22 @@ class Decoder:
         tokens: list[int] = []
         value = bytearray()
         logprob = 0.0
+        score: float | Callable[[], float] = 0.0     # the last choice's, added once it is sent
         tracer = self.tracer
         if plan.max_tokens == 0:
             return HoleOutput(tokens, b"", "length", 0.0)
-        pending = lane.logits(context)
+        chosen: list[int] = []          # the chosen token, not evaluated yet
+        guesses: list[int] = []         # evaluated past the current position, not checked yet
+        ahead: list[np.ndarray] = []    # the rows after the checked guesses, in order
+        pending: Any = None
         while True:
-            # Everything up to `await pending` runs while the engine evaluates the last token.
             mask = None
-            if automaton is not None:
-                forced = self._forced_tokens(automaton, state, backend, plan, len(tokens),
-                                             max_len - len(context))
+            if not guesses:
+                forced, guess = [], []
+                if automaton is not None:
+                    forced, guess = self._forced_tokens(automaton, state, backend, plan, len(tokens),
+                                                        max_len - len(context), speculate)
                 if forced:
-                    await pending                  # one request per lane at a time
                     start = len(value)
                     for token in forced:
                         if tracer is not None:
@@ -152,13 +182,31 @@ class Decoder:
                     if on_text:
                         on_text(bytes(value[start:cut]))
                     if cut is not None:
-                        return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob)
-                    pending = lane.logits(context + tokens)
-                if not _mask_needs_row(automaton, plan, len(tokens)):
-                    mask = _step_mask(automaton, state, plan, len(tokens), None)
+                        return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob + _value(score))
+                if guess and not backend.wrong_guesses_cheap:
+                    mask = _sole_token_mask(automaton, state, plan, len(tokens))
+                    if mask is None:
+                        guess = []
+                if pending is None:
+                    pending = lane.logits(context + tokens + guess, len(guess) + 1)
+                    guesses = guess
+                elif chosen or forced:
+                    # Everything up to `await pending` runs while the engine evaluates.
+                    pending = lane.advance(chosen + forced + guess,
+                                           self._draw_ahead(plan, automaton, len(tokens), end_list),
+                                           len(guess) + 1)
+                    guesses, ahead = guess, []
+            logprob += _value(score)
             count = len(tokens)
+            if automaton is not None and mask is None and not _mask_needs_row(automaton, plan, count):
+                mask = _step_mask(automaton, state, plan, count, None)
             may_end = plan.may_end_at(count) and (automaton is None or automaton.accepts(state))
-            row = await pending
+            if ahead:
+                row = ahead.pop(0)
+            else:
+                row = await pending
+                if guesses:
+                    row, ahead = row[0], row[1:]
             if automaton is not None and mask is None:
                 mask = _step_mask(automaton, state, plan, count, row)
             token, score = await self._select(row, mask, None if may_end else end_list, end_list)
@@ -169,6 +217,15 @@ class Decoder:
             if tracer is not None:
                 score = _value(score)
                 tracer.token(plan.name, row, mask, None if may_end else end_list, end_list, token, score)
+            if guesses and token == guesses[0]:
+                del guesses[0]              # evaluated already: its row is `ahead`'s first
+                lane.accept_guess()
+                chosen = []
+            else:
+                if guesses:
+                    lane.drop_guesses()
+                    guesses, ahead = [], []
+                chosen = [token]
             if token in ends:
                 return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
             tokens.append(token)
@@ -193,8 +250,6 @@ class Decoder:
             if len(context) + len(tokens) >= max_len:
                 raise ContextLimitError(f"max_len of {max_len} tokens reached while generating "
                                         f"{plan.name}", result=(tokens, bytes(value)))
-            pending = lane.advance([token], self._draw_ahead(plan, automaton, len(tokens), end_list))
-            logprob += _value(score)            # while the engine evaluates the token
 
     def _choose(self, row: np.ndarray, mask: TokenMask | None, hidden: np.ndarray | None,
                 end_list: np.ndarray) -> tuple[int, float]:
@@ -262,21 +317,34 @@ class Decoder:
 
     @staticmethod
     def _forced_tokens(automaton: TokenAutomaton, state: Hashable, backend: Backend,
-                       plan: HolePlan, count: int, room: int) -> list[int]:
+                       plan: HolePlan, count: int, room: int,
+                       speculate: bool) -> tuple[list[int], list[int]]:
         """Fast-forward: the canonical tokens of the text every value must continue with,
         the last one held back (a longer token may span into what follows), within the
-        token budget (one token left for the end) and the context."""
+        token budget (one token left for the end) and the context; and, when `speculate`,
+        the held-back one as the guess of the next choice, where that choice would be
+        evaluated (not the budget's last token, room in the context, a value that goes on)."""
         text = _whole_characters(automaton.forced(state))
         if not text:
-            return []               # mid-character: the mask forces the rest byte-exactly
+            return [], []           # mid-character: the mask forces the rest byte-exactly
         tokens = backend.tokenize(text)
         if backend.detokenize(tokens) != text.encode("utf-8"):
-            return []               # this tokenizer does not reproduce the text on its own
+            return [], []           # this tokenizer does not reproduce the text on its own
         limit = len(tokens) - 1
         if plan.max_tokens is not None:
             limit = min(limit, plan.max_tokens - count - 1)
-        return _within_budget(automaton, state, tokens[:max(0, min(limit, room - count - 1))],
-                              plan, count)
+        forced = _within_budget(automaton, state, tokens[:max(0, min(limit, room - count - 1))],
+                                plan, count)
+        after = count + len(tokens)              # tokens once the guess is chosen
+        if (not speculate or len(forced) < len(tokens) - 1 or after >= room
+                or plan.max_tokens is not None and after >= plan.max_tokens):
+            return forced, []
+        if automaton.exact_budget and plan.may_end_at(after):
+            for token in tokens:
+                state = automaton.advance(state, token)
+            if _complete(automaton, state):
+                return forced, []       # the guess would end the value: no row after it
+        return forced, tokens[-1:]
 
 
 def _within_budget(automaton: TokenAutomaton, state: Hashable, tokens: list[int], plan: HolePlan,
@@ -341,6 +409,16 @@ def _mask_needs_row(automaton: TokenAutomaton, plan: HolePlan, count: int) -> bo
     other mask is computed while the engine evaluates the previous token)."""
     return (not automaton.exact_budget and plan.max_tokens is not None
             and count + 1 == plan.max_tokens)
+
+
+def _sole_token_mask(automaton: TokenAutomaton, state: Hashable, plan: HolePlan,
+                     count: int) -> TokenMask | None:
+    """The state's mask where it allows one token alone (nor may the value end there),
+    else None: a guess of that token cannot be wrong."""
+    if _mask_needs_row(automaton, plan, count) or plan.may_end_at(count) and automaton.accepts(state):
+        return None
+    mask = _step_mask(automaton, state, plan, count, None)
+    return mask if mask.count == 1 else None
 
 
 def _complete(automaton: TokenAutomaton, state: Hashable) -> bool:

@@ -30,7 +30,36 @@ from lmq.errors import ContextLimitError
 from lmq.runtime.sampling import DrawAhead
 
 
-class Lane:
+class _Guesses:
+    """A lane's speculative tokens: the last `guessed` tokens of its sequence were
+    evaluated on a guess of what the decoder will choose and are not its tokens yet."""
+
+    sequence: Sequence | None
+    guessed = 0
+    speculates = True           # the lane can return the rows after guessed tokens
+
+    @property
+    def tokens(self) -> list[int]:
+        """The decoder's tokens: the sequence's, less unchecked guesses."""
+        if self.sequence is None:
+            return []
+        held = self.sequence.tokens
+        return held[:len(held) - self.guessed] if self.guessed else held
+
+    def accept_guess(self) -> None:
+        """The decoder chose the first unchecked guess: it is one of its tokens now."""
+        self.guessed -= 1
+
+    def drop_guesses(self) -> None:
+        """Remove the unchecked guesses from the cache (the decoder chose otherwise)."""
+        if self.guessed:
+            length = len(self.sequence.tokens) - self.guessed
+            if not self.sequence.truncate(length):
+                self.sequence.logits(self.sequence.tokens[:length])
+            self.guessed = 0
+
+
+class Lane(_Guesses):
     """A branch's sequence, as the scheduler hands it out."""
 
     def __init__(self, scheduler: "ModelScheduler"):
@@ -39,23 +68,23 @@ class Lane:
         #: set while a forked branch replays choices whose tokens the sequence holds
         self.replaying = False
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.sequence.tokens if self.sequence is not None else []
-
-    def logits(self, context: list[int]) -> "asyncio.Future[np.ndarray | None]":
+    def logits(self, context: list[int], rows: int = 1) -> "asyncio.Future[Any]":
         """The row after `context` (the cache brought to exactly `context`); None while
-        replaying. Several lanes' requests made before awaiting share one step."""
+        replaying. Several lanes' requests made before awaiting share one step. With
+        `rows` > 1, the rows after each of the last `rows` tokens, of which all but the
+        first are guesses (`_Guesses`)."""
         if self.replaying:
             return self.scheduler._resolved(None)
-        return self.scheduler._request(self, list(context), prefill=True)
+        return self.scheduler._request(self, list(context), prefill=True, rows=rows)
 
-    def advance(self, tokens: list[int], draw: DrawAhead | None = None) -> "asyncio.Future[np.ndarray | None]":
-        """The row after appending `tokens`; None while replaying. A `draw` is made on
-        the row when it comes from a step shared with other lanes (else the caller draws)."""
+    def advance(self, tokens: list[int], draw: DrawAhead | None = None,
+                rows: int = 1) -> "asyncio.Future[Any]":
+        """The row after appending `tokens` (`rows` > 1: as in `logits`); None while
+        replaying. A `draw` is made on the row when it comes from a step shared with
+        other lanes (else the caller draws)."""
         if self.replaying:
             return self.scheduler._resolved(None)
-        return self.scheduler._request(self, list(tokens), prefill=False, draw=draw)
+        return self.scheduler._request(self, list(tokens), prefill=False, draw=draw, rows=rows)
 
     def fork(self) -> "Lane":
         """A lane holding this one's tokens (the KV cache copied, nothing evaluated)."""
@@ -70,6 +99,7 @@ class Lane:
             self.scheduler._lanes.discard(self)
             self.sequence.release()
             self.sequence = None
+        self.guessed = 0
 
 
 @dataclass
@@ -79,6 +109,7 @@ class _Request:
     prefill: bool
     future: asyncio.Future = field(repr=False)
     draw: DrawAhead | None = None
+    rows: int = 1
 
 
 class ModelScheduler:
@@ -103,25 +134,30 @@ class ModelScheduler:
         return future
 
     def _request(self, lane: Lane, tokens: list[int], prefill: bool,
-                 draw: DrawAhead | None = None) -> asyncio.Future:
-        if not prefill and not self._pending and len(tokens) == 1 and self._alone(lane):
-            return self._advance_alone(lane, tokens[0])
+                 draw: DrawAhead | None = None, rows: int = 1) -> asyncio.Future:
+        if not prefill and not self._pending and self._alone(lane):
+            return self._advance_alone(lane, tokens, rows)
         future = self.loop.create_future()
         if not self._pending:
             self.loop.call_soon(self._step)
-        self._pending.append(_Request(lane, tokens, prefill, future, draw))
+        self._pending.append(_Request(lane, tokens, prefill, future, draw, rows))
         return future
 
     def _alone(self, lane: Lane) -> bool:
         """Whether `lane` is the only live lane: no other branch or query can share its step."""
         return len(self._lanes) == 1 and lane in self._lanes
 
-    def _advance_alone(self, lane: Lane, token: int) -> "_Later":
-        """One sequence's next token, decoded at once: the per-token path of a single query
+    def _advance_alone(self, lane: Lane, tokens: list[int], rows: int) -> "_Later":
+        """One sequence's next tokens, decoded at once: the per-token path of a single query
         goes through no event-loop round trip (awaiting the result never yields), and the
         engine works while the caller prepares its next step before awaiting."""
         with self._lock:            # a full context is the sequence's own ContextLimitError
-            row = lane.sequence.advance_later(token)
+            if len(tokens) == 1:
+                row = lane.sequence.advance_later(tokens[0])
+            else:
+                result = self.backend.advance_many([(lane.sequence, tokens)], [rows])[0]
+                lane.guessed = rows - 1
+                row = lambda: result
         self.steps += 1
         self.batched += 1
         return _Later(row, self._lock)
@@ -132,41 +168,47 @@ class ModelScheduler:
             prefilled: dict[tuple[int, ...], tuple[Lane, np.ndarray]] = {}
             for request in pending:
                 if request.prefill and not request.future.cancelled():
-                    _settle(request.future, self._prefill, request.lane, request.tokens, prefilled)
+                    _settle(request.future, self._prefill, request.lane, request.tokens,
+                            request.rows, prefilled)
             advances = [r for r in pending if not r.prefill and not r.future.cancelled()]
             ready = []
             for request in advances:
-                held = len(request.lane.tokens) + len(request.tokens)
+                held = len(request.lane.sequence.tokens) + len(request.tokens)
                 if held > self.backend.context_size:
                     request.future.set_exception(ContextLimitError(
                         f"the context of {self.backend.context_size} tokens is full"))
                 else:
                     ready.append(request)
             if ready:
+                steps = [(r.lane.sequence, r.tokens) for r in ready]
                 try:
-                    rows = self.backend.advance_many([(r.lane.sequence, r.tokens) for r in ready])
+                    rows = (self.backend.advance_many(steps, [r.rows for r in ready])
+                            if any(r.rows > 1 for r in ready) else self.backend.advance_many(steps))
                 except Exception as error:          # the engine failed: every waiter learns why
                     for request in ready:
                         request.future.set_exception(error)
                 else:
                     for request, row in zip(ready, rows):
+                        request.lane.guessed = request.rows - 1
                         if request.draw is not None:
                             request.draw.run(row)
                         request.future.set_result(row)
                 self.steps += 1
                 self.batched += len(ready)
 
-    def _prefill(self, lane: Lane, context: list[int],
-                 prefilled: dict[tuple[int, ...], tuple[Lane, np.ndarray]]) -> np.ndarray:
+    def _prefill(self, lane: Lane, context: list[int], rows: int,
+                 prefilled: dict[tuple[int, ...], tuple[Lane, Any]]) -> Any:
         """Bring the lane's sequence to `context`, forking the lane that holds the longest
         prefix of it when that is more than the lane's own slot holds. Branches asking for
-        the same context in one step share its row: nothing is evaluated again."""
-        key = tuple(context)
+        the same context in one step share its row: nothing is evaluated again. `rows` > 1:
+        the rows after each of the last `rows` tokens."""
+        key = (rows, *context)
         same = prefilled.get(key)
         if same is not None and same[0].sequence is not None and same[0].sequence.tokens == context:
             if lane.sequence is not None:
                 lane.sequence.release()
             lane.sequence = same[0].sequence.fork()
+            lane.guessed = rows - 1
             self._lanes.add(lane)
             return same[1]
         if lane.sequence is None:
@@ -181,7 +223,9 @@ class ModelScheduler:
             lane.sequence.release()
             lane.sequence = donor.sequence.fork()
         self._lanes.add(lane)
-        row = np.array(lane.sequence.logits(context))
+        row = (lane.sequence.rows(context, rows) if rows > 1 else
+               np.array(lane.sequence.logits(context)))
+        lane.guessed = rows - 1
         prefilled[key] = (lane, row)
         return row
 
@@ -220,7 +264,7 @@ def scheduler_for(backend: Backend) -> ModelScheduler:
         return scheduler
 
 
-class DirectLane:
+class DirectLane(_Guesses):
     """A lane on a bare sequence that evaluates at once (no scheduler, no event loop):
     what a synchronous caller of the decoding coroutine drives it with."""
 
@@ -228,21 +272,15 @@ class DirectLane:
         self.sequence = sequence
         self.replaying = False
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.sequence.tokens
-
-    def logits(self, context: list[int]) -> "_Later":
-        row = self.sequence.logits(context)
+    def logits(self, context: list[int], rows: int = 1) -> "_Later":
+        row = self.sequence.rows(context, rows) if rows > 1 else self.sequence.logits(context)
+        self.guessed = rows - 1
         return _Later(lambda: row)
 
-    def advance(self, tokens: list[int], draw: DrawAhead | None = None) -> "_Later":
+    def advance(self, tokens: list[int], draw: DrawAhead | None = None, rows: int = 1) -> "_Later":
         if len(tokens) == 1:
             return _Later(self.sequence.advance_later(tokens[0]))
-        row = None
-        for token in tokens:
-            row = self.sequence.advance(token)
-        return _Later(lambda: row)
+        return self.logits(self.sequence.tokens + tokens, rows)
 
 
 class _Later:

@@ -165,6 +165,7 @@ class LoopLane:
     The tokens the decoder moves past become elements (`elements`, taken by each step)."""
 
     replaying = False
+    speculates = False          # the batching loop sends one row per evaluation
 
     def __init__(self, stream: HoleStream, first_row: np.ndarray):
         self.stream = stream
@@ -172,7 +173,8 @@ class LoopLane:
         self.elements: list[dict[str, Any]] = []
         self._first: np.ndarray | None = first_row
 
-    def logits(self, context: list[int]) -> "_Evaluation":
+    def logits(self, context: list[int], rows: int = 1) -> "_Evaluation":
+        """`rows` is 1: this lane does not speculate."""
         if self._first is not None and context == self.tokens:
             row, self._first = self._first, None
             return _Evaluation(None, row)
@@ -182,8 +184,8 @@ class LoopLane:
         self.elements += [self.stream.element(t, 0.0) for t in new]      # forced tokens
         return self._evaluate(new)
 
-    def advance(self, tokens: list[int], draw: DrawAhead | None = None) -> "_Evaluation":
-        """`draw` is left to the decoder (the loop hands it the row at once)."""
+    def advance(self, tokens: list[int], draw: DrawAhead | None = None, rows: int = 1) -> "_Evaluation":
+        """`draw` is left to the decoder (the loop hands it the row at once); `rows` is 1."""
         self.elements += [self.stream.chosen(t) for t in tokens]
         return self._evaluate(tokens)
 
