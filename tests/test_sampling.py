@@ -219,8 +219,8 @@ def test_hidden_entries_are_never_drawn_and_leave_the_normalizer():
 
 
 def test_a_steps_draws_ahead_in_one_call_are_each_samplers_own_draws():
-    """`DrawAhead.run_all` (one kernel call for a step's rows) draws what `run` draws on
-    each row, each sampler's stream and normalizer moving as they would alone."""
+    """`DrawAhead.run_all` (one kernel call for a step's rows) draws what each branch's
+    sampler draws alone (`pick_hiding`), each stream and normalizer moving as they would."""
     rows = np.random.default_rng(2).normal(0, 3, (6, 300)).astype(np.float32)
     rows[4] = -np.inf                                 # nothing left to draw: -1
     hiddens = [None, np.array([3, 7]), None, np.array([0]), None, np.array([299])]
@@ -234,7 +234,7 @@ def test_a_steps_draws_ahead_in_one_call_are_each_samplers_own_draws():
     alone, together = aheads(), aheads()
     for _ in range(3):
         for ahead, row in zip(alone, rows):
-            ahead.run(row)
+            ahead.token = ahead.sampler.pick_hiding(row, ahead.hidden)
         DrawAhead.run_all(together, list(rows))
         assert [a.token for a in together] == [a.token for a in alone]
         assert [a.sampler.log_normalizer for a in together] == [a.sampler.log_normalizer for a in alone]

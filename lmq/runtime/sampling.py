@@ -193,13 +193,10 @@ class DrawAhead:
         self.hidden: np.ndarray | None = None
         self.token: int | None = None
 
-    def run(self, row: np.ndarray) -> None:
-        self.token = self.sampler.pick_hiding(row, self.hidden)
-
     @staticmethod
     def run_all(draws: list["DrawAhead"], rows: list[np.ndarray]) -> None:
-        """`run` of each draw on its row, the rows drawn from in one kernel call (each
-        sampler's random stream advances as `run` would advance it)."""
+        """Each draw's `pick_hiding` on its row, the rows drawn from in one kernel call
+        (each sampler's random stream and normalizer move as they would alone)."""
         for ahead in draws:
             ahead.sampler.log_normalizer = None
         us = [ahead.sampler.rng.random() for ahead in draws]

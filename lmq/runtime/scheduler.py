@@ -188,10 +188,11 @@ class ModelScheduler:
                     for request in ready:
                         request.future.set_exception(error)
                 else:
+                    drawn = [(r.draw, row) for r, row in zip(ready, rows) if r.draw is not None]
+                    if drawn:                       # the step's draws in one kernel call
+                        DrawAhead.run_all(*map(list, zip(*drawn)))
                     for request, row in zip(ready, rows):
                         request.lane.guessed = request.rows - 1
-                        if request.draw is not None:
-                            request.draw.run(row)
                         request.future.set_result(row)
                 self.steps += 1
                 self.batched += len(ready)
