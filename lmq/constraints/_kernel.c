@@ -22,14 +22,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <pthread.h>
-#include <unistd.h>
 
 #define INLINE static inline __attribute__((always_inline))
 #define FLUSH_WORDS 32        /* float32 lane sums are added to the double total this often */
 #define DRAW_WORDS 8          /* a draw's block: 256 tokens */
-#define DRAW_THREADS 8        /* most threads one `draw` call spreads its rows over */
-#define THREAD_ENTRIES 65536  /* entries of work (rows x size) per extra thread, at least */
 
 /* ------------------------------------------------------------------ candidate words */
 
@@ -298,58 +294,6 @@ static int draw_one(const float *row, Py_ssize_t size, const int64_t *hidden, Py
     return 0;
 }
 
-/* Rows `first`, `first + step`, ... of one `draw` call (a thread's share). */
-typedef struct {
-    const Arg *a;
-    const double *u;
-    Py_ssize_t *indices;
-    double *normalizers;
-    float scale;
-    Py_ssize_t n, first, step;
-    int failed;
-} DrawShare;
-
-static void *draw_share(void *p) {
-    DrawShare *s = p;
-    for (Py_ssize_t i = s->first; i < s->n && !s->failed; i += s->step)
-        s->failed = draw_one(s->a[2 * i].view.buf, ITEMS(s->a[2 * i]),
-                             s->a[2 * i + 1].held ? s->a[2 * i + 1].view.buf : NULL,
-                             ITEMS(s->a[2 * i + 1]), s->scale, s->u[i], &s->indices[i],
-                             &s->normalizers[i]);
-    return NULL;
-}
-
-/* The rows' draws, spread over threads when there is enough work (a step of sample(n=8)
- * on a GPU: the draws are the CPU's whole share of the step, and each row is an
- * independent pass over memory); a thread that cannot start leaves its share to this one.
- * Returns nonzero when memory ran out. */
-static int draw_all(const Arg *a, const double *u, Py_ssize_t n, float scale,
-                    Py_ssize_t *indices, double *normalizers) {
-    Py_ssize_t entries = 0;
-    for (Py_ssize_t i = 0; i < n; i++) entries += ITEMS(a[2 * i]);
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    Py_ssize_t threads = entries / THREAD_ENTRIES;
-    if (threads > n) threads = n;
-    if (threads > DRAW_THREADS) threads = DRAW_THREADS;
-    if (cores > 0 && threads > cores) threads = cores;
-    if (threads < 1) threads = 1;
-    DrawShare shares[DRAW_THREADS];
-    pthread_t ids[DRAW_THREADS];
-    int started[DRAW_THREADS] = {0};
-    for (Py_ssize_t t = 0; t < threads; t++)
-        shares[t] = (DrawShare){a, u, indices, normalizers, scale, n, t, threads, 0};
-    for (Py_ssize_t t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, draw_share, &shares[t]) == 0;
-    draw_share(&shares[0]);
-    int failed = shares[0].failed;
-    for (Py_ssize_t t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else draw_share(&shares[t]);
-        failed |= shares[t].failed;
-    }
-    return failed;
-}
-
 /* draw(rows, hiddens, us, temperature) -> [(index, normalizer)]: one draw per row. */
 static PyObject *kernel_draw(PyObject *self, PyObject *args) {
     PyObject *rows_o, *hiddens_o, *us_o;
@@ -380,10 +324,12 @@ static PyObject *kernel_draw(PyObject *self, PyObject *args) {
         u[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(us, i));
         if (u[i] == -1.0 && PyErr_Occurred()) goto done;
     }
-    int failed;
+    int failed = 0;
     float scale = (float)(1.0 / temperature);
     Py_BEGIN_ALLOW_THREADS
-    failed = draw_all(a, u, n, scale, indices, normalizers);
+    for (Py_ssize_t i = 0; i < n && !failed; i++)
+        failed = draw_one(a[2 * i].view.buf, ITEMS(a[2 * i]), a[2 * i + 1].held ? a[2 * i + 1].view.buf : NULL,
+                          ITEMS(a[2 * i + 1]), scale, u[i], &indices[i], &normalizers[i]);
     Py_END_ALLOW_THREADS
     if (failed) { PyErr_NoMemory(); goto done; }
     out = PyList_New(n);
