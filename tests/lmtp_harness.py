@@ -4,7 +4,6 @@ frames `TYPE JSON`, as an LMQL 0.7 client speaks), shared by the server tests.""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import time
 
 from websockets.sync.client import connect
 
-import lmq
+from subprocess_env import lmq_env
 
 READY_TIMEOUT = 120
 
@@ -26,9 +25,7 @@ class ServerProcess:
         """`model_id` None: a server that loads models on demand only."""
         command = [sys.executable, "-m", "lmq.cli", "serve-model", *([model_id] if model_id else []),
                    "--port", "0", *args]
-        source = os.path.dirname(os.path.dirname(lmq.__file__))    # the lmq under test, any cwd
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
-               "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+        env = lmq_env(OMP_WAIT_POLICY="PASSIVE")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, cwd=cwd, env=env)
         self.lines: queue.Queue = queue.Queue()

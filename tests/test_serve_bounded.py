@@ -18,11 +18,11 @@ from websockets.exceptions import ConnectionClosed
 
 from lmq.backends import default_model_path
 from lmtp_harness import RawClient, ServerProcess
+from subprocess_env import lmq_env
 
 pytestmark = pytest.mark.model
 
 MODEL = f"llama.cpp:{default_model_path()}"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [1, 504, 3287, 28, 827]
 #: the issue's reproducers: (constraint program fields, what the error says)
 REPRODUCERS = {
@@ -335,6 +335,6 @@ def test_compiles_where_the_servers_main_module_cannot_be_imported_again():
     """A server embedded in a program read from stdin (or a notebook) still compiles: the
     compile processes never import the server's `__main__`."""
     done = subprocess.run([sys.executable, "-"], input=EMBEDDED, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+                          timeout=120, env=lmq_env())
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["DfaTokenAutomaton"], done.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,9 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import lmq
 from lmq.constraints import token_choice
 from lmq.constraints.token_masks import TokenMask
+from subprocess_env import lmq_env
 
 needs_kernel = pytest.mark.skipif(not token_choice.KERNEL_BUILT,
                                   reason="checked by test_the_kernel_is_built_in_this_install")
@@ -87,7 +86,7 @@ def close(a: float, b: float) -> bool:
 def test_the_kernel_is_in_use_unless_lmq_no_kernel_is_set():
     assert token_choice.KERNEL is not None
     probe = "from lmq.constraints import token_choice; print(token_choice.KERNEL is None)"
-    env = {**os.environ, "LMQ_NO_KERNEL": "1", "PYTHONPATH": _repository()}
+    env = lmq_env(LMQ_NO_KERNEL="1")
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 
@@ -217,7 +216,7 @@ print(json.dumps(out))
 @needs_kernel
 def test_queries_on_smollm2_give_the_same_results_without_the_kernel():
     def run(no_kernel: bool) -> list:
-        env = {**os.environ, "PYTHONPATH": _repository()}
+        env = lmq_env()
         env.pop("LMQ_NO_KERNEL", None)
         if no_kernel:
             env["LMQ_NO_KERNEL"] = "1"
@@ -231,7 +230,3 @@ def test_queries_on_smollm2_give_the_same_results_without_the_kernel():
         assert [tokens for tokens, _ in with_kernel] == [tokens for tokens, _ in without], (query, decoder)
         for (_, a), (_, b) in zip(with_kernel, without):
             assert a == pytest.approx(b, abs=1e-4), (query, decoder)
-
-
-def _repository() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(lmq.__file__)))
