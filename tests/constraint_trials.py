@@ -19,7 +19,7 @@ phrases and token counts. Outcomes:
 - `refused`: another `LmqError` (`ConstraintTooLarge`, …); `crash`: any other exception.
 
 `python tests/constraint_trials.py --trials 10000` prints the counts (the long run);
-`tests/test_constraint_properties.py` runs a CI-sized sample and, with
+`tests/constraints/test_constraint_properties.py` runs a CI-sized sample and, with
 `LMQ_LONG_PROPERTIES=1`, the long run.
 """
 

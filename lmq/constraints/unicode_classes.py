@@ -7,7 +7,7 @@ moves with the Python version): `\\d` is `str.isdecimal`, `\\w` is `str.isalnum(
 `\\s` is `str.isspace`. A Python whose Unicode version has no generated table computes
 its own once per process. Add a version's table by running that Python:
 `python -m lmq.constraints.unicode_classes > lmq/constraints/unicode_tables.py` (the tables
-already there are kept; tests/test_regex.py checks the running Python's).
+already there are kept; tests/constraints/test_regex.py checks the running Python's).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@
     exactly when the brute force finds no value.
 
 CI runs a few hundred examples (seconds). The long run sets the example count:
-`LMQ_PROPERTY_EXAMPLES=20000 python -m pytest tests/test_token_budget.py` (bench/README.md).
+`LMQ_PROPERTY_EXAMPLES=20000 python -m pytest tests/constraints/test_token_budget.py` (bench/README.md).
 """
 
 from __future__ import annotations

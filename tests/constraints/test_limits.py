@@ -16,7 +16,7 @@ import sys
 
 import lmq
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SECONDS = 5                    # generous: each case takes well under a second here
 MEGABYTES = 500
 

@@ -26,7 +26,7 @@ from lmq.constraints.token_masks import DfaTokenAutomaton, TokenMask
 from lmq.constraints.vocabulary_index import (VocabularyIndex, cache_directory, vocabulary_index,
                                               vocabulary_key)
 
-VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared",
                                              "vocab", "*.gguf")))
 
 
@@ -393,13 +393,14 @@ def test_concurrent_processes_share_one_cache_file(tmp_path):
     cache directory holds one complete file (written to a temporary name, then renamed)."""
     script = (
         "import random, sys, numpy as np\n"
-        "sys.path.insert(0, sys.argv[1])\n"
+        "sys.path[:0] = sys.argv[1:]\n"
         "from test_token_masks import synthetic_vocabulary\n"
         "from lmq.constraints.vocabulary_index import vocabulary_index\n"
         "index = vocabulary_index(synthetic_vocabulary(random.Random(5), 3000))\n"
         "print(int(index.lo.sum()), int(index.order.sum()), index.node_count)\n")
     environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    workers = [subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__)],
+    workers = [subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__),
+                                 os.path.dirname(os.path.dirname(__file__))],
                                 env=environment, stdout=subprocess.PIPE, text=True)
                for _ in range(3)]
     outputs = {worker.communicate(timeout=120)[0] for worker in workers}

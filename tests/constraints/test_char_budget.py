@@ -24,7 +24,7 @@ from lmq.constraints.token_masks import DfaTokenAutomaton
 from lmq.constraints.vocabulary_index import vocabulary_index
 from lmq.runtime.hole import lower_hole
 
-VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+VOCABULARIES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared",
                                              "vocab", "*.gguf")))
 LANGUAGES = [("regex", r"[a-z ]+"), ("regex", r"(ab+)*c?"), ("regex", r" ?-?(0|[1-9][0-9]*)"),
              ("regex", r"[^a-z]{3,}é"), ("in", (b" yes", b" no", "日本語".encode(), b"x" * 9)),

@@ -202,10 +202,20 @@ def test_a_minimum_token_count_never_dead_ends_a_finite_branch(random_model):
         assert re.fullmatch(TYPE_PATTERNS["INT"], result.prompt[len("N: "):])
 
 
-def test_a_value_nothing_can_extend_ends_without_another_decode(pinned_model, monkeypatch):
+@pytest.mark.parametrize("where, scope", [
+    ('X in [" yes", " no"]', {}),
+    ("JSON(X, S)", {"S": {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                          "required": ["ok"]}}),
+    ("GRAMMAR(X, G)", {"G": 'root ::= " yes" | " no"'}),
+    ("GRAMMAR(X, G)", {"G": 'root ::= ("yes" | "no") "!"'}),
+], ids=["in", "json", "grammar", "grammar-forced-end"])
+def test_a_value_nothing_can_extend_ends_without_another_decode(where, scope, pinned_model,
+                                                                 monkeypatch):
+    """A DFA's complete state, a closed JSON document, a grammar whose matcher stopped:
+    the hole ends on the token (chosen or forced) that completed it."""
     monkeypatch.setenv("LMQ_NO_SPECULATION", "1")    # a rejected guess is one more evaluation
     backend = lmq.model("random", seed=2).backend()
-    result = lmq.run_sync('"Pick:[X]" where X in [" yes", " no"]', model=pinned_model(backend))
+    result = lmq.run_sync(f'"Pick:[X]" where {where}', model=pinned_model(backend), **scope)
     vocabulary = backend.vocabulary
     context = [vocabulary.bos_id] * vocabulary.add_bos + backend.tokenize("Pick:")
     # the prompt and every generated token but the last were evaluated: the last one
@@ -218,7 +228,7 @@ def lmq_imports(package: str) -> set[tuple[str, str]]:
     import ast
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parent.parent / "lmq" / package
+    folder = Path(__file__).resolve().parents[2] / "lmq" / package
     imported = set()
     for path in folder.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -3,7 +3,7 @@ of the random backend (argmax over Gumbel logits = a uniform draw from the allow
 over SmolLM2's real vocabulary, so values are arbitrary real token sequences), and random
 constraint trials over the five shared vocabularies (`constraint_trials`): a CI-sized
 sample here; the long run (10,000 trials, a report of every outcome, a few minutes) with
-`LMQ_LONG_PROPERTIES=1 python -m pytest tests/test_constraint_properties.py -k trials -s`
+`LMQ_LONG_PROPERTIES=1 python -m pytest tests/constraints/test_constraint_properties.py -k trials -s`
 or `python tests/constraint_trials.py --trials 10000`."""
 
 import os
