@@ -63,6 +63,9 @@ class CharBudgetAutomaton:
     def accepts(self, state: State) -> bool:
         return self.base.accepts(state[0])
 
+    def complete(self, state: State) -> bool:
+        return self.accepts(state) and self.mask(state).count == 0
+
     def fork(self, state: State) -> State:
         return state
 

@@ -94,6 +94,11 @@ class GrammarTokenAutomaton:
     def accepts(self, state: llguidance.LLMatcher) -> bool:
         return state.is_accepting()
 
+    def complete(self, state: llguidance.LLMatcher) -> bool:
+        """llguidance knows it without a mask: the matcher has stopped (only an end
+        token may follow)."""
+        return state.is_accepting() and state.is_stopped()
+
     def forced(self, state: llguidance.LLMatcher) -> bytes:
         """The bytes every continuation of the value starts with (empty if there is a
         choice, or if the value may end here)."""

@@ -22,7 +22,8 @@ class TokenAutomaton(Protocol):
     says whether the value may end there. `advance` may consume the state it is given
     (grammar states are mutable): a caller that keeps a state for another branch takes
     `fork(state)` first. `forced` is the text every value must continue with
-    (fast-forward). `strands_nothing`: the plain masks never lead to a state from which
+    (fast-forward); `complete(state)`, a finished value nothing may extend (the decoder
+    ends the hole there without evaluating anything more). `strands_nothing`: the plain masks never lead to a state from which
     no token string ends a value, so a hole without a token budget needs no budget mask.
     """
 
@@ -43,6 +44,8 @@ class TokenAutomaton(Protocol):
     def forced(self, state: Hashable) -> bytes: ...
 
     def fork(self, state: Hashable) -> Hashable: ...
+
+    def complete(self, state: Hashable) -> bool: ...
 
 
 class BudgetedTokenAutomaton(TokenAutomaton, Protocol):

@@ -202,6 +202,9 @@ class DfaTokenAutomaton:
     def accepts(self, state: int) -> bool:
         return self._accepting[state]
 
+    def complete(self, state: int) -> bool:
+        return self._accepting[state] and self.mask(state).count == 0
+
     def is_exit(self, state: int) -> bool:
         return self._exits[state]
 

@@ -183,6 +183,8 @@ class Decoder:
                         on_text(bytes(value[start:cut]))
                     if cut is not None:
                         return HoleOutput(tokens, bytes(value[:cut]), "stop", logprob + _value(score))
+                    if automaton.complete(state) and plan.may_end_at(len(tokens)):
+                        return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
                 if guess and not backend.wrong_guesses_cheap:
                     mask = _sole_token_mask(automaton, state, plan, len(tokens))
                     if mask is None:
@@ -233,7 +235,7 @@ class Decoder:
             value += table[token]
             if automaton is not None:
                 state = automaton.advance(state, token)
-                if _complete(automaton, state) and plan.may_end_at(len(tokens)):
+                if automaton.complete(state) and plan.may_end_at(len(tokens)):
                     if on_text:                 # nothing can follow: end without a decode
                         on_text(table[token])
                     return HoleOutput(tokens, bytes(value), "end", logprob + _value(score))
@@ -339,10 +341,12 @@ class Decoder:
         if (not speculate or len(forced) < len(tokens) - 1 or after >= room
                 or plan.max_tokens is not None and after >= plan.max_tokens):
             return forced, []
-        if automaton.exact_budget and plan.may_end_at(after):
+        if plan.may_end_at(after):
+            if not automaton.exact_budget:
+                state = automaton.fork(state)   # grammar states change as they advance
             for token in tokens:
                 state = automaton.advance(state, token)
-            if _complete(automaton, state):
+            if automaton.complete(state):
                 return forced, []       # the guess would end the value: no row after it
         return forced, tokens[-1:]
 
@@ -419,12 +423,6 @@ def _sole_token_mask(automaton: TokenAutomaton, state: Hashable, plan: HolePlan,
         return None
     mask = _step_mask(automaton, state, plan, count, None)
     return mask if mask.count == 1 else None
-
-
-def _complete(automaton: TokenAutomaton, state: Hashable) -> bool:
-    """A finished value that nothing may extend (the last `in` option, a closed JSON
-    document), known without a mask computation where the automaton caches masks."""
-    return automaton.exact_budget and automaton.accepts(state) and automaton.mask(state).count == 0
 
 
 def _final_mask(automaton: TokenAutomaton, state: Hashable, row: np.ndarray) -> TokenMask:
