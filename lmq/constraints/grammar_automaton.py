@@ -64,7 +64,9 @@ class GrammarTokenAutomaton:
     """Token automaton of a checked GBNF grammar over one vocabulary (see module doc).
 
     States are matchers: `advance` consumes the given state (call `fork` first to keep
-    it); `mask` is computed by llguidance on every call.
+    it); `mask` is computed by llguidance, once per state reached (the last one is kept:
+    the decoder asks for a state's mask more than once, e.g. to see whether a guess is
+    the only token allowed, and a mask at 262k tokens costs a millisecond).
     """
 
     exact_budget = False       # masks per call; the decoder checks the last budgeted token
@@ -84,6 +86,7 @@ class GrammarTokenAutomaton:
         ends = np.array(sorted(vocabulary.end_ids), dtype=np.int64)
         self._end_clear = np.full(len(self._bitmask), -1, dtype=np.int32)
         np.bitwise_and.at(self._end_clear, ends // 32, ~(np.int32(1) << (ends % 32).astype(np.int32)))
+        self._last: tuple[llguidance.LLMatcher, TokenMask] | None = None   # (state, its mask)
 
     def initial(self) -> llguidance.LLMatcher:
         return self._template.deep_copy()
@@ -107,6 +110,7 @@ class GrammarTokenAutomaton:
         return state.compute_ff_bytes()
 
     def advance(self, state: llguidance.LLMatcher, token: int) -> llguidance.LLMatcher:
+        self._last = None
         if not state.consume_token(token):
             self._check_size(state)
             raise ConstraintViolation(f"token {token} does not continue the grammar of "
@@ -121,6 +125,9 @@ class GrammarTokenAutomaton:
                                      f"grows past llguidance's limits ({reason})")
 
     def mask(self, state: llguidance.LLMatcher) -> TokenMask:
+        last = self._last
+        if last is not None and last[0] is state:
+            return last[1]
         state.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         if state.is_error():
             if state.get_error().startswith("NoExtension"):    # no byte can follow
@@ -132,6 +139,7 @@ class GrammarTokenAutomaton:
         if not mask.count and not state.is_accepting():
             raise UnsatisfiableConstraint(f"no token of the vocabulary continues {self.variable} "
                                           "under its grammar, and the value is not complete")
+        self._last = (state, mask)
         return mask
 
 

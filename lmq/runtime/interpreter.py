@@ -218,13 +218,15 @@ def _check(spec: HoleSpec, plan: HolePlan, output: HoleOutput, value: str) -> No
 
 
 def _grammar_accepts(plan: HolePlan, output: HoleOutput) -> bool:
-    """Replay the generated tokens through a fresh grammar state."""
+    """Replay the generated tokens through a fresh grammar state (a grammar's `advance`
+    refuses a token its grammar does not allow: no mask is computed)."""
     automaton = plan.automaton
     state = automaton.initial()
-    for token in output.tokens:
-        if token not in automaton.mask(state):
-            return False
-        state = automaton.advance(state, token)
+    try:
+        for token in output.tokens:
+            state = automaton.advance(state, token)
+    except ConstraintViolation:
+        return False
     return automaton.accepts(state)
 
 

@@ -12,14 +12,20 @@ import numpy as np
 import pytest
 
 from llama_grammar import LlamaGrammar, checked_walk
+import lmq
 from lmq.backends import default_model_path
+from lmq.compiler.ast import Expression, Span
+from lmq.compiler.constraints import WhereCompiler
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints.gbnf import parse_gbnf
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
+from lmq.constraints.hole_plan import HoleOutput
 from lmq.constraints import gbnf, llguidance_lark
 from lmq.constraints.json_schema import schema_to_gbnf
 from lmq.constraints.llguidance_lark import choose_lexemes
 from lmq.errors import ConstraintError, UnsatisfiableConstraint
+from lmq.runtime.hole import plan_hole
+from lmq.runtime.interpreter import _grammar_accepts
 from vocab_paths import vocab
 
 VOCABULARIES = {
@@ -271,3 +277,21 @@ def test_grammar_hole_on_smollm2_yields_a_string_llama_cpp_accepts():
     result = lmq.run_sync('"Three cities in France: [CITIES]" where GRAMMAR(CITIES, grammar)',
                           grammar=grammar)
     assert GbnfOracle().accepts(grammar, result.variables["CITIES"].encode())
+
+
+def test_the_finished_value_is_replayed_through_the_grammar():
+    """The interpreter's soundness re-check of a grammar hole (`_grammar_accepts`, which
+    replays the tokens without computing masks) accepts a derived value and refuses a
+    token the grammar does not allow, and an unfinished value."""
+    backend = lmq.model("random", seed=1).backend()
+    text = "GRAMMAR(X, G)"
+    where = WhereCompiler(frozenset({"X"}), "<test>", text).compile(Expression(text, Span(0, len(text), 1, 1)))
+    plan = plan_hole("X", where, {"G": 'root ::= "ab" [0-9]+ "."'}, backend.vocabulary)
+
+    def accepts(value: str) -> bool:
+        tokens = [t for ch in value for t in backend.tokenize(ch)]
+        return _grammar_accepts(plan, HoleOutput(tokens, value.encode(), "end", 0.0))
+
+    assert accepts("ab12.")
+    assert not accepts("ab1x.")
+    assert not accepts("ab12")
