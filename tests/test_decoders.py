@@ -23,9 +23,9 @@ class CountingBackend(RandomBackend):
         super().__init__(default_model_path(), seed=seed, **kwargs)
         self.batch_sizes = []
 
-    def advance_many(self, steps):
+    def advance_many(self, steps, rows=None):
         self.batch_sizes.append(len(steps))
-        return super().advance_many(steps)
+        return super().advance_many(steps, rows)
 
 
 @pytest.mark.parametrize("decoder,count", [("argmax", None), ("sample", None), ("argmax(n=3)", 3),

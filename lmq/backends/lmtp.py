@@ -83,7 +83,9 @@ class LmtpBackend(GgufBackend):
     def sequence(self) -> "RemoteSequence":
         return RemoteSequence(self._rows)
 
-    def advance_many(self, steps: list[tuple[Sequence, list[int]]]) -> list[np.ndarray]:
+    def advance_many(self, steps: list[tuple[Sequence, list[int]]],
+                     rows: list[int] | None = None) -> list[np.ndarray]:
+        """`rows` is all ones here: an LMTP model does not `speculate`."""
         return self._rows.evaluate([(sequence, list(tokens), False) for sequence, tokens in steps])
 
     def _connect_sync(self, **options: Any):

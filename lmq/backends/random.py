@@ -65,16 +65,6 @@ class RandomSequence(Sequence):
         self.tokens = list(tokens)
         return backend._logits(self.tokens)
 
-    def rows(self, tokens: list[int], count: int) -> list[np.ndarray]:
-        if len(tokens) > self.backend.context_size:
-            raise ContextLimitError(f"{len(tokens)} tokens do not fit the context of "
-                                    f"{self.backend.context_size} tokens")
-        first = self.logits(tokens[:len(tokens) - count + 1]).copy()
-        self.backend.evaluated_tokens += count - 1
-        self.tokens = list(tokens)
-        return [first] + [self.backend._logits(tokens[:end]).copy()
-                          for end in range(len(tokens) - count + 2, len(tokens) + 1)]
-
     def truncate(self, length: int) -> bool:
         del self.tokens[length:]
         return True

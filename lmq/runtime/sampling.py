@@ -75,7 +75,6 @@ class Sampler:
     def pick_hiding(self, row: np.ndarray, hidden: np.ndarray | None) -> int:
         """A plain draw from `row` with the `hidden` entries left out, without a copy of
         the row; -1 when nothing is left."""
-        self.log_normalizer = None
         return self._draw_scaled(row, hidden)
 
     def distribution(self, row: np.ndarray, history: Iterable[int] = ()) -> np.ndarray:
@@ -145,10 +144,12 @@ class Sampler:
         weigh exp(-inf) = 0 and `hidden` entries are left out, so neither is ever drawn);
         -1 when nothing is left. At temperature 1 the row's normalizer is kept for the
         caller."""
-        temperature = self.settings.temperature
-        index, normalizer = draw(row, self.rng.random(), temperature, hidden)
-        if temperature == 1 and index >= 0:
-            self.log_normalizer = normalizer
+        return self._drawn(*draw(row, self.rng.random(), self.settings.temperature, hidden))
+
+    def _drawn(self, index: int, normalizer: float) -> int:
+        """A plain draw's result taken: its index, the normalizer kept where it is the
+        row's (temperature 1, something drawn)."""
+        self.log_normalizer = normalizer if index >= 0 and self.settings.temperature == 1 else None
         return index
 
     def _draw(self, probs: np.ndarray) -> int:
@@ -197,14 +198,10 @@ class DrawAhead:
     def run_all(draws: list["DrawAhead"], rows: list[np.ndarray]) -> None:
         """Each draw's `pick_hiding` on its row, the rows drawn from in one kernel call
         (each sampler's random stream and normalizer move as they would alone)."""
-        for ahead in draws:
-            ahead.sampler.log_normalizer = None
         us = [ahead.sampler.rng.random() for ahead in draws]
         drawn = draw_rows(rows, us, [ahead.hidden for ahead in draws])
-        for ahead, (token, normalizer) in zip(draws, drawn):
-            ahead.token = token
-            if token >= 0:
-                ahead.sampler.log_normalizer = normalizer
+        for ahead, result in zip(draws, drawn):
+            ahead.token = ahead.sampler._drawn(*result)
 
 
 def make_sampler(settings: dict[str, Any], seed: int | None, branch: int = 0) -> Sampler:

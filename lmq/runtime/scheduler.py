@@ -156,8 +156,8 @@ class ModelScheduler:
                 row = lane.sequence.advance_later(tokens[0])
             else:
                 result = self.backend.advance_many([(lane.sequence, tokens)], [rows])[0]
-                lane.guessed = rows - 1
                 row = lambda: result
+            lane.guessed = rows - 1
         self.steps += 1
         self.batched += 1
         return _Later(row, self._lock)
@@ -180,10 +180,9 @@ class ModelScheduler:
                 else:
                     ready.append(request)
             if ready:
-                steps = [(r.lane.sequence, r.tokens) for r in ready]
                 try:
-                    rows = (self.backend.advance_many(steps, [r.rows for r in ready])
-                            if any(r.rows > 1 for r in ready) else self.backend.advance_many(steps))
+                    rows = self.backend.advance_many([(r.lane.sequence, r.tokens) for r in ready],
+                                                     [r.rows for r in ready])
                 except Exception as error:          # the engine failed: every waiter learns why
                     for request in ready:
                         request.future.set_exception(error)
