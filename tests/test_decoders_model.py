@@ -135,3 +135,41 @@ def test_draws_made_by_the_scheduler_equal_each_branch_drawing_alone(monkeypatch
     alone = run("task")
     assert len({tuple(tokens) for tokens, _ in alone}) > 1           # the branches differ
     assert run("scheduler") == alone
+
+
+def test_steps_launched_ahead_give_the_same_samples(monkeypatch):
+    """With an engine that decodes asynchronously (layers on a GPU) the scheduler starts
+    each step of sample(n) before the branches take their drawn tokens; forcing that on
+    the CPU gives exactly the samples of the plain step loop, branches ending on a stop
+    phrase (their launched token dropped) included."""
+    import lmq.runtime.scheduler as scheduler
+    launches = []
+
+    class CountedStep(scheduler.LaunchedStep):
+        def __init__(self, read):
+            super().__init__(read)
+            launches.append(self)
+
+    monkeypatch.setattr(scheduler, "LaunchedStep", CountedStep)
+    query = (r'"Q: Name a fruit.\nA:[X]\nQ: And a colour?\nA:[Y]" '
+             r'where STOPS_AT(X, " ") and len(TOKENS(X)) < 10 and len(TOKENS(Y)) == 6')
+
+    def run(launch: bool):
+        backend = LlamaCppBackend(default_model_path(), n_ctx=512)
+        backend.decodes_async = launch
+        try:
+            results = lmq.run_sync(query, model=PinnedModel(backend), decoder="sample(n=4, seed=3)")
+            return [(r.tokens, r.prompt, r.logprob) for r in results], backend.evaluated_tokens
+        finally:
+            backend.close()
+
+    plain, plain_evaluated = run(False)
+    assert not launches
+    ahead, ahead_evaluated = run(True)
+    assert launches
+    assert [r[:2] for r in ahead] == [r[:2] for r in plain]
+    assert [r[2] for r in ahead] == pytest.approx([r[2] for r in plain], abs=1e-4)
+    stopped = [tokens for tokens, _, _ in plain if len(tokens["X"]) < 9]
+    assert stopped                          # some branch ended X on its stop phrase
+    # a launched token dropped is one decode more per branch that stopped, at most
+    assert plain_evaluated <= ahead_evaluated <= plain_evaluated + len(stopped)

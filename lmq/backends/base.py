@@ -123,6 +123,10 @@ class Backend(ABC):
     #: allows alone, since where compute is the cost (a CPU) every evaluated token and
     #: kept row costs as much in a batch as alone
     wrong_guesses_cheap: bool = False
+    #: whether a decode runs while the caller goes on (llama.cpp with layers on a GPU):
+    #: the scheduler then starts the next step of branches whose tokens it has drawn
+    #: before their tasks take them (`advance_many_later`)
+    decodes_async: bool = False
 
     @abstractmethod
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
@@ -155,6 +159,15 @@ class Backend(ABC):
             context = sequence.tokens + list(tokens)
             out.append(sequence.rows(context, count) if count > 1 else np.array(sequence.logits(context)))
         return out
+
+    def advance_many_later(self, steps: list[tuple[Sequence, list[int]]],
+                           rows: list[int] | None = None) -> Callable[[], list]:
+        """Start `advance_many`; the returned function gives its rows (waiting for the
+        engine where it computes asynchronously). The tokens are the sequences' at once;
+        the rows are valid until the next call on this backend. Here it is evaluated at
+        once."""
+        out = self.advance_many(steps, rows)
+        return lambda: out
 
     def describe(self) -> str:
         return type(self).__name__

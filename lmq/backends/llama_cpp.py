@@ -84,6 +84,7 @@ class LlamaCppBackend(GgufBackend):
         super().__init__(GgufVocab(self.model.model), self.path)
         self.context_size = llama_cpp.llama_n_ctx(self.ctx)
         self.wrong_guesses_cheap = self.model.model_params.n_gpu_layers > 0
+        self.decodes_async = self.wrong_guesses_cheap
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.gguf.vocab)
@@ -142,6 +143,12 @@ class LlamaCppBackend(GgufBackend):
         """All sequences' new tokens in one llama_decode (chunked by n_batch), logits
         kept only where asked (`rows[k]` trailing positions of sequence k, else its
         last); each row is a zero-copy view when one decode sufficed, else a copy."""
+        return self.advance_many_later(steps, rows)()
+
+    def advance_many_later(self, steps: list[tuple["LlamaSequence", list[int]]],
+                           rows: list[int] | None = None) -> Callable[[], list]:
+        """`advance_many` with the rows read (waiting for the decode) when the returned
+        function is called, where the tokens fit one decode."""
         seq_ids, tokens, positions = [], [], []
         wanted, owner = [], {}
         for k, (sequence, new) in enumerate(steps):
@@ -162,11 +169,8 @@ class LlamaCppBackend(GgufBackend):
         single = len(tokens) <= size
         outputs = np.zeros(len(tokens), dtype=np.int8)
         outputs[wanted] = 1
-        for offset in range(0, len(tokens), size):
-            n = min(size, len(tokens) - offset)
-            part = slice(offset, offset + n)
-            batch.fill(tokens[part], positions[part], seq_ids[part], outputs[part])
-            self._run_batch()
+
+        def read(offset: int, n: int) -> list:
             for i in np.flatnonzero(outputs[offset:offset + n]).tolist():
                 row = self._logits_row(i)
                 k = owner[offset + i]
@@ -176,11 +180,28 @@ class LlamaCppBackend(GgufBackend):
                     out[k] = row
                 else:
                     out[k].append(row)
+            return out
+
+        for offset in range(0, len(tokens), size):
+            n = min(size, len(tokens) - offset)
+            part = slice(offset, offset + n)
+            batch.fill(tokens[part], positions[part], seq_ids[part], outputs[part])
+            self._run_batch()
+            if not single:
+                read(offset, n)
         for sequence, new in steps:
             sequence.tokens.extend(new)
         self.evaluated_tokens += len(tokens)
         self._logits_owner = None
-        return out
+        if not single:
+            return lambda: out
+        done: list = []
+
+        def later() -> list:
+            if not done:
+                done.append(read(0, len(tokens)))
+            return done[0]
+        return later
 
     def _logits_row(self, index: int = -1) -> np.ndarray:
         """The row as a zero-copy view; views are kept per address (making one costs

@@ -26,6 +26,7 @@ class RandomBackend(GgufBackend):
 
     speculates = True
     wrong_guesses_cheap = True      # every guess is made, so tests see guesses rejected
+    decodes_async = True            # the scheduler starts steps ahead, so tests see it
 
     def __init__(self, vocab: str, seed: int = 0, n_ctx: int = 4096, end_probability: float = 0.0):
         super().__init__(_vocab(vocab), vocab)

@@ -56,9 +56,13 @@ class SampleDecoder(Decoder):
         self._ahead = None
         return await super().decode(lane, *args, **kwargs)
 
-    def _draw_ahead(self, plan, automaton, count: int, end_list: np.ndarray) -> DrawAhead | None:
+    def _draw_ahead(self, plan, automaton, count: int, end_list: np.ndarray,
+                    room: int) -> DrawAhead | None:
         """Without a mask, a plain draw at temperature 1 needs only the row (and the end
-        tokens hidden while the value may not end): the scheduler makes it."""
+        tokens hidden while the value may not end): the scheduler makes it. The value goes
+        on after the drawn token (unless it is an end token or completes a stop phrase)
+        while the token budget and the context leave room for another, and nothing traces
+        the rows: then the scheduler may start decoding the token at once."""
         sampler = self.sampler()
         if automaton is not None or not sampler.knows_normalizer:
             return None
@@ -66,6 +70,8 @@ class SampleDecoder(Decoder):
             self._draw = DrawAhead(sampler)            # one per branch, reused every step
         self._draw.hidden = None if plan.may_end_at(count) else end_list
         self._draw.token = None
+        self._draw.launch = (self.tracer is None and count + 1 < room
+                             and (plan.max_tokens is None or count + 1 < plan.max_tokens))
         self._ahead = self._draw
         return self._ahead
 
@@ -75,7 +81,7 @@ class SampleDecoder(Decoder):
             return self._choose_later(row, mask, hidden, end_list)
         if ahead.token < 0:
             return -1, _nothing
-        chosen, normalizer = float(row[ahead.token]), ahead.sampler.log_normalizer
+        chosen, normalizer = ahead.logit, ahead.sampler.log_normalizer
         return ahead.token, lambda: chosen - normalizer
 
     def sampler(self) -> Sampler:

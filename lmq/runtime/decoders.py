@@ -195,7 +195,8 @@ class Decoder:
                 elif chosen or forced:
                     # Everything up to `await pending` runs while the engine evaluates.
                     pending = lane.advance(chosen + forced + guess,
-                                           self._draw_ahead(plan, automaton, len(tokens), end_list),
+                                           self._draw_ahead(plan, automaton, len(tokens), end_list,
+                                                            max_len - len(context)),
                                            len(guess) + 1)
                     guesses, ahead = guess, []
             logprob += _value(score)
@@ -293,10 +294,11 @@ class Decoder:
             return token, lambda: chosen - known
         return token, lambda: chosen - log_normalizer(values)
 
-    def _draw_ahead(self, plan: HolePlan, automaton, count: int,
-                    end_list: np.ndarray) -> DrawAhead | None:
+    def _draw_ahead(self, plan: HolePlan, automaton, count: int, end_list: np.ndarray,
+                    room: int) -> DrawAhead | None:
         """The next token's draw for the scheduler to make on the row it hands out, where
-        this decoder's choice needs nothing but the row; else None."""
+        this decoder's choice needs nothing but the row (`count` tokens of the value so
+        far, `room` the most the context leaves it); else None."""
         return None
 
     def _pick_hiding(self, row: np.ndarray, hidden: np.ndarray | None) -> int | None:

@@ -182,17 +182,23 @@ class Sampler:
 class DrawAhead:
     """A branch's next plain temperature-1 draw, made by the scheduler on the row it hands
     out (runtime/scheduler.py) right after the step's decode, before any task wakes: the
-    branch's task then only reads the token (on an H200 this took sample(n=8) from 1.44 to
-    1.37 of the raw batch; running the draws in parallel threads made it 1.7-2.0, the GIL
-    and thread wake-ups costing more than the passes over the rows). The same sampler draws
-    what the branch would have drawn itself; `run_all` makes a step's draws in one call."""
+    branch's task then only reads the token and its score (on an H200 this took
+    sample(n=8) from 1.44 to 1.37 of the raw batch; running the draws in parallel threads
+    made it 1.7-2.0, the GIL and thread wake-ups costing more than the passes over the
+    rows). The same sampler draws what the branch would have drawn itself; `run_all` makes
+    a step's draws in one call. With `launch`, the branch goes on with any token drawn but
+    an end token, so the scheduler may start decoding it at once (an engine that
+    `decodes_async`): the row is then rewritten before the task runs, and the task reads
+    only `token` and `logit`."""
 
-    __slots__ = ("sampler", "hidden", "token")
+    __slots__ = ("sampler", "hidden", "token", "logit", "launch")
 
     def __init__(self, sampler: Sampler):
         self.sampler = sampler
         self.hidden: np.ndarray | None = None
         self.token: int | None = None
+        self.logit = -np.inf            # the row's entry at `token`
+        self.launch = False
 
     @staticmethod
     def run_all(draws: list["DrawAhead"], rows: list[np.ndarray]) -> None:
@@ -200,8 +206,9 @@ class DrawAhead:
         (each sampler's random stream and normalizer move as they would alone)."""
         us = [ahead.sampler.rng.random() for ahead in draws]
         drawn = draw_rows(rows, us, [ahead.hidden for ahead in draws])
-        for ahead, result in zip(draws, drawn):
-            ahead.token = ahead.sampler._drawn(*result)
+        for ahead, row, result in zip(draws, rows, drawn):
+            token = ahead.token = ahead.sampler._drawn(*result)
+            ahead.logit = float(row[token]) if token >= 0 else -np.inf
 
 
 def make_sampler(settings: dict[str, Any], seed: int | None, branch: int = 0) -> Sampler:

@@ -13,6 +13,12 @@ A `Lane` is a task's handle on a backend sequence. It gets its sequence at its f
 prefill: forked from the live lane that already holds the longest prefix of its context
 (the branches of one query share their prompt in the KV cache, evaluated once), else a
 fresh slot (which keeps what a finished query left there).
+
+Where the engine `decodes_async` (llama.cpp on a GPU) and every branch of a step has had
+its next token drawn by the scheduler (`DrawAhead`), the scheduler starts the decode of
+those tokens before the tasks wake (a `LaunchedStep`): the branches' bookkeeping then runs
+while the engine works. A launched token sits in the lane's sequence as a guess until the
+branch asks for exactly it; a branch that asks for anything else first drops it.
 """
 
 from __future__ import annotations
@@ -59,6 +65,45 @@ class _Guesses:
             self.guessed = 0
 
 
+class LaunchedStep:
+    """A decode the scheduler started before the branches asked for it: its rows, read
+    (waiting for the engine) once, and the lanes that have not taken theirs yet."""
+
+    __slots__ = ("read", "_rows", "waiting")
+
+    def __init__(self, read: Callable[[], list]):
+        self.read = read
+        self._rows: list | None = None
+        self.waiting: list[_Launched] = []
+
+    def rows(self) -> list:
+        if self._rows is None:
+            self._rows = self.read()
+        return self._rows
+
+    def secure(self) -> None:
+        """Copy the rows still waiting for their lanes: the engine's next decode rewrites them."""
+        for launched in self.waiting:
+            if launched.row is None:
+                launched.row = np.array(self.rows()[launched.index])
+
+
+class _Launched:
+    """A lane's token in a `LaunchedStep` (its row once secured)."""
+
+    __slots__ = ("token", "step", "index", "row")
+
+    def __init__(self, token: int, step: LaunchedStep, index: int):
+        self.token = token
+        self.step = step
+        self.index = index
+        self.row: np.ndarray | None = None
+
+    def take(self) -> np.ndarray:
+        self.step.waiting.remove(self)
+        return self.row if self.row is not None else self.step.rows()[self.index]
+
+
 class Lane(_Guesses):
     """A branch's sequence, as the scheduler hands it out."""
 
@@ -67,6 +112,8 @@ class Lane(_Guesses):
         self.sequence: Sequence | None = None
         #: set while a forked branch replays choices whose tokens the sequence holds
         self.replaying = False
+        #: the token the scheduler started decoding for this lane (its last guess)
+        self.launched: _Launched | None = None
 
     def logits(self, context: list[int], rows: int = 1) -> "asyncio.Future[Any]":
         """The row after `context` (the cache brought to exactly `context`); None while
@@ -75,6 +122,7 @@ class Lane(_Guesses):
         first are guesses (`_Guesses`)."""
         if self.replaying:
             return self.scheduler._resolved(None)
+        self._drop_launched()
         return self.scheduler._request(self, list(context), prefill=True, rows=rows)
 
     def advance(self, tokens: list[int], draw: DrawAhead | None = None,
@@ -84,7 +132,30 @@ class Lane(_Guesses):
         other lanes (else the caller draws)."""
         if self.replaying:
             return self.scheduler._resolved(None)
+        launched = self.launched
+        if launched is not None and rows == 1 and tokens == [launched.token]:
+            self.launched = None
+            self.accept_guess()
+            return self.scheduler._request(self, [], prefill=False, draw=draw, launched=launched)
+        self._drop_launched()
         return self.scheduler._request(self, list(tokens), prefill=False, draw=draw, rows=rows)
+
+    def drop_guesses(self) -> None:
+        self._drop_launched()
+        super().drop_guesses()
+
+    def _drop_launched(self) -> None:
+        """Take a launched token the branch did not ask for out of the cache (once its
+        decode is done)."""
+        launched, self.launched = self.launched, None
+        if launched is not None:
+            launched.step.waiting.remove(launched)
+            launched.step.rows()
+            length = len(self.sequence.tokens) - 1
+            self.guessed -= 1
+            if not self.sequence.truncate(length):
+                self.scheduler._before_decode()
+                self.sequence.logits(self.sequence.tokens[:length])
 
     def fork(self) -> "Lane":
         """A lane holding this one's tokens (the KV cache copied, nothing evaluated)."""
@@ -95,6 +166,7 @@ class Lane(_Guesses):
         return child
 
     def release(self) -> None:
+        self._drop_launched()
         if self.sequence is not None:
             self.scheduler._lanes.discard(self)
             self.sequence.release()
@@ -110,6 +182,7 @@ class _Request:
     future: asyncio.Future = field(repr=False)
     draw: DrawAhead | None = None
     rows: int = 1
+    launched: _Launched | None = None
 
 
 class ModelScheduler:
@@ -121,9 +194,11 @@ class ModelScheduler:
         self._pending: list[_Request] = []
         self._lanes: set[Lane] = set()
         self._lock = _backend_lock(backend)
-        #: steps run and sequences per step, for tests and benchmarks
+        self._in_flight: LaunchedStep | None = None    # the last launch, rows not secured
+        #: steps run, sequences per step and steps launched ahead, for tests and benchmarks
         self.steps = 0
         self.batched = 0
+        self.launched = 0
 
     def lane(self) -> Lane:
         return Lane(self)
@@ -133,15 +208,21 @@ class ModelScheduler:
         future.set_result(value)
         return future
 
-    def _request(self, lane: Lane, tokens: list[int], prefill: bool,
-                 draw: DrawAhead | None = None, rows: int = 1) -> asyncio.Future:
-        if not prefill and not self._pending and self._alone(lane):
+    def _request(self, lane: Lane, tokens: list[int], prefill: bool, draw: DrawAhead | None = None,
+                 rows: int = 1, launched: _Launched | None = None) -> asyncio.Future:
+        if not prefill and launched is None and not self._pending and self._alone(lane):
             return self._advance_alone(lane, tokens, rows)
         future = self.loop.create_future()
         if not self._pending:
             self.loop.call_soon(self._step)
-        self._pending.append(_Request(lane, tokens, prefill, future, draw, rows))
+        self._pending.append(_Request(lane, tokens, prefill, future, draw, rows, launched))
         return future
+
+    def _before_decode(self) -> None:
+        """Keep the rows of the last launch that lanes have not taken: a decode rewrites them."""
+        if self._in_flight is not None:
+            self._in_flight.secure()
+            self._in_flight = None
 
     def _alone(self, lane: Lane) -> bool:
         """Whether `lane` is the only live lane: no other branch or query can share its step."""
@@ -152,6 +233,7 @@ class ModelScheduler:
         goes through no event-loop round trip (awaiting the result never yields), and the
         engine works while the caller prepares its next step before awaiting."""
         with self._lock:            # a full context is the sequence's own ContextLimitError
+            self._before_decode()
             if len(tokens) == 1:
                 row = lane.sequence.advance_later(tokens[0])
             else:
@@ -164,13 +246,18 @@ class ModelScheduler:
 
     def _step(self) -> None:
         pending, self._pending = self._pending, []
+        live = [r for r in pending if not r.future.cancelled()]
         with self._lock:
+            taken = [(r, r.launched.take()) for r in live if r.launched is not None]
+            if any(r.launched is None for r in live):         # this step decodes: keep the
+                taken = [(r, np.array(row)) for r, row in taken]  # launched rows it rewrites
+                self._before_decode()
             prefilled: dict[tuple[int, ...], tuple[Lane, np.ndarray]] = {}
-            for request in pending:
-                if request.prefill and not request.future.cancelled():
+            for request in live:
+                if request.prefill:
                     _settle(request.future, self._prefill, request.lane, request.tokens,
                             request.rows, prefilled)
-            advances = [r for r in pending if not r.prefill and not r.future.cancelled()]
+            advances = [r for r in live if not r.prefill and r.launched is None]
             ready = []
             for request in advances:
                 held = len(request.lane.sequence.tokens) + len(request.tokens)
@@ -179,22 +266,46 @@ class ModelScheduler:
                         f"the context of {self.backend.context_size} tokens is full"))
                 else:
                     ready.append(request)
+            try:
+                rows = self.backend.advance_many([(r.lane.sequence, r.tokens) for r in ready],
+                                                 [r.rows for r in ready]) if ready else []
+            except Exception as error:          # the engine failed: every waiter learns why
+                for request in ready:
+                    request.future.set_exception(error)
+                ready, rows = [], []
             if ready:
-                try:
-                    rows = self.backend.advance_many([(r.lane.sequence, r.tokens) for r in ready],
-                                                     [r.rows for r in ready])
-                except Exception as error:          # the engine failed: every waiter learns why
-                    for request in ready:
-                        request.future.set_exception(error)
-                else:
-                    drawn = [(r.draw, row) for r, row in zip(ready, rows) if r.draw is not None]
-                    if drawn:                       # the step's draws in one kernel call
-                        DrawAhead.run_all(*map(list, zip(*drawn)))
-                    for request, row in zip(ready, rows):
-                        request.lane.guessed = request.rows - 1
-                        request.future.set_result(row)
                 self.steps += 1
-                self.batched += len(ready)
+            ready = [r for r, _ in taken] + ready
+            rows = [row for _, row in taken] + rows
+            self.batched += len(ready)
+            drawn = [(r.draw, row) for r, row in zip(ready, rows) if r.draw is not None]
+            if drawn:                           # the step's draws in one kernel call
+                DrawAhead.run_all(*map(list, zip(*drawn)))
+            for request, row in zip(ready, rows):
+                request.lane.guessed = request.rows - 1
+                request.future.set_result(row)
+            if self.backend.decodes_async and len(drawn) == len(ready):
+                self._launch(ready)
+
+    def _launch(self, ready: list[_Request]) -> None:
+        """Start decoding the drawn tokens of branches that go on with them (each
+        request's row has been drawn from, so no task reads it)."""
+        ends = self.backend.vocabulary.end_ids
+        going = [r for r in ready if r.draw.launch and r.draw.token >= 0 and r.draw.token not in ends
+                 and len(r.lane.sequence.tokens) < self.backend.context_size]
+        if not going:
+            return
+        self._before_decode()
+        step = LaunchedStep(self.backend.advance_many_later(
+            [(r.lane.sequence, [r.draw.token]) for r in going]))
+        for index, request in enumerate(going):
+            launched = _Launched(request.draw.token, step, index)
+            step.waiting.append(launched)
+            request.lane.launched = launched
+            request.lane.guessed += 1
+        self._in_flight = step
+        self.steps += 1
+        self.launched += 1
 
     def _prefill(self, lane: Lane, context: list[int], rows: int,
                  prefilled: dict[tuple[int, ...], tuple[Lane, Any]]) -> Any:
