@@ -150,7 +150,9 @@ def before_and_now(arguments: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         with tarfile.open(fileobj=BytesIO(archive)) as tar:
             tar.extractall(folder, filter="data")
-        paths = {"before": f"{folder}{os.pathsep}{ROOT}", "now": str(ROOT)}
+        inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+        paths = {"before": os.pathsep.join([folder, str(ROOT), *inherited]),
+                 "now": os.pathsep.join([str(ROOT), *inherited])}
         worker = [sys.executable, "-m", "bench.trace", "--untraced-round", "--model", arguments.model,
                   "--tokens", str(arguments.tokens), "--threads", str(arguments.threads),
                   "--n-gpu-layers", str(arguments.n_gpu_layers)] + ["--cpu-time"] * arguments.cpu_time
