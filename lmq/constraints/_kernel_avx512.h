@@ -1,31 +1,66 @@
 /* The hot loops of _kernel.c in AVX-512 intrinsics (the same contract as
  * _kernel_loops.h): the two halves of a mask word are the lane masks of two 16-lane
- * vectors, and exp is 2^t = 2^n * 2^f with f = t - round(t) in [-0.5, 0.5], 2^f Cephes'
- * exp2f polynomial and the scaling one `vscalefps`. */
+ * vectors.
+ *
+ * A pick with its normalizer is one pass over the row, block by block (BLOCK_WORDS words,
+ * small enough to stay in L1): the block's running maximum first (its candidates
+ * compacted where `compact`), then the block's exponentials from L1 against that
+ * maximum; the sum so far is rescaled when the maximum grows. A row is larger than L2's
+ * share a core reads quickly, so reading it once is the gain.
+ *
+ * exp is 2^t with t = u / 32: 2^(k / 32) from a 32-entry table and the exponent field
+ * (k = round(u)), times a degree-2 polynomial for 2^(r / 32), |r| <= 1/2 (relative error
+ * < 2e-7 over the range kept; Cephes' degree-6 polynomial costs half again as much). */
 
 #define T512 __attribute__((target("avx512f,popcnt")))
 #define LOCAL512 static inline __attribute__((always_inline)) T512
+#define BLOCK_WORDS 64             /* a block of the fused pass: 2,048 tokens, 8 KiB of row */
+#define EXP_FLOOR (-125.0f * 32)   /* u below this (2^t < 2^-125) weighs 0 */
 
-/* 2^t for the lanes of `keep` with t >= -126 (others: unspecified) */
-LOCAL512 __m512 exp2_512(__m512 t) {
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+/* The bits of 2^(j / 32) less j << 18 (see exp2_32nds). */
+static const uint32_t EXP2_TABLE[32] = {
+    0x3f800000, 0x3f7ecd87, 0x3f7daac3, 0x3f7c980f, 0x3f7b95c2, 0x3f7aa43a, 0x3f79c3d3, 0x3f78f4f0,
+    0x3f7837f0, 0x3f778d3a, 0x3f76f532, 0x3f767043, 0x3f75fed7, 0x3f75a15b, 0x3f75583f, 0x3f7523f6,
+    0x3f7504f3, 0x3f74fbaf, 0x3f7508a4, 0x3f752c4d, 0x3f75672a, 0x3f75b9be, 0x3f76248c, 0x3f76a81e,
+    0x3f7744fd, 0x3f77fbb8, 0x3f78ccdf, 0x3f79b907, 0x3f7ac0c7, 0x3f7be4ba, 0x3f7d257d, 0x3f7e83b3};
+
+typedef struct { __m512i low, high; } Exp2Table;
+
+LOCAL512 Exp2Table exp2_table(void) {
+    return (Exp2Table){_mm512_loadu_si512(EXP2_TABLE), _mm512_loadu_si512(EXP2_TABLE + 16)};
 }
 
-/* exp((x - top) * scale) of the 16 entries at `row` where `keep` (0 elsewhere and where
- * the result would be below 2^-126, -inf included) */
-LOCAL512 __m512 weights_512(const float *row, __mmask16 keep, __m512 factor, __m512 offset) {
-    __m512 t = _mm512_fmadd_ps(_mm512_loadu_ps(row), factor, offset);
-    keep = _mm512_mask_cmp_ps_mask(keep, t, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-    return _mm512_maskz_mov_ps(keep, exp2_512(t));
+/* 2^(u / 32) for u >= EXP_FLOOR (others: unspecified). With k = round(u) (the low bits
+ * of u + 1.5 * 2^23) and r = u - k: 2^(k / 32) has the bits of 2^(j / 32), j = k & 31,
+ * plus (k >> 5) << 23, which is the table's entry plus k << 18; 2^(r / 32) = 1 + r p(r). */
+LOCAL512 __m512 exp2_32nds(__m512 u, Exp2Table table) {
+    const __m512 shifter = _mm512_set1_ps(12582912.0f);
+    __m512 y = _mm512_add_ps(u, shifter);
+    __m512 r = _mm512_sub_ps(u, _mm512_sub_ps(y, shifter));
+    __m512i k = _mm512_castps_si512(y);
+    __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_permutex2var_epi32(table.low, k, table.high),
+                                                        _mm512_slli_epi32(k, 18)));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(2.34596184e-4f), r, _mm512_set1_ps(2.16611661e-2f));
+    return _mm512_fmadd_ps(scale, _mm512_mul_ps(r, p), scale);
+}
+
+/* u = (x - top) * scale * 32 / ln 2 as x * factor + offset */
+#define FACTOR(scale) _mm512_set1_ps((scale) * 46.1662413084468283f)
+#define OFFSET(top, scale) _mm512_set1_ps(-(top) * (scale) * 46.1662413084468283f)
+
+/* `sum` plus exp((x - top) * scale) of the lanes of `x` in `keep` (those under EXP_FLOOR
+ * add 0) */
+LOCAL512 __m512 add_weights(__m512 sum, __m512 x, __mmask16 keep, __m512 factor, __m512 offset,
+                            Exp2Table table) {
+    __m512 u = _mm512_fmadd_ps(x, factor, offset);
+    keep = _mm512_mask_cmp_ps_mask(keep, u, _mm512_set1_ps(EXP_FLOOR), _CMP_GE_OQ);
+    return _mm512_mask_add_ps(sum, keep, sum, exp2_32nds(u, table));
+}
+
+/* exp((x - top) * scale) of the 16 entries at `row` where `keep`, 0 elsewhere */
+LOCAL512 __m512 weights_512(const float *row, __mmask16 keep, __m512 factor, __m512 offset,
+                            Exp2Table table) {
+    return add_weights(_mm512_setzero_ps(), _mm512_loadu_ps(row), keep, factor, offset, table);
 }
 
 /* Σ of the 16 lanes in double */
@@ -35,28 +70,45 @@ LOCAL512 double lanes_sum_512(__m512 lanes) {
          + _mm512_reduce_add_pd(_mm512_cvtps_pd(high));
 }
 
-#define FACTOR(scale) _mm512_set1_ps((scale) * 1.44269504088896341f)
-#define OFFSET(top, scale) _mm512_set1_ps(-(top) * (scale) * 1.44269504088896341f)
+/* The candidate bits of one block (edits applied, clear past the row's end) and where
+ * its scores are (a zero-padded copy for a last, partial word). */
+typedef struct {
+    uint32_t bits[BLOCK_WORDS];
+    const float *row;
+    Py_ssize_t words;
+    float tail[BLOCK_WORDS * 32];
+} Block;
 
-/* `words_best`; with `kept` (room for size + 32 floats), the candidates' scores are also
- * written there in order, their count in *n_kept: a mask blocking many tokens then sums
- * its normalizer over them alone. */
-T512 static Py_ssize_t words_best_avx512(const Words *c, float *top, float *kept, Py_ssize_t *n_kept) {
-    const Py_ssize_t full = c->size / 32, words = (c->size + 31) / 32;
-    __m512 best0 = _mm512_set1_ps(-INFINITY), best1 = best0;
-    __m512i at0 = _mm512_setzero_si512(), at1 = at0;
-    Py_ssize_t next = 0, n = 0;
-    for (Py_ssize_t w = 0; w < full; w++) {
-        uint32_t bits = word_bits(c, w, &next);
+/* Block `first / BLOCK_WORDS` of `c`; `next` walks the edits in order. */
+static void load_block(const Words *c, Py_ssize_t first, Py_ssize_t *next, Block *b) {
+    const Py_ssize_t words = (c->size + 31) / 32;
+    b->words = words - first < BLOCK_WORDS ? words - first : BLOCK_WORDS;
+    if (c->bits) memcpy(b->bits, c->bits + first, sizeof(uint32_t) * (size_t)b->words);
+    else memset(b->bits, 0xFF, sizeof(uint32_t) * (size_t)b->words);
+    for (; *next < c->n_edits && c->edits[*next].word < first + b->words; (*next)++) {
+        const Edit *e = &c->edits[*next];
+        b->bits[e->word - first] = (b->bits[e->word - first] | e->set) & ~e->clear;
+    }
+    b->row = c->row + 32 * first;
+    Py_ssize_t left = c->size - 32 * first;
+    if (left < 32 * b->words) {                     /* the row ends inside the last word */
+        b->bits[b->words - 1] &= (1u << (left % 32)) - 1u;
+        memcpy(b->tail, b->row, sizeof(float) * (size_t)left);
+        memset(b->tail + left, 0, sizeof(float) * (size_t)(32 * b->words - left));
+        b->row = b->tail;
+    }
+}
+
+/* The running per-lane maxima over the block's candidates; with `kept`, the candidates'
+ * scores also appended there (room for 32 more than the block's tokens). */
+LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, float *kept) {
+    Py_ssize_t n = 0;
+    for (Py_ssize_t j = 0; j < b->words; j++) {
+        uint32_t bits = b->bits[j];
         if (!bits) continue;
-        __m512i here = _mm512_set1_epi32((int32_t)w);
-        __m512 x0 = _mm512_loadu_ps(c->row + 32 * w), x1 = _mm512_loadu_ps(c->row + 32 * w + 16);
-        __mmask16 up0 = _mm512_mask_cmp_ps_mask((__mmask16)bits, x0, best0, _CMP_GT_OQ);
-        __mmask16 up1 = _mm512_mask_cmp_ps_mask((__mmask16)(bits >> 16), x1, best1, _CMP_GT_OQ);
-        best0 = _mm512_mask_mov_ps(best0, up0, x0);
-        best1 = _mm512_mask_mov_ps(best1, up1, x1);
-        at0 = _mm512_mask_mov_epi32(at0, up0, here);
-        at1 = _mm512_mask_mov_epi32(at1, up1, here);
+        __m512 x0 = _mm512_loadu_ps(b->row + 32 * j), x1 = _mm512_loadu_ps(b->row + 32 * j + 16);
+        *best0 = _mm512_mask_max_ps(*best0, (__mmask16)bits, x0, *best0);
+        *best1 = _mm512_mask_max_ps(*best1, (__mmask16)(bits >> 16), x1, *best1);
         if (kept) {
             _mm512_storeu_ps(kept + n, _mm512_maskz_compress_ps((__mmask16)bits, x0));
             n += __builtin_popcount(bits & 0xFFFF);
@@ -64,51 +116,99 @@ T512 static Py_ssize_t words_best_avx512(const Words *c, float *top, float *kept
             n += __builtin_popcount(bits >> 16);
         }
     }
-    float m = _mm512_reduce_max_ps(_mm512_max_ps(best0, best1));
-    Py_ssize_t index = -1;
-    if (m > -INFINITY) {            /* each lane kept the first index of its own maximum */
-        float b[32];
-        int32_t a[32];
-        _mm512_storeu_ps(b, best0);
-        _mm512_storeu_ps(b + 16, best1);
-        _mm512_storeu_si512(a, at0);
-        _mm512_storeu_si512(a + 16, at1);
-        for (int j = 0; j < 32; j++) {
-            Py_ssize_t i = (Py_ssize_t)a[j] * 32 + j;
-            if (b[j] == m && (index < 0 || i < index)) index = i;
+    return n;
+}
+
+/* Σ exp((x - top) * scale) over the block's candidates (`kept`: their n scores
+ * compacted) */
+LOCAL512 double block_sum(const Block *b, const float *kept, Py_ssize_t n, __m512 factor, __m512 offset,
+                          Exp2Table table) {
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
+    if (kept) {
+        Py_ssize_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            sum0 = add_weights(sum0, _mm512_loadu_ps(kept + i), 0xFFFF, factor, offset, table);
+            sum1 = add_weights(sum1, _mm512_loadu_ps(kept + i + 16), 0xFFFF, factor, offset, table);
+        }
+        for (; i < n; i += 16) {
+            __mmask16 keep = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            sum0 = add_weights(sum0, _mm512_maskz_loadu_ps(keep, kept + i), keep, factor, offset, table);
+        }
+    } else {
+        for (Py_ssize_t j = 0; j < b->words; j++) {
+            uint32_t bits = b->bits[j];
+            if (!bits) continue;
+            sum0 = add_weights(sum0, _mm512_loadu_ps(b->row + 32 * j), (__mmask16)bits, factor, offset, table);
+            sum1 = add_weights(sum1, _mm512_loadu_ps(b->row + 32 * j + 16), (__mmask16)(bits >> 16),
+                               factor, offset, table);
         }
     }
-    for (Py_ssize_t w = full; w < words; w++) {        /* the last, partial word */
-        uint32_t bits = word_bits(c, w, &next);
-        for (int j = 0; j < c->size - 32 * w; j++) {
-            float x = c->row[32 * w + j];
-            if (!(bits >> j & 1)) continue;
-            if (kept) kept[n++] = x;
-            if (x > m) { m = x; index = 32 * w + j; }
-        }
+    return lanes_sum_512(_mm512_add_ps(sum0, sum1));
+}
+
+/* The first candidate of block `first / BLOCK_WORDS` scoring `top` (-1: none). */
+static Py_ssize_t T512 first_at(const Words *c, Py_ssize_t first, float top, Block *b) {
+    Py_ssize_t next = 0;
+    while (next < c->n_edits && c->edits[next].word < first) next++;
+    load_block(c, first, &next, b);
+    const __m512 target = _mm512_set1_ps(top);
+    for (Py_ssize_t j = 0; j < b->words; j++) {
+        uint32_t bits = b->bits[j];
+        uint32_t equal = _mm512_mask_cmp_ps_mask((__mmask16)bits, _mm512_loadu_ps(b->row + 32 * j), target, _CMP_EQ_OQ)
+            | (uint32_t)_mm512_mask_cmp_ps_mask((__mmask16)(bits >> 16), _mm512_loadu_ps(b->row + 32 * j + 16),
+                                                target, _CMP_EQ_OQ) << 16;
+        if (equal) return 32 * (first + j) + __builtin_ctz(equal);
     }
+    return -1;
+}
+
+/* `words_best`, the normalizer summed in the same pass (see the top of this file). The
+ * running maximum only grows, so the block where it last grew holds the first best. */
+T512 static Py_ssize_t words_best_avx512(const Words *c, float *top, double *total, int compact) {
+    const Py_ssize_t words = (c->size + 31) / 32;
+    const Exp2Table table = exp2_table();
+    Block block;
+    float room[BLOCK_WORDS * 32 + 32];
+    float *kept = total && compact ? room : NULL;
+    __m512 best0 = _mm512_set1_ps(-INFINITY), best1 = best0;
+    float m = -INFINITY;
+    double sum = 0.0;
+    Py_ssize_t next = 0, at = -1;
+    for (Py_ssize_t first = 0; first < words; first += BLOCK_WORDS) {
+        load_block(c, first, &next, &block);
+        Py_ssize_t n = block_max(&block, &best0, &best1, kept);
+        float running = _mm512_reduce_max_ps(_mm512_max_ps(best0, best1));
+        if (running > m) {
+            if (sum > 0.0) sum *= exp((double)m - (double)running);
+            m = running;
+            at = first;
+        }
+        if (total && m > -INFINITY)
+            sum += block_sum(&block, kept, n, FACTOR(1.0f), OFFSET(m, 1.0f), table);
+    }
+    Py_ssize_t index = at >= 0 ? first_at(c, at, m, &block) : -1;
     *top = m;
-    if (n_kept) *n_kept = kept ? n : -1;
+    if (total) *total = sum;
     return index;
 }
 
 T512 static double words_sum_avx512(const Words *c, Py_ssize_t first, Py_ssize_t last, float top,
                                     float scale, Py_ssize_t *next) {
     const __m512 factor = FACTOR(scale), offset = OFFSET(top, scale);
+    const Exp2Table table = exp2_table();
     double total = 0.0;
     __m512 lanes = _mm512_setzero_ps();
     for (Py_ssize_t w = first; w < last; w++) {
         uint32_t bits = word_bits(c, w, next);
         if (!bits) continue;
+        const float *row = c->row + 32 * w;
+        float tail[32] = {0};
         if ((w + 1) * 32 > c->size) {                  /* the last, partial word */
-            float tail[32] = {0};
-            memcpy(tail, c->row + 32 * w, sizeof(float) * (size_t)(c->size - 32 * w));
-            lanes = _mm512_add_ps(lanes, weights_512(tail, (__mmask16)bits, factor, offset));
-            lanes = _mm512_add_ps(lanes, weights_512(tail + 16, (__mmask16)(bits >> 16), factor, offset));
-            continue;
+            memcpy(tail, row, sizeof(float) * (size_t)(c->size - 32 * w));
+            row = tail;
         }
-        lanes = _mm512_add_ps(lanes, weights_512(c->row + 32 * w, (__mmask16)bits, factor, offset));
-        lanes = _mm512_add_ps(lanes, weights_512(c->row + 32 * w + 16, (__mmask16)(bits >> 16), factor, offset));
+        lanes = add_weights(lanes, _mm512_loadu_ps(row), (__mmask16)bits, factor, offset, table);
+        lanes = add_weights(lanes, _mm512_loadu_ps(row + 16), (__mmask16)(bits >> 16), factor, offset, table);
         if ((w - first) % FLUSH_WORDS == FLUSH_WORDS - 1) {
             total += lanes_sum_512(lanes);
             lanes = _mm512_setzero_ps();
@@ -131,6 +231,7 @@ T512 static void block_sums_avx512(const Words *c, float top, float scale, doubl
 T512 static void block_weights_avx512(const Words *c, Py_ssize_t block, float top, float scale,
                                       float *weights) {
     const __m512 factor = FACTOR(scale), offset = OFFSET(top, scale);
+    const Exp2Table table = exp2_table();
     Py_ssize_t first = block * DRAW_WORDS, words = (c->size + 31) / 32, next = 0;
     while (next < c->n_edits && c->edits[next].word < first) next++;
     for (Py_ssize_t w = first; w < first + DRAW_WORDS; w++) {
@@ -144,8 +245,8 @@ T512 static void block_weights_avx512(const Words *c, Py_ssize_t block, float to
         } else if (!bits) {
             row = tail;
         }
-        _mm512_storeu_ps(out, weights_512(row, (__mmask16)bits, factor, offset));
-        _mm512_storeu_ps(out + 16, weights_512(row + 16, (__mmask16)(bits >> 16), factor, offset));
+        _mm512_storeu_ps(out, weights_512(row, (__mmask16)bits, factor, offset, table));
+        _mm512_storeu_ps(out + 16, weights_512(row + 16, (__mmask16)(bits >> 16), factor, offset, table));
     }
 }
 

@@ -61,9 +61,13 @@ LOCAL void N(word_weights)(const float *row, float top, float scale, uint32_t bi
                          & N(lane_mask)(bits, part));
 }
 
+TARGET static double N(words_sum)(const Words *c, Py_ssize_t first, Py_ssize_t last, float top,
+                                  float scale, Py_ssize_t *next);
+
 /* The highest candidate score and its first index (-1 when every candidate is -inf);
- * `kept` is left alone (this instruction set does not compact the candidates). */
-TARGET static Py_ssize_t N(words_best)(const Words *c, float *top, float *kept, Py_ssize_t *n_kept) {
+ * with `total`, Σ exp(x - top) over the candidates in a second pass (`compact` is a
+ * hint this instruction set ignores). */
+TARGET static Py_ssize_t N(words_best)(const Words *c, float *top, double *total, int compact) {
     const Py_ssize_t full = c->size / 32, words = (c->size + 31) / 32;
     vf best[PARTS];
     vi at[PARTS];
@@ -102,7 +106,10 @@ TARGET static Py_ssize_t N(words_best)(const Words *c, float *top, float *kept, 
         }
     }
     *top = m;
-    if (n_kept) *n_kept = -1;
+    if (total) {
+        Py_ssize_t first_edit = 0;
+        *total = index >= 0 ? N(words_sum)(c, 0, words, m, 1.0f, &first_edit) : 0.0;
+    }
     return index;
 }
 
