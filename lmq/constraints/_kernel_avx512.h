@@ -100,7 +100,8 @@ static void load_block(const Words *c, Py_ssize_t first, Py_ssize_t *next, Block
 }
 
 /* The running per-lane maxima over the block's candidates; with `kept`, the candidates'
- * scores also appended there (room for 32 more than the block's tokens). */
+ * scores also appended there (masked stores of the compressed lanes: full-width ones
+ * overlap and cost more on Zen 4). */
 LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, float *kept) {
     Py_ssize_t n = 0;
     for (Py_ssize_t j = 0; j < b->words; j++) {
@@ -110,10 +111,11 @@ LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, floa
         *best0 = _mm512_mask_max_ps(*best0, (__mmask16)bits, x0, *best0);
         *best1 = _mm512_mask_max_ps(*best1, (__mmask16)(bits >> 16), x1, *best1);
         if (kept) {
-            _mm512_storeu_ps(kept + n, _mm512_maskz_compress_ps((__mmask16)bits, x0));
-            n += __builtin_popcount(bits & 0xFFFF);
-            _mm512_storeu_ps(kept + n, _mm512_maskz_compress_ps((__mmask16)(bits >> 16), x1));
-            n += __builtin_popcount(bits >> 16);
+            int low = __builtin_popcount(bits & 0xFFFF), high = __builtin_popcount(bits >> 16);
+            _mm512_mask_storeu_ps(kept + n, (__mmask16)((1u << low) - 1u), _mm512_maskz_compress_ps((__mmask16)bits, x0));
+            _mm512_mask_storeu_ps(kept + n + low, (__mmask16)((1u << high) - 1u),
+                                  _mm512_maskz_compress_ps((__mmask16)(bits >> 16), x1));
+            n += low + high;
         }
     }
     return n;
