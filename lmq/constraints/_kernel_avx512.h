@@ -3,10 +3,11 @@
  * vectors.
  *
  * A pick with its normalizer is one pass over the row, block by block (BLOCK_WORDS words,
- * small enough to stay in L1): the block's running maximum first (its candidates
- * compacted where `compact`), then the block's exponentials from L1 against that
- * maximum; the sum so far is rescaled when the maximum grows. A row is larger than L2's
- * share a core reads quickly, so reading it once is the gain.
+ * small enough to stay in L1): the block's running maximum (its candidates compacted
+ * where `compact`), then its exponentials from L1 against that maximum, summed while the
+ * next block is scanned; the sum so far is rescaled when the maximum grows. A 152k row
+ * is read from L2, so reading it once and overlapping those loads with the arithmetic
+ * is the gain.
  *
  * exp is 2^t with t = u / 32: 2^(k / 32) from a 32-entry table and the exponent field
  * (k = round(u)), times a degree-2 polynomial for 2^(r / 32), |r| <= 1/2 (relative error
@@ -70,19 +71,20 @@ LOCAL512 double lanes_sum_512(__m512 lanes) {
          + _mm512_reduce_add_pd(_mm512_cvtps_pd(high));
 }
 
-/* The candidate bits of one block (edits applied, clear past the row's end) and where
- * its scores are (a zero-padded copy for a last, partial word). */
+/* The candidate bits of one block (edits applied) and where its scores are. Blocks are
+ * BLOCK_WORDS whole words (fewer at the end); a last, partial word is a block of its own,
+ * its scores a zero-padded copy and its bits clear past the row's end. */
 typedef struct {
     uint32_t bits[BLOCK_WORDS];
     const float *row;
     Py_ssize_t words;
-    float tail[BLOCK_WORDS * 32];
+    float tail[32];
 } Block;
 
-/* Block `first / BLOCK_WORDS` of `c`; `next` walks the edits in order. */
+/* The block starting at word `first` of `c`; `next` walks the edits in order. */
 static void load_block(const Words *c, Py_ssize_t first, Py_ssize_t *next, Block *b) {
-    const Py_ssize_t words = (c->size + 31) / 32;
-    b->words = words - first < BLOCK_WORDS ? words - first : BLOCK_WORDS;
+    const Py_ssize_t whole = c->size / 32;
+    b->words = first < whole ? (whole - first < BLOCK_WORDS ? whole - first : BLOCK_WORDS) : 1;
     if (c->bits) memcpy(b->bits, c->bits + first, sizeof(uint32_t) * (size_t)b->words);
     else memset(b->bits, 0xFF, sizeof(uint32_t) * (size_t)b->words);
     for (; *next < c->n_edits && c->edits[*next].word < first + b->words; (*next)++) {
@@ -90,27 +92,76 @@ static void load_block(const Words *c, Py_ssize_t first, Py_ssize_t *next, Block
         b->bits[e->word - first] = (b->bits[e->word - first] | e->set) & ~e->clear;
     }
     b->row = c->row + 32 * first;
-    Py_ssize_t left = c->size - 32 * first;
-    if (left < 32 * b->words) {                     /* the row ends inside the last word */
-        b->bits[b->words - 1] &= (1u << (left % 32)) - 1u;
+    if (first == whole) {                           /* the row ends inside this word */
+        Py_ssize_t left = c->size - 32 * first;
+        b->bits[0] &= (1u << left) - 1u;
         memcpy(b->tail, b->row, sizeof(float) * (size_t)left);
-        memset(b->tail + left, 0, sizeof(float) * (size_t)(32 * b->words - left));
+        memset(b->tail + left, 0, sizeof(float) * (size_t)(32 - left));
         b->row = b->tail;
     }
 }
 
-/* The running per-lane maxima over the block's candidates; with `kept`, the candidates'
- * scores also appended there (masked stores of the compressed lanes: full-width ones
- * overlap and cost more on Zen 4). */
-LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, float *kept) {
-    Py_ssize_t n = 0;
-    for (Py_ssize_t j = 0; j < b->words; j++) {
-        uint32_t bits = b->bits[j];
+/* What a pass computes: the best alone, or with the normalizer over compacted
+ * candidates, or over the candidates in place (a constant argument of the always-inline
+ * functions below, so that each pass compiles to its own loop). */
+enum { BEST_ONLY, SUM_COMPACTED, SUM_IN_PLACE };
+
+/* A block's exponentials still to sum, against the running maximum of the blocks up to
+ * it: its candidates' scores compacted (`kept`, `n` of them) or its words. */
+typedef struct {
+    const Block *block;
+    const float *kept;
+    Py_ssize_t n;
+    __m512 factor, offset;
+} Pending;
+
+/* How many `pending_step`s sum a pending block, all of them whole. */
+LOCAL512 Py_ssize_t pending_steps(const Pending *p, const int pass) {
+    return pass == SUM_COMPACTED ? p->n / 16 : p->block->words;
+}
+
+/* `sum` plus the weights of step `step` of a pending block: 16 compacted scores or one word */
+LOCAL512 __m512 pending_step(const Pending *p, Py_ssize_t step, __m512 sum, Exp2Table table, const int pass) {
+    if (pass == SUM_COMPACTED)
+        return add_weights(sum, _mm512_loadu_ps(p->kept + 16 * step), 0xFFFF, p->factor, p->offset, table);
+    uint32_t bits = p->block->bits[step];
+    if (!bits) return sum;
+    const float *row = p->block->row + 32 * step;
+    sum = add_weights(sum, _mm512_loadu_ps(row), (__mmask16)bits, p->factor, p->offset, table);
+    return add_weights(sum, _mm512_loadu_ps(row + 16), (__mmask16)(bits >> 16), p->factor, p->offset, table);
+}
+
+/* `sum` plus the rest of a pending block after its whole steps */
+LOCAL512 __m512 pending_rest(const Pending *p, __m512 sum, Exp2Table table, const int pass) {
+    Py_ssize_t left = pass == SUM_COMPACTED ? p->n % 16 : 0;
+    if (!left) return sum;
+    __mmask16 keep = (__mmask16)((1u << left) - 1u);
+    return add_weights(sum, _mm512_maskz_loadu_ps(keep, p->kept + p->n - left), keep, p->factor, p->offset,
+                       table);
+}
+
+/* The running per-lane maxima over block `b`'s candidates (SUM_COMPACTED: their scores
+ * also compacted into `kept`, by masked stores of the compressed lanes, as full-width
+ * ones overlap and cost more on Zen 4), while the previous block's exponentials
+ * (`pending`, or none) are summed into *sum: that arithmetic runs while this block's
+ * loads wait on L2. */
+LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, float *kept,
+                              const Pending *pending, __m512 *sum, Exp2Table table, const int pass) {
+    /* locals: the compiler must assume the vector stores may write the structures */
+    const Pending p = pending ? *pending : (Pending){0};
+    const float *row = b->row;
+    const uint32_t *words = b->bits;
+    const Py_ssize_t count = b->words, steps = pass != BEST_ONLY && pending ? pending_steps(&p, pass) : 0;
+    __m512 low_best = *best0, high_best = *best1, s = *sum;
+    Py_ssize_t n = 0, step = 0;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        if (pass != BEST_ONLY && step < steps) s = pending_step(&p, step++, s, table, pass);
+        uint32_t bits = words[j];
         if (!bits) continue;
-        __m512 x0 = _mm512_loadu_ps(b->row + 32 * j), x1 = _mm512_loadu_ps(b->row + 32 * j + 16);
-        *best0 = _mm512_mask_max_ps(*best0, (__mmask16)bits, x0, *best0);
-        *best1 = _mm512_mask_max_ps(*best1, (__mmask16)(bits >> 16), x1, *best1);
-        if (kept) {
+        __m512 x0 = _mm512_loadu_ps(row + 32 * j), x1 = _mm512_loadu_ps(row + 32 * j + 16);
+        low_best = _mm512_mask_max_ps(low_best, (__mmask16)bits, x0, low_best);
+        high_best = _mm512_mask_max_ps(high_best, (__mmask16)(bits >> 16), x1, high_best);
+        if (pass == SUM_COMPACTED) {
             int low = __builtin_popcount(bits & 0xFFFF), high = __builtin_popcount(bits >> 16);
             _mm512_mask_storeu_ps(kept + n, (__mmask16)((1u << low) - 1u), _mm512_maskz_compress_ps((__mmask16)bits, x0));
             _mm512_mask_storeu_ps(kept + n + low, (__mmask16)((1u << high) - 1u),
@@ -118,37 +169,17 @@ LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, floa
             n += low + high;
         }
     }
+    if (pass != BEST_ONLY && pending) {
+        for (; step < steps; step++) s = pending_step(&p, step, s, table, pass);
+        s = pending_rest(&p, s, table, pass);
+    }
+    *best0 = low_best;
+    *best1 = high_best;
+    *sum = s;
     return n;
 }
 
-/* Σ exp((x - top) * scale) over the block's candidates (`kept`: their n scores
- * compacted) */
-LOCAL512 double block_sum(const Block *b, const float *kept, Py_ssize_t n, __m512 factor, __m512 offset,
-                          Exp2Table table) {
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = sum0;
-    if (kept) {
-        Py_ssize_t i = 0;
-        for (; i + 32 <= n; i += 32) {
-            sum0 = add_weights(sum0, _mm512_loadu_ps(kept + i), 0xFFFF, factor, offset, table);
-            sum1 = add_weights(sum1, _mm512_loadu_ps(kept + i + 16), 0xFFFF, factor, offset, table);
-        }
-        for (; i < n; i += 16) {
-            __mmask16 keep = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-            sum0 = add_weights(sum0, _mm512_maskz_loadu_ps(keep, kept + i), keep, factor, offset, table);
-        }
-    } else {
-        for (Py_ssize_t j = 0; j < b->words; j++) {
-            uint32_t bits = b->bits[j];
-            if (!bits) continue;
-            sum0 = add_weights(sum0, _mm512_loadu_ps(b->row + 32 * j), (__mmask16)bits, factor, offset, table);
-            sum1 = add_weights(sum1, _mm512_loadu_ps(b->row + 32 * j + 16), (__mmask16)(bits >> 16),
-                               factor, offset, table);
-        }
-    }
-    return lanes_sum_512(_mm512_add_ps(sum0, sum1));
-}
-
-/* The first candidate of block `first / BLOCK_WORDS` scoring `top` (-1: none). */
+/* The first candidate of the block starting at word `first` scoring `top` (-1: none). */
 static Py_ssize_t T512 first_at(const Words *c, Py_ssize_t first, float top, Block *b) {
     Py_ssize_t next = 0;
     while (next < c->n_edits && c->edits[next].word < first) next++;
@@ -164,34 +195,51 @@ static Py_ssize_t T512 first_at(const Words *c, Py_ssize_t first, float top, Blo
     return -1;
 }
 
-/* `words_best`, the normalizer summed in the same pass (see the top of this file). The
- * running maximum only grows, so the block where it last grew holds the first best. */
-T512 static Py_ssize_t words_best_avx512(const Words *c, float *top, double *total, int compact) {
+/* `words_best` as pass `pass` (see the top of this file): block i's exponentials are
+ * summed against the running maximum after it while block i + 1 is scanned (two blocks,
+ * two compaction buffers, alternate). The running maximum only grows, so the block where
+ * it last grew holds the first best. */
+LOCAL512 Py_ssize_t best_pass(const Words *c, float *top, double *total, const int pass) {
     const Py_ssize_t words = (c->size + 31) / 32;
     const Exp2Table table = exp2_table();
-    Block block;
-    float room[BLOCK_WORDS * 32 + 32];
-    float *kept = total && compact ? room : NULL;
+    Block blocks[2];
+    float room[2][pass == SUM_COMPACTED ? BLOCK_WORDS * 32 + 32 : 1] __attribute__((aligned(64)));
     __m512 best0 = _mm512_set1_ps(-INFINITY), best1 = best0;
     float m = -INFINITY;
     double sum = 0.0;
-    Py_ssize_t next = 0, at = -1;
-    for (Py_ssize_t first = 0; first < words; first += BLOCK_WORDS) {
-        load_block(c, first, &next, &block);
-        Py_ssize_t n = block_max(&block, &best0, &best1, kept);
+    Py_ssize_t next = 0, at = -1, i = 0;
+    Pending pending;
+    int waiting = 0;                 /* whether `pending` holds a block's sum to do */
+    for (Py_ssize_t first = 0; first < words; first += blocks[i].words, i ^= 1) {
+        Block *b = &blocks[i];
+        load_block(c, first, &next, b);
+        __m512 lanes = _mm512_setzero_ps();
+        Py_ssize_t n = block_max(b, &best0, &best1, room[i], waiting ? &pending : NULL, &lanes, table, pass);
+        if (waiting) sum += lanes_sum_512(lanes);
         float running = _mm512_reduce_max_ps(_mm512_max_ps(best0, best1));
         if (running > m) {
             if (sum > 0.0) sum *= exp((double)m - (double)running);
             m = running;
             at = first;
         }
-        if (total && m > -INFINITY)
-            sum += block_sum(&block, kept, n, FACTOR(1.0f), OFFSET(m, 1.0f), table);
+        waiting = pass != BEST_ONLY && m > -INFINITY;
+        pending = (Pending){b, room[i], n, FACTOR(1.0f), OFFSET(m, 1.0f)};
     }
-    Py_ssize_t index = at >= 0 ? first_at(c, at, m, &block) : -1;
+    if (waiting) {
+        __m512 lanes = _mm512_setzero_ps();
+        for (Py_ssize_t step = 0; step < pending_steps(&pending, pass); step++)
+            lanes = pending_step(&pending, step, lanes, table, pass);
+        sum += lanes_sum_512(pending_rest(&pending, lanes, table, pass));
+    }
+    Py_ssize_t index = at >= 0 ? first_at(c, at, m, &blocks[0]) : -1;
     *top = m;
     if (total) *total = sum;
     return index;
+}
+
+T512 static Py_ssize_t words_best_avx512(const Words *c, float *top, double *total, int compact) {
+    if (!total) return best_pass(c, top, NULL, BEST_ONLY);
+    return compact ? best_pass(c, top, total, SUM_COMPACTED) : best_pass(c, top, total, SUM_IN_PLACE);
 }
 
 T512 static double words_sum_avx512(const Words *c, Py_ssize_t first, Py_ssize_t last, float top,
