@@ -149,7 +149,7 @@ LOCAL512 void store_compressed(float *out, __m512 lanes, int count) {
 }
 
 /* The running per-lane maxima over block `b`'s candidates (SUM_COMPACTED: their scores
- * also compacted into `kept`), while the previous block's exponentials
+ * compacted into `kept`, the maxima taken over those), while the previous block's exponentials
  * (`pending`, or none) are summed into *sum: that arithmetic runs while this block's
  * loads wait on L2. */
 LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, float *kept,
@@ -166,13 +166,25 @@ LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, floa
         uint32_t bits = words[j];
         if (!bits) continue;
         __m512 x0 = _mm512_loadu_ps(row + 32 * j), x1 = _mm512_loadu_ps(row + 32 * j + 16);
-        low_best = _mm512_mask_max_ps(low_best, (__mmask16)bits, x0, low_best);
-        high_best = _mm512_mask_max_ps(high_best, (__mmask16)(bits >> 16), x1, high_best);
         if (pass == SUM_COMPACTED) {
             int low = __builtin_popcount(bits & 0xFFFF), high = __builtin_popcount(bits >> 16);
             store_compressed(kept + n, _mm512_maskz_compress_ps((__mmask16)bits, x0), low);
             store_compressed(kept + n + low, _mm512_maskz_compress_ps((__mmask16)(bits >> 16), x1), high);
             n += low + high;
+        } else {
+            low_best = _mm512_mask_max_ps(low_best, (__mmask16)bits, x0, low_best);
+            high_best = _mm512_mask_max_ps(high_best, (__mmask16)(bits >> 16), x1, high_best);
+        }
+    }
+    if (pass == SUM_COMPACTED) {    /* the maxima over the compacted scores, in L1: fewer vectors */
+        Py_ssize_t i = 0;
+        for (; i + 32 <= n; i += 32) {
+            low_best = _mm512_max_ps(low_best, _mm512_loadu_ps(kept + i));
+            high_best = _mm512_max_ps(high_best, _mm512_loadu_ps(kept + i + 16));
+        }
+        for (; i < n; i += 16) {
+            __mmask16 keep = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+            low_best = _mm512_mask_max_ps(low_best, keep, _mm512_maskz_loadu_ps(keep, kept + i), low_best);
         }
     }
     if (pass != BEST_ONLY && pending) {
