@@ -423,6 +423,9 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         Py_XDECREF(m);
         return NULL;
     }
+#if defined(__x86_64__) && defined(__GNUC__)
+    compact_order_init();
+#endif
     loops = loops_of(PyUnicode_AsUTF8(PyList_GET_ITEM(available, 0)));
     Py_DECREF(available);
     return m;
