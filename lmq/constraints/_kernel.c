@@ -88,9 +88,10 @@ typedef struct {
     /* the best candidate; with `total`, Σ exp(x - top) over the candidates as well
      * (`compact`: a hint that the candidates are a small part of the words) */
     Py_ssize_t (*best)(const Words *c, float *top, double *total, int compact);
-    double (*sum)(const Words *c, Py_ssize_t first, Py_ssize_t last, float top, float scale,
-                  Py_ssize_t *next);
-    void (*block_sums)(const Words *c, float top, float scale, double *sums);
+    /* a draw's top (the highest candidate score) and the cumulative sums of exp((x - top)
+     * * scale) per block of DRAW_WORDS words: 1, 0 when no candidate is finite, -1 when
+     * out of memory */
+    int (*draw_sums)(const Words *c, float scale, float *top, double *sums);
     void (*block_weights)(const Words *c, Py_ssize_t block, float top, float scale, float *weights);
 } Loops;
 
@@ -267,8 +268,8 @@ static int draw_one(const float *row, Py_ssize_t size, const int64_t *hidden, Py
     float top;
     *index = -1;
     *normalizer = -INFINITY;
-    if (loops->best(&c, &top, NULL, 0) >= 0) {
-        loops->block_sums(&c, top, scale, sums);
+    int found = loops->draw_sums(&c, scale, &top, sums);
+    if (found > 0) {
         double total = sums[blocks - 1];
         if (total > 0.0) {
             *normalizer = (double)top + log(total);
@@ -277,7 +278,7 @@ static int draw_one(const float *row, Py_ssize_t size, const int64_t *hidden, Py
     }
     free(edits);
     free(sums);
-    return 0;
+    return found < 0 ? -1 : 0;
 }
 
 /* draw(rows, hiddens, us, temperature) -> [(index, normalizer)]: one draw per row. */

@@ -16,6 +16,7 @@
 #define T512 __attribute__((target("avx512f,popcnt")))
 #define LOCAL512 static inline __attribute__((always_inline)) T512
 #define BLOCK_WORDS 64             /* a block of the fused pass: 2,048 tokens, 8 KiB of row */
+#define DRAW_GROUPS (BLOCK_WORDS / DRAW_WORDS)   /* draw blocks in a block */
 #define EXP_FLOOR (-125.0f * 32)   /* u below this (2^t < 2^-125) weighs 0 */
 
 /* The bits of 2^(j / 32) less j << 18 (see exp2_32nds). */
@@ -47,7 +48,18 @@ LOCAL512 __m512 exp2_32nds(__m512 u, Exp2Table table) {
 
 /* u = (x - top) * scale * 32 / ln 2 as x * factor + offset */
 #define FACTOR(scale) _mm512_set1_ps((scale) * 46.1662413084468283f)
-#define OFFSET(top, scale) _mm512_set1_ps(-(top) * (scale) * 46.1662413084468283f)
+#define OFFSET(top, scale) _mm512_set1_ps(offset_of(top, scale))
+
+static inline float offset_of(float top, float scale) {
+    return -top * scale * 46.1662413084468283f;
+}
+
+/* The factor turning weights summed against `from` into weights against `to`: the ratio
+ * of the offsets as rounded (the same for every weight of a block, so a draw's blocks
+ * keep the proportions each has to the others). */
+static inline double rescale(float from, float to, float scale) {
+    return exp2(((double)offset_of(to, scale) - (double)offset_of(from, scale)) / 32.0);
+}
 
 /* `sum` plus exp((x - top) * scale) of the lanes of `x` in `keep` (those under EXP_FLOOR
  * add 0) */
@@ -81,10 +93,16 @@ typedef struct {
     float tail[32];
 } Block;
 
+/* How many words the block starting at word `first` of `c` has. */
+static Py_ssize_t block_words(const Words *c, Py_ssize_t first) {
+    const Py_ssize_t whole = c->size / 32;
+    return first < whole ? (whole - first < BLOCK_WORDS ? whole - first : BLOCK_WORDS) : 1;
+}
+
 /* The block starting at word `first` of `c`; `next` walks the edits in order. */
 static void load_block(const Words *c, Py_ssize_t first, Py_ssize_t *next, Block *b) {
     const Py_ssize_t whole = c->size / 32;
-    b->words = first < whole ? (whole - first < BLOCK_WORDS ? whole - first : BLOCK_WORDS) : 1;
+    b->words = block_words(c, first);
     if (c->bits) memcpy(b->bits, c->bits + first, sizeof(uint32_t) * (size_t)b->words);
     else memset(b->bits, 0xFF, sizeof(uint32_t) * (size_t)b->words);
     for (; *next < c->n_edits && c->edits[*next].word < first + b->words; (*next)++) {
@@ -102,9 +120,10 @@ static void load_block(const Words *c, Py_ssize_t first, Py_ssize_t *next, Block
 }
 
 /* What a pass computes: the best alone, or with the normalizer over compacted
- * candidates, or over the candidates in place (a constant argument of the always-inline
- * functions below, so that each pass compiles to its own loop). */
-enum { BEST_ONLY, SUM_COMPACTED, SUM_IN_PLACE };
+ * candidates, or over the candidates in place, or a draw's sums per DRAW_WORDS words (a
+ * constant argument of the always-inline functions below, so that each pass compiles to
+ * its own loop). */
+enum { BEST_ONLY, SUM_COMPACTED, SUM_IN_PLACE, SUM_DRAW };
 
 /* A block's exponentials still to sum, against the running maximum of the blocks up to
  * it: its candidates' scores compacted (`kept`, `n` of them) or its words. */
@@ -113,6 +132,7 @@ typedef struct {
     const float *kept;
     Py_ssize_t n;
     __m512 factor, offset;
+    double *groups;                  /* SUM_DRAW: the block's sums per DRAW_WORDS words */
 } Pending;
 
 /* How many `pending_step`s sum a pending block, all of them whole. */
@@ -120,15 +140,22 @@ LOCAL512 Py_ssize_t pending_steps(const Pending *p, const int pass) {
     return pass == SUM_COMPACTED ? p->n / 16 : p->block->words;
 }
 
-/* `sum` plus the weights of step `step` of a pending block: 16 compacted scores or one word */
+/* `sum` plus the weights of step `step` of a pending block: 16 compacted scores or one
+ * word (SUM_DRAW: the sum written to its group once the group's last word is in, then 0) */
 LOCAL512 __m512 pending_step(const Pending *p, Py_ssize_t step, __m512 sum, Exp2Table table, const int pass) {
     if (pass == SUM_COMPACTED)
         return add_weights(sum, _mm512_loadu_ps(p->kept + 16 * step), 0xFFFF, p->factor, p->offset, table);
     uint32_t bits = p->block->bits[step];
-    if (!bits) return sum;
     const float *row = p->block->row + 32 * step;
-    sum = add_weights(sum, _mm512_loadu_ps(row), (__mmask16)bits, p->factor, p->offset, table);
-    return add_weights(sum, _mm512_loadu_ps(row + 16), (__mmask16)(bits >> 16), p->factor, p->offset, table);
+    if (bits) {
+        sum = add_weights(sum, _mm512_loadu_ps(row), (__mmask16)bits, p->factor, p->offset, table);
+        sum = add_weights(sum, _mm512_loadu_ps(row + 16), (__mmask16)(bits >> 16), p->factor, p->offset, table);
+    }
+    if (pass == SUM_DRAW && ((step + 1) % DRAW_WORDS == 0 || step + 1 == p->block->words)) {
+        p->groups[step / DRAW_WORDS] = lanes_sum_512(sum);
+        return _mm512_setzero_ps();
+    }
+    return sum;
 }
 
 /* `sum` plus the rest of a pending block after its whole steps */
@@ -227,8 +254,12 @@ static Py_ssize_t T512 first_at(const Words *c, Py_ssize_t first, float top, Blo
 /* `words_best` as pass `pass` (see the top of this file): block i's exponentials are
  * summed against the running maximum after it while block i + 1 is scanned (two blocks,
  * two compaction buffers, alternate). The running maximum only grows, so the block where
- * it last grew holds the first best. */
-LOCAL512 Py_ssize_t best_pass(const Words *c, float *top, double *total, const int pass) {
+ * it last grew holds the first best. SUM_DRAW: the weights are exp((x - top) * scale),
+ * each block's sums per DRAW_WORDS words go to `groups` (DRAW_GROUPS a block) against the
+ * maximum in `maxima` (one a block), and the result is the first word of the block
+ * holding the best (-1: none). */
+LOCAL512 Py_ssize_t best_pass(const Words *c, float *top, double *total, const int pass, float scale,
+                              double *groups, float *maxima) {
     const Py_ssize_t words = (c->size + 31) / 32;
     const Exp2Table table = exp2_table();
     Block blocks[2];
@@ -236,24 +267,28 @@ LOCAL512 Py_ssize_t best_pass(const Words *c, float *top, double *total, const i
     __m512 best0 = _mm512_set1_ps(-INFINITY), best1 = best0;
     float m = -INFINITY;
     double sum = 0.0;
-    Py_ssize_t next = 0, at = -1, i = 0;
+    Py_ssize_t next = 0, at = -1, i = 0, block = 0;
     Pending pending;
     int waiting = 0;                 /* whether `pending` holds a block's sum to do */
-    for (Py_ssize_t first = 0, scanned = 0; first < words; first += scanned, i ^= 1) {
+    for (Py_ssize_t first = 0, scanned = 0; first < words; first += scanned, i ^= 1, block++) {
         Block *b = &blocks[i];
         load_block(c, first, &next, b);
         scanned = b->words;
         __m512 lanes = _mm512_setzero_ps();
         Py_ssize_t n = block_max(b, &best0, &best1, room[i], waiting ? &pending : NULL, &lanes, table, pass);
-        if (waiting) sum += lanes_sum_512(lanes);
+        if (waiting && pass != SUM_DRAW) sum += lanes_sum_512(lanes);
         float running = _mm512_reduce_max_ps(_mm512_max_ps(best0, best1));
         if (running > m) {
-            if (sum > 0.0) sum *= exp((double)m - (double)running);
+            if (sum > 0.0) sum *= rescale(m, running, scale);
             m = running;
             at = first;
         }
         waiting = pass != BEST_ONLY && m > -INFINITY;
-        pending = (Pending){b, room[i], n, FACTOR(1.0f), OFFSET(m, 1.0f)};
+        if (pass == SUM_DRAW) {
+            maxima[block] = m;
+            if (!waiting) memset(groups + DRAW_GROUPS * block, 0, sizeof(double) * DRAW_GROUPS);
+        }
+        pending = (Pending){b, room[i], n, FACTOR(scale), OFFSET(m, scale), groups + DRAW_GROUPS * block};
     }
     if (waiting) {
         __m512 lanes = _mm512_setzero_ps();
@@ -261,17 +296,17 @@ LOCAL512 Py_ssize_t best_pass(const Words *c, float *top, double *total, const i
             lanes = pending_step(&pending, step, lanes, table, pass);
         sum += lanes_sum_512(pending_rest(&pending, lanes, table, pass));
     }
-    Py_ssize_t index = at >= 0 ? first_at(c, at, m, &blocks[0]) : -1;
     *top = m;
+    if (pass == SUM_DRAW) return at;
     if (total) *total = sum;
-    return index;
+    return at >= 0 ? first_at(c, at, m, &blocks[0]) : -1;
 }
 
 /* Each pass a function of its own: inlined into one function, the three passes share its
  * register allocation and the compacting one runs 1 µs (7%) slower on a 152k row. */
 #define PASS(name, pass) \
     T512 __attribute__((noinline)) static Py_ssize_t name(const Words *c, float *top, double *total) { \
-        return best_pass(c, top, total, pass); \
+        return best_pass(c, top, total, pass, 1.0f, NULL, NULL); \
     }
 PASS(best_alone, BEST_ONLY)
 PASS(best_compacted, SUM_COMPACTED)
@@ -282,40 +317,31 @@ T512 static Py_ssize_t words_best_avx512(const Words *c, float *top, double *tot
     return compact ? best_compacted(c, top, total) : best_in_place(c, top, total);
 }
 
-T512 static double words_sum_avx512(const Words *c, Py_ssize_t first, Py_ssize_t last, float top,
-                                    float scale, Py_ssize_t *next) {
-    const __m512 factor = FACTOR(scale), offset = OFFSET(top, scale);
-    const Exp2Table table = exp2_table();
-    double total = 0.0;
-    __m512 lanes = _mm512_setzero_ps();
-    for (Py_ssize_t w = first; w < last; w++) {
-        uint32_t bits = word_bits(c, w, next);
-        if (!bits) continue;
-        const float *row = c->row + 32 * w;
-        float tail[32] = {0};
-        if ((w + 1) * 32 > c->size) {                  /* the last, partial word */
-            memcpy(tail, row, sizeof(float) * (size_t)(c->size - 32 * w));
-            row = tail;
+/* `draw_sums` in one pass (best_pass's SUM_DRAW), then each block's sums scaled from its
+ * maximum to the row's and accumulated. */
+T512 static int draw_sums_avx512(const Words *c, float scale, float *top, double *sums) {
+    const Py_ssize_t words = (c->size + 31) / 32, blocks = words / BLOCK_WORDS + 2;
+    double *groups = malloc(sizeof(double) * (size_t)(DRAW_GROUPS * blocks));
+    float *maxima = malloc(sizeof(float) * (size_t)blocks);
+    if (!groups || !maxima) { free(groups); free(maxima); return -1; }
+    int found = best_pass(c, top, NULL, SUM_DRAW, scale, groups, maxima) >= 0;
+    if (found) {
+        memset(sums, 0, sizeof(double) * (size_t)((words + DRAW_WORDS - 1) / DRAW_WORDS));
+        double factor = 0.0;
+        float scaled_from = NAN;
+        for (Py_ssize_t first = 0, block = 0; first < words; first += block_words(c, first), block++) {
+            if (!(maxima[block] == scaled_from)) {          /* the maximum grew: a new factor */
+                scaled_from = maxima[block];
+                factor = rescale(scaled_from, *top, scale);
+            }
+            for (Py_ssize_t g = 0; g * DRAW_WORDS < block_words(c, first); g++)
+                sums[first / DRAW_WORDS + g] += groups[DRAW_GROUPS * block + g] * factor;
         }
-        lanes = add_weights(lanes, _mm512_loadu_ps(row), (__mmask16)bits, factor, offset, table);
-        lanes = add_weights(lanes, _mm512_loadu_ps(row + 16), (__mmask16)(bits >> 16), factor, offset, table);
-        if ((w - first) % FLUSH_WORDS == FLUSH_WORDS - 1) {
-            total += lanes_sum_512(lanes);
-            lanes = _mm512_setzero_ps();
-        }
+        for (Py_ssize_t g = 1; g < (words + DRAW_WORDS - 1) / DRAW_WORDS; g++) sums[g] += sums[g - 1];
     }
-    return total + lanes_sum_512(lanes);
-}
-
-T512 static void block_sums_avx512(const Words *c, float top, float scale, double *sums) {
-    const Py_ssize_t words = (c->size + 31) / 32;
-    Py_ssize_t next = 0;
-    double running = 0.0;
-    for (Py_ssize_t first = 0; first < words; first += DRAW_WORDS) {
-        Py_ssize_t last = first + DRAW_WORDS < words ? first + DRAW_WORDS : words;
-        running += words_sum_avx512(c, first, last, top, scale, &next);
-        sums[first / DRAW_WORDS] = running;
-    }
+    free(groups);
+    free(maxima);
+    return found;
 }
 
 T512 static void block_weights_avx512(const Words *c, Py_ssize_t block, float top, float scale,
@@ -340,5 +366,4 @@ T512 static void block_weights_avx512(const Words *c, Py_ssize_t block, float to
     }
 }
 
-static const Loops loops_avx512 = {words_best_avx512, words_sum_avx512, block_sums_avx512,
-                                   block_weights_avx512};
+static const Loops loops_avx512 = {words_best_avx512, draw_sums_avx512, block_weights_avx512};

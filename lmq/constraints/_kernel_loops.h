@@ -139,16 +139,19 @@ TARGET static double N(words_sum)(const Words *c, Py_ssize_t first, Py_ssize_t l
     return total;
 }
 
-/* The cumulative sums of exp((x - top) * scale) per block of DRAW_WORDS words. */
-TARGET static void N(block_sums)(const Words *c, float top, float scale, double *sums) {
+/* `draw_sums`: the best first, then the cumulative sums of exp((x - top) * scale) per
+ * block of DRAW_WORDS words in a second pass. */
+TARGET static int N(draw_sums)(const Words *c, float scale, float *top, double *sums) {
+    if (N(words_best)(c, top, NULL, 0) < 0) return 0;
     const Py_ssize_t words = (c->size + 31) / 32;
     Py_ssize_t next = 0;
     double running = 0.0;
     for (Py_ssize_t first = 0; first < words; first += DRAW_WORDS) {
         Py_ssize_t last = first + DRAW_WORDS < words ? first + DRAW_WORDS : words;
-        running += N(words_sum)(c, first, last, top, scale, &next);
+        running += N(words_sum)(c, first, last, *top, scale, &next);
         sums[first / DRAW_WORDS] = running;
     }
+    return 1;
 }
 
 /* The entries' weights in the block `block` (DRAW_WORDS words; 0 past the row's end). */
@@ -175,7 +178,7 @@ TARGET static void N(block_weights)(const Words *c, Py_ssize_t block, float top,
     }
 }
 
-static const Loops N(loops) = {N(words_best), N(words_sum), N(block_sums), N(block_weights)};
+static const Loops N(loops) = {N(words_best), N(draw_sums), N(block_weights)};
 
 #undef vf
 #undef vi
