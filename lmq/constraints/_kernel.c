@@ -85,12 +85,13 @@ INLINE uint32_t word_bits(const Words *c, Py_ssize_t w, Py_ssize_t *next) {
 
 /* The hot loops of one instruction set (_kernel_loops.h). */
 typedef struct {
-    /* the best candidate; with `kept`, its candidates' scores compacted there (their
-     * count in *n_kept, -1 where the set does not compact) */
-    Py_ssize_t (*best)(const Words *c, float *top, float *kept, Py_ssize_t *n_kept);
-    double (*sum)(const Words *c, Py_ssize_t first, Py_ssize_t last, float top, float scale,
-                  Py_ssize_t *next);
-    void (*block_sums)(const Words *c, float top, float scale, double *sums);
+    /* the best candidate; with `total`, Σ exp(x - top) over the candidates as well
+     * (`compact`: a hint that the candidates are a small part of the words) */
+    Py_ssize_t (*best)(const Words *c, float *top, double *total, int compact);
+    /* a draw's top (the highest candidate score) and the cumulative sums of exp((x - top)
+     * * scale) per block of DRAW_WORDS words: 1, 0 when no candidate is finite, -1 when
+     * out of memory */
+    int (*draw_sums)(const Words *c, float scale, float *top, double *sums);
     void (*block_weights)(const Words *c, Py_ssize_t block, float top, float scale, float *weights);
 } Loops;
 
@@ -108,12 +109,6 @@ typedef struct {
 #include "_kernel_loops.h"
 
 static const Loops *loops = &loops_base;
-
-/* Σ exp((x - top) * scale) over all candidates. */
-static double words_total(const Words *c, float top, float scale) {
-    Py_ssize_t next = 0;
-    return loops->sum(c, 0, (c->size + 31) / 32, top, scale, &next);
-}
 
 /* The drawn index for `target` in [0, total): the first candidate whose cumulative weight
  * exceeds it (the last candidate of its block on rounding at the edge). */
@@ -237,10 +232,9 @@ static PyObject *kernel_best(PyObject *self, PyObject *args) {
             failed = 1;
         } else {
             Words c = {values, n, NULL, NULL, 0};
-            if (loops->best(&c, &top, NULL, NULL) >= 0) {
+            if (loops->best(&c, &top, want ? &total : NULL, 0) >= 0) {
                 for (Py_ssize_t i = 0; i < n; i++)      /* ties: the lowest token id */
                     if (values[i] == top && (index < 0 || tokens[i] < index)) index = tokens[i];
-                if (want) total = words_total(&c, top, 1.0f);
             }
         }
         free(values);
@@ -252,14 +246,7 @@ static PyObject *kernel_best(PyObject *self, PyObject *args) {
             failed = 1;
         } else {
             Words c = {row, size, a[1].held ? a[1].view.buf : NULL, edits, n_edits};
-            float *kept = want && compact ? malloc(sizeof(float) * (size_t)(size + 32)) : NULL;
-            Py_ssize_t n_kept = -1;
-            index = loops->best(&c, &top, kept, &n_kept);
-            if (index >= 0 && want) {
-                Words compact = {kept, n_kept, NULL, NULL, 0};
-                total = words_total(n_kept >= 0 ? &compact : &c, top, 1.0f);
-            }
-            free(kept);
+            index = loops->best(&c, &top, want ? &total : NULL, compact);
             free(edits);
         }
     }
@@ -281,8 +268,8 @@ static int draw_one(const float *row, Py_ssize_t size, const int64_t *hidden, Py
     float top;
     *index = -1;
     *normalizer = -INFINITY;
-    if (loops->best(&c, &top, NULL, NULL) >= 0) {
-        loops->block_sums(&c, top, scale, sums);
+    int found = loops->draw_sums(&c, scale, &top, sums);
+    if (found > 0) {
         double total = sums[blocks - 1];
         if (total > 0.0) {
             *normalizer = (double)top + log(total);
@@ -291,7 +278,7 @@ static int draw_one(const float *row, Py_ssize_t size, const int64_t *hidden, Py
     }
     free(edits);
     free(sums);
-    return 0;
+    return found < 0 ? -1 : 0;
 }
 
 /* draw(rows, hiddens, us, temperature) -> [(index, normalizer)]: one draw per row. */
@@ -437,6 +424,9 @@ PyMODINIT_FUNC PyInit__kernel(void) {
         Py_XDECREF(m);
         return NULL;
     }
+#if defined(__x86_64__) && defined(__GNUC__)
+    compact_order_init();
+#endif
     loops = loops_of(PyUnicode_AsUTF8(PyList_GET_ITEM(available, 0)));
     Py_DECREF(available);
     return m;

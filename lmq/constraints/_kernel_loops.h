@@ -61,9 +61,13 @@ LOCAL void N(word_weights)(const float *row, float top, float scale, uint32_t bi
                          & N(lane_mask)(bits, part));
 }
 
+TARGET static double N(words_sum)(const Words *c, Py_ssize_t first, Py_ssize_t last, float top,
+                                  float scale, Py_ssize_t *next);
+
 /* The highest candidate score and its first index (-1 when every candidate is -inf);
- * `kept` is left alone (this instruction set does not compact the candidates). */
-TARGET static Py_ssize_t N(words_best)(const Words *c, float *top, float *kept, Py_ssize_t *n_kept) {
+ * with `total`, Σ exp(x - top) over the candidates in a second pass (`compact` is a
+ * hint this instruction set ignores). */
+TARGET static Py_ssize_t N(words_best)(const Words *c, float *top, double *total, int compact) {
     const Py_ssize_t full = c->size / 32, words = (c->size + 31) / 32;
     vf best[PARTS];
     vi at[PARTS];
@@ -102,7 +106,10 @@ TARGET static Py_ssize_t N(words_best)(const Words *c, float *top, float *kept, 
         }
     }
     *top = m;
-    if (n_kept) *n_kept = -1;
+    if (total) {
+        Py_ssize_t first_edit = 0;
+        *total = index >= 0 ? N(words_sum)(c, 0, words, m, 1.0f, &first_edit) : 0.0;
+    }
     return index;
 }
 
@@ -132,16 +139,19 @@ TARGET static double N(words_sum)(const Words *c, Py_ssize_t first, Py_ssize_t l
     return total;
 }
 
-/* The cumulative sums of exp((x - top) * scale) per block of DRAW_WORDS words. */
-TARGET static void N(block_sums)(const Words *c, float top, float scale, double *sums) {
+/* `draw_sums`: the best first, then the cumulative sums of exp((x - top) * scale) per
+ * block of DRAW_WORDS words in a second pass. */
+TARGET static int N(draw_sums)(const Words *c, float scale, float *top, double *sums) {
+    if (N(words_best)(c, top, NULL, 0) < 0) return 0;
     const Py_ssize_t words = (c->size + 31) / 32;
     Py_ssize_t next = 0;
     double running = 0.0;
     for (Py_ssize_t first = 0; first < words; first += DRAW_WORDS) {
         Py_ssize_t last = first + DRAW_WORDS < words ? first + DRAW_WORDS : words;
-        running += N(words_sum)(c, first, last, top, scale, &next);
+        running += N(words_sum)(c, first, last, *top, scale, &next);
         sums[first / DRAW_WORDS] = running;
     }
+    return 1;
 }
 
 /* The entries' weights in the block `block` (DRAW_WORDS words; 0 past the row's end). */
@@ -168,7 +178,7 @@ TARGET static void N(block_weights)(const Words *c, Py_ssize_t block, float top,
     }
 }
 
-static const Loops N(loops) = {N(words_best), N(words_sum), N(block_sums), N(block_weights)};
+static const Loops N(loops) = {N(words_best), N(draw_sums), N(block_weights)};
 
 #undef vf
 #undef vi

@@ -68,7 +68,7 @@ def choose(row: np.ndarray, mask: TokenMask | None = None, allow: np.ndarray | N
         token, normalizer = best(row, mask, allow, hidden, normalizer=True)
         if token < 0:
             return -1, _nothing
-        chosen = float(row[token]) - normalizer
+        chosen = row.item(token) - normalizer
         return token, lambda: chosen
     values, ids = candidates(row, mask, allow, hidden, np.empty_like(row))
     token = int(values.argmax())
@@ -82,12 +82,15 @@ def best(row: np.ndarray, mask: TokenMask | None = None, allow: np.ndarray | Non
          hidden: np.ndarray | None = None, normalizer: bool = False) -> tuple[int, float | None]:
     """(the best candidate or -1, log Σ exp over the candidates where `normalizer` is
     asked for, else None; -inf when there is no candidate)."""
-    allow, hidden = _ids(allow), _ids(hidden)
-    sparse = mask is not None and not mask.dense
     if KERNEL is not None:
-        dense = mask is not None and not sparse
-        return KERNEL.best(_floats(row), mask.allowed if sparse else None, mask.bits if dense else None,
-                           allow, hidden, normalizer, dense and mask.count < COMPACT_FRACTION * mask.size)
+        bits = mask.bits if mask is not None else None
+        ids = mask.allowed if mask is not None and bits is None else None
+        compact = bits is not None and mask.count < COMPACT_FRACTION * mask.size
+        try:                           # the usual buffers, taken as they are
+            return KERNEL.best(row, ids, bits, allow, hidden, normalizer, compact)
+        except (TypeError, ValueError):     # another dtype, not contiguous: converted
+            return KERNEL.best(_floats(row), ids, bits, _ids(allow), _ids(hidden), normalizer, compact)
+    allow, hidden = _ids(allow), _ids(hidden)
     values, ids = candidates(row, mask, allow, hidden, _scratch(row))
     if not len(values):
         return -1, -np.inf if normalizer else None

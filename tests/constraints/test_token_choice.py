@@ -177,6 +177,31 @@ def test_draws_agree_on_many_full_size_rows():
             assert all(close(a, b) for (_, a), (_, b) in zip(drawn, fallback))
 
 
+@needs_kernel
+def test_best_agrees_with_the_reference_on_rows_of_many_blocks():
+    """Rows past the kernel's 2,048-token blocks: the running maximum growing block after
+    block (the sum so far rescaled), ties across blocks, a last partial word, masks summed
+    compacted and in place, end ids allowed and hidden."""
+    rng = np.random.default_rng(11)
+    for size in (151936, 6000 + 17):
+        ramp = np.linspace(-40.0, 5.0, size)
+        for shape in ("normal", "ramp", "ties"):
+            row = (rng.standard_normal(size) * 3).astype(np.float32)
+            if shape == "ramp":                       # a new maximum in every block
+                row = (ramp + rng.standard_normal(size)).astype(np.float32)
+            elif shape == "ties":
+                row = rng.integers(-5, 3, size).astype(np.float32)
+            for density in (None, 0.27, 0.9):
+                mask = None if density is None else TokenMask.of_flags(rng.random(size) < density)
+                ends = np.array([size - 3, size - 1], dtype=np.int64)
+                for allow, hidden in ((None, ends), (ends, None)):
+                    expected = reference(row, mask, allow, hidden)
+                    for token, normalizer in every_way(
+                            lambda: token_choice.best(row, mask, allow, hidden, normalizer=True)):
+                        assert token == expected[0], (size, shape, density)
+                        assert close(normalizer, expected[1]), (size, shape, density)
+
+
 def test_nothing_to_choose_is_minus_one():
     row = np.array([1.0, -np.inf, 3.0], dtype=np.float32)
     empty = TokenMask.of(np.empty(0, dtype=np.int32), 3)
