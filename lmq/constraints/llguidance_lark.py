@@ -140,12 +140,13 @@ def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], 
             elif isinstance(node, g.Literal):
                 chars.extend((ord(c), ord(c)) for c in node.text)
             elif isinstance(node, (g.CharClass, g.AnyChar)):
-                chars.extend(_ranges(node))
+                chars.extend(code_point_ranges(node))
     return lexemes, merge_ranges(chars)
 
 
 @functools.lru_cache(maxsize=4096)
-def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
+def code_point_ranges(node: g.CharClass | g.AnyChar) -> Ranges:
+    """The code points a character class or `.` matches, as sorted disjoint ranges."""
     if isinstance(node, g.AnyChar):
         return ((0, MAX_CODE_POINT),)
     ranges = merge_ranges((min(a, b), max(a, b)) for a, b in node.ranges)
@@ -224,7 +225,7 @@ class _Glushkov:
         if isinstance(node, g.RuleRef):
             return self.shared(self.rules[node.name])
         if isinstance(node, (g.CharClass, g.AnyChar)):
-            p = self.position(_ranges(node))
+            p = self.position(code_point_ranges(node))
             return [p], [p], False
         if isinstance(node, g.Literal):
             if not node.text:
@@ -340,7 +341,7 @@ def _first_ranges(node: g.Node, rules: dict[str, g.Node], nullable: dict[str, bo
     if isinstance(node, g.RuleRef):
         return _first_ranges(rules[node.name], rules, nullable)
     if isinstance(node, (g.CharClass, g.AnyChar)):
-        return [_ranges(node)]
+        return [code_point_ranges(node)]
     if isinstance(node, g.Literal):
         return [((ord(node.text[0]), ord(node.text[0])),)] if node.text else []
     if isinstance(node, g.Repeat):
@@ -442,7 +443,7 @@ class _Nfa:
             if not node.text:
                 self.epsilon[start].append(end)
         elif isinstance(node, (g.CharClass, g.AnyChar)):
-            self.edges[start].append((_ranges(node), end))
+            self.edges[start].append((code_point_ranges(node), end))
         elif isinstance(node, g.RuleRef):
             self.fragment(self.rules[node.name], start, end)
         elif isinstance(node, g.Sequence):

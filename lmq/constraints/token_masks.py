@@ -45,8 +45,8 @@ from lmq.constraints.vocabulary_index import (GROUP_BITS, VocabularyIndex, conca
 #: one is a pass over the whole row (measured at V = 151,936, gathering beats the pass up
 #: to about 4,000 allowed tokens)
 DENSE_FRACTION = 1 / 32
-#: dense masks kept per automaton (a bit row each, and a 4V-byte bias row where the
-#: numpy fallback of token_choice.py applies it); the oldest is dropped first (`len(X) < N` visits its N states once each, in order)
+#: dense masks kept per automaton by default (a bit row each, and a 4V-byte bias row where
+#: the numpy fallback of token_choice.py applies it); the oldest is dropped first (`len(X) < N` visits its N states once each, in order)
 DENSE_MASKS_KEPT = 64
 #: at most this many live (node, state) pairs of a trie level are walked in plain Python
 PYTHON_FRONTIER = 48
@@ -162,8 +162,9 @@ class DfaTokenAutomaton:
     exact_budget = True
 
     def __init__(self, dfa: ByteDfa, index: VocabularyIndex, token_bytes: tuple[bytes, ...],
-                 cache: VocabularyCache | None = None):
+                 cache: VocabularyCache | None = None, dense_kept: int = DENSE_MASKS_KEPT):
         self.dfa = dfa
+        self.dense_kept = dense_kept             # dense masks kept (state and budget masks)
         self.index = index
         self.token_bytes = token_bytes
         self.cache = cache if cache is not None else VocabularyCache()   # the vocabulary's
@@ -191,10 +192,11 @@ class DfaTokenAutomaton:
         self._views = index.views
 
     @classmethod
-    def for_vocabulary(cls, dfa: ByteDfa, vocabulary: Vocabulary) -> "DfaTokenAutomaton":
+    def for_vocabulary(cls, dfa: ByteDfa, vocabulary: Vocabulary,
+                       dense_kept: int = DENSE_MASKS_KEPT) -> "DfaTokenAutomaton":
         """The automaton of `dfa` over `vocabulary` (its index shared and disk-cached)."""
         return cls(dfa, vocabulary_index(vocabulary), vocabulary.token_bytes,
-                   vocabulary_cache(vocabulary))
+                   vocabulary_cache(vocabulary), dense_kept)
 
     def initial(self) -> int:
         return int(self.dfa.initial)
@@ -234,7 +236,7 @@ class DfaTokenAutomaton:
             self._budgeted[key] = mask
             if mask.dense:                       # bounded like the dense state masks
                 self._dense_budgeted.append(key)
-                if len(self._dense_budgeted) > DENSE_MASKS_KEPT:
+                if len(self._dense_budgeted) > self.dense_kept:
                     self._budgeted.pop(self._dense_budgeted.popleft(), None)
         return mask
 
@@ -323,7 +325,7 @@ class DfaTokenAutomaton:
                                          else TokenMask.of(allowed, self.index.size))
             if mask.dense:
                 self._dense_states.append(state)
-                if len(self._dense_states) > DENSE_MASKS_KEPT:
+                if len(self._dense_states) > self.dense_kept:
                     del self._masks[self._dense_states.popleft()]
         return mask
 

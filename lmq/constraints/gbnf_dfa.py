@@ -1,0 +1,287 @@
+"""A GBNF grammar whose language is regular as a `ByteDfa`, so that its hole is enforced
+by `DfaTokenAutomaton` (masks computed once per state and cached) instead of llguidance
+(a mask computed per step: ~2 ms at 152k tokens in a JSON string).
+
+A grammar in which no rule can reach itself is regular: its rules inline into one byte
+NFA (Thompson's construction, characters as their UTF-8 byte automata, exactly as the
+regex compiler reads classes), determinized here. JSON schemas without recursion (`$ref`
+cycles, `Any`, untyped `additionalProperties`) come out this way; a recursive grammar,
+or one whose automaton would pass `MAX_DFA_STATES`, stays with llguidance (`None`).
+
+The subset construction keys a DFA state by its kernel (the NFA states with byte edges,
+plus whether the final state is reached), not by the whole ε-closure: closures that differ
+only in ε-states are one state. The grammar converter's NFAs are nearly deterministic, so
+kernels are mostly single states and the construction is linear in the automaton. The
+result is trimmed and numbered breadth-first like every `ByteDfa`; it is not minimized
+(Moore's refinement would cost more than the construction, and the kernel construction
+is near-minimal on these grammars).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import zlib
+
+import numpy as np
+
+from lmq.constraints import gbnf as g
+from lmq.constraints import grammar_cache, limits
+from lmq.constraints.byte_dfa import DEAD, ByteDfa
+from lmq.constraints.llguidance_lark import code_point_ranges
+from lmq.constraints.regex import NFA_STATES_PER_STATE, character_utf8
+
+#: a grammar whose DFA would grow past this many states (or `limits.MAX_STATES`, if lower;
+#: at most 65,535: the grammar cache stores states as uint16)
+#: stays with llguidance: masks are cached per state, and each string position of a
+#: JSON document is a state (~13 per character of a `maxLength`)
+MAX_DFA_STATES = 6000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
+    """The DFA of `grammar`'s language, or None when the grammar is recursive or its
+    automaton too large (it is then enforced by llguidance)."""
+    if _recursive(grammar.rules):
+        return None
+    bound = min(MAX_DFA_STATES, limits.MAX_STATES)
+    builder = _Builder(grammar.rules, NFA_STATES_PER_STATE * bound)
+    try:
+        start, final = builder.state(), builder.state()
+        builder.fragment(g.RuleRef("root"), start, final)
+        return _determinize(builder.edges, builder.eps, start, final, bound)
+    except _TooLarge:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def cached_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
+    """`grammar_dfa` of GBNF `text`, through the grammar cache on disk (a DFA depends on
+    the grammar only, never on the vocabulary; "no DFA" is kept too, so a recursive or
+    large grammar is not tried again)."""
+    return _decoded(grammar_cache.cached(f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text,
+                                         lambda: _encoded(_parsed_dfa(text, owner))))
+
+
+def _parsed_dfa(text: str, owner: str) -> ByteDfa | None:
+    from lmq.constraints.hole_plan import grammar_of
+    return grammar_dfa(grammar_of(text, owner))
+
+
+def _recursive(rules: dict[str, g.Node]) -> bool:
+    """Whether a rule reachable from `root` can reach itself."""
+    refs = g.references(rules)
+    reachable = {"root"}
+    stack = ["root"]
+    while stack:
+        for name in refs[stack.pop()]:
+            if name not in reachable:
+                reachable.add(name)
+                stack.append(name)
+    return bool(g.on_cycles({name: refs[name] for name in reachable}))
+
+
+class _Builder:
+    """Thompson's construction of a grammar's inlined rules into a byte NFA: a fragment is
+    built between a given start and end state, never adding a move into its start or
+    out of its end, so a sequence's items share their boundary states."""
+
+    def __init__(self, rules: dict[str, g.Node], most_states: int):
+        self.rules = rules
+        self.most_states = most_states
+        self.edges: list[list[tuple[int, int, int]]] = []      # (low, high inclusive, target)
+        self.eps: list[list[int]] = []
+
+    def state(self) -> int:
+        if len(self.edges) >= self.most_states:
+            raise _TooLarge
+        self.edges.append([])
+        self.eps.append([])
+        return len(self.edges) - 1
+
+    def fragment(self, node: g.Node, start: int, end: int) -> None:
+        if isinstance(node, g.Literal):
+            data = node.text.encode("utf-8", "surrogatepass")
+            if not data:
+                self.eps[start].append(end)
+            here = start
+            for position, byte in enumerate(data):
+                target = end if position == len(data) - 1 else self.state()
+                self.edges[here].append((byte, byte, target))
+                here = target
+        elif isinstance(node, (g.CharClass, g.AnyChar)):
+            self.character(code_point_ranges(node), start, end)
+        elif isinstance(node, g.RuleRef):
+            self.fragment(self.rules[node.name], start, end)
+        elif isinstance(node, g.Sequence):
+            here = start
+            for position, item in enumerate(node.items):
+                target = end if position == len(node.items) - 1 else self.state()
+                self.fragment(item, here, target)
+                here = target
+            if not node.items:
+                self.eps[start].append(end)
+        elif isinstance(node, g.Choice):
+            for item in node.alternatives:
+                self.fragment(item, start, end)
+        else:
+            self.repeat(node, start, end)
+
+    def repeat(self, node: g.Repeat, start: int, end: int) -> None:
+        """`low` copies, then a loop through a hub, or `high - low` nested optional copies."""
+        here = start
+        for _ in range(node.low):
+            target = self.state()
+            self.fragment(node.item, here, target)
+            here = target
+        if node.high is None:
+            hub, body_end = self.state(), self.state()
+            self.eps[here].append(hub)
+            self.fragment(node.item, hub, body_end)
+            self.eps[body_end].append(hub)
+            self.eps[hub].append(end)
+            return
+        for _ in range(node.high - node.low):
+            self.eps[here].append(end)
+            target = self.state()
+            self.fragment(node.item, here, target)
+            here = target
+        self.eps[here].append(end)
+
+    def character(self, ranges: tuple[tuple[int, int], ...], start: int, end: int) -> None:
+        """One character of `ranges` as its UTF-8 bytes (never a surrogate)."""
+        states = character_utf8(ranges)
+        ids = [start] + [self.state() for _ in states[1:]]
+        for source, edges in zip(ids, states):
+            self.edges[source].extend((low, high, end if target < 0 else ids[target])
+                                      for low, high, target in edges)
+
+
+def _determinize(edges: list[list[tuple[int, int, int]]], eps: list[list[int]], start: int,
+                 final: int, bound: int) -> ByteDfa:
+    """Subset construction over kernels (see the module docstring), trimmed."""
+    reached: dict[int, tuple[frozenset[int], bool]] = {}
+
+    def reach(state: int) -> tuple[frozenset[int], bool]:
+        """(the kernel of the state's ε-closure, whether it holds `final`)."""
+        found = reached.get(state)
+        if found is None:
+            seen, stack = {state}, [state]
+            while stack:
+                for target in eps[stack.pop()]:
+                    if target not in seen:
+                        seen.add(target)
+                        stack.append(target)
+            found = reached[state] = (frozenset(s for s in seen if edges[s]), final in seen)
+        return found
+
+    first = reach(start)
+    ids: dict[tuple[frozenset[int], bool], int] = {(frozenset(), False): DEAD, first: 1}
+    order = [first]
+    sources: list[int] = []
+    lows: list[int] = []
+    highs: list[int] = []
+    targets: list[int] = []
+    for number, (kernel, _) in enumerate(order, 1):      # `order` grows as it is read
+        for low, high, key in _moves(kernel, edges, reach):
+            target = ids.get(key)
+            if target is None:
+                if len(order) >= bound:
+                    raise _TooLarge
+                target = ids[key] = len(order) + 1
+                order.append(key)
+            if target != DEAD:
+                sources.append(number)
+                lows.append(low)
+                highs.append(high)
+                targets.append(target)
+    accepting = np.array([False] + [accept for _, accept in order])
+    return _trimmed(len(order) + 1, np.array(sources, np.int64), np.array(lows, np.int64),
+                    np.array(highs, np.int64), np.array(targets, np.int32), accepting)
+
+
+def _moves(kernel: frozenset[int], edges: list[list[tuple[int, int, int]]],
+           reach) -> list[tuple[int, int, tuple[frozenset[int], bool]]]:
+    """The DFA moves of a kernel: (low, high, target key) over disjoint byte ranges."""
+    if len(kernel) == 1:
+        (state,) = kernel
+        moves = edges[state]
+    else:
+        moves = [edge for state in kernel for edge in edges[state]]
+    ordered = sorted(moves)
+    if all(ordered[i][1] < ordered[i + 1][0] for i in range(len(ordered) - 1)):
+        return [(low, high, reach(target)) for low, high, target in ordered]
+    cuts = sorted({low for low, _, _ in ordered} | {high + 1 for _, high, _ in ordered})
+    found = []
+    for low, high in zip(cuts, cuts[1:]):
+        covering = [target for a, b, target in ordered if a <= low and high - 1 <= b]
+        if covering:
+            parts = [reach(target) for target in covering]
+            found.append((low, high - 1, (frozenset().union(*(k for k, _ in parts)),
+                                          any(accept for _, accept in parts))))
+    return found
+
+
+def _trimmed(count: int, sources: np.ndarray, lows: np.ndarray, highs: np.ndarray,
+             targets: np.ndarray, accepting: np.ndarray) -> ByteDfa:
+    """The ByteDfa of `count` states (0 dead, 1 initial, breadth-first) and their moves
+    over byte ranges, with the states that reach no accepting state made DEAD."""
+    live = accepting.copy()
+    predecessors: list[list[int]] = [[] for _ in range(count)]
+    for source, target in zip(sources.tolist(), targets.tolist()):
+        predecessors[target].append(source)
+    stack = np.flatnonzero(accepting).tolist()
+    while stack:
+        for source in predecessors[stack.pop()]:
+            if not live[source]:
+                live[source] = True
+                stack.append(source)
+    if not live[1]:
+        raise _TooLarge                  # unreachable for a checked grammar (root derives a string)
+    number = np.zeros(count, np.int32)
+    number[live] = np.arange(1, int(live.sum()) + 1, dtype=np.int32)
+    kept = live[sources] & live[targets]
+    sources, lows, highs, targets = sources[kept], lows[kept], highs[kept], targets[kept]
+    lengths = highs - lows + 1
+    cells = np.repeat(number[sources].astype(np.int64) * 256 + lows - np.cumsum(lengths) + lengths,
+                      lengths) + np.arange(int(lengths.sum()))
+    transitions = np.zeros((int(live.sum()) + 1, 256), np.int32)
+    transitions.reshape(-1)[cells] = np.repeat(number[targets], lengths)
+    flags = np.concatenate([[False], accepting[live]])
+    exits = np.zeros(len(flags), bool)
+    for array in (transitions, flags, exits):
+        array.setflags(write=False)
+    return ByteDfa(transitions, flags, exits, 1)
+
+
+def _encoded(dfa: ByteDfa | None) -> str:
+    """A DFA as text for the grammar cache ("" for none): its shape, byte classes,
+    accepting states and classed table (uint16, zlib: mostly DEAD), base64."""
+    if dfa is None:
+        return ""
+    byte_class, table = dfa.byte_classes
+    parts = (np.asarray(byte_class, np.uint8).tobytes(), np.packbits(dfa.accepting).tobytes(),
+             zlib.compress(np.asarray(table, np.uint16).tobytes(), 1))
+    return f"{table.shape[0]},{table.shape[1]};" + ";".join(
+        base64.b64encode(part).decode("ascii") for part in parts)
+
+
+def _decoded(text: str) -> ByteDfa | None:
+    if not text:
+        return None
+    shape, *parts = text.split(";")
+    rows, width = map(int, shape.split(","))
+    byte_class, accepting, table = map(base64.b64decode, parts)
+    byte_class_array = np.frombuffer(byte_class, np.uint8).astype(np.intp)
+    classed = np.frombuffer(zlib.decompress(table), np.uint16).reshape(rows, width).astype(np.int32)
+    flags = np.unpackbits(np.frombuffer(accepting, np.uint8), count=rows).astype(bool)
+    transitions = np.ascontiguousarray(classed[:, byte_class_array])
+    exits = np.zeros(rows, bool)
+    for array in (transitions, flags, exits, classed):
+        array.setflags(write=False)
+    dfa = ByteDfa(transitions, flags, exits, 1)
+    dfa.__dict__["byte_classes"] = (byte_class_array, classed)
+    return dfa
