@@ -245,16 +245,39 @@ def _trimmed(count: int, sources: np.ndarray, lows: np.ndarray, highs: np.ndarra
     number[live] = np.arange(1, int(live.sum()) + 1, dtype=np.int32)
     kept = live[sources] & live[targets]
     sources, lows, highs, targets = sources[kept], lows[kept], highs[kept], targets[kept]
-    lengths = highs - lows + 1
-    cells = np.repeat(number[sources].astype(np.int64) * 256 + lows - np.cumsum(lengths) + lengths,
-                      lengths) + np.arange(int(lengths.sum()))
-    transitions = np.zeros((int(live.sum()) + 1, 256), np.int32)
-    transitions.reshape(-1)[cells] = np.repeat(number[targets], lengths)
+    # byte classes: the pieces between range boundaries, then equal columns merged
+    cuts = np.unique(np.concatenate([[0, 256], lows, highs + 1]))
+    piece = np.repeat(np.arange(len(cuts) - 1), np.diff(cuts))
+    first, last = piece[lows], piece[highs]
+    widths = last - first + 1
+    cells = (np.repeat(number[sources].astype(np.int64) * (len(cuts) - 1) + first - np.cumsum(widths)
+                       + widths, widths) + np.arange(int(widths.sum())))
+    pieces = np.zeros((int(live.sum()) + 1, len(cuts) - 1), np.int32)
+    pieces.reshape(-1)[cells] = np.repeat(number[targets], widths)
+    piece_class = _equal_columns(pieces)
+    table = np.ascontiguousarray(pieces[:, np.unique(piece_class, return_index=True)[1]])
+    byte_class = piece_class[piece].astype(np.intp)
     flags = np.concatenate([[False], accepting[live]])
-    exits = np.zeros(len(flags), bool)
-    for array in (transitions, flags, exits):
+    return _sealed(table, byte_class, flags)
+
+
+def _equal_columns(table: np.ndarray) -> np.ndarray:
+    """Per column, a class number shared by equal columns, numbered in order of first
+    appearance."""
+    number: dict[bytes, int] = {}
+    columns = np.ascontiguousarray(table.T)
+    return np.array([number.setdefault(column.tobytes(), len(number)) for column in columns])
+
+
+def _sealed(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray) -> ByteDfa:
+    """The read-only ByteDfa of a classed table (no exits), its byte classes kept."""
+    transitions = np.ascontiguousarray(table[:, byte_class])
+    exits = np.zeros(len(table), bool)
+    for array in (transitions, accepting, exits, table, byte_class):
         array.setflags(write=False)
-    return ByteDfa(transitions, flags, exits, 1)
+    dfa = ByteDfa(transitions, accepting, exits, 1)
+    dfa.__dict__["byte_classes"] = (byte_class, table)
+    return dfa
 
 
 def _encoded(dfa: ByteDfa | None) -> str:
@@ -277,11 +300,5 @@ def _decoded(text: str) -> ByteDfa | None:
     byte_class, accepting, table = map(base64.b64decode, parts)
     byte_class_array = np.frombuffer(byte_class, np.uint8).astype(np.intp)
     classed = np.frombuffer(zlib.decompress(table), np.uint16).reshape(rows, width).astype(np.int32)
-    flags = np.unpackbits(np.frombuffer(accepting, np.uint8), count=rows).astype(bool)
-    transitions = np.ascontiguousarray(classed[:, byte_class_array])
-    exits = np.zeros(rows, bool)
-    for array in (transitions, flags, exits, classed):
-        array.setflags(write=False)
-    dfa = ByteDfa(transitions, flags, exits, 1)
-    dfa.__dict__["byte_classes"] = (byte_class_array, classed)
-    return dfa
+    return _sealed(classed, byte_class_array,
+                   np.unpackbits(np.frombuffer(accepting, np.uint8), count=rows).astype(bool))
