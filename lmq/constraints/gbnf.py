@@ -425,14 +425,14 @@ def _check_left_recursion(rules: dict[str, Node], owner: str, refs: dict[str, se
         return set()
 
     edges = {name: leftmost(node) for name, node in rules.items()}
-    cyclic = on_cycles(edges)
+    cyclic = _on_cycles(edges)
     for name in rules:
         if name in cyclic:
             raise ConstraintError(f"{owner}: rule '{name}' is left-recursive (it can reach "
                                   "itself before reading a character; llama.cpp rejects that)")
 
 
-def on_cycles(edges: dict[str, set[str]]) -> set[str]:
+def _on_cycles(edges: dict[str, set[str]]) -> set[str]:
     """The nodes of a directed graph that lie on a cycle (Tarjan's strongly connected
     components, iteratively: chains of thousands of rules need no deep recursion)."""
     index: dict[str, int] = {}

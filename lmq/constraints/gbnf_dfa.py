@@ -45,7 +45,7 @@ class _TooLarge(Exception):
 def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
     """The DFA of `grammar`'s language, or None when the grammar is recursive or its
     automaton too large (it is then enforced by llguidance)."""
-    if _recursive(grammar.rules):
+    if not _inlinable(grammar.rules):
         return None
     bound = min(MAX_DFA_STATES, limits.MAX_STATES)
     builder = _Builder(grammar.rules, NFA_STATES_PER_STATE * bound)
@@ -53,7 +53,7 @@ def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
         start, final = builder.state(), builder.state()
         builder.fragment(g.RuleRef("root"), start, final)
         return _determinize(builder.edges, builder.eps, start, final, bound)
-    except _TooLarge:
+    except (_TooLarge, RecursionError):       # groups nested deep inside a deep chain of rules
         return None
 
 
@@ -71,17 +71,30 @@ def _parsed_dfa(text: str, owner: str) -> ByteDfa | None:
     return grammar_dfa(grammar_of(text, owner))
 
 
-def _recursive(rules: dict[str, g.Node]) -> bool:
-    """Whether a rule reachable from `root` can reach itself."""
+def _inlinable(rules: dict[str, g.Node]) -> bool:
+    """Whether the rules reachable from `root` inline into one expression: none can reach
+    itself, and no chain of references is deeper than `limits.MAX_GRAMMAR_DEPTH` (as
+    llguidance's lexemes, `lmq.constraints.llguidance_lark`)."""
     refs = g.references(rules)
-    reachable = {"root"}
-    stack = ["root"]
-    while stack:
-        for name in refs[stack.pop()]:
-            if name not in reachable:
-                reachable.add(name)
-                stack.append(name)
-    return bool(g.on_cycles({name: refs[name] for name in reachable}))
+    height: dict[str, int] = {}
+    pending = [("root", False)]
+    on_path: set[str] = set()
+    while pending:
+        name, done = pending.pop()
+        if done:
+            on_path.discard(name)
+            height[name] = 1 + max((height[r] for r in refs[name]), default=0)
+            if height[name] > limits.MAX_GRAMMAR_DEPTH:
+                return False
+            continue
+        if name in height:
+            continue
+        if name in on_path:
+            return False                       # recursion: not regular in general
+        on_path.add(name)
+        pending.append((name, True))
+        pending.extend((r, False) for r in refs[name] if r not in height)
+    return True
 
 
 class _Builder:
