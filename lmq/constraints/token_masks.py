@@ -162,9 +162,10 @@ class DfaTokenAutomaton:
     exact_budget = True
 
     def __init__(self, dfa: ByteDfa, index: VocabularyIndex, token_bytes: tuple[bytes, ...],
-                 cache: VocabularyCache | None = None, dense_kept: int = DENSE_MASKS_KEPT):
+                 cache: VocabularyCache | None = None, dense_kept: int | None = None):
         self.dfa = dfa
-        self.dense_kept = dense_kept             # dense masks kept (state and budget masks)
+        # dense masks kept (state masks, and budget masks apart)
+        self.dense_kept = DENSE_MASKS_KEPT if dense_kept is None else dense_kept
         self.index = index
         self.token_bytes = token_bytes
         self.cache = cache if cache is not None else VocabularyCache()   # the vocabulary's
@@ -193,7 +194,7 @@ class DfaTokenAutomaton:
 
     @classmethod
     def for_vocabulary(cls, dfa: ByteDfa, vocabulary: Vocabulary,
-                       dense_kept: int = DENSE_MASKS_KEPT) -> "DfaTokenAutomaton":
+                       dense_kept: int | None = None) -> "DfaTokenAutomaton":
         """The automaton of `dfa` over `vocabulary` (its index shared and disk-cached)."""
         return cls(dfa, vocabulary_index(vocabulary), vocabulary.token_bytes,
                    vocabulary_cache(vocabulary), dense_kept)
