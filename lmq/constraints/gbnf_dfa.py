@@ -52,7 +52,7 @@ def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
     try:
         start, final = builder.state(), builder.state()
         builder.fragment(g.RuleRef("root"), start, final)
-        return _determinize(builder.edges, builder.eps, start, final, bound)
+        return _determinize(builder.edges, builder.eps, start, final, bound, builder.trim)
     except (_TooLarge, RecursionError):       # groups nested deep inside a deep chain of rules
         return None
 
@@ -100,13 +100,19 @@ def _inlinable(rules: dict[str, g.Node]) -> bool:
 class _Builder:
     """Thompson's construction of a grammar's inlined rules into a byte NFA: a fragment is
     built between a given start and end state, never adding a move into its start or
-    out of its end, so a sequence's items share their boundary states."""
+    out of its end, so a sequence's items share their boundary states. A rule is built
+    once; its later uses copy those states (a JSON string's `char` is used once per
+    character of its `maxLength`)."""
 
     def __init__(self, rules: dict[str, g.Node], most_states: int):
         self.rules = rules
         self.most_states = most_states
         self.edges: list[list[tuple[int, int, int]]] = []      # (low, high inclusive, target)
         self.eps: list[list[int]] = []
+        #: per rule built: (start, end, its inner states' range, its moves out of start)
+        self.built: dict[str, tuple[int, int, int, int, list, list]] = {}
+        #: some character class is empty: states that reach no end may exist
+        self.trim = False
 
     def state(self) -> int:
         if len(self.edges) >= self.most_states:
@@ -128,7 +134,7 @@ class _Builder:
         elif isinstance(node, (g.CharClass, g.AnyChar)):
             self.character(code_point_ranges(node), start, end)
         elif isinstance(node, g.RuleRef):
-            self.fragment(self.rules[node.name], start, end)
+            self.rule(node.name, start, end)
         elif isinstance(node, g.Sequence):
             here = start
             for position, item in enumerate(node.items):
@@ -142,6 +148,27 @@ class _Builder:
                 self.fragment(item, start, end)
         else:
             self.repeat(node, start, end)
+
+    def rule(self, name: str, start: int, end: int) -> None:
+        built = self.built.get(name)
+        if built is None:
+            inner, moves, moves_eps = len(self.edges), len(self.edges[start]), len(self.eps[start])
+            self.fragment(self.rules[name], start, end)
+            self.built[name] = (start, end, inner, len(self.edges), self.edges[start][moves:],
+                                self.eps[start][moves_eps:])
+            return
+        old_start, old_end, first, last, moves, moves_eps = built
+        if len(self.edges) + last - first > self.most_states:
+            raise _TooLarge
+        shift = len(self.edges) - first
+        place = {old_start: start, old_end: end}
+        edges, eps = self.edges, self.eps
+        for state in range(first, last):
+            edges.append([(low, high, place.get(target, target + shift))
+                          for low, high, target in edges[state]])
+            eps.append([place.get(target, target + shift) for target in eps[state]])
+        edges[start].extend((low, high, place.get(target, target + shift)) for low, high, target in moves)
+        eps[start].extend(place.get(target, target + shift) for target in moves_eps)
 
     def repeat(self, node: g.Repeat, start: int, end: int) -> None:
         """`low` copies, then a loop through a hub, or `high - low` nested optional copies."""
@@ -167,6 +194,7 @@ class _Builder:
     def character(self, ranges: tuple[tuple[int, int], ...], start: int, end: int) -> None:
         """One character of `ranges` as its UTF-8 bytes (never a surrogate)."""
         states = character_utf8(ranges)
+        self.trim = self.trim or not states[0]
         ids = [start] + [self.state() for _ in states[1:]]
         for source, edges in zip(ids, states):
             self.edges[source].extend((low, high, end if target < 0 else ids[target])
@@ -174,8 +202,9 @@ class _Builder:
 
 
 def _determinize(edges: list[list[tuple[int, int, int]]], eps: list[list[int]], start: int,
-                 final: int, bound: int) -> ByteDfa:
-    """Subset construction over kernels (see the module docstring), trimmed."""
+                 final: int, bound: int, trim: bool) -> ByteDfa:
+    """Subset construction over kernels (see the module docstring), trimmed where `trim`
+    says some NFA state may reach no end (else every nonempty kernel is live)."""
     reached: dict[int, tuple[frozenset[int], bool]] = {}
 
     def reach(state: int) -> tuple[frozenset[int], bool]:
@@ -213,7 +242,7 @@ def _determinize(edges: list[list[tuple[int, int, int]]], eps: list[list[int]], 
                 targets.append(target)
     accepting = np.array([False] + [accept for _, accept in order])
     return _trimmed(len(order) + 1, np.array(sources, np.int64), np.array(lows, np.int64),
-                    np.array(highs, np.int64), np.array(targets, np.int32), accepting)
+                    np.array(highs, np.int64), np.array(targets, np.int32), accepting, trim)
 
 
 def _moves(kernel: frozenset[int], edges: list[list[tuple[int, int, int]]],
@@ -224,7 +253,7 @@ def _moves(kernel: frozenset[int], edges: list[list[tuple[int, int, int]]],
         moves = edges[state]
     else:
         moves = [edge for state in kernel for edge in edges[state]]
-    ordered = sorted(moves)
+    ordered = sorted(moves) if len(moves) > 1 else moves
     if all(ordered[i][1] < ordered[i + 1][0] for i in range(len(ordered) - 1)):
         return [(low, high, reach(target)) for low, high, target in ordered]
     cuts = sorted({low for low, _, _ in ordered} | {high + 1 for _, high, _ in ordered})
@@ -239,19 +268,12 @@ def _moves(kernel: frozenset[int], edges: list[list[tuple[int, int, int]]],
 
 
 def _trimmed(count: int, sources: np.ndarray, lows: np.ndarray, highs: np.ndarray,
-             targets: np.ndarray, accepting: np.ndarray) -> ByteDfa:
+             targets: np.ndarray, accepting: np.ndarray, trim: bool) -> ByteDfa:
     """The ByteDfa of `count` states (0 dead, 1 initial, breadth-first) and their moves
-    over byte ranges, with the states that reach no accepting state made DEAD."""
-    live = accepting.copy()
-    predecessors: list[list[int]] = [[] for _ in range(count)]
-    for source, target in zip(sources.tolist(), targets.tolist()):
-        predecessors[target].append(source)
-    stack = np.flatnonzero(accepting).tolist()
-    while stack:
-        for source in predecessors[stack.pop()]:
-            if not live[source]:
-                live[source] = True
-                stack.append(source)
+    over byte ranges, with the states that reach no accepting state made DEAD (`trim`:
+    there may be some)."""
+    live = np.ones(count, bool) if not trim else _live(count, sources, targets, accepting)
+    live[DEAD] = False
     if not live[1]:
         raise _TooLarge                  # unreachable for a checked grammar (root derives a string)
     number = np.zeros(count, np.int32)
@@ -272,6 +294,21 @@ def _trimmed(count: int, sources: np.ndarray, lows: np.ndarray, highs: np.ndarra
     byte_class = piece_class[piece].astype(np.intp)
     flags = np.concatenate([[False], accepting[live]])
     return _sealed(table, byte_class, flags)
+
+
+def _live(count: int, sources: np.ndarray, targets: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """Which states reach an accepting state."""
+    live = accepting.copy()
+    predecessors: list[list[int]] = [[] for _ in range(count)]
+    for source, target in zip(sources.tolist(), targets.tolist()):
+        predecessors[target].append(source)
+    stack = np.flatnonzero(accepting).tolist()
+    while stack:
+        for source in predecessors[stack.pop()]:
+            if not live[source]:
+                live[source] = True
+                stack.append(source)
+    return live
 
 
 def _equal_columns(table: np.ndarray) -> np.ndarray:
