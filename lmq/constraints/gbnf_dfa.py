@@ -3,8 +3,8 @@ by `DfaTokenAutomaton` (masks computed once per state and cached) instead of llg
 (a mask computed per step: ~2 ms at 152k tokens in a JSON string).
 
 A grammar in which no rule can reach itself is regular: its rules inline into one byte
-NFA (Thompson's construction, characters as their UTF-8 byte automata, exactly as the
-regex compiler reads classes), determinized here. JSON schemas without recursion (`$ref`
+NFA (`gbnf.GrammarNfa`, characters as their UTF-8 byte automata, exactly as the regex
+compiler reads classes), determinized here. JSON schemas without recursion (`$ref`
 cycles, `Any`, untyped `additionalProperties`) come out this way; a recursive grammar,
 or one whose automaton would pass `MAX_DFA_STATES`, stays with llguidance (`None`).
 
@@ -28,7 +28,6 @@ import numpy as np
 from lmq.constraints import gbnf as g
 from lmq.constraints import grammar_cache, limits
 from lmq.constraints.byte_dfa import DEAD, ByteDfa
-from lmq.constraints.llguidance_lark import code_point_ranges
 from lmq.constraints.regex import NFA_STATES_PER_STATE, character_utf8
 
 #: a grammar whose DFA would grow past this many states (or `limits.MAX_STATES`, if lower;
@@ -52,7 +51,7 @@ def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
     try:
         start, final = builder.state(), builder.state()
         builder.fragment(g.RuleRef("root"), start, final)
-        return _determinize(builder.edges, builder.eps, start, final, bound, builder.trim)
+        return _determinize(builder.edges, builder.epsilon, start, final, bound, builder.trim)
     except (_TooLarge, RecursionError):       # groups nested deep inside a deep chain of rules
         return None
 
@@ -97,18 +96,15 @@ def _inlinable(rules: dict[str, g.Node]) -> bool:
     return True
 
 
-class _Builder:
-    """Thompson's construction of a grammar's inlined rules into a byte NFA: a fragment is
-    built between a given start and end state, never adding a move into its start or
-    out of its end, so a sequence's items share their boundary states. A rule is built
-    once; its later uses copy those states (a JSON string's `char` is used once per
-    character of its `maxLength`)."""
+class _Builder(g.GrammarNfa):
+    """The grammar's byte NFA: characters as their UTF-8 automata, literals as their bytes.
+    A rule is built once; its later uses copy those states (a JSON string's `char` is
+    used once per character of its `maxLength`)."""
 
     def __init__(self, rules: dict[str, g.Node], most_states: int):
-        self.rules = rules
+        super().__init__(rules)
         self.most_states = most_states
         self.edges: list[list[tuple[int, int, int]]] = []      # (low, high inclusive, target)
-        self.eps: list[list[int]] = []
         #: per rule built: (start, end, its inner states' range, its moves out of start)
         self.built: dict[str, tuple[int, int, int, int, list, list]] = {}
         #: some character class is empty: states that reach no end may exist
@@ -118,78 +114,16 @@ class _Builder:
         if len(self.edges) >= self.most_states:
             raise _TooLarge
         self.edges.append([])
-        self.eps.append([])
+        self.epsilon.append([])
         return len(self.edges) - 1
 
-    def fragment(self, node: g.Node, start: int, end: int) -> None:
-        if isinstance(node, g.Literal):
-            data = node.text.encode("utf-8", "surrogatepass")
-            if not data:
-                self.eps[start].append(end)
-            here = start
-            for position, byte in enumerate(data):
-                target = end if position == len(data) - 1 else self.state()
-                self.edges[here].append((byte, byte, target))
-                here = target
-        elif isinstance(node, (g.CharClass, g.AnyChar)):
-            self.character(code_point_ranges(node), start, end)
-        elif isinstance(node, g.RuleRef):
-            self.rule(node.name, start, end)
-        elif isinstance(node, g.Sequence):
-            here = start
-            for position, item in enumerate(node.items):
-                target = end if position == len(node.items) - 1 else self.state()
-                self.fragment(item, here, target)
-                here = target
-            if not node.items:
-                self.eps[start].append(end)
-        elif isinstance(node, g.Choice):
-            for item in node.alternatives:
-                self.fragment(item, start, end)
-        else:
-            self.repeat(node, start, end)
-
-    def rule(self, name: str, start: int, end: int) -> None:
-        built = self.built.get(name)
-        if built is None:
-            inner, moves, moves_eps = len(self.edges), len(self.edges[start]), len(self.eps[start])
-            self.fragment(self.rules[name], start, end)
-            self.built[name] = (start, end, inner, len(self.edges), self.edges[start][moves:],
-                                self.eps[start][moves_eps:])
-            return
-        old_start, old_end, first, last, moves, moves_eps = built
-        if len(self.edges) + last - first > self.most_states:
-            raise _TooLarge
-        shift = len(self.edges) - first
-        place = {old_start: start, old_end: end}
-        edges, eps = self.edges, self.eps
-        for state in range(first, last):
-            edges.append([(low, high, place.get(target, target + shift))
-                          for low, high, target in edges[state]])
-            eps.append([place.get(target, target + shift) for target in eps[state]])
-        edges[start].extend((low, high, place.get(target, target + shift)) for low, high, target in moves)
-        eps[start].extend(place.get(target, target + shift) for target in moves_eps)
-
-    def repeat(self, node: g.Repeat, start: int, end: int) -> None:
-        """`low` copies, then a loop through a hub, or `high - low` nested optional copies."""
+    def literal(self, text: str, start: int, end: int) -> None:
+        data = text.encode("utf-8", "surrogatepass")
         here = start
-        for _ in range(node.low):
-            target = self.state()
-            self.fragment(node.item, here, target)
+        for position, byte in enumerate(data):
+            target = end if position == len(data) - 1 else self.state()
+            self.edges[here].append((byte, byte, target))
             here = target
-        if node.high is None:
-            hub, body_end = self.state(), self.state()
-            self.eps[here].append(hub)
-            self.fragment(node.item, hub, body_end)
-            self.eps[body_end].append(hub)
-            self.eps[hub].append(end)
-            return
-        for _ in range(node.high - node.low):
-            self.eps[here].append(end)
-            target = self.state()
-            self.fragment(node.item, here, target)
-            here = target
-        self.eps[here].append(end)
 
     def character(self, ranges: tuple[tuple[int, int], ...], start: int, end: int) -> None:
         """One character of `ranges` as its UTF-8 bytes (never a surrogate)."""
@@ -199,6 +133,27 @@ class _Builder:
         for source, edges in zip(ids, states):
             self.edges[source].extend((low, high, end if target < 0 else ids[target])
                                       for low, high, target in edges)
+
+    def rule(self, name: str, start: int, end: int) -> None:
+        built = self.built.get(name)
+        if built is None:
+            inner, moves, moves_eps = len(self.edges), len(self.edges[start]), len(self.epsilon[start])
+            self.fragment(self.rules[name], start, end)
+            self.built[name] = (start, end, inner, len(self.edges), self.edges[start][moves:],
+                                self.epsilon[start][moves_eps:])
+            return
+        old_start, old_end, first, last, moves, moves_eps = built
+        if len(self.edges) + last - first > self.most_states:
+            raise _TooLarge
+        shift = len(self.edges) - first
+        place = {old_start: start, old_end: end}
+        edges, epsilon = self.edges, self.epsilon
+        for state in range(first, last):
+            edges.append([(low, high, place.get(target, target + shift))
+                          for low, high, target in edges[state]])
+            epsilon.append([place.get(target, target + shift) for target in epsilon[state]])
+        edges[start].extend((low, high, place.get(target, target + shift)) for low, high, target in moves)
+        epsilon[start].extend(place.get(target, target + shift) for target in moves_eps)
 
 
 def _determinize(edges: list[list[tuple[int, int, int]]], eps: list[list[int]], start: int,

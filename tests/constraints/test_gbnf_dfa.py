@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import lmq
+from bench.constraints import SCHEMA as BENCH_SCHEMA
 from gbnf_check import GbnfOracle
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints import byte_dfa as fa
@@ -27,14 +28,6 @@ from lmq.constraints.token_masks import DfaTokenAutomaton
 from lmq.constraints.vocabulary_cache import clear_caches
 from vocab_paths import vocab
 
-BENCH_SCHEMA = {"type": "object",
-                "properties": {"name": {"type": "string", "maxLength": 24},
-                               "age": {"type": "integer"},
-                               "city": {"enum": ["Paris", "London", "New York", "Tokyo", "Sydney"]},
-                               "occupation": {"type": "string", "maxLength": 24},
-                               "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20},
-                                           "maxItems": 3}},
-                "required": ["name", "age", "city", "occupation", "hobbies"]}
 SCHEMAS = {
     "bench": BENCH_SCHEMA,
     "enums": {"type": "object", "properties": {
@@ -65,14 +58,6 @@ def vocabulary():
 @pytest.fixture(scope="module")
 def oracle():
     return GbnfOracle()
-
-
-@pytest.fixture
-def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    clear_caches()
-    yield tmp_path
-    clear_caches()
 
 
 def _automata(schema, vocabulary) -> tuple[DfaTokenAutomaton, GrammarTokenAutomaton]:
