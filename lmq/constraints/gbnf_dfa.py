@@ -30,10 +30,10 @@ from lmq.constraints import grammar_cache, limits
 from lmq.constraints.byte_dfa import DEAD, ByteDfa
 from lmq.constraints.regex import NFA_STATES_PER_STATE, character_utf8
 
-#: a grammar whose DFA would grow past this many states (or `limits.MAX_STATES`, if lower;
-#: at most 65,535: the grammar cache stores states as uint16)
-#: stays with llguidance: masks are cached per state, and each string position of a
-#: JSON document is a state (~13 per character of a `maxLength`)
+#: a grammar whose DFA would grow past this many states (or `limits.MAX_STATES`, if lower)
+#: stays with llguidance: masks are cached per state, and each string position of a JSON
+#: document is a state (~13 per character of a `maxLength`). At most 65,535: the grammar
+#: cache stores states as uint16
 MAX_DFA_STATES = 6000
 
 
@@ -61,13 +61,9 @@ def cached_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
     """`grammar_dfa` of GBNF `text`, through the grammar cache on disk (a DFA depends on
     the grammar only, never on the vocabulary; "no DFA" is kept too, so a recursive or
     large grammar is not tried again)."""
-    return _decoded(grammar_cache.cached(f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text,
-                                         lambda: _encoded(_parsed_dfa(text, owner))))
-
-
-def _parsed_dfa(text: str, owner: str) -> ByteDfa | None:
-    from lmq.constraints.hole_plan import grammar_of
-    return grammar_dfa(grammar_of(text, owner))
+    return _decoded(grammar_cache.cached(
+        f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text,
+        lambda: _encoded(grammar_dfa(g.parse_gbnf(text, owner=owner)))))
 
 
 def _inlinable(rules: dict[str, g.Node]) -> bool:
@@ -230,7 +226,7 @@ def _trimmed(count: int, sources: np.ndarray, lows: np.ndarray, highs: np.ndarra
     live = np.ones(count, bool) if not trim else _live(count, sources, targets, accepting)
     live[DEAD] = False
     if not live[1]:
-        raise _TooLarge                  # unreachable for a checked grammar (root derives a string)
+        raise _TooLarge                  # an empty language: llguidance names the failure
     number = np.zeros(count, np.int32)
     number[live] = np.arange(1, int(live.sum()) + 1, dtype=np.int32)
     kept = live[sources] & live[targets]

@@ -6,8 +6,8 @@ checks on the final value. Its regular part is a language key (constraints/langu
 that becomes one byte automaton, with the stop phrases folded in so that a value cut at a
 stop still satisfies it; a `GRAMMAR`/`JSON` part is GBNF that becomes a byte automaton too
 when its language is regular (`lmq.constraints.gbnf_dfa`: no recursion, a bounded size),
-else a grammar automaton (llguidance). A plan travels as a constraint program (`to_program`/`plan_from_program`,
-LMTP's wire form). Lowering a where clause into a plan is the runtime's (runtime/hole.py).
+else a grammar automaton (llguidance). A plan travels as a constraint program
+(`to_program`/`plan_from_program`, LMTP's wire form). Lowering a where clause into a plan is the runtime's (runtime/hole.py).
 """
 
 from __future__ import annotations
