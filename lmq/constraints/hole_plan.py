@@ -7,7 +7,8 @@ that becomes one byte automaton, with the stop phrases folded in so that a value
 stop still satisfies it; a `GRAMMAR`/`JSON` part is GBNF that becomes a byte automaton too
 when its language is regular (`lmq.constraints.gbnf_dfa`: no recursion, a bounded size),
 else a grammar automaton (llguidance). A plan travels as a constraint program
-(`to_program`/`plan_from_program`, LMTP's wire form). Lowering a where clause into a plan is the runtime's (runtime/hole.py).
+(`to_program`/`plan_from_program`, LMTP's wire form). Lowering a where clause into a plan
+is the runtime's (runtime/hole.py).
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ def program_plan(program: dict[str, Any], name: str = "constraint") -> HolePlan:
 class CompiledConstraint:
     """The vocabulary-free part of a plan's automaton, picklable: the byte DFA of its
     language (with the character budget counted apart) or of its regular grammar, or its
-    checked grammar and that grammar in llguidance's syntax. The costly part of compiling; a server builds it in
-    a separate process and finishes the automaton with `attach_automaton`."""
+    checked grammar and that grammar in llguidance's syntax. The costly part of
+    compiling; a server builds it in a separate process and finishes the automaton with
+    `attach_automaton`."""
 
     dfa: fa.ByteDfa | None = None
     most_chars: int | None = None

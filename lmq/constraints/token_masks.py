@@ -456,9 +456,9 @@ class DfaTokenAutomaton:
         return tokens
 
     def _compiled_allowed(self, walk, state: int) -> np.ndarray:
-        """The bool row of `state`'s allowed tokens from the compiled depth-first walk (no
-        subtree taken whole, but a few ns per live pair instead of numpy's tens: a
-        JSON string's position, alive in nearly all of the trie, 16 → 2 ms at 152k)."""
+        """The bool row of `state`'s allowed tokens from the compiled level-by-level walk
+        (no subtree taken whole, but a few ns per live pair instead of numpy's tens: a
+        JSON string's position, alive in nearly all of the trie, 16 → 3 ms at 152k)."""
         index = self.index
         inside = np.zeros(len(index.order) + 1, dtype=np.uint8)    # + the empty tokens' rank
         walk(self._flat, index.byte, index.child_start, index.lo, index.exact,
