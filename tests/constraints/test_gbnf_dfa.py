@@ -1,9 +1,9 @@
 """Regular grammars as byte DFAs (`lmq.constraints.gbnf_dfa`): a JSON schema or GBNF
 grammar without recursion is enforced by `DfaTokenAutomaton`, with exactly the language
 of its GBNF. Checked against llguidance's matcher (the route it replaces: every mask of
-random walks equal, documents of each route accepted by the other) and against
-llama.cpp's own GBNF engine (near-miss strings rejected alike); recursive grammars
-still go to llguidance."""
+random walks equal, documents of each route accepted by the other, near-miss strings
+judged alike) and against llama.cpp's own GBNF engine (the near misses too); recursive
+and oversized grammars still go to llguidance."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from lmq.constraints.hole_plan import (HolePlan, attach_automaton, build_automat
 from lmq.constraints.json_schema import json_constraint
 from lmq.constraints.token_masks import DfaTokenAutomaton
 from lmq.constraints.vocabulary_cache import clear_caches
+from lmq.errors import ConstraintViolation
 from vocab_paths import vocab
 
 SCHEMAS = {
@@ -146,11 +147,24 @@ def _near_misses(text: str, rng: np.random.Generator) -> set[str]:
     return out
 
 
+def _llguidance_accepts(grammar: GrammarTokenAutomaton, byte_tokens: dict[int, int], data: bytes) -> bool:
+    """llguidance's verdict on `data`, fed one single-byte token at a time."""
+    state = grammar.initial()
+    try:
+        for byte in data:
+            state = grammar.advance(state, byte_tokens[byte])
+    except ConstraintViolation:
+        return False
+    return grammar.accepts(state)
+
+
 @pytest.mark.parametrize("name", ["bench", "enums", "nested", "scalars", "unicode"])
-def test_near_miss_strings_are_judged_as_llama_cpp_judges_them(oracle, name):
+def test_near_miss_strings_are_judged_alike_by_both_routes_and_llama_cpp(vocabulary, oracle, name):
     schema = SCHEMAS[name]
     gbnf = json_constraint(schema).gbnf
     dfa = grammar_dfa(parse_gbnf(gbnf))
+    grammar = GrammarTokenAutomaton(gbnf, vocabulary, variable="X")
+    byte_tokens = {data[0]: token for token, data in enumerate(vocabulary.token_bytes) if len(data) == 1}
     rng = np.random.default_rng(1)
     documents = [text for text, _ in _generated(schema, range(2))]
     rejected = 0
@@ -158,6 +172,7 @@ def test_near_miss_strings_are_judged_as_llama_cpp_judges_them(oracle, name):
         assert fa.matches(dfa, text.encode()) and oracle.accepts(gbnf, text.encode())
         for miss in _near_misses(text, rng):
             ours = fa.matches(dfa, miss.encode())
+            assert ours == _llguidance_accepts(grammar, byte_tokens, miss.encode()), miss
             assert ours == oracle.accepts(gbnf, miss.encode()), miss
             rejected += not ours
     assert rejected >= 20
