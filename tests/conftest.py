@@ -4,6 +4,7 @@ vocabulary, so the argmax is a uniform draw from the allowed tokens)."""
 import pytest
 
 import lmq
+from lmq.constraints.vocabulary_cache import clear_caches
 
 
 @pytest.fixture
@@ -30,3 +31,13 @@ class PinnedModel(lmq.Model):
 def pinned_model():
     """`pinned_model(backend)` → a model that always runs on that backend instance."""
     return PinnedModel
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    """An empty private disk cache (`$XDG_CACHE_HOME`) and cleared in-memory constraint
+    caches: a process that never compiled anything."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    clear_caches()
+    yield tmp_path
+    clear_caches()

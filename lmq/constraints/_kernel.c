@@ -367,6 +367,73 @@ static PyObject *kernel_masked(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* trie_walk(transitions, byte, child_start, lo, exact, roots, state, out): out[p] = 1 for
+ * every sorted position p of a token whose bytes walk from DFA `state` without reaching
+ * state 0 (DEAD); the trie is a VocabularyIndex's (its first `roots` nodes are depth 1).
+ * The live (node, state) pairs level by level: token_masks.py's walk, compiled. */
+static PyObject *kernel_trie_walk(PyObject *self, PyObject *args) {
+    PyObject *t_o, *byte_o, *child_o, *lo_o, *exact_o, *out_o;
+    Py_ssize_t roots, state;
+    if (!PyArg_ParseTuple(args, "OOOOOnnO", &t_o, &byte_o, &child_o, &lo_o, &exact_o, &roots, &state, &out_o))
+        return NULL;
+    Arg a[6];
+    memset(a, 0, sizeof a);
+    if (get_buffer(t_o, &a[0], 4, 'i', "transitions", 0) || get_buffer(byte_o, &a[1], 4, 'i', "byte", 0)
+        || get_buffer(child_o, &a[2], 4, 'i', "child_start", 0) || get_buffer(lo_o, &a[3], 4, 'i', "lo", 0)
+        || get_buffer(exact_o, &a[4], 4, 'i', "exact", 0) || get_buffer(out_o, &a[5], 1, 'u', "out", 0)) {
+        release(a, 6);
+        return NULL;
+    }
+    Py_ssize_t nodes = ITEMS(a[1]), cells = ITEMS(a[0]), positions = ITEMS(a[5]);
+    if (ITEMS(a[2]) != nodes + 1 || ITEMS(a[3]) != nodes || ITEMS(a[4]) != nodes || roots < 0
+        || roots > nodes || cells % 256 || state < 0 || state >= cells / 256 || a[5].view.readonly) {
+        release(a, 6);
+        PyErr_SetString(PyExc_ValueError, "trie_walk: inconsistent trie, automaton or output");
+        return NULL;
+    }
+    const int32_t *table = a[0].view.buf, *byte = a[1].view.buf, *child = a[2].view.buf,
+                  *lo = a[3].view.buf, *exact = a[4].view.buf;
+    uint8_t *out = a[5].view.buf;
+    /* level by level, as the trie is laid out: each level's live pairs in node order */
+    int32_t *pairs = malloc(4 * (size_t)(nodes + 1) * sizeof *pairs);
+    if (!pairs) { release(a, 6); return PyErr_NoMemory(); }
+    int bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int32_t *level = pairs, *next_level = pairs + 2 * (nodes + 1);
+    Py_ssize_t count = 0, n_states = cells / 256;
+    for (Py_ssize_t node = 0; node < roots; node++) {
+        int32_t next = table[state * 256 + (byte[node] & 255)];
+        if (next) { level[count++] = (int32_t)node; level[count++] = next; }
+    }
+    while (count && !bad) {
+        Py_ssize_t next_count = 0;
+        for (Py_ssize_t i = 0; i < count; i += 2) {
+            int32_t node = level[i], here = level[i + 1];
+            if (here < 0 || here >= n_states || lo[node] < 0 || exact[node] < 0
+                || (Py_ssize_t)lo[node] + exact[node] > positions || child[node] < 0
+                || child[node + 1] > nodes || child[node] > child[node + 1]) { bad = 1; break; }
+            memset(out + lo[node], 1, (size_t)exact[node]);
+            const int32_t *row = table + (Py_ssize_t)here * 256;
+            for (int32_t c = child[node]; c < child[node + 1]; c++) {
+                int32_t next = row[byte[c] & 255];
+                if (next) { next_level[next_count++] = c; next_level[next_count++] = next; }
+            }
+        }
+        int32_t *swap = level;
+        level = next_level;
+        next_level = swap;
+        count = next_count;
+    }
+    Py_END_ALLOW_THREADS
+    free(pairs);
+    release(a, 6);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, "trie_walk: an index out of range");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* The instruction sets this CPU can run, best first. */
 static int supported(const char *name) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -403,6 +470,9 @@ static PyMethodDef methods[] = {
      "draw(rows, hiddens, us, temperature) -> [(index, normalizer)]"},
     {"masked", kernel_masked, METH_VARARGS,
      "masked(row, bits, allow, hidden, out): out = row with non-candidates at -inf"},
+    {"trie_walk", kernel_trie_walk, METH_VARARGS,
+     "trie_walk(transitions, byte, child_start, lo, exact, roots, state, out): out[p] = 1 for "
+     "the sorted positions of the tokens alive from `state`"},
     {"use", kernel_use, METH_O, "use(name): the loops of instruction set `name` from now on"},
     {NULL, NULL, 0, NULL}};
 

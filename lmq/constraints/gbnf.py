@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Union
 
 from lmq.constraints import limits
+from lmq.constraints.regex import merge_ranges
 from lmq.errors import ConstraintError, ConstraintTooLarge, UnsatisfiableConstraint
 
 #: llama.cpp refuses repetition counts above this (`MAX_REPETITION_THRESHOLD`)
@@ -320,6 +321,100 @@ class _Parser:
             self.pos = start
             self.fail("empty character class (llama.cpp would read it as the empty string)")
         return CharClass(tuple(ranges), negated)
+
+
+@functools.lru_cache(maxsize=4096)
+def code_point_ranges(node: CharClass | AnyChar) -> tuple[tuple[int, int], ...]:
+    """The code points a character class or `.` matches, as sorted disjoint ranges."""
+    if isinstance(node, AnyChar):
+        return ((0, MAX_CODE_POINT),)
+    merged = merge_ranges((min(a, b), max(a, b)) for a, b in node.ranges)
+    if not node.negated:
+        return merged
+    complement, next_low = [], 0
+    for low, high in merged:
+        if low > next_low:
+            complement.append((next_low, low - 1))
+        next_low = high + 1
+    if next_low <= MAX_CODE_POINT:
+        complement.append((next_low, MAX_CODE_POINT))
+    return tuple(complement)
+
+
+class GrammarNfa:
+    """Thompson's construction of a grammar's rules (references inlined) into an NFA.
+
+    A fragment is built between a given start and end state and never adds a move into
+    its start or out of its end, so a sequence's items share their boundary states and
+    a choice's alternatives share both. Subclasses make states (`state`, which may refuse
+    past a size limit by raising) and read characters (`character`: one of the code
+    points in sorted ranges; `literal`: a literal's text, by default one character each);
+    ε-moves are `epsilon[state]`."""
+
+    def __init__(self, rules: dict[str, Node]):
+        self.rules = rules
+        self.epsilon: list[list[int]] = []
+
+    def state(self) -> int:
+        raise NotImplementedError
+
+    def character(self, ranges: tuple[tuple[int, int], ...], start: int, end: int) -> None:
+        raise NotImplementedError
+
+    def literal(self, text: str, start: int, end: int) -> None:
+        here = start
+        for position, c in enumerate(text):
+            target = end if position == len(text) - 1 else self.state()
+            self.character(((ord(c), ord(c)),), here, target)
+            here = target
+
+    def rule(self, name: str, start: int, end: int) -> None:
+        self.fragment(self.rules[name], start, end)
+
+    def fragment(self, node: Node, start: int, end: int) -> None:
+        if isinstance(node, Literal):
+            if node.text:
+                self.literal(node.text, start, end)
+            else:
+                self.epsilon[start].append(end)
+        elif isinstance(node, (CharClass, AnyChar)):
+            self.character(code_point_ranges(node), start, end)
+        elif isinstance(node, RuleRef):
+            self.rule(node.name, start, end)
+        elif isinstance(node, Sequence):
+            here = start
+            for position, item in enumerate(node.items):
+                target = end if position == len(node.items) - 1 else self.state()
+                self.fragment(item, here, target)
+                here = target
+            if not node.items:
+                self.epsilon[start].append(end)
+        elif isinstance(node, Choice):
+            for item in node.alternatives:
+                self.fragment(item, start, end)
+        else:
+            self.repeat(node, start, end)
+
+    def repeat(self, node: Repeat, start: int, end: int) -> None:
+        """`low` copies, then a loop through a hub, or `high - low` nested optional copies."""
+        here = start
+        for _ in range(node.low):
+            target = self.state()
+            self.fragment(node.item, here, target)
+            here = target
+        if node.high is None:
+            hub, body_end = self.state(), self.state()
+            self.epsilon[here].append(hub)
+            self.fragment(node.item, hub, body_end)
+            self.epsilon[body_end].append(hub)
+            self.epsilon[hub].append(end)
+            return
+        for _ in range(node.high - node.low):
+            self.epsilon[here].append(end)
+            target = self.state()
+            self.fragment(node.item, here, target)
+            here = target
+        self.epsilon[here].append(end)
 
 
 def _is_word_char(c: str) -> bool:

@@ -4,9 +4,11 @@ A plan has a token budget (`min_tokens`/`max_tokens`, and counts the value may n
 at), stop phrases, a `TokenAutomaton` (what may come next, as a token mask per state) and
 checks on the final value. Its regular part is a language key (constraints/languages.py)
 that becomes one byte automaton, with the stop phrases folded in so that a value cut at a
-stop still satisfies it; a `GRAMMAR`/`JSON` part is GBNF that becomes a grammar automaton
-(llguidance). A plan travels as a constraint program (`to_program`/`plan_from_program`,
-LMTP's wire form). Lowering a where clause into a plan is the runtime's (runtime/hole.py).
+stop still satisfies it; a `GRAMMAR`/`JSON` part is GBNF that becomes a byte automaton too
+when its language is regular (`lmq.constraints.gbnf_dfa`: no recursion, a bounded size),
+else a grammar automaton (llguidance). A plan travels as a constraint program
+(`to_program`/`plan_from_program`, LMTP's wire form). Lowering a where clause into a plan
+is the runtime's (runtime/hole.py).
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from typing import Any, Callable
 
 from lmq.backends.base import Vocabulary
 from lmq.constraints import byte_dfa as fa
+from lmq.constraints import token_choice
 from lmq.constraints.char_budget import CharBudgetAutomaton
 from lmq.constraints.gbnf import Grammar, parse_gbnf
+from lmq.constraints.gbnf_dfa import cached_grammar_dfa, grammar_dfa
 from lmq.constraints.gbnf_export import dfa_to_gbnf
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton, grammar_lark
 from lmq.constraints.languages import (LanguageKey, character_budget, key_from_json, key_to_json,
                                        stopped_dfa, value_dfa)
 from lmq.constraints.token_automaton import TokenAutomaton
 from lmq.constraints.token_budget import TokenWindow
-from lmq.constraints.token_masks import DfaTokenAutomaton
+from lmq.constraints.token_masks import DENSE_MASKS_KEPT, DfaTokenAutomaton
 from lmq.constraints.vocabulary_cache import vocabulary_cache
 from lmq.errors import ConstraintError, ConstraintTooLarge
+
+
+#: the dense masks one regular grammar's token automaton keeps (bytes)
+GRAMMAR_DENSE_MASK_BYTES = 48 << 20
 
 
 @dataclass(frozen=True)
@@ -133,9 +141,10 @@ def program_plan(program: dict[str, Any], name: str = "constraint") -> HolePlan:
 @dataclass(frozen=True)
 class CompiledConstraint:
     """The vocabulary-free part of a plan's automaton, picklable: the byte DFA of its
-    language (with the character budget counted apart), or its checked grammar and that
-    grammar in llguidance's syntax. The costly part of compiling; a server builds it in
-    a separate process and finishes the automaton with `attach_automaton`."""
+    language (with the character budget counted apart) or of its regular grammar, or its
+    checked grammar and that grammar in llguidance's syntax. The costly part of
+    compiling; a server builds it in a separate process and finishes the automaton with
+    `attach_automaton`."""
 
     dfa: fa.ByteDfa | None = None
     most_chars: int | None = None
@@ -149,6 +158,9 @@ def compile_constraint(plan: HolePlan) -> CompiledConstraint | None:
     compile budget bounds this work, whatever an earlier process left there."""
     if plan.grammar is not None:
         grammar = grammar_of(plan.grammar, plan.name)
+        dfa = grammar_dfa(grammar)
+        if dfa is not None:
+            return CompiledConstraint(dfa=dfa)
         return CompiledConstraint(grammar=grammar, lark=grammar_lark(grammar))
     if plan.language is None:
         return None
@@ -165,18 +177,35 @@ def attach_automaton(plan: HolePlan, compiled: CompiledConstraint | None,
         plan.grammar = compiled.grammar.text
         plan.automaton = GrammarTokenAutomaton(compiled.grammar, vocabulary, variable=plan.name,
                                                lark=compiled.lark)
+    elif plan.grammar is not None:
+        plan.automaton = _grammar_dfa_automaton(plan.grammar, compiled.dfa, vocabulary)
     else:
         plan.automaton = _token_automaton(compiled.dfa, compiled.most_chars, vocabulary)
 
 
 def build_automaton(plan: HolePlan, vocabulary: Vocabulary) -> None:
-    """Give `plan` the token automaton of its grammar or language over `vocabulary`."""
+    """Give `plan` the token automaton of its grammar or language over `vocabulary`: a
+    regular grammar's DFA (from the grammar cache on disk when it was built before), else
+    llguidance's matcher."""
     if plan.grammar is not None:
-        plan.automaton = GrammarTokenAutomaton(plan.grammar, vocabulary, variable=plan.name)
+        dfa = cached_grammar_dfa(plan.grammar, plan.name)
+        plan.automaton = (GrammarTokenAutomaton(plan.grammar, vocabulary, variable=plan.name)
+                          if dfa is None else _grammar_dfa_automaton(plan.grammar, dfa, vocabulary))
         return
     if plan.language is None:
         return
     plan.automaton = _dfa_automaton(plan.language, _stop_pairs(plan), vocabulary)
+
+
+def _grammar_dfa_automaton(text: str, dfa: fa.ByteDfa, vocabulary: Vocabulary) -> DfaTokenAutomaton:
+    """One token automaton per (regular grammar, vocabulary), keeping as many dense masks
+    as `GRAMMAR_DENSE_MASK_BYTES` hold (a JSON document's string positions are states of
+    their own, each met once per document): a bit row each, and a bias row where the
+    numpy fallback applies them."""
+    per_mask = vocabulary.size // 8 + (0 if token_choice.KERNEL is not None else 4 * vocabulary.size)
+    kept = max(DENSE_MASKS_KEPT, GRAMMAR_DENSE_MASK_BYTES // per_mask)
+    return vocabulary_cache(vocabulary).automaton(
+        ("grammar", text), lambda: DfaTokenAutomaton.for_vocabulary(dfa, vocabulary, dense_kept=kept))
 
 
 def _stop_pairs(plan: HolePlan) -> tuple[tuple[bytes, bool], ...]:

@@ -26,7 +26,6 @@ the lexeme to demote).
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from typing import Iterable
 
@@ -34,7 +33,6 @@ from lmq.constraints import gbnf as g
 from lmq.constraints import limits
 from lmq.constraints.regex import merge_ranges
 
-MAX_CODE_POINT = g.MAX_CODE_POINT
 #: candidates larger than this many NFA states stay split (the check is quadratic)
 MAX_LEXEME_STATES = 3000
 #: pairs explored by one check before giving up on promotion
@@ -140,25 +138,8 @@ def _promote(rules: dict[str, g.Node], candidates: set[str]) -> tuple[set[str], 
             elif isinstance(node, g.Literal):
                 chars.extend((ord(c), ord(c)) for c in node.text)
             elif isinstance(node, (g.CharClass, g.AnyChar)):
-                chars.extend(_ranges(node))
+                chars.extend(g.code_point_ranges(node))
     return lexemes, merge_ranges(chars)
-
-
-@functools.lru_cache(maxsize=4096)
-def _ranges(node: g.CharClass | g.AnyChar) -> Ranges:
-    if isinstance(node, g.AnyChar):
-        return ((0, MAX_CODE_POINT),)
-    ranges = merge_ranges((min(a, b), max(a, b)) for a, b in node.ranges)
-    if not node.negated:
-        return ranges
-    complement, next_low = [], 0
-    for low, high in ranges:
-        if low > next_low:
-            complement.append((next_low, low - 1))
-        next_low = high + 1
-    if next_low <= MAX_CODE_POINT:
-        complement.append((next_low, MAX_CODE_POINT))
-    return tuple(complement)
 
 
 class _TooLarge(Exception):
@@ -224,7 +205,7 @@ class _Glushkov:
         if isinstance(node, g.RuleRef):
             return self.shared(self.rules[node.name])
         if isinstance(node, (g.CharClass, g.AnyChar)):
-            p = self.position(_ranges(node))
+            p = self.position(g.code_point_ranges(node))
             return [p], [p], False
         if isinstance(node, g.Literal):
             if not node.text:
@@ -340,7 +321,7 @@ def _first_ranges(node: g.Node, rules: dict[str, g.Node], nullable: dict[str, bo
     if isinstance(node, g.RuleRef):
         return _first_ranges(rules[node.name], rules, nullable)
     if isinstance(node, (g.CharClass, g.AnyChar)):
-        return [_ranges(node)]
+        return [g.code_point_ranges(node)]
     if isinstance(node, g.Literal):
         return [((ord(node.text[0]), ord(node.text[0])),)] if node.text else []
     if isinstance(node, g.Repeat):
@@ -402,83 +383,38 @@ def _intersect(a: Ranges, b: Ranges) -> bool:
     return False
 
 
-class _Nfa:
+class _Nfa(g.GrammarNfa):
     """Thompson NFA over code point ranges of several lexemes (rule refs inlined)."""
 
     def __init__(self, rules: dict[str, g.Node]):
-        self.rules = rules
-        self.epsilon: list[list[int]] = []
+        super().__init__(rules)
         self.edges: list[list[tuple[Ranges, int]]] = []
         self.final: dict[int, str] = {}
         self.owner: list[str] = []
         self.limit = 0
 
     def state(self) -> int:
+        if len(self.epsilon) >= self.limit:
+            raise _TooLarge
         self.epsilon.append([])
         self.edges.append([])
         self.owner.append(self.current)
         return len(self.epsilon) - 1
 
+    def character(self, ranges: Ranges, start: int, end: int) -> None:
+        self.edges[start].append((ranges, end))
+
     def build_rule(self, name: str) -> int | None:
         """Start state of the lexeme `name`, or None when it is too large to check."""
         self.current = name
         self.limit = len(self.epsilon) + MAX_LEXEME_STATES
-        start, end = self.state(), self.state()
-        self.fragment(g.RuleRef(name), start, end)
-        if len(self.epsilon) > self.limit:
+        try:
+            start, end = self.state(), self.state()
+            self.fragment(g.RuleRef(name), start, end)
+        except _TooLarge:
             return None
         self.final[end] = name
         return start
-
-    def fragment(self, node: g.Node, start: int, end: int) -> None:
-        if len(self.epsilon) > self.limit:
-            return                   # too large: build_rule reports it
-        if isinstance(node, g.Literal):
-            here = start
-            for i, c in enumerate(node.text):
-                target = end if i == len(node.text) - 1 else self.state()
-                self.edges[here].append((((ord(c), ord(c)),), target))
-                here = target
-            if not node.text:
-                self.epsilon[start].append(end)
-        elif isinstance(node, (g.CharClass, g.AnyChar)):
-            self.edges[start].append((_ranges(node), end))
-        elif isinstance(node, g.RuleRef):
-            self.fragment(self.rules[node.name], start, end)
-        elif isinstance(node, g.Sequence):
-            here = start
-            for i, item in enumerate(node.items):
-                target = end if i == len(node.items) - 1 else self.state()
-                self.fragment(item, here, target)
-                here = target
-            if not node.items:
-                self.epsilon[start].append(end)
-        elif isinstance(node, g.Choice):
-            for item in node.alternatives:
-                self.fragment(item, start, end)
-        else:
-            self.repeat(node, start, end)
-
-    def repeat(self, node: g.Repeat, start: int, end: int) -> None:
-        here = start
-        for _ in range(node.low):
-            target = self.state()
-            self.fragment(node.item, here, target)
-            here = target
-        if node.high is None:
-            loop = self.state()
-            self.epsilon[here].append(loop)
-            body_end = self.state()
-            self.fragment(node.item, loop, body_end)
-            self.epsilon[body_end].append(loop)
-            self.epsilon[loop].append(end)
-            return
-        for _ in range(node.high - node.low):
-            self.epsilon[here].append(end)
-            target = self.state()
-            self.fragment(node.item, here, target)
-            here = target
-        self.epsilon[here].append(end)
 
     def closure(self, state: int, cache: dict[int, frozenset[int]]) -> frozenset[int]:
         found = cache.get(state)

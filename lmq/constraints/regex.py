@@ -218,7 +218,7 @@ class _Compiler:
 
     def code_points(self, ranges: CodePointRanges) -> tuple[int, int]:
         """A fragment reading one character whose code point is in `ranges`."""
-        states = _utf8_automaton(_subtract(ranges, (SURROGATES,)))
+        states = character_utf8(ranges)
         ids = [self.state() for _ in states]
         end = self.state()
         for source, edges in zip(ids, states):
@@ -272,6 +272,12 @@ def _subtract(ranges: CodePointRanges, removed: CodePointRanges) -> CodePointRan
 
 
 # ---------------------------------------------------------------- UTF-8 automata
+
+
+def character_utf8(ranges: CodePointRanges) -> Utf8Automaton:
+    """The UTF-8 automaton of one character in `ranges` (never a surrogate): see
+    `_utf8_automaton`."""
+    return _utf8_automaton(_subtract(ranges, (SURROGATES,)))
 
 #: (first code point, last code point, lead-byte prefix) per UTF-8 sequence length
 _LENGTHS = ((0x0, 0x7F, 0x00), (0x80, 0x7FF, 0xC0), (0x800, 0xFFFF, 0xE0),

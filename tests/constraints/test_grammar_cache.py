@@ -31,14 +31,6 @@ def vocabulary():
     return load_vocab_only(vocab("qwen2")).vocabulary()
 
 
-@pytest.fixture
-def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    clear_caches()
-    yield tmp_path
-    clear_caches()
-
-
 def _first_mask(vocabulary) -> np.ndarray:
     automaton = GrammarTokenAutomaton(json_constraint(SCHEMA).gbnf, vocabulary, variable="X")
     return automaton.mask(automaton.initial()).allowed

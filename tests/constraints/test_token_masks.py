@@ -18,7 +18,7 @@ import pytest
 from lmq.backends.base import Vocabulary
 from lmq.backends.gguf import load_vocab_only
 from lmq.constraints import byte_dfa as automaton
-from lmq.constraints import token_masks
+from lmq.constraints import token_choice, token_masks
 from lmq.constraints.byte_dfa import ByteDfa
 from lmq.constraints.class_patterns import ClassPatterns
 from lmq.constraints.regex import INT_PATTERN, regex_dfa
@@ -297,6 +297,59 @@ def test_many_dense_states_switch_to_class_patterns_with_equal_masks(gguf_vocab,
         assert tokens.mask(state).allowed.tolist() == column_walk.mask(dfa, state)
         state = automaton.run(dfa, state, "é".encode())
     assert tokens._patterns is not None
+
+
+JSON_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 10}, "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"enum": ["red", "blue", "é€"]}, "maxItems": 2}},
+    "required": ["name", "age", "tags"]}
+
+
+def test_large_walks_of_many_class_dfas_run_in_the_kernel_with_equal_masks(gguf_vocab, column_walk,
+                                                                         monkeypatch):
+    """A JSON document's DFA (more byte classes than the class patterns take) keeps
+    nearly every token alive inside a string: those walks go to the compiled kernel where
+    it is built; its masks equal the per-token walk and numpy's walk."""
+    from lmq.constraints.gbnf import parse_gbnf
+    from lmq.constraints.gbnf_dfa import grammar_dfa
+    from lmq.constraints.json_schema import json_constraint
+    compiled = []
+    original = DfaTokenAutomaton._compiled_allowed
+    monkeypatch.setattr(DfaTokenAutomaton, "_compiled_allowed",
+                        lambda self, walk, state: compiled.append(state) or original(self, walk, state))
+    vocabulary = gguf_vocab.vocabulary()
+    dfa = grammar_dfa(parse_gbnf(json_constraint(JSON_SCHEMA).gbnf))
+    assert dfa.byte_classes[1].shape[1] > token_masks.PATTERN_CLASSES
+    index = vocabulary_index(vocabulary)
+    with_kernel = DfaTokenAutomaton(dfa, index, vocabulary.token_bytes)
+    with_numpy = DfaTokenAutomaton(dfa, index, vocabulary.token_bytes)
+    state = automaton.run(dfa, dfa.initial, b'{"name":"')
+    for text in [b"", b"a", "é".encode()[:1], "é".encode()[1:], b"\\", b"bc", b'",', b'"age":1']:
+        state = automaton.run(dfa, state, text)
+        assert state != 0
+        mask = with_kernel.mask(state)
+        with token_choice.numpy_fallback():
+            assert np.array_equal(with_numpy.mask(state).allowed, mask.allowed)
+        assert mask.allowed.tolist() == column_walk.mask(dfa, state)
+    assert bool(compiled) == token_choice.KERNEL_BUILT
+
+
+@pytest.mark.skipif(not token_choice.KERNEL_BUILT, reason="the compiled kernel is not built")
+def test_the_kernels_trie_walk_refuses_inconsistent_arrays():
+    index = VocabularyIndex.build((b"a", b"ab", b"b"))
+    table = np.zeros((2, 256), np.int32)
+    out = np.zeros(4, np.uint8)
+    walk = token_choice.KERNEL.trie_walk
+    with pytest.raises(ValueError):
+        walk(table.ravel(), index.byte, index.child_start[:-1], index.lo, index.exact, 2, 1, out)
+    with pytest.raises(ValueError):
+        walk(table.ravel(), index.byte, index.child_start, index.lo, index.exact, 2, 5, out)
+    with pytest.raises(TypeError):
+        walk(table.ravel().astype(np.int64), index.byte, index.child_start, index.lo, index.exact, 2, 1, out)
+    table[1, ord("a")] = 1
+    walk(table.ravel(), index.byte, index.child_start, index.lo, index.exact,
+         int(index.levels[1]), 1, out)
+    assert out[:3].tolist() == [1, 0, 0]        # "a" alive, "ab" and "b" die
 
 
 def test_dense_masks_kept_per_automaton_are_bounded(monkeypatch):
