@@ -159,6 +159,7 @@ class Lane(_Guesses):
 
     def fork(self) -> "Lane":
         """A lane holding this one's tokens (the KV cache copied, nothing evaluated)."""
+        self._drop_launched()           # the child would take a launched token for its own
         child = Lane(self.scheduler)
         if self.sequence is not None:
             child.sequence = self.sequence.fork()
@@ -296,8 +297,11 @@ class ModelScheduler:
         if not going:
             return
         self._before_decode()
-        step = LaunchedStep(self.backend.advance_many_later(
-            [(r.lane.sequence, [r.draw.token]) for r in going]))
+        try:
+            step = LaunchedStep(self.backend.advance_many_later(
+                [(r.lane.sequence, [r.draw.token]) for r in going]))
+        except Exception:           # the branches' own next step meets the failure and says why
+            return
         for index, request in enumerate(going):
             launched = _Launched(request.draw.token, step, index)
             step.waiting.append(launched)
