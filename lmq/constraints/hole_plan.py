@@ -31,11 +31,12 @@ from lmq.constraints.languages import (LanguageKey, character_budget, key_from_j
 from lmq.constraints.token_automaton import TokenAutomaton
 from lmq.constraints.token_budget import TokenWindow
 from lmq.constraints.token_masks import DENSE_MASKS_KEPT, DfaTokenAutomaton
-from lmq.constraints.vocabulary_cache import vocabulary_cache
+from lmq.constraints.vocabulary_cache import GRAMMAR_AUTOMATA_SIZE, vocabulary_cache
 from lmq.errors import ConstraintError, ConstraintTooLarge
 
 
-#: the dense masks one regular grammar's token automaton keeps (bytes)
+#: the dense masks one regular grammar's token automaton keeps (bytes; with
+#: `GRAMMAR_AUTOMATA_SIZE` automata per vocabulary, what a process holds at most)
 GRAMMAR_DENSE_MASK_BYTES = 48 << 20
 
 
@@ -204,8 +205,10 @@ def _grammar_dfa_automaton(text: str, dfa: fa.ByteDfa, vocabulary: Vocabulary) -
     numpy fallback applies them."""
     per_mask = vocabulary.size // 8 + (0 if token_choice.KERNEL is not None else 4 * vocabulary.size)
     kept = max(DENSE_MASKS_KEPT, GRAMMAR_DENSE_MASK_BYTES // per_mask)
-    return vocabulary_cache(vocabulary).automaton(
-        ("grammar", text), lambda: DfaTokenAutomaton.for_vocabulary(dfa, vocabulary, dense_kept=kept))
+    cache = vocabulary_cache(vocabulary)
+    return cache.recent(cache.grammar_automata, text,
+                        lambda: DfaTokenAutomaton.for_vocabulary(dfa, vocabulary, dense_kept=kept),
+                        GRAMMAR_AUTOMATA_SIZE)
 
 
 def _stop_pairs(plan: HolePlan) -> tuple[tuple[bytes, bool], ...]:

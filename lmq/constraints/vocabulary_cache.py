@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 AUTOMATA_SIZE = 256
 #: grammar matchers kept ready per vocabulary (least recently used dropped past it)
 MATCHERS_SIZE = 256
+#: token automata of regular grammars kept per vocabulary (least recently used dropped
+#: past it): each may hold tens of MiB of dense masks (a JSON document's string positions
+#: are states of their own), so a server meeting many schemas stays bounded
+GRAMMAR_AUTOMATA_SIZE = 8
 #: class-pattern tries kept per vocabulary (least recently used dropped past it)
 PATTERNS_SIZE = 16
 
@@ -41,6 +45,7 @@ class VocabularyCache:
         self.class_patterns: OrderedDict[bytes, Any] = OrderedDict()
         self.automata: dict[Hashable, Any] = {}
         self.matchers: OrderedDict[str, Any] = OrderedDict()
+        self.grammar_automata: OrderedDict[str, Any] = OrderedDict()
 
     def automaton(self, key: Hashable, build: Callable[[], T]) -> T:
         """The token automaton under `key`, built once (masks computed for a state serve
@@ -75,6 +80,7 @@ class VocabularyCache:
         with self.lock:
             self.automata.clear()
             self.matchers.clear()
+            self.grammar_automata.clear()
 
 
 _caches: dict[int, tuple[weakref.ref, VocabularyCache]] = {}

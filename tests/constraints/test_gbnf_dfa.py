@@ -283,3 +283,26 @@ def test_a_refused_token_fails_the_soundness_recheck():
     build_automaton(plan, vocabulary)
     brace = vocabulary.token_bytes.index(b"}")
     assert not _grammar_accepts(plan, HoleOutput([brace], b"}", "end", 0.0))
+
+
+def test_a_vocabulary_keeps_a_bounded_number_of_regular_grammar_automata(vocabulary, cache_home):
+    """Each regular grammar's automaton may hold tens of MiB of dense masks, so a process
+    meeting many schemas keeps only the most recently used ones; a schema met again while
+    kept gets the same automaton (its masks already computed)."""
+    from lmq.constraints.vocabulary_cache import GRAMMAR_AUTOMATA_SIZE, vocabulary_cache
+    schemas = [{"type": "object", "properties": {f"field{k}": {"type": "integer"}},
+                "required": [f"field{k}"]} for k in range(GRAMMAR_AUTOMATA_SIZE + 2)]
+
+    def automaton(schema):
+        plan = HolePlan("X", grammar=json_constraint(schema).gbnf)
+        build_automaton(plan, vocabulary)
+        assert isinstance(plan.automaton, DfaTokenAutomaton)
+        return plan.automaton
+
+    first = automaton(schemas[0])
+    assert automaton(schemas[0]) is first
+    for schema in schemas[1:]:
+        automaton(schema)
+    assert len(vocabulary_cache(vocabulary).grammar_automata) == GRAMMAR_AUTOMATA_SIZE
+    assert automaton(schemas[-1]) is automaton(schemas[-1])
+    assert automaton(schemas[0]) is not first          # dropped, then built again
