@@ -162,10 +162,10 @@ class Backend(ABC):
 
     def advance_many_later(self, steps: list[tuple[Sequence, list[int]]],
                            rows: list[int] | None = None) -> Callable[[], list]:
-        """Start `advance_many`; the returned function gives its rows (waiting for the
-        engine where it computes asynchronously). The tokens are the sequences' at once;
-        the rows are valid until the next call on this backend. Here it is evaluated at
-        once."""
+        """Start `advance_many`; the returned function, called once, gives its rows
+        (waiting for the engine where it computes asynchronously). The tokens are the
+        sequences' at once; the rows are valid until the next call on this backend. Here
+        it is evaluated at once."""
         out = self.advance_many(steps, rows)
         return lambda: out
 

@@ -193,15 +193,7 @@ class LlamaCppBackend(GgufBackend):
             sequence.tokens.extend(new)
         self.evaluated_tokens += len(tokens)
         self._logits_owner = None
-        if not single:
-            return lambda: out
-        done: list = []
-
-        def later() -> list:
-            if not done:
-                done.append(read(0, len(tokens)))
-            return done[0]
-        return later
+        return (lambda: out) if not single else (lambda: read(0, len(tokens)))
 
     def _logits_row(self, index: int = -1) -> np.ndarray:
         """The row as a zero-copy view; views are kept per address (making one costs

@@ -196,10 +196,9 @@ class ModelScheduler:
         self._lanes: set[Lane] = set()
         self._lock = _backend_lock(backend)
         self._in_flight: LaunchedStep | None = None    # the last launch, rows not secured
-        #: steps run, sequences per step and steps launched ahead, for tests and benchmarks
+        #: steps run and sequences per step, for tests and benchmarks
         self.steps = 0
         self.batched = 0
-        self.launched = 0
 
     def lane(self) -> Lane:
         return Lane(self)
@@ -249,10 +248,9 @@ class ModelScheduler:
         pending, self._pending = self._pending, []
         live = [r for r in pending if not r.future.cancelled()]
         with self._lock:
+            if any(r.launched is None for r in live):   # this step decodes: the launched
+                self._before_decode()                     # rows it rewrites are copied first
             taken = [(r, r.launched.take()) for r in live if r.launched is not None]
-            if any(r.launched is None for r in live):         # this step decodes: keep the
-                taken = [(r, np.array(row)) for r, row in taken]  # launched rows it rewrites
-                self._before_decode()
             prefilled: dict[tuple[int, ...], tuple[Lane, np.ndarray]] = {}
             for request in live:
                 if request.prefill:
@@ -309,7 +307,6 @@ class ModelScheduler:
             request.lane.guessed += 1
         self._in_flight = step
         self.steps += 1
-        self.launched += 1
 
     def _prefill(self, lane: Lane, context: list[int], rows: int,
                  prefilled: dict[tuple[int, ...], tuple[Lane, Any]]) -> Any:

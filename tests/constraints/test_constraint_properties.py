@@ -95,17 +95,26 @@ def text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
-@pytest.mark.parametrize("phrase,straddles", STOP_PHRASES)
-def test_stops_at_ends_the_value_at_the_first_occurrence(phrase, straddles, random_model):
-    budget = 24
-    stop = phrase.encode()
-    stopped = straddled = overshot = 0
+STOP_BUDGET = 24
+
+
+def stop_runs(function: str, phrase: str, random_model):
+    """(seed, model, result, value, tokens, raw bytes) of `"Text:[X] after"` under
+    `function(X, phrase)` and a budget of `STOP_BUDGET` tokens, one per seed."""
     for seed in SEEDS:
         model = random_model(seed)
-        result = lmq.run_sync(f'"Text:[X] after" where STOPS_AT(X, {phrase!r}) and '
-                              f'len(TOKENS(X)) < {budget + 1}', model=model)
+        result = lmq.run_sync(f'"Text:[X] after" where {function}(X, {phrase!r}) and '
+                              f'len(TOKENS(X)) < {STOP_BUDGET + 1}', model=model)
         value, tokens = result.variables["X"], result.tokens["X"]
-        raw = raw_bytes(model, tokens)
+        yield seed, model, result, value, tokens, raw_bytes(model, tokens)
+
+
+@pytest.mark.parametrize("phrase,straddles", STOP_PHRASES)
+def test_stops_at_ends_the_value_at_the_first_occurrence(phrase, straddles, random_model):
+    budget = STOP_BUDGET
+    stop = phrase.encode()
+    stopped = straddled = overshot = 0
+    for seed, model, result, value, tokens, raw in stop_runs("STOPS_AT", phrase, random_model):
         assert result.prompt == "Text:" + value + " after"
         if stop in raw:
             stopped += 1
@@ -123,15 +132,10 @@ def test_stops_at_ends_the_value_at_the_first_occurrence(phrase, straddles, rand
 
 @pytest.mark.parametrize("phrase", ["e", "e "])
 def test_stops_before_never_keeps_the_phrase(phrase, random_model):
-    budget = 24
+    budget = STOP_BUDGET
     stop = phrase.encode()
     stopped = 0
-    for seed in SEEDS:
-        model = random_model(seed)
-        result = lmq.run_sync(f'"Text:[X] after" where STOPS_BEFORE(X, {phrase!r}) and '
-                              f'len(TOKENS(X)) < {budget + 1}', model=model)
-        value, tokens = result.variables["X"], result.tokens["X"]
-        raw = raw_bytes(model, tokens)
+    for seed, _, result, value, tokens, raw in stop_runs("STOPS_BEFORE", phrase, random_model):
         assert phrase not in value, (seed, value)
         assert result.prompt == "Text:" + value + " after"          # removed from the prompt too
         if stop in raw:
