@@ -10,7 +10,7 @@
  * bit row with bit t % 32 of word t / 32 set when token t is allowed, or every token when
  * there is no mask), plus the `allow` ids, less the `hidden` ids. The hot loops
  work on 32 tokens (one mask word) at a time: written with GCC vector extensions
- * (_kernel_loops.h, compiled for AVX2 and the baseline) and with AVX-512 intrinsics
+ * (_kernel_loops.h, compiled for AVX2 and the baseline) and with AVX-512 (F and DQ) intrinsics
  * (_kernel_avx512.h: a mask word's halves are the lane masks); the best set the CPU
  * supports is chosen when the module loads, so the binary stays portable. exp is a
  * polynomial (Cephes', relative error ~1e-7); sums are float32 lanes flushed to double
@@ -438,7 +438,7 @@ static PyObject *kernel_trie_walk(PyObject *self, PyObject *args) {
 static int supported(const char *name) {
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (!strcmp(name, "avx512")) return __builtin_cpu_supports("avx512f");
+    if (!strcmp(name, "avx512")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
     if (!strcmp(name, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     return !strcmp(name, "baseline");

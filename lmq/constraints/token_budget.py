@@ -39,6 +39,13 @@ class TokenWindow:
     high: int | None
     excluded: frozenset[int]
 
+    def __post_init__(self) -> None:
+        # windows key the per-step mask caches: hashed once, not per lookup
+        object.__setattr__(self, "_hash", hash((self.low, self.high, self.excluded)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @staticmethod
     def of(low: int, high: int | None, excluded=frozenset()) -> "TokenWindow":
         low = max(low, 0)

@@ -64,8 +64,8 @@ def choose(row: np.ndarray, mask: TokenMask | None = None, allow: np.ndarray | N
     the function is called, on its own copy of the candidates (the backend rewrites the
     row at its next decode), so a caller calling it while the engine evaluates the next
     token hides the cost."""
-    if KERNEL is not None or mask is not None and not mask.dense:
-        token, normalizer = best(row, mask, allow, hidden, normalizer=True)
+    if KERNEL is not None or mask is not None and mask.bits is None:
+        token, normalizer = best(row, mask, allow, hidden, True)
         if token < 0:
             return -1, _nothing
         chosen = row.item(token) - normalizer
@@ -82,14 +82,19 @@ def best(row: np.ndarray, mask: TokenMask | None = None, allow: np.ndarray | Non
          hidden: np.ndarray | None = None, normalizer: bool = False) -> tuple[int, float | None]:
     """(the best candidate or -1, log Σ exp over the candidates where `normalizer` is
     asked for, else None; -inf when there is no candidate)."""
-    if KERNEL is not None:
-        bits = mask.bits if mask is not None else None
-        ids = mask.allowed if mask is not None and bits is None else None
-        compact = bits is not None and mask.count < COMPACT_FRACTION * mask.size
+    kernel = KERNEL
+    if kernel is not None:
+        if mask is None:
+            ids = bits = None
+            compact = False
+        else:
+            bits = mask.bits
+            ids = mask.allowed if bits is None else None
+            compact = bits is not None and mask.count < COMPACT_FRACTION * mask.size
         try:                           # the usual buffers, taken as they are
-            return KERNEL.best(row, ids, bits, allow, hidden, normalizer, compact)
+            return kernel.best(row, ids, bits, allow, hidden, normalizer, compact)
         except (TypeError, ValueError):     # another dtype, not contiguous: converted
-            return KERNEL.best(_floats(row), ids, bits, _ids(allow), _ids(hidden), normalizer, compact)
+            return kernel.best(_floats(row), ids, bits, _ids(allow), _ids(hidden), normalizer, compact)
     allow, hidden = _ids(allow), _ids(hidden)
     values, ids = candidates(row, mask, allow, hidden, _scratch(row))
     if not len(values):
