@@ -22,11 +22,12 @@ from __future__ import annotations
 import base64
 import functools
 import zlib
+from typing import Callable
 
 import numpy as np
 
 from lmq.constraints import gbnf as g
-from lmq.constraints import grammar_cache, limits
+from lmq.constraints import grammar_cache, limits, token_choice
 from lmq.constraints.byte_dfa import DEAD, ByteDfa
 from lmq.constraints.regex import NFA_STATES_PER_STATE, character_utf8
 
@@ -44,10 +45,31 @@ class _TooLarge(Exception):
 def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
     """The DFA of `grammar`'s language, or None when the grammar is recursive or its
     automaton too large (it is then enforced by llguidance)."""
-    if not _inlinable(grammar.rules):
-        return None
+    return _text_dfa(grammar.text, lambda: grammar)
+
+
+def _text_dfa(text: str, parsed: Callable[[], g.Grammar]) -> ByteDfa | None:
+    """`grammar_dfa` of GBNF `text`: from the compiled kernel, which parses and checks the
+    text itself (the whole cold compile of a JSON schema in well under a millisecond),
+    else from `parsed()` in Python. The kernel leaves to Python every grammar it cannot
+    vouch for (an error to name, recursion among the rules) and builds the identical DFA
+    of the others."""
     bound = min(MAX_DFA_STATES, limits.MAX_STATES)
-    builder = _Builder(grammar.rules, NFA_STATES_PER_STATE * bound)
+    if token_choice.KERNEL is not None:
+        built = token_choice.KERNEL.grammar_dfa(text, bound, NFA_STATES_PER_STATE * bound,
+                                                limits.MAX_GRAMMAR_RULES, limits.MAX_GRAMMAR_DEPTH,
+                                                character_utf8)
+        if built is not NotImplemented:
+            if built is None:
+                return None
+            table, classes, byte_class, accepting = built
+            return _sealed(np.frombuffer(table, np.int32).reshape(-1, classes),
+                           np.frombuffer(byte_class, np.uint8).astype(np.intp),
+                           np.frombuffer(accepting, np.bool_))
+    rules = parsed().rules
+    if not _inlinable(rules):
+        return None
+    builder = _Builder(rules, NFA_STATES_PER_STATE * bound)
     try:
         start, final = builder.state(), builder.state()
         builder.fragment(g.RuleRef("root"), start, final)
@@ -64,7 +86,7 @@ def cached_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
     about 1.5 MiB for the bench's schema, and loading it from disk takes about 1 ms."""
     return _decoded(grammar_cache.cached(
         f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text,
-        lambda: _encoded(grammar_dfa(g.parse_gbnf(text, owner=owner)))))
+        lambda: _encoded(_text_dfa(text, lambda: g.parse_gbnf(text, owner=owner)))))
 
 
 def _inlinable(rules: dict[str, g.Node]) -> bool:
