@@ -83,10 +83,16 @@ def cached_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
     """`grammar_dfa` of GBNF `text`, through the grammar cache on disk (a DFA depends on
     the grammar only, never on the vocabulary; "no DFA" is kept too, so a recursive or
     large grammar is not tried again). Few are kept in memory: a DFA's byte table is
-    about 1.5 MiB for the bench's schema, and loading it from disk takes about 1 ms."""
-    return _decoded(grammar_cache.cached(
-        f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text,
-        lambda: _encoded(_text_dfa(text, lambda: g.parse_gbnf(text, owner=owner)))))
+    about 1.5 MiB for the bench's schema, and loading it from disk takes about 1 ms. A DFA
+    built here is returned as built, not decoded again from its entry."""
+    built: list[ByteDfa | None] = []
+
+    def build() -> str:
+        built.append(_text_dfa(text, lambda: g.parse_gbnf(text, owner=owner)))
+        return _encoded(built[0])
+
+    entry = grammar_cache.cached(f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text, build)
+    return built[0] if built else _decoded(entry)
 
 
 def _inlinable(rules: dict[str, g.Node]) -> bool:
