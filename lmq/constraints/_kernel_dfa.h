@@ -678,7 +678,9 @@ static int32_t reach(Gram *g, Keys *k, int32_t state, int32_t final) {
         }
     }
     qsort(k->found.v, (size_t)k->found.n, sizeof *k->found.v, int_order);
-    return k->reached.v[state] = intern(g, k, k->found.v, k->found.n, accept);
+    int32_t key = intern(g, k, k->found.v, k->found.n, accept);
+    k->reached.v[state] = key;
+    return key;
 }
 
 static int triple_order(const void *a, const void *b) {
@@ -715,7 +717,8 @@ static void moves_of(Gram *g, Keys *k, int32_t key, int32_t final, IVec *edges, 
             int32_t accept = 0, covered = 0;
             for (Py_ssize_t i = 0; i < count; i++) {
                 if (edges->v[3 * i] > low || edges->v[3 * i + 1] < c - 1) continue;
-                int32_t *m = k->keys.v + 3 * reach(g, k, edges->v[3 * i + 2], final);
+                int32_t key = reach(g, k, edges->v[3 * i + 2], final);    /* may move `keys` */
+                int32_t *m = k->keys.v + 3 * key;
                 covered = 1;
                 accept |= m[2];
                 for (int32_t j = 0; j < m[1]; j++) push(g, u, k->members.v[m[0] + j]);

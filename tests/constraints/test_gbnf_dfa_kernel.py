@@ -1,0 +1,168 @@
+"""The compiled route of regular grammars (`_kernel_dfa.h`, through
+`gbnf_dfa._text_dfa`): on every grammar it decides, the identical `ByteDfa` the Python
+route builds (state numbering, tables, byte classes, accepting states, "too large"); every
+grammar it cannot vouch for (an error to name, recursion) is left to the Python route."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from lmq.constraints import gbnf_dfa, limits, token_choice
+from lmq.constraints.gbnf import parse_gbnf
+from lmq.constraints.json_schema import json_constraint
+from lmq.errors import ConstraintError
+from test_gbnf_dfa import RECURSIVE, SCHEMAS
+
+needs_kernel = pytest.mark.skipif(not token_choice.KERNEL_BUILT,
+                                  reason="checked by test_the_kernel_is_built_in_this_install")
+
+DECIDED = {
+    **{f"schema {name}": json_constraint(schema).gbnf for name, schema in SCHEMAS.items()},
+    "past MAX_DFA_STATES": json_constraint({"type": "array", "maxItems": 9,
+                                            "items": {"type": "string", "maxLength": 90}}).gbnf,
+    "an empty class to trim": 'root ::= "a" [^\\x00-\\U0010FFFF] "b" | "c" x\nx ::= [^\\x00-\\U0010FFFF]? "d"\n',
+    "only an empty class": 'root ::= "a" [^\\x00-\\U0010FFFF]\n',
+    "overlapping ranges": 'root ::= [a-m] "x" | [h-z] "y" | "hz" | [^a-z] .\n',
+    "classes past ASCII": 'root ::= [α-ω]+ "," [^\\u0080-\\uFFFF]* . [\\U0001F600-\\U0001F64F\\t]{2,}\n',
+    "rules used in many places": 'root ::= a "-" a ("|" b)* b?\na ::= "x" | "xy" | b\nb ::= [0-9]{0,3} ""\n',
+    "layout and escapes": ('# comment\r\nroot   ::= ( "\\x41\\u00e9\\"" | [\\]\\-\\[] # c\r\n'
+                           '   "q" {2} | "r"{1,} "s"{0,2} ) [a-]\r\n\n'),
+    "an empty-item loop after a character": 'root ::= "x" ("")* ()\n',
+    "rules deeper than MAX_GRAMMAR_DEPTH": "".join(
+        f"r{i} ::= \"a\" r{i + 1}\n" for i in range(limits.MAX_GRAMMAR_DEPTH + 1)).replace("r0 ", "root ", 1)
+        + f"r{limits.MAX_GRAMMAR_DEPTH + 1} ::= \"b\"\n",
+}
+LEFT_TO_PYTHON = {
+    "recursive": json_constraint(RECURSIVE).gbnf,
+    "recursive, unreachable from root": 'root ::= "a"\nx ::= "(" x ")" | "b"\n',
+    "left-recursive": 'root ::= root "a" | "b"\n',
+    "a syntax error": 'root ::= "a" |\n)',
+    "an undefined rule": 'root ::= x\n',
+    "no root": 'x ::= "a"\n',
+    "an empty class": 'root ::= []\n',
+    "an empty loop": 'root ::= ("" | "a")*\n',
+    "a token reference": 'root ::= <foo>\n',
+    "a repetition over 2000": 'root ::= "a"{2001}\n',
+    "a bad escape": 'root ::= "\\q"\n',
+    "a surrogate": 'root ::= "\ud800"\n',
+}
+
+
+def _route(text: str, kernel) -> object:
+    """The DFA of `text` (None: left to llguidance), or the error message, by one route
+    (kernel None: the Python one); with the kernel, a grammar given to Python fails."""
+    token_choice_kernel = token_choice.KERNEL
+    token_choice.KERNEL = kernel
+    try:
+        parsed = (lambda: parse_gbnf(text)) if kernel is None else (lambda: pytest.fail("left to Python"))
+        return gbnf_dfa._text_dfa(text, parsed)
+    except ConstraintError as error:
+        return str(error)
+    finally:
+        token_choice.KERNEL = token_choice_kernel
+
+
+def _assert_identical(compiled, python) -> None:
+    if compiled is None or isinstance(compiled, str):
+        assert compiled == python
+        return
+    assert python is not None and not isinstance(python, str)
+    for got, expected in ((compiled.transitions, python.transitions), (compiled.accepting, python.accepting),
+                          (compiled.exits, python.exits), *zip(compiled.byte_classes, python.byte_classes)):
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert compiled.initial == python.initial
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(DECIDED))
+def test_the_kernel_builds_the_python_routes_dfa(name):
+    from lmq.constraints import _kernel
+    compiled = _route(DECIDED[name], _kernel)
+    _assert_identical(compiled, _route(DECIDED[name], None))
+    if name in ("past MAX_DFA_STATES", "only an empty class", "rules deeper than MAX_GRAMMAR_DEPTH"):
+        assert compiled is None
+    else:
+        assert compiled.n_states > 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(LEFT_TO_PYTHON))
+def test_grammars_the_kernel_cannot_vouch_for_are_left_to_python(name):
+    from lmq.constraints import _kernel
+    text = LEFT_TO_PYTHON[name]
+    bound = min(gbnf_dfa.MAX_DFA_STATES, limits.MAX_STATES)
+    assert _kernel.grammar_dfa(text, bound, 4 * bound, limits.MAX_GRAMMAR_RULES, limits.MAX_GRAMMAR_DEPTH,
+                               gbnf_dfa.character_utf8) is NotImplemented
+    token_choice_kernel = token_choice.KERNEL
+    try:
+        token_choice.KERNEL = _kernel
+        with_kernel = _route_with_python_fallback(text)
+        token_choice.KERNEL = None
+        assert with_kernel == _route_with_python_fallback(text)
+    finally:
+        token_choice.KERNEL = token_choice_kernel
+
+
+def _route_with_python_fallback(text: str) -> object:
+    try:
+        dfa = gbnf_dfa._text_dfa(text, lambda: parse_gbnf(text))
+    except ConstraintError as error:
+        return str(error)
+    return None if dfa is None else dfa.transitions.tolist()
+
+
+def _random_grammar(rng: random.Random) -> str:
+    """A small GBNF grammar: acyclic rules of literals, classes, groups and repetitions,
+    with now and then a slip that makes it an error or recursive."""
+    n_rules = rng.randint(1, 4)
+
+    def item(rule: int, depth: int) -> str:
+        kind = rng.choice("llccgrr.e" if depth < 3 else "llcc.")
+        if kind == "l":
+            return '"' + "".join(rng.choice(["a", "b", "\\n", "é", "\\\"", "ab"]) for _ in range(rng.randint(0, 3))) + '"'
+        if kind == "c":
+            ranges = "".join(rng.choice(["a-c", "b", "0-9", "\\x00-\\x7f", "é-ü", "\\u4e00-\\u4e0f", "x-z"])
+                             for _ in range(rng.randint(1, 3)))
+            return f"[{rng.choice(['', '', '^'])}{ranges}]"
+        if kind == "g":
+            return "(" + alternatives(rule, depth + 1) + ")" + rng.choice(["", "?", "*", "+", "{2}", "{0,2}", "{1,}"])
+        if kind == "r":
+            later = list(range(rule + 1, n_rules)) or [rule if rng.random() < 0.1 else None]
+            target = rng.choice(later)
+            return "x" if target is None else f"r{target}" + rng.choice(["", "?", "{0,2}"])
+        return "." if kind == "." else '""'
+
+    def alternatives(rule: int, depth: int) -> str:
+        return " | ".join(" ".join(item(rule, depth) for _ in range(rng.randint(1, 3)))
+                          for _ in range(rng.randint(1, 3)))
+
+    rules = [f"r{i} ::= {alternatives(i, 0)}" for i in range(n_rules)]
+    rules.append('x ::= "q"')
+    return "\n".join(rules).replace("r0 ::=", "root ::=", 1).replace("r0", "root") + "\n"
+
+
+@needs_kernel
+def test_random_grammars_get_the_same_answer_from_both_routes():
+    from lmq.constraints import _kernel
+    rng = random.Random(7)
+    decided = 0
+    for _ in range(300):
+        text = _random_grammar(rng)
+        compiled = _route_with_python_fallback_kernel(text, _kernel)
+        _assert_identical(compiled, _route(text, None))
+        decided += compiled is not None and not isinstance(compiled, str)
+    assert decided > 150
+
+
+def _route_with_python_fallback_kernel(text: str, kernel) -> object:
+    token_choice_kernel = token_choice.KERNEL
+    token_choice.KERNEL = kernel
+    try:
+        return gbnf_dfa._text_dfa(text, lambda: parse_gbnf(text))
+    except ConstraintError as error:
+        return str(error)
+    finally:
+        token_choice.KERNEL = token_choice_kernel
