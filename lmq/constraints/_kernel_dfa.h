@@ -60,7 +60,6 @@ static void *grow(Gram *g, void *p, Py_ssize_t *cap, Py_ssize_t need, size_t ite
     while (cap2 < need) cap2 *= 2;
     void *q = realloc(p, (size_t)cap2 * item);
     if (!q) { PyErr_NoMemory(); longjmp(g->fail, DFA_ERROR); }
-    memset((char *)q + (size_t)*cap * item, 0, (size_t)(cap2 - *cap) * item);
     *cap = cap2;
     return q;
 }
@@ -416,6 +415,7 @@ static void check_rule(Gram *g, int32_t r) {
 static int32_t new_state(Gram *g) {
     if (g->n_states >= g->most_states) longjmp(g->fail, DFA_NONE);
     g->states = grow(g, g->states, &g->cap_states, g->n_states + 1, sizeof *g->states);
+    g->states[g->n_states] = (NState){{0}, {0}};
     return (int32_t)g->n_states++;
 }
 
@@ -774,8 +774,9 @@ static void determinize(Gram *g, Keys *k, Dfa *d, int32_t start, int32_t final, 
 
 /* ------------------------------------------------------------------ trimming and byte classes (_trimmed) */
 
-/* (classed table bytes, class count, byte class bytes, accepting bytes) of the DFA, its
- * states that reach no accepting state made DEAD where `trim` says there may be some. */
+/* (classed table bytes, class count, byte class bytes, accepting bytes, transitions
+ * bytes) of the DFA, its states that reach no accepting state made DEAD where `trim` says
+ * there may be some; the transitions (int32, 256 a state) spare numpy a gather. */
 static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     Py_ssize_t count = d->order.n + 1, n_moves = d->moves.n / 4;
     IVec *live = &d->live, *number = &d->number, *pred_at = &d->pred_at, *preds = &d->preds, *stack = &d->stack;
@@ -840,17 +841,21 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     PyObject *table = PyBytes_FromStringAndSize(NULL, rows * n_classes * (Py_ssize_t)sizeof(int32_t));
     PyObject *byte_class = PyBytes_FromStringAndSize(NULL, 256);
     PyObject *accepting = PyBytes_FromStringAndSize(NULL, rows);
-    if (table && byte_class && accepting) {
-        int32_t *t = (int32_t *)PyBytes_AS_STRING(table);
-        for (Py_ssize_t r = 0; r < rows; r++)
+    PyObject *transitions = PyBytes_FromStringAndSize(NULL, rows * 256 * (Py_ssize_t)sizeof(int32_t));
+    if (table && byte_class && accepting && transitions) {
+        int32_t *t = (int32_t *)PyBytes_AS_STRING(table), *all = (int32_t *)PyBytes_AS_STRING(transitions);
+        for (Py_ssize_t r = 0; r < rows; r++) {
             for (int c = 0; c < n_classes; c++) t[r * n_classes + c] = pieces[r * n_pieces + first_piece[c]];
+            for (int c = 0; c < 256; c++) all[r * 256 + c] = pieces[r * n_pieces + piece_of[c]];
+        }
         for (int c = 0; c < 256; c++) PyBytes_AS_STRING(byte_class)[c] = (char)piece_class[piece_of[c]];
         char *flags = PyBytes_AS_STRING(accepting);
         flags[0] = 0;
         for (Py_ssize_t s = 1; s < count; s++)
             if (live->v[s]) flags[number->v[s]] = (char)k->keys.v[3 * d->order.v[s - 1] + 2];
-        result = Py_BuildValue("(OiOO)", table, n_classes, byte_class, accepting);
+        result = Py_BuildValue("(OiOOO)", table, n_classes, byte_class, accepting, transitions);
     }
+    Py_XDECREF(transitions);
     Py_XDECREF(table);
     Py_XDECREF(byte_class);
     Py_XDECREF(accepting);

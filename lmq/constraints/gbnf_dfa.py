@@ -62,10 +62,11 @@ def _text_dfa(text: str, parsed: Callable[[], g.Grammar]) -> ByteDfa | None:
         if built is not NotImplemented:
             if built is None:
                 return None
-            table, classes, byte_class, accepting = built
+            table, classes, byte_class, accepting, transitions = built
             return _sealed(np.frombuffer(table, np.int32).reshape(-1, classes),
                            np.frombuffer(byte_class, np.uint8).astype(np.intp),
-                           np.frombuffer(accepting, np.bool_))
+                           np.frombuffer(accepting, np.bool_),
+                           np.frombuffer(transitions, np.int32).reshape(-1, 256))
     rules = parsed().rules
     if not _inlinable(rules):
         return None
@@ -301,9 +302,12 @@ def _equal_columns(table: np.ndarray) -> np.ndarray:
     return np.array([number.setdefault(column.tobytes(), len(number)) for column in columns])
 
 
-def _sealed(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray) -> ByteDfa:
-    """The read-only ByteDfa of a classed table (no exits), its byte classes kept."""
-    transitions = np.take(table, byte_class, axis=1)          # (a gather 10x slower)
+def _sealed(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray,
+            transitions: np.ndarray | None = None) -> ByteDfa:
+    """The read-only ByteDfa of a classed table (no exits), its byte classes kept; its
+    `transitions` (`table`'s columns by `byte_class`) made here unless given."""
+    if transitions is None:
+        transitions = np.take(table, byte_class, axis=1)      # (a gather 10x slower)
     exits = np.zeros(len(table), bool)
     for array in (transitions, accepting, exits, table, byte_class):
         array.setflags(write=False)
