@@ -809,9 +809,12 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
         int32_t *m = d->moves.v + 4 * i;
         if (live->v[m[0]] && live->v[m[3]]) cut[m[1]] = cut[m[2] + 1] = 1;
     }
-    int piece_of[256], n_pieces = 0;
-    for (int c = 0; c < 256; c++) piece_of[c] = n_pieces += c && cut[c];
-    n_pieces++;
+    int piece_of[256], piece_start[257], n_pieces = 0;
+    for (int c = 0; c < 256; c++) {
+        piece_of[c] = n_pieces += c && cut[c];
+        if (!c || cut[c]) piece_start[n_pieces] = c;
+    }
+    piece_start[++n_pieces] = 256;
     Py_ssize_t rows = kept + 1;
     int32_t *pieces = calloc((size_t)(rows * n_pieces), sizeof *pieces);
     uint32_t *hashes = malloc(sizeof *hashes * (size_t)n_pieces);
@@ -845,8 +848,10 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     if (table && byte_class && accepting && transitions) {
         int32_t *t = (int32_t *)PyBytes_AS_STRING(table), *all = (int32_t *)PyBytes_AS_STRING(transitions);
         for (Py_ssize_t r = 0; r < rows; r++) {
-            for (int c = 0; c < n_classes; c++) t[r * n_classes + c] = pieces[r * n_pieces + first_piece[c]];
-            for (int c = 0; c < 256; c++) all[r * 256 + c] = pieces[r * n_pieces + piece_of[c]];
+            const int32_t *row = pieces + r * n_pieces;
+            for (int c = 0; c < n_classes; c++) t[r * n_classes + c] = row[first_piece[c]];
+            for (int p = 0; p < n_pieces; p++)
+                for (int c = piece_start[p]; c < piece_start[p + 1]; c++) all[r * 256 + c] = row[p];
         }
         for (int c = 0; c < 256; c++) PyBytes_AS_STRING(byte_class)[c] = (char)piece_class[piece_of[c]];
         char *flags = PyBytes_AS_STRING(accepting);
