@@ -318,14 +318,20 @@ def _sealed(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray,
 
 def _encoded(dfa: ByteDfa | None) -> str:
     """A DFA as text for the grammar cache ("" for none): its shape, byte classes,
-    accepting states and classed table (uint16, zlib: mostly DEAD), base64."""
+    accepting states and classed table, base64. The table is mostly DEAD: only its other
+    cells are kept (zlib'd): per row their count (uint16), then their targets (uint16)
+    and classes (uint8), a quarter of the dense table's bytes for zlib to read."""
     if dfa is None:
         return ""
     byte_class, table = dfa.byte_classes
+    rows, width = table.shape
+    flat = table.reshape(-1)
+    cells = np.flatnonzero(flat)
     parts = (np.asarray(byte_class, np.uint8).tobytes(), np.packbits(dfa.accepting).tobytes(),
-             zlib.compress(np.asarray(table, np.uint16).tobytes(), 1))
-    return f"{table.shape[0]},{table.shape[1]};" + ";".join(
-        base64.b64encode(part).decode("ascii") for part in parts)
+             zlib.compress(np.bincount(cells // width, minlength=rows).astype(np.uint16).tobytes()
+                           + flat[cells].astype(np.uint16).tobytes()
+                           + (cells % width).astype(np.uint8).tobytes(), 1))
+    return f"{rows},{width};" + ";".join(base64.b64encode(part).decode("ascii") for part in parts)
 
 
 def _decoded(text: str) -> ByteDfa | None:
@@ -334,7 +340,11 @@ def _decoded(text: str) -> ByteDfa | None:
     shape, *parts = text.split(";")
     rows, width = map(int, shape.split(","))
     byte_class, accepting, table = map(base64.b64decode, parts)
-    byte_class_array = np.frombuffer(byte_class, np.uint8).astype(np.intp)
-    classed = np.frombuffer(zlib.decompress(table), np.uint16).reshape(rows, width).astype(np.int32)
-    return _sealed(classed, byte_class_array,
+    cells = zlib.decompress(table)
+    count = (len(cells) - 2 * rows) // 3
+    classed = np.zeros((rows, width), np.int32)
+    classed[np.repeat(np.arange(rows), np.frombuffer(cells, np.uint16, rows)),
+            np.frombuffer(cells, np.uint8, count, 2 * rows + 2 * count)] = \
+        np.frombuffer(cells, np.uint16, count, 2 * rows)
+    return _sealed(classed, np.frombuffer(byte_class, np.uint8).astype(np.intp),
                    np.unpackbits(np.frombuffer(accepting, np.uint8), count=rows).astype(bool))
