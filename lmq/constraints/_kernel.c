@@ -478,7 +478,7 @@ static PyMethodDef methods[] = {
     {"use", kernel_use, METH_O, "use(name): the loops of instruction set `name` from now on"},
     {"grammar_dfa", kernel_grammar_dfa, METH_VARARGS,
      "grammar_dfa(text, bound, most_nfa_states, max_rules, max_depth, character_utf8) -> "
-     "(table, classes, byte_class, accepting, transitions), None or NotImplemented (see _kernel_dfa.h)"},
+     "(table, classes, byte_class, accepting, transitions, cells), None or NotImplemented (see _kernel_dfa.h)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",

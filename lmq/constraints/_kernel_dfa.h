@@ -775,8 +775,9 @@ static void determinize(Gram *g, Keys *k, Dfa *d, int32_t start, int32_t final, 
 /* ------------------------------------------------------------------ trimming and byte classes (_trimmed) */
 
 /* (classed table bytes, class count, byte class bytes, accepting bytes, transitions
- * bytes) of the DFA, its states that reach no accepting state made DEAD where `trim` says
- * there may be some; the transitions (int32, 256 a state) spare numpy a gather. */
+ * bytes, cells bytes) of the DFA, its states that reach no accepting state made DEAD
+ * where `trim` says there may be some. The transitions (int32, 256 a state) spare numpy
+ * a gather, the cells (gbnf_dfa._cells) its search for the table's non-DEAD cells. */
 static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     Py_ssize_t count = d->order.n + 1, n_moves = d->moves.n / 4;
     IVec *live = &d->live, *number = &d->number, *pred_at = &d->pred_at, *preds = &d->preds, *stack = &d->stack;
@@ -845,21 +846,42 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     PyObject *byte_class = PyBytes_FromStringAndSize(NULL, 256);
     PyObject *accepting = PyBytes_FromStringAndSize(NULL, rows);
     PyObject *transitions = PyBytes_FromStringAndSize(NULL, rows * 256 * (Py_ssize_t)sizeof(int32_t));
+    PyObject *cells = NULL;
+    Py_ssize_t n_cells = 0;
     if (table && byte_class && accepting && transitions) {
         int32_t *t = (int32_t *)PyBytes_AS_STRING(table), *all = (int32_t *)PyBytes_AS_STRING(transitions);
         for (Py_ssize_t r = 0; r < rows; r++) {
             const int32_t *row = pieces + r * n_pieces;
-            for (int c = 0; c < n_classes; c++) t[r * n_classes + c] = row[first_piece[c]];
+            for (int c = 0; c < n_classes; c++) n_cells += (t[r * n_classes + c] = row[first_piece[c]]) != 0;
             for (int p = 0; p < n_pieces; p++)
                 for (int c = piece_start[p]; c < piece_start[p + 1]; c++) all[r * 256 + c] = row[p];
+        }
+        cells = PyBytes_FromStringAndSize(NULL, 2 * rows + 3 * n_cells);
+    }
+    if (cells) {                   /* per row its count (uint16); the targets (uint16), classes (uint8) */
+        const int32_t *t = (const int32_t *)PyBytes_AS_STRING(table);
+        uint8_t *per_row = (uint8_t *)PyBytes_AS_STRING(cells), *target = per_row + 2 * rows,
+                *class = target + 2 * n_cells;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            int n = 0;
+            for (int c = 0; c < n_classes; c++) {
+                int32_t to = t[r * n_classes + c];
+                if (!to) continue;
+                memcpy(target, &(uint16_t){(uint16_t)to}, 2);
+                target += 2;
+                *class++ = (uint8_t)c;
+                n++;
+            }
+            memcpy(per_row + 2 * r, &(uint16_t){(uint16_t)n}, 2);
         }
         for (int c = 0; c < 256; c++) PyBytes_AS_STRING(byte_class)[c] = (char)piece_class[piece_of[c]];
         char *flags = PyBytes_AS_STRING(accepting);
         flags[0] = 0;
         for (Py_ssize_t s = 1; s < count; s++)
             if (live->v[s]) flags[number->v[s]] = (char)k->keys.v[3 * d->order.v[s - 1] + 2];
-        result = Py_BuildValue("(OiOOO)", table, n_classes, byte_class, accepting, transitions);
+        result = Py_BuildValue("(OiOOOO)", table, n_classes, byte_class, accepting, transitions, cells);
     }
+    Py_XDECREF(cells);
     Py_XDECREF(transitions);
     Py_XDECREF(table);
     Py_XDECREF(byte_class);

@@ -45,15 +45,15 @@ class _TooLarge(Exception):
 def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
     """The DFA of `grammar`'s language, or None when the grammar is recursive or its
     automaton too large (it is then enforced by llguidance)."""
-    return _text_dfa(grammar.text, lambda: grammar)
+    return _built(grammar.text, lambda: grammar)[0]
 
 
-def _text_dfa(text: str, parsed: Callable[[], g.Grammar]) -> ByteDfa | None:
-    """`grammar_dfa` of GBNF `text`: from the compiled kernel, which parses and checks the
-    text itself (the whole cold compile of a JSON schema in well under a millisecond),
-    else from `parsed()` in Python. The kernel leaves to Python every grammar it cannot
-    vouch for (an error to name, recursion among the rules) and builds the identical DFA
-    of the others."""
+def _built(text: str, parsed: Callable[[], g.Grammar]) -> tuple[ByteDfa | None, bytes | None]:
+    """`grammar_dfa` of GBNF `text`, with its table's `_cells` where the kernel wrote them:
+    from the compiled kernel, which parses and checks the text itself (the whole cold
+    compile of a JSON schema in under a millisecond), else from `parsed()` in Python. The
+    kernel leaves to Python every grammar it cannot vouch for (an error to name, recursion
+    among the rules) and builds the identical DFA of the others."""
     bound = min(MAX_DFA_STATES, limits.MAX_STATES)
     if token_choice.KERNEL is not None:
         built = token_choice.KERNEL.grammar_dfa(text, bound, NFA_STATES_PER_STATE * bound,
@@ -61,22 +61,22 @@ def _text_dfa(text: str, parsed: Callable[[], g.Grammar]) -> ByteDfa | None:
                                                 character_utf8)
         if built is not NotImplemented:
             if built is None:
-                return None
-            table, classes, byte_class, accepting, transitions = built
+                return None, None
+            table, classes, byte_class, accepting, transitions, cells = built
             return _sealed(np.frombuffer(table, np.int32).reshape(-1, classes),
                            np.frombuffer(byte_class, np.uint8).astype(np.intp),
                            np.frombuffer(accepting, np.bool_),
-                           np.frombuffer(transitions, np.int32).reshape(-1, 256))
+                           np.frombuffer(transitions, np.int32).reshape(-1, 256)), cells
     rules = parsed().rules
     if not _inlinable(rules):
-        return None
+        return None, None
     builder = _Builder(rules, NFA_STATES_PER_STATE * bound)
     try:
         start, final = builder.state(), builder.state()
         builder.fragment(g.RuleRef("root"), start, final)
-        return _determinize(builder.edges, builder.epsilon, start, final, bound, builder.trim)
+        return _determinize(builder.edges, builder.epsilon, start, final, bound, builder.trim), None
     except (_TooLarge, RecursionError):       # groups nested deep inside a deep chain of rules
-        return None
+        return None, None
 
 
 @functools.lru_cache(maxsize=32)
@@ -89,8 +89,9 @@ def cached_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
     built: list[ByteDfa | None] = []
 
     def build() -> str:
-        built.append(_text_dfa(text, lambda: g.parse_gbnf(text, owner=owner)))
-        return _encoded(built[0])
+        dfa, cells = _built(text, lambda: g.parse_gbnf(text, owner=owner))
+        built.append(dfa)
+        return _encoded(dfa, cells)
 
     entry = grammar_cache.cached(f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text, build)
     return built[0] if built else _decoded(entry)
@@ -316,22 +317,27 @@ def _sealed(table: np.ndarray, byte_class: np.ndarray, accepting: np.ndarray,
     return dfa
 
 
-def _encoded(dfa: ByteDfa | None) -> str:
+def _encoded(dfa: ByteDfa | None, cells: bytes | None = None) -> str:
     """A DFA as text for the grammar cache ("" for none): its shape, byte classes,
-    accepting states and classed table, base64. The table is mostly DEAD: only its other
-    cells are kept (zlib'd): per row their count (uint16), then their targets (uint16)
-    and classes (uint8), a quarter of the dense table's bytes for zlib to read."""
+    accepting states and classed table's `_cells` (zlib), base64."""
     if dfa is None:
         return ""
     byte_class, table = dfa.byte_classes
+    parts = (np.asarray(byte_class, np.uint8).tobytes(), np.packbits(dfa.accepting).tobytes(),
+             zlib.compress(_cells(table) if cells is None else cells, 1))
+    return f"{table.shape[0]},{table.shape[1]};" + ";".join(
+        base64.b64encode(part).decode("ascii") for part in parts)
+
+
+def _cells(table: np.ndarray) -> bytes:
+    """A classed table by its non-DEAD cells (most are DEAD: a quarter of the dense
+    table's bytes for zlib to read): per row their count (uint16), then their targets
+    (uint16) and classes (uint8), row by row."""
     rows, width = table.shape
     flat = table.reshape(-1)
     cells = np.flatnonzero(flat)
-    parts = (np.asarray(byte_class, np.uint8).tobytes(), np.packbits(dfa.accepting).tobytes(),
-             zlib.compress(np.bincount(cells // width, minlength=rows).astype(np.uint16).tobytes()
-                           + flat[cells].astype(np.uint16).tobytes()
-                           + (cells % width).astype(np.uint8).tobytes(), 1))
-    return f"{rows},{width};" + ";".join(base64.b64encode(part).decode("ascii") for part in parts)
+    return (np.bincount(cells // width, minlength=rows).astype(np.uint16).tobytes()
+            + flat[cells].astype(np.uint16).tobytes() + (cells % width).astype(np.uint8).tobytes())
 
 
 def _decoded(text: str) -> ByteDfa | None:

@@ -1,6 +1,7 @@
 """The compiled route of regular grammars (`_kernel_dfa.h`, through
-`gbnf_dfa._text_dfa`): on every grammar it decides, the identical `ByteDfa` the Python
-route builds (state numbering, tables, byte classes, accepting states, "too large"); every
+`gbnf_dfa._built`): on every grammar it decides, the identical `ByteDfa` the Python
+route builds (state numbering, tables, byte classes, accepting states, disk entry, "too
+large"); every
 grammar it cannot vouch for (an error to name, recursion) is left to the Python route."""
 
 from __future__ import annotations
@@ -51,43 +52,56 @@ LEFT_TO_PYTHON = {
 }
 
 
-def _route(text: str, kernel) -> object:
-    """The DFA of `text` (None: left to llguidance), or the error message, by one route
-    (kernel None: the Python one); with the kernel, a grammar given to Python fails."""
-    token_choice_kernel = token_choice.KERNEL
+def _answer(text: str, kernel, strict: bool = False) -> object:
+    """`gbnf_dfa._built`'s answer for `text` (DFA or None, cells or None), or the error
+    message, with `kernel` in use (None: the Python route); `strict`: the kernel must
+    decide alone (a grammar it leaves to Python fails the test)."""
+    saved = token_choice.KERNEL
     token_choice.KERNEL = kernel
     try:
-        parsed = (lambda: parse_gbnf(text)) if kernel is None else (lambda: pytest.fail("left to Python"))
-        return gbnf_dfa._text_dfa(text, parsed)
+        return gbnf_dfa._built(text, (lambda: pytest.fail("left to Python")) if strict else
+                               (lambda: parse_gbnf(text)))
     except ConstraintError as error:
         return str(error)
     finally:
-        token_choice.KERNEL = token_choice_kernel
+        token_choice.KERNEL = saved
+
+
+def _kernel_answer(text: str) -> object:
+    from lmq.constraints import _kernel
+    bound = min(gbnf_dfa.MAX_DFA_STATES, limits.MAX_STATES)
+    return _kernel.grammar_dfa(text, bound, 4 * bound, limits.MAX_GRAMMAR_RULES, limits.MAX_GRAMMAR_DEPTH,
+                               gbnf_dfa.character_utf8)
 
 
 def _assert_identical(compiled, python) -> None:
-    """The same answer; a DFA also the same once through its disk entry."""
-    if compiled is None or isinstance(compiled, str):
+    """The same answer; a DFA also the same disk entry, and the same once read back."""
+    if isinstance(compiled, str) or isinstance(python, str):
         assert compiled == python
         return
-    assert python is not None and not isinstance(python, str)
-    for dfa in (compiled, gbnf_dfa._decoded(gbnf_dfa._encoded(compiled))):
-        for got, expected in ((dfa.transitions, python.transitions), (dfa.accepting, python.accepting),
-                              (dfa.exits, python.exits), *zip(dfa.byte_classes, python.byte_classes)):
-            assert got.dtype == expected.dtype and np.array_equal(got, expected)
-        assert dfa.initial == python.initial
+    (dfa, cells), (expected, _) = compiled, python
+    if dfa is None or expected is None:
+        assert dfa is expected
+        return
+    entry = gbnf_dfa._encoded(dfa, cells)
+    assert entry == gbnf_dfa._encoded(expected)
+    for got in (dfa, gbnf_dfa._decoded(entry)):
+        for array, expected_array in ((got.transitions, expected.transitions), (got.accepting, expected.accepting),
+                                      (got.exits, expected.exits), *zip(got.byte_classes, expected.byte_classes)):
+            assert array.dtype == expected_array.dtype and np.array_equal(array, expected_array)
+        assert got.initial == expected.initial
 
 
 @needs_kernel
 @pytest.mark.parametrize("name", list(DECIDED))
 def test_the_kernel_builds_the_python_routes_dfa(name):
     from lmq.constraints import _kernel
-    compiled = _route(DECIDED[name], _kernel)
-    _assert_identical(compiled, _route(DECIDED[name], None))
+    compiled = _answer(DECIDED[name], _kernel, strict=True)
+    _assert_identical(compiled, _answer(DECIDED[name], None))
     if name in ("past MAX_DFA_STATES", "only an empty class", "rules deeper than MAX_GRAMMAR_DEPTH"):
-        assert compiled is None
+        assert compiled == (None, None)
     else:
-        assert compiled.n_states > 2
+        assert compiled[0].n_states > 2 and compiled[1] is not None
 
 
 @needs_kernel
@@ -95,25 +109,8 @@ def test_the_kernel_builds_the_python_routes_dfa(name):
 def test_grammars_the_kernel_cannot_vouch_for_are_left_to_python(name):
     from lmq.constraints import _kernel
     text = LEFT_TO_PYTHON[name]
-    bound = min(gbnf_dfa.MAX_DFA_STATES, limits.MAX_STATES)
-    assert _kernel.grammar_dfa(text, bound, 4 * bound, limits.MAX_GRAMMAR_RULES, limits.MAX_GRAMMAR_DEPTH,
-                               gbnf_dfa.character_utf8) is NotImplemented
-    token_choice_kernel = token_choice.KERNEL
-    try:
-        token_choice.KERNEL = _kernel
-        with_kernel = _route_with_python_fallback(text)
-        token_choice.KERNEL = None
-        assert with_kernel == _route_with_python_fallback(text)
-    finally:
-        token_choice.KERNEL = token_choice_kernel
-
-
-def _route_with_python_fallback(text: str) -> object:
-    try:
-        dfa = gbnf_dfa._text_dfa(text, lambda: parse_gbnf(text))
-    except ConstraintError as error:
-        return str(error)
-    return None if dfa is None else dfa.transitions.tolist()
+    assert _kernel_answer(text) is NotImplemented
+    _assert_identical(_answer(text, _kernel), _answer(text, None))
 
 
 def _random_grammar(rng: random.Random) -> str:
@@ -153,18 +150,6 @@ def test_random_grammars_get_the_same_answer_from_both_routes():
     decided = 0
     for _ in range(300):
         text = _random_grammar(rng)
-        compiled = _route_with_python_fallback_kernel(text, _kernel)
-        _assert_identical(compiled, _route(text, None))
-        decided += compiled is not None and not isinstance(compiled, str)
+        _assert_identical(_answer(text, _kernel), _answer(text, None))
+        decided += _kernel_answer(text) not in (None, NotImplemented)
     assert decided > 150
-
-
-def _route_with_python_fallback_kernel(text: str, kernel) -> object:
-    token_choice_kernel = token_choice.KERNEL
-    token_choice.KERNEL = kernel
-    try:
-        return gbnf_dfa._text_dfa(text, lambda: parse_gbnf(text))
-    except ConstraintError as error:
-        return str(error)
-    finally:
-        token_choice.KERNEL = token_choice_kernel
