@@ -781,7 +781,6 @@ static void determinize(Gram *g, Keys *k, Dfa *d, int32_t start, int32_t final, 
 static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     Py_ssize_t count = d->order.n + 1, n_moves = d->moves.n / 4;
     IVec *live = &d->live, *number = &d->number, *pred_at = &d->pred_at, *preds = &d->preds, *stack = &d->stack;
-    PyObject *result = NULL;
     for (Py_ssize_t s = 0; s < count; s++) {
         push(g, live, s ? !g->trim || k->keys.v[3 * d->order.v[s - 1] + 2] : 0);
         push(g, pred_at, 0);
@@ -817,45 +816,49 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     }
     piece_start[++n_pieces] = 256;
     Py_ssize_t rows = kept + 1;
-    int32_t *pieces = calloc((size_t)(rows * n_pieces), sizeof *pieces);
-    uint32_t *hashes = malloc(sizeof *hashes * (size_t)n_pieces);
-    int piece_class[256], first_piece[256], n_classes = 0;
-    if (!pieces || !hashes) { free(pieces); free(hashes); return PyErr_NoMemory(); }
-    for (Py_ssize_t i = 0; i < n_moves; i++) {
-        int32_t *m = d->moves.v + 4 * i;
-        if (!live->v[m[0]] || !live->v[m[3]]) continue;
-        for (int p = piece_of[m[1]]; p <= piece_of[m[2]]; p++)
-            pieces[number->v[m[0]] * n_pieces + p] = number->v[m[3]];
+    PyObject *transitions = PyBytes_FromStringAndSize(NULL, rows * 256 * (Py_ssize_t)sizeof(int32_t));
+    if (!transitions) return NULL;
+    int32_t *all = (int32_t *)PyBytes_AS_STRING(transitions), row[256] = {0};
+    uint64_t hashes[256];          /* per piece, of its column */
+    for (int p = 0; p < n_pieces; p++) hashes[p] = 14695981039346656037ull;
+    /* row by row (the moves come by source, as the rows do): its pieces, then its bytes;
+     * row 0 (DEAD) first, all zero */
+    for (Py_ssize_t s = 0, i = 0; s < count; s++) {
+        if (s) memset(row, 0, sizeof *row * (size_t)n_pieces);
+        for (; i < n_moves && d->moves.v[4 * i] == s; i++) {
+            int32_t *m = d->moves.v + 4 * i;
+            if (live->v[m[3]])
+                for (int p = piece_of[m[1]]; p <= piece_of[m[2]]; p++) row[p] = number->v[m[3]];
+        }
+        if (s && !live->v[s]) continue;
+        int32_t *out = all + 256 * (Py_ssize_t)number->v[s];
+        for (int p = 0; p < n_pieces; p++) {
+            hashes[p] = (hashes[p] ^ (uint32_t)row[p]) * 1099511628211ull;
+            for (int c = piece_start[p]; c < piece_start[p + 1]; c++) out[c] = row[p];
+        }
     }
-    for (int p = 0; p < n_pieces; p++) hashes[p] = 2166136261u;
-    for (Py_ssize_t r = 0; r < rows; r++)
-        for (int p = 0; p < n_pieces; p++) hashes[p] = (hashes[p] ^ (uint32_t)pieces[r * n_pieces + p]) * 16777619u;
+    int piece_class[256], first_byte[256], n_classes = 0;
     for (int p = 0; p < n_pieces; p++) {      /* _equal_columns: by first appearance */
         int c = 0;
         for (; c < n_classes; c++) {
-            int q = first_piece[c];
+            int q = piece_of[first_byte[c]];
             if (hashes[q] != hashes[p]) continue;
             Py_ssize_t r = 0;
-            while (r < rows && pieces[r * n_pieces + q] == pieces[r * n_pieces + p]) r++;
+            while (r < rows && all[256 * r + piece_start[q]] == all[256 * r + piece_start[p]]) r++;
             if (r == rows) break;
         }
-        if (c == n_classes) first_piece[n_classes++] = p;
+        if (c == n_classes) first_byte[n_classes++] = piece_start[p];
         piece_class[p] = c;
     }
     PyObject *table = PyBytes_FromStringAndSize(NULL, rows * n_classes * (Py_ssize_t)sizeof(int32_t));
     PyObject *byte_class = PyBytes_FromStringAndSize(NULL, 256);
     PyObject *accepting = PyBytes_FromStringAndSize(NULL, rows);
-    PyObject *transitions = PyBytes_FromStringAndSize(NULL, rows * 256 * (Py_ssize_t)sizeof(int32_t));
-    PyObject *cells = NULL;
+    PyObject *cells = NULL, *result = NULL;
     Py_ssize_t n_cells = 0;
-    if (table && byte_class && accepting && transitions) {
-        int32_t *t = (int32_t *)PyBytes_AS_STRING(table), *all = (int32_t *)PyBytes_AS_STRING(transitions);
-        for (Py_ssize_t r = 0; r < rows; r++) {
-            const int32_t *row = pieces + r * n_pieces;
-            for (int c = 0; c < n_classes; c++) n_cells += (t[r * n_classes + c] = row[first_piece[c]]) != 0;
-            for (int p = 0; p < n_pieces; p++)
-                for (int c = piece_start[p]; c < piece_start[p + 1]; c++) all[r * 256 + c] = row[p];
-        }
+    if (table && byte_class && accepting) {
+        int32_t *t = (int32_t *)PyBytes_AS_STRING(table);
+        for (Py_ssize_t r = 0; r < rows; r++)
+            for (int c = 0; c < n_classes; c++) n_cells += (t[r * n_classes + c] = all[256 * r + first_byte[c]]) != 0;
         cells = PyBytes_FromStringAndSize(NULL, 2 * rows + 3 * n_cells);
     }
     if (cells) {                   /* per row its count (uint16); the targets (uint16), classes (uint8) */
@@ -886,8 +889,6 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     Py_XDECREF(table);
     Py_XDECREF(byte_class);
     Py_XDECREF(accepting);
-    free(pieces);
-    free(hashes);
     return result;
 }
 
