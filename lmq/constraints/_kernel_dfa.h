@@ -817,37 +817,36 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     piece_start[++n_pieces] = 256;
     Py_ssize_t rows = kept + 1;
     PyObject *transitions = PyBytes_FromStringAndSize(NULL, rows * 256 * (Py_ssize_t)sizeof(int32_t));
-    if (!transitions) return NULL;
-    int32_t *all = (int32_t *)PyBytes_AS_STRING(transitions), row[256] = {0};
-    uint64_t hashes[256];          /* per piece, of its column */
-    for (int p = 0; p < n_pieces; p++) hashes[p] = 14695981039346656037ull;
-    /* row by row (the moves come by source, as the rows do): its pieces, then its bytes;
-     * row 0 (DEAD) first, all zero */
+    uint16_t *pieces = malloc(sizeof *pieces * (size_t)(rows * n_pieces));   /* the table by pieces */
+    if (!transitions || !pieces) { Py_XDECREF(transitions); free(pieces); return PyErr_NoMemory(); }
+    int32_t *all = (int32_t *)PyBytes_AS_STRING(transitions);
+    uint64_t hashes[256] = {0};    /* per piece, of its column's non-DEAD cells */
+    /* row by row (the moves come by source, as the rows do; row 0 is DEAD): its moves
+     * written over zeros, then read back by pieces */
     for (Py_ssize_t s = 0, i = 0; s < count; s++) {
-        if (s) memset(row, 0, sizeof *row * (size_t)n_pieces);
+        int32_t r = number->v[s], *out = all + 256 * (Py_ssize_t)r, kept_row = !s || live->v[s];
+        if (kept_row) memset(out, 0, 256 * sizeof *out);
         for (; i < n_moves && d->moves.v[4 * i] == s; i++) {
-            int32_t *m = d->moves.v + 4 * i;
-            if (live->v[m[3]])
-                for (int p = piece_of[m[1]]; p <= piece_of[m[2]]; p++) row[p] = number->v[m[3]];
+            int32_t *m = d->moves.v + 4 * i, to = number->v[m[3]];
+            if (!kept_row || !live->v[m[3]]) continue;
+            for (int c = m[1]; c <= m[2]; c++) out[c] = to;
+            for (int p = piece_of[m[1]]; p <= piece_of[m[2]]; p++)
+                hashes[p] += ((uint64_t)r << 32 | (uint32_t)to) * 0x9E3779B97F4A7C15ull;
         }
-        if (s && !live->v[s]) continue;
-        int32_t *out = all + 256 * (Py_ssize_t)number->v[s];
-        for (int p = 0; p < n_pieces; p++) {
-            hashes[p] = (hashes[p] ^ (uint32_t)row[p]) * 1099511628211ull;
-            for (int c = piece_start[p]; c < piece_start[p + 1]; c++) out[c] = row[p];
-        }
+        if (kept_row)
+            for (int p = 0; p < n_pieces; p++) pieces[r * n_pieces + p] = (uint16_t)out[piece_start[p]];
     }
-    int piece_class[256], first_byte[256], n_classes = 0;
+    int piece_class[256], first_piece[256], n_classes = 0;
     for (int p = 0; p < n_pieces; p++) {      /* _equal_columns: by first appearance */
         int c = 0;
         for (; c < n_classes; c++) {
-            int q = piece_of[first_byte[c]];
+            int q = first_piece[c];
             if (hashes[q] != hashes[p]) continue;
             Py_ssize_t r = 0;
-            while (r < rows && all[256 * r + piece_start[q]] == all[256 * r + piece_start[p]]) r++;
+            while (r < rows && pieces[r * n_pieces + q] == pieces[r * n_pieces + p]) r++;
             if (r == rows) break;
         }
-        if (c == n_classes) first_byte[n_classes++] = piece_start[p];
+        if (c == n_classes) first_piece[n_classes++] = p;
         piece_class[p] = c;
     }
     PyObject *table = PyBytes_FromStringAndSize(NULL, rows * n_classes * (Py_ssize_t)sizeof(int32_t));
@@ -858,7 +857,8 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     if (table && byte_class && accepting) {
         int32_t *t = (int32_t *)PyBytes_AS_STRING(table);
         for (Py_ssize_t r = 0; r < rows; r++)
-            for (int c = 0; c < n_classes; c++) n_cells += (t[r * n_classes + c] = all[256 * r + first_byte[c]]) != 0;
+            for (int c = 0; c < n_classes; c++)
+                n_cells += (t[r * n_classes + c] = pieces[r * n_pieces + first_piece[c]]) != 0;
         cells = PyBytes_FromStringAndSize(NULL, 2 * rows + 3 * n_cells);
     }
     if (cells) {                   /* per row its count (uint16); the targets (uint16), classes (uint8) */
@@ -884,6 +884,7 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
             if (live->v[s]) flags[number->v[s]] = (char)k->keys.v[3 * d->order.v[s - 1] + 2];
         result = Py_BuildValue("(OiOOOO)", table, n_classes, byte_class, accepting, transitions, cells);
     }
+    free(pieces);
     Py_XDECREF(cells);
     Py_XDECREF(transitions);
     Py_XDECREF(table);
