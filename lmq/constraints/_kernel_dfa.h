@@ -51,6 +51,8 @@ typedef struct {
     IVec automata;                 /* per automaton: n_states, then per state n_edges, triples */
     PyObject *character_utf8;
     NState *states; Py_ssize_t n_states, cap_states, most_states;
+    struct Chunk *chunks;          /* the states' edge lists, freed at once */
+    int32_t *arena_at; Py_ssize_t arena_left;
     int trim, fragment_depth;
 } Gram;
 
@@ -71,6 +73,38 @@ INLINE void push(Gram *g, IVec *a, int32_t x) {
 
 static void push3(Gram *g, IVec *a, int32_t x, int32_t y, int32_t z) {
     push(g, a, x); push(g, a, y); push(g, a, z);
+}
+
+/* The NFA states' edge lists, thousands of short ones, grow in an arena: no malloc each. */
+typedef struct Chunk { struct Chunk *next; int32_t v[]; } Chunk;
+
+static int32_t *arena(Gram *g, Py_ssize_t n) {
+    if (n > g->arena_left) {
+        Py_ssize_t size = n > 1 << 15 ? n : 1 << 15;
+        Chunk *chunk = malloc(sizeof *chunk + sizeof *chunk->v * (size_t)size);
+        if (!chunk) { PyErr_NoMemory(); longjmp(g->fail, DFA_ERROR); }
+        chunk->next = g->chunks;
+        g->chunks = chunk;
+        g->arena_at = chunk->v;
+        g->arena_left = size;
+    }
+    g->arena_left -= n;
+    return (g->arena_at += n) - n;
+}
+
+INLINE void state_push(Gram *g, IVec *a, int32_t x) {
+    if (a->n == a->cap) {
+        Py_ssize_t cap = a->cap ? 2 * a->cap : 6;
+        int32_t *v = arena(g, cap);
+        if (a->n) memcpy(v, a->v, sizeof *v * (size_t)a->n);
+        a->v = v;
+        a->cap = cap;
+    }
+    a->v[a->n++] = x;
+}
+
+static void state_push3(Gram *g, IVec *a, int32_t x, int32_t y, int32_t z) {
+    state_push(g, a, x); state_push(g, a, y); state_push(g, a, z);
 }
 
 /* ------------------------------------------------------------------ parsing (gbnf._Parser) */
@@ -508,7 +542,7 @@ static void character_edges(Gram *g, int32_t id, int32_t start, int32_t end) {
         int32_t edges = g->automata.v[k++], source = s ? (int32_t)(base + s) : start;
         for (int32_t e = 0; e < edges; e++, k += 3) {
             int32_t target = g->automata.v[k + 2];
-            push3(g, &g->states[source].edges, g->automata.v[k], g->automata.v[k + 1],
+            state_push3(g, &g->states[source].edges, g->automata.v[k], g->automata.v[k + 1],
                   target < 0 ? end : target ? (int32_t)(base + target) : start);
         }
     }
@@ -541,15 +575,15 @@ static void build_rule(Gram *g, int32_t r, int32_t start, int32_t end) {
         int32_t copy = new_state(g);
         IVec *from = &g->states[s].edges, *to = &g->states[copy].edges;
         for (Py_ssize_t i = 0; i < from->n; i += 3)
-            push3(g, to, from->v[i], from->v[i + 1], PLACE(from->v[i + 2]));
+            state_push3(g, to, from->v[i], from->v[i + 1], PLACE(from->v[i + 2]));
         for (Py_ssize_t i = 0; i < g->states[s].eps.n; i++)
-            push(g, &g->states[copy].eps, PLACE(g->states[s].eps.v[i]));
+            state_push(g, &g->states[copy].eps, PLACE(g->states[s].eps.v[i]));
     }
     rule = &g->rules[r];
     for (Py_ssize_t i = 0; i < rule->moves.n; i += 3)
-        push3(g, &g->states[start].edges, rule->moves.v[i], rule->moves.v[i + 1], PLACE(rule->moves.v[i + 2]));
+        state_push3(g, &g->states[start].edges, rule->moves.v[i], rule->moves.v[i + 1], PLACE(rule->moves.v[i + 2]));
     for (Py_ssize_t i = 0; i < rule->moves_eps.n; i++)
-        push(g, &g->states[start].eps, PLACE(rule->moves_eps.v[i]));
+        state_push(g, &g->states[start].eps, PLACE(rule->moves_eps.v[i]));
 #undef PLACE
 }
 
@@ -558,10 +592,10 @@ static void fragment(Gram *g, int32_t id, int32_t start, int32_t end) {
     Node n = g->nodes[id];
     switch (n.kind) {
     case N_LIT:
-        if (!n.b) { push(g, &g->states[start].eps, end); break; }
+        if (!n.b) { state_push(g, &g->states[start].eps, end); break; }
         for (int32_t i = 0, here = start; i < n.b; i++) {
             int32_t target = i == n.b - 1 ? end : new_state(g), byte = g->bytes.v[n.a + i];
-            push3(g, &g->states[here].edges, byte, byte, target);
+            state_push3(g, &g->states[here].edges, byte, byte, target);
             here = target;
         }
         break;
@@ -577,7 +611,7 @@ static void fragment(Gram *g, int32_t id, int32_t start, int32_t end) {
             fragment(g, g->kids.v[n.a + i], here, target);
             here = target;
         }
-        if (!n.b) push(g, &g->states[start].eps, end);
+        if (!n.b) state_push(g, &g->states[start].eps, end);
         break;
     case N_CHOICE:
         for (int32_t i = 0; i < n.b; i++) fragment(g, g->kids.v[n.a + i], start, end);
@@ -591,19 +625,19 @@ static void fragment(Gram *g, int32_t id, int32_t start, int32_t end) {
         }
         if (n.c < 0) {
             int32_t hub = new_state(g), body_end = new_state(g);
-            push(g, &g->states[here].eps, hub);
+            state_push(g, &g->states[here].eps, hub);
             fragment(g, n.a, hub, body_end);
-            push(g, &g->states[body_end].eps, hub);
-            push(g, &g->states[hub].eps, end);
+            state_push(g, &g->states[body_end].eps, hub);
+            state_push(g, &g->states[hub].eps, end);
             break;
         }
         for (int32_t i = 0; i < n.c - n.b; i++) {
-            push(g, &g->states[here].eps, end);
+            state_push(g, &g->states[here].eps, end);
             int32_t target = new_state(g);
             fragment(g, n.a, here, target);
             here = target;
         }
-        push(g, &g->states[here].eps, end);
+        state_push(g, &g->states[here].eps, end);
     }
     }
     g->fragment_depth--;
@@ -904,7 +938,11 @@ static void free_build(Build *b) {
                     &b->d.out, &b->d.live, &b->d.number, &b->d.pred_at, &b->d.preds, &b->d.stack};
     for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) free(vecs[i]->v);
     for (Py_ssize_t r = 0; r < b->g.n_rules; r++) { free(b->g.rules[r].moves.v); free(b->g.rules[r].moves_eps.v); }
-    for (Py_ssize_t s = 0; s < b->g.n_states; s++) { free(b->g.states[s].edges.v); free(b->g.states[s].eps.v); }
+    while (b->g.chunks) {
+        Chunk *next = b->g.chunks->next;
+        free(b->g.chunks);
+        b->g.chunks = next;
+    }
     free(b->g.nodes);
     free(b->g.rules);
     free(b->g.names);
