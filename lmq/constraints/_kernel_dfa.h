@@ -666,6 +666,26 @@ static int int_order(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+static int triple_order(const void *a, const void *b) {
+    const int32_t *x = a, *y = b;
+    for (int i = 0; i < 3; i++) if (x[i] != y[i]) return (x[i] > y[i]) - (x[i] < y[i]);
+    return 0;
+}
+
+/* Sort n items of `width` int32s: most lists here are a few items, where an insertion
+ * sort beats qsort's calls. */
+static void sort_items(int32_t *v, Py_ssize_t n, int width, int (*order)(const void *, const void *)) {
+    if (n > 16) { qsort(v, (size_t)n, (size_t)width * sizeof *v, order); return; }
+    int32_t item[3];
+    for (Py_ssize_t i = 1; i < n; i++) {
+        memcpy(item, v + i * width, (size_t)width * sizeof *v);
+        Py_ssize_t j = i;
+        for (; j > 0 && order(v + (j - 1) * width, item) > 0; j--)
+            memcpy(v + j * width, v + (j - 1) * width, (size_t)width * sizeof *v);
+        memcpy(v + j * width, item, (size_t)width * sizeof *v);
+    }
+}
+
 /* The key of kernel v[:n] (sorted, distinct) with `accept`, made if new. */
 static int32_t intern(Gram *g, Keys *k, const int32_t *v, Py_ssize_t n, int32_t accept) {
     Py_ssize_t n_keys = k->keys.n / 3;
@@ -711,16 +731,10 @@ static int32_t reach(Gram *g, Keys *k, int32_t state, int32_t final) {
             if (k->seen.v[t] != stamp) { k->seen.v[t] = stamp; push(g, &k->stack, t); }
         }
     }
-    qsort(k->found.v, (size_t)k->found.n, sizeof *k->found.v, int_order);
+    sort_items(k->found.v, k->found.n, 1, int_order);
     int32_t key = intern(g, k, k->found.v, k->found.n, accept);
     k->reached.v[state] = key;
     return key;
-}
-
-static int triple_order(const void *a, const void *b) {
-    const int32_t *x = a, *y = b;
-    for (int i = 0; i < 3; i++) if (x[i] != y[i]) return (x[i] > y[i]) - (x[i] < y[i]);
-    return 0;
 }
 
 /* The moves of `key` (_moves): (low, high, target key) over disjoint byte ranges, into `out`. */
@@ -732,7 +746,7 @@ static void moves_of(Gram *g, Keys *k, int32_t key, int32_t final, IVec *edges, 
         for (Py_ssize_t j = 0; j < e->n; j++) push(g, edges, e->v[j]);
     }
     Py_ssize_t count = edges->n / 3;
-    qsort(edges->v, (size_t)count, 3 * sizeof *edges->v, triple_order);
+    sort_items(edges->v, count, 3, triple_order);
     int disjoint = 1;
     for (Py_ssize_t i = 0; i + 1 < count; i++) disjoint &= edges->v[3 * i + 1] < edges->v[3 * i + 3];
     if (disjoint) {
@@ -758,7 +772,7 @@ static void moves_of(Gram *g, Keys *k, int32_t key, int32_t final, IVec *edges, 
                 for (int32_t j = 0; j < m[1]; j++) push(g, u, k->members.v[m[0] + j]);
             }
             if (covered) {
-                qsort(u->v, (size_t)u->n, sizeof *u->v, int_order);
+                sort_items(u->v, u->n, 1, int_order);
                 Py_ssize_t distinct = 0;
                 for (Py_ssize_t i = 0; i < u->n; i++)
                     if (!distinct || u->v[i] != u->v[distinct - 1]) u->v[distinct++] = u->v[i];
