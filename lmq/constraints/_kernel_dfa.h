@@ -107,6 +107,37 @@ static void state_push3(Gram *g, IVec *a, int32_t x, int32_t y, int32_t z) {
     state_push(g, a, x); state_push(g, a, y); state_push(g, a, z);
 }
 
+static int int_order(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int pair_order(const void *a, const void *b) {
+    const int32_t *x = a, *y = b;
+    for (int i = 0; i < 2; i++) if (x[i] != y[i]) return (x[i] > y[i]) - (x[i] < y[i]);
+    return 0;
+}
+
+static int triple_order(const void *a, const void *b) {
+    const int32_t *x = a, *y = b;
+    for (int i = 0; i < 3; i++) if (x[i] != y[i]) return (x[i] > y[i]) - (x[i] < y[i]);
+    return 0;
+}
+
+/* Sort n items of `width` int32s: most lists here are a few items, where an insertion
+ * sort beats qsort's calls. */
+static void sort_items(int32_t *v, Py_ssize_t n, int width, int (*order)(const void *, const void *)) {
+    if (n > 16) { qsort(v, (size_t)n, (size_t)width * sizeof *v, order); return; }
+    int32_t item[3];
+    for (Py_ssize_t i = 1; i < n; i++) {
+        memcpy(item, v + i * width, (size_t)width * sizeof *v);
+        Py_ssize_t j = i;
+        for (; j > 0 && order(v + (j - 1) * width, item) > 0; j--)
+            memcpy(v + j * width, v + (j - 1) * width, (size_t)width * sizeof *v);
+        memcpy(v + j * width, item, (size_t)width * sizeof *v);
+    }
+}
+
 /* ------------------------------------------------------------------ parsing (gbnf._Parser) */
 
 #define PEEK(g, k) ((g)->pos + (k) < (g)->len ? (unsigned char)(g)->text[(g)->pos + (k)] : 0)
@@ -463,16 +494,8 @@ static int32_t utf8_automaton(Gram *g, int32_t id) {
     Py_ssize_t mark = r->n;
     if (n->kind == N_ANY) { push(g, r, 0); push(g, r, MAX_CODE_POINT); }
     else {
-        for (int32_t i = 0; i < n->b; i++) {
-            int32_t low = g->ints.v[n->a + 2 * i], high = g->ints.v[n->a + 2 * i + 1];
-            Py_ssize_t k = r->n;       /* insertion sort by (low, high): classes are short */
-            push(g, r, 0); push(g, r, 0);
-            while (k > mark && (r->v[k - 2] > low || (r->v[k - 2] == low && r->v[k - 1] > high))) {
-                r->v[k] = r->v[k - 2]; r->v[k + 1] = r->v[k - 1];
-                k -= 2;
-            }
-            r->v[k] = low; r->v[k + 1] = high;
-        }
+        for (int32_t i = 0; i < 2 * n->b; i++) push(g, r, g->ints.v[n->a + i]);
+        sort_items(r->v + mark, n->b, 2, pair_order);
         Py_ssize_t out = mark;
         for (Py_ssize_t k = mark; k < r->n; k += 2) {
             if (out > mark && r->v[k] <= r->v[out - 1] + 1) {
@@ -659,31 +682,6 @@ static uint32_t key_hash(const int32_t *v, Py_ssize_t n, int32_t accept) {
     uint32_t h = 2166136261u ^ (uint32_t)accept;
     for (Py_ssize_t i = 0; i < n; i++) h = (h ^ (uint32_t)v[i]) * 16777619u;
     return h;
-}
-
-static int int_order(const void *a, const void *b) {
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
-static int triple_order(const void *a, const void *b) {
-    const int32_t *x = a, *y = b;
-    for (int i = 0; i < 3; i++) if (x[i] != y[i]) return (x[i] > y[i]) - (x[i] < y[i]);
-    return 0;
-}
-
-/* Sort n items of `width` int32s: most lists here are a few items, where an insertion
- * sort beats qsort's calls. */
-static void sort_items(int32_t *v, Py_ssize_t n, int width, int (*order)(const void *, const void *)) {
-    if (n > 16) { qsort(v, (size_t)n, (size_t)width * sizeof *v, order); return; }
-    int32_t item[3];
-    for (Py_ssize_t i = 1; i < n; i++) {
-        memcpy(item, v + i * width, (size_t)width * sizeof *v);
-        Py_ssize_t j = i;
-        for (; j > 0 && order(v + (j - 1) * width, item) > 0; j--)
-            memcpy(v + j * width, v + (j - 1) * width, (size_t)width * sizeof *v);
-        memcpy(v + j * width, item, (size_t)width * sizeof *v);
-    }
 }
 
 /* The key of kernel v[:n] (sorted, distinct) with `accept`, made if new. */

@@ -15,6 +15,10 @@ kernels are mostly single states and the construction is linear in the automaton
 result is trimmed and numbered breadth-first like every `ByteDfa`; it is not minimized
 (Moore's refinement would cost more than the construction, and the kernel construction
 is near-minimal on these grammars).
+
+Where the C kernel is built, all of this runs there (`_kernel_dfa.h`, GBNF text to table
+and disk entry, the same steps giving the identical DFA): the cold compile of a JSON
+schema is then well under a millisecond instead of ~11 ms of Python per DFA state.
 """
 
 from __future__ import annotations
@@ -348,9 +352,10 @@ def _decoded(text: str) -> ByteDfa | None:
     byte_class, accepting, table = map(base64.b64decode, parts)
     cells = zlib.decompress(table)
     count = (len(cells) - 2 * rows) // 3
+    per_row = np.frombuffer(cells, np.uint16, rows)
+    targets = np.frombuffer(cells, np.uint16, count, 2 * rows)
+    classes = np.frombuffer(cells, np.uint8, count, 2 * rows + 2 * count)
     classed = np.zeros((rows, width), np.int32)
-    classed[np.repeat(np.arange(rows), np.frombuffer(cells, np.uint16, rows)),
-            np.frombuffer(cells, np.uint8, count, 2 * rows + 2 * count)] = \
-        np.frombuffer(cells, np.uint16, count, 2 * rows)
+    classed[np.repeat(np.arange(rows), per_row), classes] = targets
     return _sealed(classed, np.frombuffer(byte_class, np.uint8).astype(np.intp),
                    np.unpackbits(np.frombuffer(accepting, np.uint8), count=rows).astype(bool))

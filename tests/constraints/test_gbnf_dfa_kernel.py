@@ -123,7 +123,7 @@ def _random_grammar(rng: random.Random) -> str:
         if kind == "l":
             return '"' + "".join(rng.choice(["a", "b", "\\n", "é", "\\\"", "ab"]) for _ in range(rng.randint(0, 3))) + '"'
         if kind == "c":
-            ranges = "".join(rng.choice(["a-c", "b", "0-9", "\\x00-\\x7f", "é-ü", "\\u4e00-\\u4e0f", "x-z"])
+            ranges = "".join(rng.choice(["a-c", "b", "0-9", "\\x00-\\x7f", "é-ü", "\\u4e00-\\u4e0f", "x-z", "z-x"])
                              for _ in range(rng.randint(1, 3)))
             return f"[{rng.choice(['', '', '^'])}{ranges}]"
         if kind == "g":
