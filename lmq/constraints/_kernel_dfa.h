@@ -855,12 +855,9 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
         int32_t *m = d->moves.v + 4 * i;
         if (live->v[m[0]] && live->v[m[3]]) cut[m[1]] = cut[m[2] + 1] = 1;
     }
-    int piece_of[256], piece_start[257], n_pieces = 0;
-    for (int c = 0; c < 256; c++) {
-        piece_of[c] = n_pieces += c && cut[c];
-        if (!c || cut[c]) piece_start[n_pieces] = c;
-    }
-    piece_start[++n_pieces] = 256;
+    int piece_of[256], n_pieces = 0;        /* pieces: the byte runs between cuts */
+    for (int c = 0; c < 256; c++) piece_of[c] = n_pieces += c && cut[c];
+    n_pieces++;
     Py_ssize_t rows = kept + 1;
     PyObject *transitions = PyBytes_FromStringAndSize(NULL, rows * 256 * (Py_ssize_t)sizeof(int32_t));
     uint16_t *pieces = malloc(sizeof *pieces * (size_t)(rows * n_pieces));   /* the table by pieces */
@@ -868,19 +865,23 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
     int32_t *all = (int32_t *)PyBytes_AS_STRING(transitions);
     uint64_t hashes[256] = {0};    /* per piece, of its column's non-DEAD cells */
     /* row by row (the moves come by source, as the rows do; row 0 is DEAD): its moves
-     * written over zeros, then read back by pieces */
+     * written over zeros, by bytes and by pieces */
     for (Py_ssize_t s = 0, i = 0; s < count; s++) {
         int32_t r = number->v[s], *out = all + 256 * (Py_ssize_t)r, kept_row = !s || live->v[s];
-        if (kept_row) memset(out, 0, 256 * sizeof *out);
+        uint16_t *piece_row = pieces + (Py_ssize_t)r * n_pieces;
+        if (kept_row) {
+            memset(out, 0, 256 * sizeof *out);
+            memset(piece_row, 0, (size_t)n_pieces * sizeof *piece_row);
+        }
         for (; i < n_moves && d->moves.v[4 * i] == s; i++) {
             int32_t *m = d->moves.v + 4 * i, to = number->v[m[3]];
             if (!kept_row || !live->v[m[3]]) continue;
             for (int c = m[1]; c <= m[2]; c++) out[c] = to;
-            for (int p = piece_of[m[1]]; p <= piece_of[m[2]]; p++)
+            for (int p = piece_of[m[1]]; p <= piece_of[m[2]]; p++) {
+                piece_row[p] = (uint16_t)to;
                 hashes[p] += ((uint64_t)r << 32 | (uint32_t)to) * 0x9E3779B97F4A7C15ull;
+            }
         }
-        if (kept_row)
-            for (int p = 0; p < n_pieces; p++) pieces[r * n_pieces + p] = (uint16_t)out[piece_start[p]];
     }
     int piece_class[256], first_piece[256], n_classes = 0;
     for (int p = 0; p < n_pieces; p++) {      /* _equal_columns: by first appearance */
@@ -911,17 +912,21 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
         const int32_t *t = (const int32_t *)PyBytes_AS_STRING(table);
         uint8_t *per_row = (uint8_t *)PyBytes_AS_STRING(cells), *target = per_row + 2 * rows,
                 *class = target + 2 * n_cells;
+        uint16_t targets[256];
+        uint8_t classes[256];
         for (Py_ssize_t r = 0; r < rows; r++) {
             int n = 0;
-            for (int c = 0; c < n_classes; c++) {
+            for (int c = 0; c < n_classes; c++) {     /* without branches: cells come at random */
                 int32_t to = t[r * n_classes + c];
-                if (!to) continue;
-                memcpy(target, &(uint16_t){(uint16_t)to}, 2);
-                target += 2;
-                *class++ = (uint8_t)c;
-                n++;
+                targets[n] = (uint16_t)to;
+                classes[n] = (uint8_t)c;
+                n += to != 0;
             }
             memcpy(per_row + 2 * r, &(uint16_t){(uint16_t)n}, 2);
+            memcpy(target, targets, 2 * (size_t)n);
+            memcpy(class, classes, (size_t)n);
+            target += 2 * n;
+            class += n;
         }
         for (int c = 0; c < 256; c++) PyBytes_AS_STRING(byte_class)[c] = (char)piece_class[piece_of[c]];
         char *flags = PyBytes_AS_STRING(accepting);
