@@ -148,8 +148,24 @@ def test_random_grammars_get_the_same_answer_from_both_routes():
     from lmq.constraints import _kernel
     rng = random.Random(7)
     decided = 0
-    for _ in range(300):
+    for _ in range(200):
         text = _random_grammar(rng)
         _assert_identical(_answer(text, _kernel), _answer(text, None))
         decided += _kernel_answer(text) not in (None, NotImplemented)
-    assert decided > 150
+    assert decided > 100
+
+
+@needs_kernel
+def test_mutated_grammars_get_the_same_answer_from_both_routes():
+    """Characters of the named grammars inserted, deleted or replaced: mostly errors,
+    which the kernel must leave to Python, the rest the same DFA."""
+    from lmq.constraints import _kernel
+    pieces = list('"[]()|*+?{},-^.#:=\\ \t\r\nabz09é') + ["::=", "\\x41", "\\u00e9", "{2,3}", "\nr1 ::= "]
+    grammars = [text for text in [*DECIDED.values(), *LEFT_TO_PYTHON.values()] if len(text) < 3000]
+    rng = random.Random(11)
+    for _ in range(400):
+        text = rng.choice(grammars)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(text) + 1)
+            text = text[:at] + rng.choice(["", rng.choice(pieces)]) + text[at + rng.randint(0, 2):]
+        _assert_identical(_answer(text, _kernel), _answer(text, None))
