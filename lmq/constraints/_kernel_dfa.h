@@ -896,38 +896,34 @@ static PyObject *classed(Gram *g, Keys *k, Dfa *d) {
         if (c == n_classes) first_piece[n_classes++] = p;
         piece_class[p] = c;
     }
-    PyObject *table = PyBytes_FromStringAndSize(NULL, rows * n_classes * (Py_ssize_t)sizeof(int32_t));
+    Py_ssize_t most = rows * n_classes;     /* cells, at most */
+    PyObject *table = PyBytes_FromStringAndSize(NULL, most * (Py_ssize_t)sizeof(int32_t));
     PyObject *byte_class = PyBytes_FromStringAndSize(NULL, 256);
     PyObject *accepting = PyBytes_FromStringAndSize(NULL, rows);
-    PyObject *cells = NULL, *result = NULL;
-    Py_ssize_t n_cells = 0;
-    if (table && byte_class && accepting) {
+    PyObject *cells = PyBytes_FromStringAndSize(NULL, 2 * rows + 3 * most), *result = NULL;
+    if (table && byte_class && accepting && cells) {
+        /* the table, and its cells: per row their count (uint16), then the targets (uint16)
+         * and classes (uint8); the classes first go to the end, the cells' count unknown */
         int32_t *t = (int32_t *)PyBytes_AS_STRING(table);
-        for (Py_ssize_t r = 0; r < rows; r++)
-            for (int c = 0; c < n_classes; c++)
-                n_cells += (t[r * n_classes + c] = pieces[r * n_pieces + first_piece[c]]) != 0;
-        cells = PyBytes_FromStringAndSize(NULL, 2 * rows + 3 * n_cells);
-    }
-    if (cells) {                   /* per row its count (uint16); the targets (uint16), classes (uint8) */
-        const int32_t *t = (const int32_t *)PyBytes_AS_STRING(table);
         uint8_t *per_row = (uint8_t *)PyBytes_AS_STRING(cells), *target = per_row + 2 * rows,
-                *class = target + 2 * n_cells;
-        uint16_t targets[256];
-        uint8_t classes[256];
+                *classes = target + 2 * most, *class = classes;
         for (Py_ssize_t r = 0; r < rows; r++) {
-            int n = 0;
+            uint8_t *first = class;
             for (int c = 0; c < n_classes; c++) {     /* without branches: cells come at random */
-                int32_t to = t[r * n_classes + c];
-                targets[n] = (uint16_t)to;
-                classes[n] = (uint8_t)c;
-                n += to != 0;
+                uint16_t to = pieces[r * n_pieces + first_piece[c]];
+                t[r * n_classes + c] = to;
+                memcpy(target, &to, 2);
+                *class = (uint8_t)c;
+                target += 2 * (to != 0);
+                class += to != 0;
             }
-            memcpy(per_row + 2 * r, &(uint16_t){(uint16_t)n}, 2);
-            memcpy(target, targets, 2 * (size_t)n);
-            memcpy(class, classes, (size_t)n);
-            target += 2 * n;
-            class += n;
+            memcpy(per_row + 2 * r, &(uint16_t){(uint16_t)(class - first)}, 2);
         }
+        Py_ssize_t n_cells = class - classes;
+        memmove(per_row + 2 * rows + 2 * n_cells, classes, (size_t)n_cells);
+        if (_PyBytes_Resize(&cells, 2 * rows + 3 * n_cells) < 0) cells = NULL;
+    }
+    if (table && byte_class && accepting && cells) {
         for (int c = 0; c < 256; c++) PyBytes_AS_STRING(byte_class)[c] = (char)piece_class[piece_of[c]];
         char *flags = PyBytes_AS_STRING(accepting);
         flags[0] = 0;
