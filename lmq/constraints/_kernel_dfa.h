@@ -71,7 +71,7 @@ INLINE void push(Gram *g, IVec *a, int32_t x) {
     a->v[a->n++] = x;
 }
 
-static void push3(Gram *g, IVec *a, int32_t x, int32_t y, int32_t z) {
+INLINE void push3(Gram *g, IVec *a, int32_t x, int32_t y, int32_t z) {
     push(g, a, x); push(g, a, y); push(g, a, z);
 }
 
@@ -103,7 +103,7 @@ INLINE void state_push(Gram *g, IVec *a, int32_t x) {
     a->v[a->n++] = x;
 }
 
-static void state_push3(Gram *g, IVec *a, int32_t x, int32_t y, int32_t z) {
+INLINE void state_push3(Gram *g, IVec *a, int32_t x, int32_t y, int32_t z) {
     state_push(g, a, x); state_push(g, a, y); state_push(g, a, z);
 }
 
