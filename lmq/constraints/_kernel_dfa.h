@@ -763,8 +763,8 @@ static void moves_of(Gram *g, Keys *k, int32_t key, int32_t final, IVec *edges, 
             int32_t accept = 0, covered = 0;
             for (Py_ssize_t i = 0; i < count; i++) {
                 if (edges->v[3 * i] > low || edges->v[3 * i + 1] < c - 1) continue;
-                int32_t key = reach(g, k, edges->v[3 * i + 2], final);    /* may move `keys` */
-                int32_t *m = k->keys.v + 3 * key;
+                int32_t part = reach(g, k, edges->v[3 * i + 2], final);   /* may move `keys` */
+                int32_t *m = k->keys.v + 3 * part;
                 covered = 1;
                 accept |= m[2];
                 for (int32_t j = 0; j < m[1]; j++) push(g, u, k->members.v[m[0] + j]);
