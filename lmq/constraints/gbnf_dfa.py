@@ -52,6 +52,12 @@ def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
     return _built(grammar.text, lambda: grammar)[0]
 
 
+def text_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
+    """`grammar_dfa` of GBNF `text` (`owner` names it in errors), which the kernel parses
+    itself: the Python parse only where the kernel leaves the grammar to Python."""
+    return _built(text, lambda: g.parse_gbnf(text, owner=owner))[0]
+
+
 def _built(text: str, parsed: Callable[[], g.Grammar]) -> tuple[ByteDfa | None, bytes | None]:
     """`grammar_dfa` of GBNF `text`, with its table's `_cells` where the kernel wrote them:
     from the compiled kernel, which parses and checks the text itself (the whole cold
