@@ -434,6 +434,8 @@ static PyObject *kernel_trie_walk(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+#include "_kernel_dfa.h"
+
 /* The instruction sets this CPU can run, best first. */
 static int supported(const char *name) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -474,6 +476,9 @@ static PyMethodDef methods[] = {
      "trie_walk(transitions, byte, child_start, lo, exact, roots, state, out): out[p] = 1 for "
      "the sorted positions of the tokens alive from `state`"},
     {"use", kernel_use, METH_O, "use(name): the loops of instruction set `name` from now on"},
+    {"grammar_dfa", kernel_grammar_dfa, METH_VARARGS,
+     "grammar_dfa(text, bound, most_nfa_states, max_rules, max_depth, character_utf8) -> "
+     "(table, classes, byte_class, accepting, transitions, cells), None or NotImplemented (see _kernel_dfa.h)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",

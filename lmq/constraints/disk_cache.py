@@ -25,8 +25,11 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
     renamed over it (nothing is written when the directory cannot be made)."""
     directory = os.path.dirname(path)
     try:
-        os.makedirs(directory, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        try:
+            handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        except FileNotFoundError:        # made only when missing: a mkdir costs as much as a write
+            os.makedirs(directory, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
     except OSError:
         return
     try:

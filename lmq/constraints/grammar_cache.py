@@ -24,8 +24,9 @@ from typing import Callable
 from lmq.constraints import limits
 from lmq.constraints.disk_cache import cache_directory, write_atomically
 
-#: bump when lmq's GBNF check or Lark translation changes: older entries are then ignored
-FORMAT_VERSION = 1
+#: bump when lmq's GBNF check, Lark translation or DFA encoding changes: older entries
+#: are then ignored
+FORMAT_VERSION = 2
 _made_by: str | None = None
 
 

@@ -23,7 +23,7 @@ from lmq.constraints import byte_dfa as fa
 from lmq.constraints import token_choice
 from lmq.constraints.char_budget import CharBudgetAutomaton
 from lmq.constraints.gbnf import Grammar, parse_gbnf
-from lmq.constraints.gbnf_dfa import cached_grammar_dfa, grammar_dfa
+from lmq.constraints.gbnf_dfa import cached_grammar_dfa, text_grammar_dfa
 from lmq.constraints.gbnf_export import dfa_to_gbnf
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton, grammar_lark
 from lmq.constraints.languages import (LanguageKey, character_budget, key_from_json, key_to_json,
@@ -158,10 +158,10 @@ def compile_constraint(plan: HolePlan) -> CompiledConstraint | None:
     grammar is translated here, not read from the grammar cache on disk: a server's
     compile budget bounds this work, whatever an earlier process left there."""
     if plan.grammar is not None:
-        grammar = grammar_of(plan.grammar, plan.name)
-        dfa = grammar_dfa(grammar)
+        dfa = text_grammar_dfa(plan.grammar, plan.name)      # parsed in Python only if needed
         if dfa is not None:
             return CompiledConstraint(dfa=dfa)
+        grammar = grammar_of(plan.grammar, plan.name)
         return CompiledConstraint(grammar=grammar, lark=grammar_lark(grammar))
     if plan.language is None:
         return None

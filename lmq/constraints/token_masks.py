@@ -191,7 +191,6 @@ class DfaTokenAutomaton:
         self._filterable: np.ndarray | None = None  # per state: only loops or dies, by whole groups
         self._filtering = False                     # some state is filterable
         self._open_words: dict[int, tuple[int, int, bool]] = {}
-        self._looping: list[bool] | None = None
         self._walked = 0                         # (node, state) pairs of the current walk
         self._patterns: ClassPatterns | None | bool = None   # False: too many byte classes
         self._views = index.views
@@ -374,12 +373,8 @@ class DfaTokenAutomaton:
         """`_open_groups` of one state, as two Python ints and whether it is filterable
         (all groups, without looking further, when the state has no loop, as in most
         states of an option list)."""
-        if self._looping is None:
-            transitions = self.dfa.transitions
-            loops = transitions == np.arange(len(transitions))[:, None]
-            self._looping = loops.any(axis=1).tolist()
         opened = (*ALL_GROUPS, False)
-        if self._looping[state]:
+        if (self.dfa.transitions[state] == state).any():     # per state: a first mask meets few
             (low, high), filterable = _open_groups(self.dfa.transitions, np.array([state]))
             opened = (int(low[0]), int(high[0]), bool(filterable[0]))
         self._open_words[state] = opened

@@ -223,7 +223,7 @@ def test_a_dfa_is_kept_on_disk_and_read_back_without_building(cache_home, monkey
     first = cached_grammar_dfa(gbnf, "JSON")
     assert cached_grammar_dfa(json_constraint(RECURSIVE).gbnf, "JSON") is None
     clear_caches()                                  # a new process: only the disk is left
-    monkeypatch.setattr(gbnf_dfa, "grammar_dfa", lambda grammar: pytest.fail("rebuilt"))
+    monkeypatch.setattr(gbnf_dfa, "_built", lambda text, parsed: pytest.fail("rebuilt"))
     again = cached_grammar_dfa(gbnf, "JSON")
     assert np.array_equal(again.transitions, first.transitions)
     assert np.array_equal(again.accepting, first.accepting)
