@@ -331,10 +331,10 @@ def test_large_walks_of_many_class_dfas_run_in_the_kernel_with_equal_masks(gguf_
         with token_choice.numpy_fallback():
             assert np.array_equal(with_numpy.mask(state).allowed, mask.allowed)
         assert mask.allowed.tolist() == column_walk.mask(dfa, state)
-    assert bool(compiled) == token_choice.KERNEL_BUILT
+    assert bool(compiled) == (token_choice.KERNEL is not None)     # LMQ_NO_KERNEL=1: numpy walks
 
 
-@pytest.mark.skipif(not token_choice.KERNEL_BUILT, reason="the compiled kernel is not built")
+@pytest.mark.skipif(token_choice.KERNEL is None, reason="the compiled kernel is not built or not in use")
 def test_the_kernels_trie_walk_refuses_inconsistent_arrays():
     index = VocabularyIndex.build((b"a", b"ab", b"b"))
     table = np.zeros((2, 256), np.int32)
@@ -422,10 +422,10 @@ def test_one_cache_per_vocabulary_held_weakly_and_cleared_of_compiled_constraint
     assert fresh.automaton is not plan.automaton
 
     gone = weakref.ref(cache)
-    count = len(caches._caches)
+    key = id(vocabulary)
     del vocabulary, plan, again, fresh, cache
-    gc.collect()
-    assert gone() is None and len(caches._caches) == count - 1
+    gc.collect()             # (may also collect other tests' vocabularies: the count is not checked)
+    assert gone() is None and key not in caches._caches
 
 
 def test_a_corrupt_cache_file_is_rebuilt(tmp_path, monkeypatch):
