@@ -9,12 +9,13 @@
  * Candidates of a step: the tokens of the mask (a sorted int32 id list, a packed uint32
  * bit row with bit t % 32 of word t / 32 set when token t is allowed, or every token when
  * there is no mask), plus the `allow` ids, less the `hidden` ids. The hot loops
- work on 32 tokens (one mask word) at a time: written with GCC vector extensions
- * (_kernel_loops.h, compiled for AVX2 and the baseline) and with AVX-512 (F and DQ) intrinsics
- * (_kernel_avx512.h: a mask word's halves are the lane masks); the best set the CPU
- * supports is chosen when the module loads, so the binary stays portable. exp is a
- * polynomial (Cephes', relative error ~1e-7); sums are float32 lanes flushed to double
- * every FLUSH_WORDS words.
+ * work on 32 tokens (one mask word) at a time: written with GCC vector extensions
+ * (_kernel_loops.h, compiled for AVX2 and the baseline: exp a polynomial, Cephes',
+ * relative error ~1e-7; float32 lane sums flushed to double every FLUSH_WORDS words) and
+ * with AVX-512 (F and DQ) intrinsics (_kernel_avx512.h: a mask word's halves are the lane
+ * masks; the pick and its normalizer in one pass, exp from a table and a degree-2
+ * polynomial); the best set the CPU supports is chosen when the module loads, so the
+ * binary stays portable.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

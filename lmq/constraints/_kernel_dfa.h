@@ -12,8 +12,8 @@
 
 enum { DFA_NONE = 1, DFA_PYTHON, DFA_ERROR };     /* why a build stopped (longjmp) */
 enum { N_LIT, N_CLASS, N_ANY, N_REF, N_REPEAT, N_SEQ, N_CHOICE };
-#define MAX_REPETITIONS 2000
-#define MAX_CODE_POINT 0x10FFFF
+#define MAX_REPETITIONS 2000        /* gbnf.MAX_REPETITIONS (llama.cpp's limit) */
+#define MAX_CODE_POINT 0x10FFFF     /* gbnf.MAX_CODE_POINT */
 #define MAX_FRAGMENT_DEPTH 300     /* deeper: Python's builder might overflow its stack */
 
 typedef struct { int32_t *v; Py_ssize_t n, cap; } IVec;

@@ -55,7 +55,11 @@ def grammar_dfa(grammar: g.Grammar) -> ByteDfa | None:
 def text_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
     """`grammar_dfa` of GBNF `text` (`owner` names it in errors), which the kernel parses
     itself: the Python parse only where the kernel leaves the grammar to Python."""
-    return _built(text, lambda: g.parse_gbnf(text, owner=owner))[0]
+    return _text_built(text, owner)[0]
+
+
+def _text_built(text: str, owner: str) -> tuple[ByteDfa | None, bytes | None]:
+    return _built(text, lambda: g.parse_gbnf(text, owner=owner))
 
 
 def _built(text: str, parsed: Callable[[], g.Grammar]) -> tuple[ByteDfa | None, bytes | None]:
@@ -99,7 +103,7 @@ def cached_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
     built: list[ByteDfa | None] = []
 
     def build() -> str:
-        dfa, cells = _built(text, lambda: g.parse_gbnf(text, owner=owner))
+        dfa, cells = _text_built(text, owner)
         built.append(dfa)
         return _encoded(dfa, cells)
 

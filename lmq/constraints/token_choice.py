@@ -17,8 +17,9 @@ Id arrays are sorted int64 (other dtypes are converted on each call).
   out, for a uniform number the caller's random stream gave (several rows in one call);
 - `log_normalizer`: log Σ exp of a plain row.
 
-Each runs in the compiled kernel (`_kernel.c`, built by setup.py: one pass over the row
-for the choice, one more for the normalizer, vectorised) when it is built, else in numpy
+Each runs in the compiled kernel (`_kernel.c`, built by setup.py, vectorised: the choice
+and its normalizer in one pass over the row with AVX-512, in two with AVX2 or the
+baseline) when it is built, else in numpy
 with the same result: the same tokens (a draw may differ only where its uniform number
 falls within rounding of a boundary), normalizers within 1e-5 relative. `LMQ_NO_KERNEL=1`
 in the environment forces numpy.
