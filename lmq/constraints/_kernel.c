@@ -441,6 +441,8 @@ static PyObject *kernel_trie_walk(PyObject *self, PyObject *args) {
 static int supported(const char *name) {
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
+    if (!strcmp(name, "avx512vbmi2"))
+        return supported("avx512") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi2");
     if (!strcmp(name, "avx512")) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
     if (!strcmp(name, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
@@ -449,13 +451,14 @@ static int supported(const char *name) {
 
 static const Loops *loops_of(const char *name) {
 #if defined(__x86_64__) && defined(__GNUC__)
+    if (!strcmp(name, "avx512vbmi2")) return &loops_avx512vbmi2;
     if (!strcmp(name, "avx512")) return &loops_avx512;
     if (!strcmp(name, "avx2")) return &loops_avx2;
 #endif
     return &loops_base;
 }
 
-static const char *NAMES[] = {"avx512", "avx2", "baseline"};
+static const char *NAMES[] = {"avx512vbmi2", "avx512", "avx2", "baseline"};
 
 /* use(name): run the loops of instruction set `name` from now on (tests cover each). */
 static PyObject *kernel_use(PyObject *self, PyObject *arg) {

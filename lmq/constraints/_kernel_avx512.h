@@ -121,10 +121,12 @@ static void load_block(const Words *c, Py_ssize_t first, Py_ssize_t *next, Block
 }
 
 /* What a pass computes: the best alone, or with the normalizer over compacted
- * candidates, or over the candidates in place, or a draw's sums per DRAW_WORDS words (a
- * constant argument of the always-inline functions below, so that each pass compiles to
- * its own loop). */
-enum { BEST_ONLY, SUM_COMPACTED, SUM_IN_PLACE, SUM_DRAW };
+ * candidates (compacted a byte of the mask at a time, or a word at a time where the CPU
+ * has AVX512_VBMI2), or over the candidates in place, or a draw's sums per DRAW_WORDS
+ * words (a constant argument of the always-inline functions below, so that each pass
+ * compiles to its own loop). */
+enum { BEST_ONLY, SUM_COMPACTED, SUM_COMPRESSED, SUM_IN_PLACE, SUM_DRAW };
+#define COMPACTS(pass) ((pass) == SUM_COMPACTED || (pass) == SUM_COMPRESSED)
 
 /* A block's exponentials still to sum, against the running maximum of the blocks up to
  * it: its candidates' scores compacted (`kept`, `n` of them) or its words. */
@@ -138,13 +140,13 @@ typedef struct {
 
 /* How many `pending_step`s sum a pending block, all of them whole. */
 LOCAL512 Py_ssize_t pending_steps(const Pending *p, const int pass) {
-    return pass == SUM_COMPACTED ? p->n / 16 : p->block->words;
+    return COMPACTS(pass) ? p->n / 16 : p->block->words;
 }
 
 /* `sum` plus the weights of step `step` of a pending block: 16 compacted scores or one
  * word (SUM_DRAW: the sum written to its group once the group's last word is in, then 0) */
 LOCAL512 __m512 pending_step(const Pending *p, Py_ssize_t step, __m512 sum, Exp2Table table, const int pass) {
-    if (pass == SUM_COMPACTED)
+    if (COMPACTS(pass))
         return add_weights(sum, _mm512_loadu_ps(p->kept + 16 * step), 0xFFFF, p->factor, p->offset, table);
     uint32_t bits = p->block->bits[step];
     const float *row = p->block->row + 32 * step;
@@ -161,7 +163,7 @@ LOCAL512 __m512 pending_step(const Pending *p, Py_ssize_t step, __m512 sum, Exp2
 
 /* `sum` plus the rest of a pending block after its whole steps */
 LOCAL512 __m512 pending_rest(const Pending *p, __m512 sum, Exp2Table table, const int pass) {
-    Py_ssize_t left = pass == SUM_COMPACTED ? p->n % 16 : 0;
+    Py_ssize_t left = COMPACTS(pass) ? p->n % 16 : 0;
     if (!left) return sum;
     __mmask16 keep = (__mmask16)((1u << left) - 1u);
     return add_weights(sum, _mm512_maskz_loadu_ps(keep, p->kept + p->n - left), keep, p->factor, p->offset,
@@ -189,6 +191,34 @@ LOCAL512 int compact8(float *out, const float *x, uint8_t m) {
     return __builtin_popcount(m);
 }
 
+/* The positions (0-31) of the bits set in `bits`, in order, as bytes (then zeros): one
+ * vpcompressb (AVX512_VBMI2) of the bytes 0..31. Written in assembly so that the AVX-512
+ * loops stay compiled for F and DQ alone: only the loops of "avx512vbmi2" run it. */
+LOCAL512 __m256i set_positions(uint32_t bits) {
+    const __m256i iota = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+                                          20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+    __m256i positions;
+    __asm__("kmovd %[bits], %%k1\n\tvpcompressb %[iota], %[positions]%{%%k1%}%{z%}"
+            : [positions] "=v"(positions) : [iota] "v"(iota), [bits] "r"(bits) : "k1");
+    return positions;
+}
+
+/* compact8 for a whole mask word (32 lanes at `x`; up to 16 more lanes may be written):
+ * the word's two vectors permuted by its set bits' positions, one 16-lane store where at
+ * most 16 are set (a second past that). A third of compact8's instructions and half its
+ * stores: a dense [a-z ]+ step 1.1 µs (8%) faster on Zen 4. */
+LOCAL512 int compress32(float *out, const float *x, uint32_t bits) {
+    __m256i positions = set_positions(bits);
+    __m512 low = _mm512_loadu_ps(x), high = _mm512_loadu_ps(x + 16);
+    _mm512_storeu_ps(out, _mm512_permutex2var_ps(low, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(positions)),
+                                                 high));
+    int count = __builtin_popcount(bits);
+    if (count > 16)
+        _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(
+            low, _mm512_cvtepu8_epi32(_mm256_extracti128_si256(positions, 1)), high));
+    return count;
+}
+
 /* The running per-lane maxima over block `b`'s candidates (SUM_COMPACTED: their scores
  * compacted into `kept`, the maxima taken over those), while the previous block's exponentials
  * (`pending`, or none) are summed into *sum: that arithmetic runs while this block's
@@ -206,6 +236,10 @@ LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, floa
         if (pass != BEST_ONLY && step < steps) s = pending_step(&p, step++, s, table, pass);
         uint32_t bits = words[j];
         if (!bits) continue;
+        if (pass == SUM_COMPRESSED) {
+            n += compress32(kept + n, row + 32 * j, bits);
+            continue;
+        }
         if (pass == SUM_COMPACTED) {
             for (int part = 0; part < 4; part++)
                 n += compact8(kept + n, row + 32 * j + 8 * part, (uint8_t)(bits >> (8 * part)));
@@ -215,7 +249,7 @@ LOCAL512 Py_ssize_t block_max(const Block *b, __m512 *best0, __m512 *best1, floa
         low_best = _mm512_mask_max_ps(low_best, (__mmask16)bits, x0, low_best);
         high_best = _mm512_mask_max_ps(high_best, (__mmask16)(bits >> 16), x1, high_best);
     }
-    if (pass == SUM_COMPACTED) {    /* the maxima over the compacted scores, in L1: fewer vectors */
+    if (COMPACTS(pass)) {    /* the maxima over the compacted scores, in L1: fewer vectors */
         Py_ssize_t i = 0;
         for (; i + 32 <= n; i += 32) {
             low_best = _mm512_max_ps(low_best, _mm512_loadu_ps(kept + i));
@@ -264,7 +298,7 @@ LOCAL512 Py_ssize_t best_pass(const Words *c, float *top, double *total, const i
     const Py_ssize_t words = (c->size + 31) / 32;
     const Exp2Table table = exp2_table();
     Block blocks[2];
-    float room[2][pass == SUM_COMPACTED ? BLOCK_WORDS * 32 + 32 : 1] __attribute__((aligned(64)));
+    float room[2][COMPACTS(pass) ? BLOCK_WORDS * 32 + 32 : 1] __attribute__((aligned(64)));
     __m512 best0 = _mm512_set1_ps(-INFINITY), best1 = best0;
     float m = -INFINITY;
     double sum = 0.0;
@@ -311,11 +345,16 @@ LOCAL512 Py_ssize_t best_pass(const Words *c, float *top, double *total, const i
     }
 PASS(best_alone, BEST_ONLY)
 PASS(best_compacted, SUM_COMPACTED)
+PASS(best_compressed, SUM_COMPRESSED)
 PASS(best_in_place, SUM_IN_PLACE)
 
 T512 static Py_ssize_t words_best_avx512(const Words *c, float *top, double *total, int compact) {
     if (!total) return best_alone(c, top, NULL);
     return compact ? best_compacted(c, top, total) : best_in_place(c, top, total);
+}
+
+T512 static Py_ssize_t words_best_avx512vbmi2(const Words *c, float *top, double *total, int compact) {
+    return total && compact ? best_compressed(c, top, total) : words_best_avx512(c, top, total, compact);
 }
 
 /* `draw_sums` in one pass (best_pass's SUM_DRAW), then each block's sums scaled from its
@@ -368,3 +407,4 @@ T512 static void block_weights_avx512(const Words *c, Py_ssize_t block, float to
 }
 
 static const Loops loops_avx512 = {words_best_avx512, draw_sums_avx512, block_weights_avx512};
+static const Loops loops_avx512vbmi2 = {words_best_avx512vbmi2, draw_sums_avx512, block_weights_avx512};
