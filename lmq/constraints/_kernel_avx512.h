@@ -32,11 +32,15 @@ LOCAL512 Exp2Table exp2_table(void) {
     return (Exp2Table){_mm512_loadu_si512(EXP2_TABLE), _mm512_loadu_si512(EXP2_TABLE + 16)};
 }
 
-/* 2^(u / 32) for u >= EXP_FLOOR (others: unspecified). With k = round(u) (the low bits
- * of u + 1.5 * 2^23) and r = u - k (one vreduceps, AVX512DQ: the same value as
- * u - (y - 1.5 * 2^23) in one instruction instead of two, 5% of a dense step): 2^(k / 32) has the bits of 2^(j / 32), j = k & 31,
- * plus (k >> 5) << 23, which is the table's entry plus k << 18; 2^(r / 32) = 1 + r p(r). */
-LOCAL512 __m512 exp2_32nds(__m512 u, Exp2Table table) {
+/* 2^(u / 32) for u >= EXP_FLOOR (others: unspecified) as the product scale * poly, left
+ * for the caller's sum to take in one fused multiply-add (one instruction of ten fewer: a
+ * dense in-place step 8% faster). With k = round(u) (the low bits of u + 1.5 * 2^23) and
+ * r = u - k (one vreduceps, AVX512DQ: the same value as u - (y - 1.5 * 2^23) in one
+ * instruction instead of two): 2^(k / 32) has the bits of 2^(j / 32), j = k & 31, plus
+ * (k >> 5) << 23, which is the table's entry plus k << 18; 2^(r / 32) = 1 + r p(r). */
+typedef struct { __m512 scale, poly; } Exp2;
+
+LOCAL512 Exp2 exp2_32nds(__m512 u, Exp2Table table) {
     const __m512 shifter = _mm512_set1_ps(12582912.0f);
     __m512 y = _mm512_add_ps(u, shifter);
     __m512 r = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -44,7 +48,7 @@ LOCAL512 __m512 exp2_32nds(__m512 u, Exp2Table table) {
     __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_permutex2var_epi32(table.low, k, table.high),
                                                         _mm512_slli_epi32(k, 18)));
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(2.34596184e-4f), r, _mm512_set1_ps(2.16611661e-2f));
-    return _mm512_fmadd_ps(scale, _mm512_mul_ps(r, p), scale);
+    return (Exp2){scale, _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f))};
 }
 
 /* u = (x - top) * scale * 32 / ln 2 as x * factor + offset */
@@ -68,7 +72,8 @@ LOCAL512 __m512 add_weights(__m512 sum, __m512 x, __mmask16 keep, __m512 factor,
                             Exp2Table table) {
     __m512 u = _mm512_fmadd_ps(x, factor, offset);
     keep = _mm512_mask_cmp_ps_mask(keep, u, _mm512_set1_ps(EXP_FLOOR), _CMP_GE_OQ);
-    return _mm512_mask_add_ps(sum, keep, sum, exp2_32nds(u, table));
+    Exp2 e = exp2_32nds(u, table);
+    return _mm512_mask3_fmadd_ps(e.scale, e.poly, sum, keep);
 }
 
 /* exp((x - top) * scale) of the 16 entries at `row` where `keep`, 0 elsewhere */
