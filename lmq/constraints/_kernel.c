@@ -14,8 +14,9 @@
  * relative error ~1e-7; float32 lane sums flushed to double every FLUSH_WORDS words) and
  * with AVX-512 (F and DQ) intrinsics (_kernel_avx512.h: a mask word's halves are the lane
  * masks; the pick and its normalizer in one pass, exp from a table and a degree-2
- * polynomial); the best set the CPU supports is chosen when the module loads, so the
- * binary stays portable.
+ * polynomial; where the CPU also has AVX512_VBMI2, "avx512vbmi2", a dense mask's
+ * candidates are compacted a word at a time); the best set the CPU supports is chosen
+ * when the module loads, so the binary stays portable.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
