@@ -9,5 +9,5 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "lmq.constraints._kernel", ["lmq/constraints/_kernel.c"],
     depends=["lmq/constraints/_kernel_loops.h", "lmq/constraints/_kernel_avx512.h",
-             "lmq/constraints/_kernel_dfa.h"], optional=True,
+             "lmq/constraints/_kernel_dfa.h", "lmq/constraints/_kernel_options.h"], optional=True,
     extra_compile_args=[] if sys.platform == "win32" else ["-O3", "-std=gnu11", "-Wno-psabi"])])

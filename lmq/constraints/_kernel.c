@@ -437,6 +437,7 @@ static PyObject *kernel_trie_walk(PyObject *self, PyObject *args) {
 }
 
 #include "_kernel_dfa.h"
+#include "_kernel_options.h"
 
 /* The instruction sets this CPU can run, best first. */
 static int supported(const char *name) {
@@ -484,6 +485,9 @@ static PyMethodDef methods[] = {
     {"grammar_dfa", kernel_grammar_dfa, METH_VARARGS,
      "grammar_dfa(text, bound, most_nfa_states, max_rules, max_depth, character_utf8) -> "
      "(table, classes, byte_class, accepting, transitions, cells), None or NotImplemented (see _kernel_dfa.h)"},
+    {"options_dfa", kernel_options_dfa, METH_VARARGS,
+     "options_dfa(words, most_trie_nodes) -> (table, classes, byte_class, accepting) or NotImplemented "
+     "(see _kernel_options.h)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel",

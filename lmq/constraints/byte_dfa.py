@@ -233,6 +233,14 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
     words = sorted(set(_option_bytes(strings)))
     if not words:
         return empty()
+    compiled = _compiled_options()
+    if compiled is not None:
+        built = compiled(words, OPTION_NODES_PER_STATE * limits.MAX_STATES)
+        if built is not NotImplemented:            # else past the bound: named below
+            table, classes, byte_class, accepting = built
+            return _seal(np.frombuffer(table, np.int32).reshape(-1, classes),
+                         np.frombuffer(byte_class, np.int32).astype(np.intp),
+                         np.frombuffer(accepting, np.bool_), np.zeros(len(accepting), bool), 1)
     radix = _radix_tree(words)
     node_class: list[int] = [0] * len(radix)
     signatures: dict[tuple, int] = {}
@@ -276,6 +284,14 @@ def options(strings: Iterable[bytes]) -> ByteDfa:
     table = transitions[:, first]
     table[:, 0] = DEAD
     return _seal(table, byte_class, np.array(accepting), np.zeros(count, bool), 1)
+
+
+def _compiled_options():
+    """The kernel's `options` (`_kernel_options.h`: the same automaton, cell for cell)
+    where the kernel is in use (`token_choice.KERNEL`; None without a build or under
+    `LMQ_NO_KERNEL=1`), else None."""
+    from lmq.constraints import token_choice      # it imports this module
+    return getattr(token_choice.KERNEL, "options_dfa", None)
 
 
 def _option_bytes(strings: Iterable[bytes]) -> Iterator[bytes]:
