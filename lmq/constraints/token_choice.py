@@ -31,11 +31,12 @@ import math
 import os
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from lmq.constraints.token_masks import TokenMask
+if TYPE_CHECKING:         # only a type here: the modules building masks import this one
+    from lmq.constraints.token_masks import TokenMask
 
 try:
     from lmq.constraints import _kernel as _compiled

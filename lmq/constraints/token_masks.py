@@ -33,6 +33,7 @@ from functools import cached_property
 import numpy as np
 
 from lmq.backends.base import Vocabulary
+from lmq.constraints import token_choice
 from lmq.constraints.byte_dfa import ByteDfa, forced_bytes
 from lmq.constraints.class_patterns import ClassPatterns, class_patterns
 from lmq.constraints.token_budget import BudgetLengths, TokenWindow
@@ -419,7 +420,7 @@ class DfaTokenAutomaton:
             if self._over_budget():
                 return None
             if pairs is None and len(nodes) > COMPILED_WALK_PAIRS and not self._few_classes:
-                walk = _compiled_walk()
+                walk = getattr(token_choice.KERNEL, "trie_walk", None)
                 if walk is not None:
                     return self._compiled_allowed(walk, state)
             if pairs is None and len(nodes) <= PYTHON_FRONTIER:
@@ -580,13 +581,6 @@ class DfaTokenAutomaton:
             node, state = small.pop()
             visit(node, state, small)
         return following
-
-
-def _compiled_walk():
-    """The compiled trie walk where the kernel is in use (`token_choice.KERNEL`, which a
-    build without a compiler or `LMQ_NO_KERNEL=1` leaves None), else None."""
-    from lmq.constraints import token_choice      # it imports this module
-    return getattr(token_choice.KERNEL, "trie_walk", None)
 
 
 def _open_groups(transitions: np.ndarray, states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
