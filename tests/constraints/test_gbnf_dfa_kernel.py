@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lmq.constraints import gbnf_dfa, limits, token_choice
+from lmq.constraints.byte_dfa import ByteDfa
 from lmq.constraints.gbnf import parse_gbnf
 from lmq.constraints.json_schema import json_constraint
 from lmq.errors import ConstraintError
@@ -86,10 +87,15 @@ def _assert_identical(compiled, python) -> None:
     entry = gbnf_dfa._encoded(dfa, cells)
     assert entry == gbnf_dfa._encoded(expected)
     for got in (dfa, gbnf_dfa._decoded(entry)):
-        for array, expected_array in ((got.transitions, expected.transitions), (got.accepting, expected.accepting),
-                                      (got.exits, expected.exits), *zip(got.byte_classes, expected.byte_classes)):
-            assert array.dtype == expected_array.dtype and np.array_equal(array, expected_array)
-        assert got.initial == expected.initial
+        assert_same_automaton(got, expected)
+
+
+def assert_same_automaton(got: ByteDfa, expected: ByteDfa) -> None:
+    """Every array the same, dtypes included, and the same initial state."""
+    for array, expected_array in ((got.transitions, expected.transitions), (got.accepting, expected.accepting),
+                                  (got.exits, expected.exits), *zip(got.byte_classes, expected.byte_classes)):
+        assert array.dtype == expected_array.dtype and np.array_equal(array, expected_array)
+    assert got.initial == expected.initial
 
 
 @needs_kernel

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 
 from lmq.constraints import byte_dfa as fa
 from lmq.constraints import limits, token_choice
 from lmq.errors import ConstraintTooLarge
+from test_gbnf_dfa_kernel import assert_same_automaton
 
 needs_kernel = pytest.mark.skipif(not token_choice.KERNEL_BUILT,
                                   reason="checked by test_the_kernel_is_built_in_this_install")
@@ -36,20 +36,13 @@ def _both(items: list[bytes]) -> tuple[fa.ByteDfa, fa.ByteDfa]:
         return compiled, fa.options(items)
 
 
-def _assert_identical(got: fa.ByteDfa, expected: fa.ByteDfa) -> None:
-    for array, expected_array in ((got.transitions, expected.transitions), (got.accepting, expected.accepting),
-                                  (got.exits, expected.exits), *zip(got.byte_classes, expected.byte_classes)):
-        assert array.dtype == expected_array.dtype and np.array_equal(array, expected_array)
-    assert got.initial == expected.initial
-
-
 @needs_kernel
 @pytest.mark.parametrize("name", list(NAMED))
 def test_the_kernel_builds_the_python_routes_automaton(name):
     from lmq.constraints import _kernel
     words = sorted(set(NAMED[name]))
     assert _kernel.options_dfa(words, fa.OPTION_NODES_PER_STATE * limits.MAX_STATES) is not NotImplemented
-    _assert_identical(*_both(NAMED[name]))
+    assert_same_automaton(*_both(NAMED[name]))
 
 
 @needs_kernel
@@ -61,7 +54,7 @@ def test_random_option_lists_get_the_same_automaton_from_both_routes():
         if rng.random() < 0.5:
             suffix = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 5)))
             items = [item + suffix for item in items]
-        _assert_identical(*_both(items))
+        assert_same_automaton(*_both(items))
 
 
 @needs_kernel
