@@ -224,7 +224,7 @@ LOCAL512 int compress32(float *out, const float *x, uint32_t bits) {
     return count;
 }
 
-/* The running per-lane maxima over block `b`'s candidates (SUM_COMPACTED: their scores
+/* The running per-lane maxima over block `b`'s candidates (COMPACTS(pass): their scores
  * compacted into `kept`, the maxima taken over those), while the previous block's exponentials
  * (`pending`, or none) are summed into *sum: that arithmetic runs while this block's
  * loads wait on L2. */

@@ -1,6 +1,6 @@
 /* A list of options as its minimal byte DFA, compiled: byte_dfa.options' automaton, cell
- * for cell (the cold compile of `X in [...]`: a Python loop per state there, a few
- * microseconds here).
+ * for cell (the cold compile of `X in [...]`: a Python loop per state there; here 12 µs
+ * for 16 sentences of about 140 bytes, against 0.28 ms).
  *
  * The options' trie (words sorted, so a node's children come in byte order and every
  * node after its parent), its nodes merged from the leaves up, two being equal when both
