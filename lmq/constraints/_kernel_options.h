@@ -53,36 +53,31 @@ static int32_t merge(Trie *t, int32_t n) {
     }
 }
 
-/* The trie of sorted distinct `words` (n of them), or -1 when it would pass `most` nodes. */
+/* The trie of sorted distinct `words` (n of them), or -1 when it would pass `most` nodes:
+ * each word's prefix in common with the one before is measured once, first to count the
+ * nodes (byte_dfa._radix_tree's count), then to branch there. */
 static int32_t build_trie(Trie *t, PyObject *const *words, Py_ssize_t n, Py_ssize_t most) {
-    Py_ssize_t total = 1, longest = 0;
-    const char *previous = "";
-    Py_ssize_t previous_len = 0;
-    for (Py_ssize_t w = 0; w < n; w++) {           /* byte_dfa._radix_tree's count */
-        const char *s = PyBytes_AS_STRING(words[w]);
-        Py_ssize_t len = PyBytes_GET_SIZE(words[w]), common = 0;
-        while (common < len && common < previous_len && s[common] == previous[common]) common++;
-        total += len - common;
-        if (total > most) return -1;
+    Py_ssize_t *common = malloc(sizeof *common * (size_t)n), total = 1, longest = 0;
+    if (!common) return -2;
+    for (Py_ssize_t w = 0; w < n; w++) {
+        const char *s = PyBytes_AS_STRING(words[w]), *p = w ? PyBytes_AS_STRING(words[w - 1]) : "";
+        Py_ssize_t len = PyBytes_GET_SIZE(words[w]), p_len = w ? PyBytes_GET_SIZE(words[w - 1]) : 0, c = 0;
+        while (c < len && c < p_len && s[c] == p[c]) c++;
+        common[w] = c;
+        total += len - c;
+        if (total > most) { free(common); return -1; }
         if (len > longest) longest = len;
-        previous = s;
-        previous_len = len;
     }
     t->nodes = malloc(sizeof *t->nodes * (size_t)total);
     int32_t *path = malloc(sizeof *path * (size_t)(longest + 1));
-    if (!t->nodes || !path) { free(path); return -2; }
+    if (!t->nodes || !path) { free(path); free(common); return -2; }
     t->nodes[0] = (TrieNode){-1, -1, -1, 0, 0, 0};
     t->n_nodes = 1;
     path[0] = 0;
-    previous_len = 0;
     for (Py_ssize_t w = 0; w < n; w++) {
         const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(words[w]);
-        Py_ssize_t len = PyBytes_GET_SIZE(words[w]), common = 0;
-        if (w) {
-            const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(words[w - 1]);
-            while (common < len && common < previous_len && s[common] == p[common]) common++;
-        }
-        for (Py_ssize_t d = common; d < len; d++) {   /* the new branch, children last */
+        Py_ssize_t len = PyBytes_GET_SIZE(words[w]);
+        for (Py_ssize_t d = common[w]; d < len; d++) {   /* the new branch, children last */
             int32_t parent = path[d], child = t->n_nodes++;
             t->nodes[child] = (TrieNode){-1, -1, -1, 0, s[d], 0};
             if (t->nodes[parent].last >= 0) t->nodes[t->nodes[parent].last].next = child;
@@ -91,9 +86,9 @@ static int32_t build_trie(Trie *t, PyObject *const *words, Py_ssize_t n, Py_ssiz
             path[d + 1] = child;
         }
         t->nodes[path[len]].accepting = 1;
-        previous_len = len;
     }
     free(path);
+    free(common);
     return 0;
 }
 
