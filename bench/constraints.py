@@ -383,8 +383,9 @@ def first_mask(text: str, scope: dict[str, Any], vocabulary: Vocabulary) -> floa
 def compile_times(vocabulary: Vocabulary, cases: list[Case], n: int, repeats: int,
                   scope: dict[str, Any]) -> dict[str, Any]:
     """Per case: cold (lmq's in-memory constraint caches cleared and an empty private
-    disk cache, so nothing compiled before is found anywhere: a first-ever compile, the
-    writing of its disk entries included), disk-cached (the in-memory caches cleared
+    disk cache, so nothing compiled before is found anywhere: a first-ever compile, its
+    disk entries queued and written behind it, on lmq's writer thread, and waited for by
+    the `clear_caches` that follows the timing), disk-cached (the in-memory caches cleared
     again: a new process meeting a constraint an earlier one compiled; only JSON schemas
     and grammars have disk entries) and warm (compiled in this process before)."""
     figures: dict[str, Any] = {}

@@ -99,16 +99,11 @@ def cached_grammar_dfa(text: str, owner: str) -> ByteDfa | None:
     the grammar only, never on the vocabulary; "no DFA" is kept too, so a recursive or
     large grammar is not tried again). Few are kept in memory: a DFA's byte table is
     about 1.5 MiB for the bench's schema, and loading it from disk takes about 1 ms. A DFA
-    built here is returned as built, not decoded again from its entry."""
-    built: list[ByteDfa | None] = []
-
-    def build() -> str:
-        dfa, cells = _text_built(text, owner)
-        built.append(dfa)
-        return _encoded(dfa, cells)
-
-    entry = grammar_cache.cached(f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text, build)
-    return built[0] if built else _decoded(entry)
+    built here is returned as built; its entry is encoded and written behind."""
+    built = grammar_cache.cached(f"dfa{min(MAX_DFA_STATES, limits.MAX_STATES)}", text,
+                                 lambda: _text_built(text, owner), lambda pair: _encoded(*pair),
+                                 lambda entry: (_decoded(entry), None))
+    return built[0]
 
 
 def _inlinable(rules: dict[str, g.Node]) -> bool:
@@ -355,12 +350,16 @@ def _cells(table: np.ndarray) -> bytes:
 
 
 def _decoded(text: str) -> ByteDfa | None:
+    """The DFA `_encoded` wrote (ValueError for text it cannot have written)."""
     if not text:
         return None
     shape, *parts = text.split(";")
     rows, width = map(int, shape.split(","))
     byte_class, accepting, table = map(base64.b64decode, parts)
-    cells = zlib.decompress(table)
+    try:
+        cells = zlib.decompress(table)
+    except zlib.error as error:
+        raise ValueError(f"a damaged DFA entry: {error}") from error
     count = (len(cells) - 2 * rows) // 3
     per_row = np.frombuffer(cells, np.uint16, rows)
     targets = np.frombuffer(cells, np.uint16, count, 2 * rows)

@@ -19,33 +19,38 @@ import hashlib
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable
+from typing import Callable, TypeVar
 
-from lmq.constraints import limits
-from lmq.constraints.disk_cache import cache_directory, write_atomically
+from lmq.constraints import disk_cache, limits
 
 #: bump when lmq's GBNF check, Lark translation or DFA encoding changes: older entries
 #: are then ignored
 FORMAT_VERSION = 2
 _made_by: str | None = None
 
+T = TypeVar("T")
 
-def cached(kind: str, text: str, build: Callable[[], str]) -> str:
+
+def cached(kind: str, text: str, build: Callable[[], T],
+           encode: Callable[[T], str] = str, decode: Callable[[str], T] = str) -> T:
     """The `kind` entry of `text` (a schema's canonical JSON, a grammar's GBNF): read
-    from disk, else `build()` and stored. An error from `build` is not cached."""
+    from disk and `decode`d, else `build()` and stored as `encode` of it, written behind
+    the caller (`disk_cache.write_behind`, which encodes it too). An error from `build`
+    is not cached; an entry that cannot be decoded is a miss."""
     key = _key(kind, text)
-    path = os.path.join(cache_directory(), "grammars",
+    path = os.path.join(disk_cache.cache_directory(), "grammars",
                         f"{kind}-{hashlib.blake2b(key.encode(), digest_size=16).hexdigest()}.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-        if stored["key"] == key and isinstance(stored["value"], str):
-            return stored["value"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass                              # missing, unreadable or not this entry: rebuilt
+    stored = disk_cache.read(path)
+    if stored is not None:
+        try:
+            entry = json.loads(stored)
+            if entry["key"] == key and isinstance(entry["value"], str):
+                return decode(entry["value"])
+        except (ValueError, KeyError, TypeError):
+            pass                          # unreadable or not this entry: rebuilt
     value = build()
-    entry = json.dumps({"key": key, "value": value}, ensure_ascii=False).encode("utf-8")
-    write_atomically(path, lambda f: f.write(entry))
+    disk_cache.write_behind(path, lambda: json.dumps({"key": key, "value": encode(value)},
+                                                     ensure_ascii=False).encode("utf-8"))
     return value
 
 

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Hashable, TypeVar
 
 from lmq.backends.base import Vocabulary
+from lmq.constraints import disk_cache
 
 if TYPE_CHECKING:
     from lmq.constraints.vocabulary_index import VocabularyIndex
@@ -110,7 +111,10 @@ def vocabulary_cache(vocabulary: Vocabulary) -> VocabularyCache:
 def clear_caches() -> None:
     """Forget every constraint the engine compiled in memory (languages, regexes,
     grammars, token automata, matchers), keeping what belongs to the vocabularies (their
-    index, tokenizer and class patterns): a cold compile, as the bench times it."""
+    index, tokenizer and class patterns): a cold compile, as the bench times it. The disk
+    entries written behind are waited for, so the disk then holds what a new process
+    would find."""
+    disk_cache.flush()
     for name, module in list(sys.modules.items()):
         if name.startswith("lmq.constraints."):
             for value in list(vars(module).values()):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lmq.backends.gguf import load_vocab_only
-from lmq.constraints import grammar_cache, json_schema, limits, llguidance_lark
+from lmq.constraints import disk_cache, grammar_cache, json_schema, limits, llguidance_lark
 from lmq.constraints.disk_cache import cache_directory
 from lmq.constraints.grammar_automaton import GrammarTokenAutomaton
 from lmq.constraints.json_schema import json_constraint
@@ -37,6 +37,7 @@ def _first_mask(vocabulary) -> np.ndarray:
 
 
 def _entries() -> list[str]:
+    disk_cache.flush()
     return sorted(os.listdir(os.path.join(cache_directory(), "grammars")))
 
 
@@ -64,6 +65,7 @@ def test_corrupt_and_foreign_files_are_misses_and_rewritten(cache_home, vocabula
         f.write('{"key": "another grammar", "value": "start: \\"x\\"\\n"}')
     clear_caches()
     assert np.array_equal(_first_mask(vocabulary), first)
+    disk_cache.flush()
     for path in paths:                          # rewritten whole
         with open(path) as f:
             assert f.read().startswith('{"key": "lmq-grammars-')
