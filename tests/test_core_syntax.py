@@ -1,9 +1,14 @@
 """Malformed queries give LmqSyntaxError with the right line, a column and a caret."""
 
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import pytest
 
 import lmq
 from lmq.compiler.codegen import compile_query
+from lmq.compiler.parser import parse_query
 
 MALFORMED = [
     ('"ok"\n"unterminated\n', 2, "unterminated string"),
@@ -42,3 +47,19 @@ def test_column_points_at_the_bad_hole():
     with pytest.raises(lmq.LmqSyntaxError) as info:
         compile_query('x = 1\n"Answer [yes/no]:"\n')
     assert (info.value.line, info.value.column) == (2, 9)
+
+
+def test_queries_parsed_on_many_threads_at_once_parse_as_alone():
+    """One parser serves every thread (a server compiles each request on its own): its
+    indenter's bracket and indent levels must not leak between parses."""
+    sources = [path.read_text() for path in
+               sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.lmq"))]
+    alone = [parse_query(source, "q.lmq") for source in sources]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)                 # threads interleave inside each parse
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda source: parse_query(source, "q.lmq"), sources * 30))
+    finally:
+        sys.setswitchinterval(interval)
+    assert together == alone * 30

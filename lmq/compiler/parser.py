@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import lark.grammars
 from lark import Lark, Token, Tree
@@ -40,6 +41,9 @@ _TERMINAL_NAMES = {
     "_WHERE": "where", "_FROM": "from", "_DISTRIBUTION": "distribution", "RPAR": "')'",
     "RSQB": "']'", "RBRACE": "'}'", "COLON": "':'", "LPAR": "'('",
 }
+#: one parse at a time: the parser's indenter keeps its bracket and indent levels on itself
+#: (two threads parsing at once corrupt each other's), and a parse takes milliseconds
+_PARSING = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,16 +67,17 @@ def parse_query(source: str, filename: str = "<query>") -> QueryAST:
     if surrogate is not None:
         raise error_at(text, surrogate.start(), f"a lone surrogate U+{ord(surrogate.group()):04X} "
                        "is not a character", filename)
-    try:
-        tree = _lark().parse(text, start="program")
-        form = "program"
-    except (UnexpectedInput, DedentError) as program_error:
+    with _PARSING:
         try:
-            tree = _lark().parse(text, start="clause_query")
-            form = "clause"
-        except (UnexpectedInput, DedentError) as clause_error:
-            worst = max(program_error, clause_error, key=lambda e: _error_position(e, text))
-            raise _syntax_error(worst, text, filename) from None
+            tree = _lark().parse(text, start="program")
+            form = "program"
+        except (UnexpectedInput, DedentError) as program_error:
+            try:
+                tree = _lark().parse(text, start="clause_query")
+                form = "clause"
+            except (UnexpectedInput, DedentError) as clause_error:
+                worst = max(program_error, clause_error, key=lambda e: _error_position(e, text))
+                raise _syntax_error(worst, text, filename) from None
     _check_depth(tree, text, filename)
     return _Builder(text, filename).build(tree, form)
 
