@@ -21,7 +21,7 @@ from lmq.compiler.nesting import literal_or_text
 from lmq.engines.command import add_parsers as add_engine_parsers, install_llama_server, run_llama_server
 from lmq.errors import LmqError, LmqSyntaxError, QueryArgumentError
 from lmq.playground.command import add_parser as add_playground_parser, run_playground
-from lmq.runtime.hole import runtime_values, static_plan
+from lmq.runtime.hole import grammar_listing
 from lmq.runtime.query import Model, QueryFunction, run_sync_coroutine
 from lmq.runtime.result import LMQResult
 from lmq.runtime.trace import trace_failure
@@ -193,7 +193,8 @@ def _jsonable(value: Any) -> Any:
 def _compile(options: argparse.Namespace) -> int:
     program = compile_query(_read(options.file), options.file)
     if options.gbnf:
-        _print_grammars(program)
+        for hole in program.holes:
+            print(grammar_listing(hole), end="")
         return 0
     print(f"# parameters: {', '.join(program.free_names) or '(none)'}")
     if program.decoder:
@@ -203,30 +204,6 @@ def _compile(options: argparse.Namespace) -> int:
         print(f"# hole {hole.index}: {hole.name} (line {hole.line}) where {where}")
     print(program.python)
     return 0
-
-
-def _print_grammars(program) -> None:
-    """Per hole: its GBNF grammar (llama.cpp's dialect), token budget and stop phrases."""
-    for hole in program.holes:
-        print(f"# hole {hole.index}: {hole.name} (line {hole.line})")
-        plan = static_plan(hole)
-        if plan is None:
-            print(f"# run-time values: {', '.join(runtime_values(hole))} (not evaluated here: the "
-                  "grammar is made when the query runs)\n")
-            continue
-        low, high = plan.min_tokens, plan.max_tokens
-        budget = ("any number of tokens" if high is None and not low else
-                  f"at least {low} tokens" if high is None else f"{low} to {high} tokens")
-        if plan.excluded_counts:
-            budget += f", not {', '.join(map(str, sorted(plan.excluded_counts)))}"
-        print(f"# token budget: {budget}")
-        stops = ", ".join(f"{'STOPS_AT' if r.keep else 'STOPS_BEFORE'} {r.phrase.decode('utf-8')!r}"
-                          for r in plan.stops)
-        print(f"# stops: {stops or '(none)'}")
-        checks = ", ".join(source for source, _ in plan.checks)
-        if checks:
-            print(f"# checked on the final value only (no grammar form): {checks}")
-        print((plan.gbnf() or 'root ::= [^\\x00]*').rstrip("\n") + "\n")
 
 
 def _trace(options: argparse.Namespace) -> int:

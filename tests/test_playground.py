@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,25 @@ def test_server_answers_only_its_own_page(playground):
                                         ("Origin", "http://attacker.example")], query) == 403
     assert status("/api/run", "POST", [("Content-Type", "text/plain")], query) == 415   # a form post
     assert status("/static/../runs.py") == 404 and status("/static/%2e%2e/runs.py") == 404
+
+
+def test_concurrent_compiles_each_get_their_own_view(playground):
+    """The server answers each request on its own thread: compiles of different queries
+    at once must not mix their grammars (they once shared a redirected stdout)."""
+    def view(source):
+        request = urllib.request.Request(playground + "api/compile", method="POST",
+                                         data=json.dumps({"source": source}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.load(response)
+
+    sources = [path.read_text() for path in sorted((ROOT / "examples").glob("*.lmq"))]
+    alone = [view(source) for source in sources]
+    assert all(len(v["holes"]) and all(h["grammar"].startswith(f"# hole {h['index']}: ")
+                                       for h in v["holes"]) for v in alone)
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(view, sources * 8))
+    assert together == alone * 8
 
 
 def test_port_out_of_range_is_a_usage_error():

@@ -9,26 +9,21 @@ token, at the latest), which ends the query the way any error does.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import linecache
 import queue
-import re
 import secrets
 import threading
 from typing import Any, Iterator
 
-from lmq.cli import _print_grammars
 from lmq.compiler.codegen import compile_query
 from lmq.errors import LmqError
-from lmq.runtime.hole import static_plan
+from lmq.runtime.hole import grammar_listing, static_plan
 from lmq.runtime.query import QueryFunction, run_sync_coroutine
 from lmq.runtime.trace import error_event
 
 #: the file name errors and tracebacks give a playground query (no file on disk has it)
 QUERY_FILE = "<playground>"
-_HOLE_HEADER = re.compile(r"# hole (\d+): ")
 
 
 def compiled_view(source: str) -> dict[str, Any]:
@@ -44,16 +39,11 @@ def compiled_view(source: str) -> dict[str, Any]:
             static_plan(hole)
         except LmqError as e:
             return {"error": {**error_event(e, QUERY_FILE), "line": hole.line}}
-    grammars = io.StringIO()
-    with contextlib.redirect_stdout(grammars):
-        _print_grammars(program)
-    blocks = {int(_HOLE_HEADER.match(block).group(1)): block.strip("\n")
-              for block in re.split(r"(?m)^(?=# hole \d+: )", grammars.getvalue()) if block}
     return {"python": program.python, "parameters": list(program.free_names),
             "decoder": program.decoder.name if program.decoder else None,
             "holes": [{"index": hole.index, "name": hole.name, "line": hole.line,
                        "where": hole.where.source if hole.where else None,
-                       "grammar": blocks.get(hole.index, "")} for hole in program.holes]}
+                       "grammar": grammar_listing(hole).strip("\n")} for hole in program.holes]}
 
 
 class RunStopped(Exception):

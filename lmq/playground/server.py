@@ -34,6 +34,9 @@ class PlaygroundServer(ThreadingHTTPServer):
     """Serves one page; runs one query at a time (a new run stops the one before)."""
 
     daemon_threads = True
+    #: connections waiting to be accepted: a page loads its scripts, examples and compile
+    #: at once, and past the default 5 a burst of them is reset
+    request_queue_size = 64
 
     def __init__(self, port: int, model: Any = None, examples: Path = EXAMPLES):
         super().__init__(("127.0.0.1", port), _Handler)

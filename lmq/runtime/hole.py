@@ -106,6 +106,32 @@ def runtime_values(spec: HoleSpec) -> list[str]:
     return list(dict.fromkeys(values))
 
 
+def grammar_listing(spec: HoleSpec) -> str:
+    """What `lmq compile --gbnf` shows of a hole (its GBNF grammar in llama.cpp's
+    dialect, token budget and stop phrases, or the run-time values it waits for), as text
+    ending in a blank line: the playground shows the same per hole."""
+    lines = [f"# hole {spec.index}: {spec.name} (line {spec.line})"]
+    plan = static_plan(spec)
+    if plan is None:
+        lines.append(f"# run-time values: {', '.join(runtime_values(spec))} (not evaluated here: "
+                     "the grammar is made when the query runs)\n")
+        return "\n".join(lines) + "\n"
+    low, high = plan.min_tokens, plan.max_tokens
+    budget = ("any number of tokens" if high is None and not low else
+              f"at least {low} tokens" if high is None else f"{low} to {high} tokens")
+    if plan.excluded_counts:
+        budget += f", not {', '.join(map(str, sorted(plan.excluded_counts)))}"
+    lines.append(f"# token budget: {budget}")
+    stops = ", ".join(f"{'STOPS_AT' if r.keep else 'STOPS_BEFORE'} {r.phrase.decode('utf-8')!r}"
+                      for r in plan.stops)
+    lines.append(f"# stops: {stops or '(none)'}")
+    checks = ", ".join(source for source, _ in plan.checks)
+    if checks:
+        lines.append(f"# checked on the final value only (no grammar form): {checks}")
+    lines.append((plan.gbnf() or 'root ::= [^\\x00]*').rstrip("\n") + "\n")
+    return "\n".join(lines) + "\n"
+
+
 def _static_annotation(annotation: Operand) -> tuple[bool, Any]:
     """(True, target) for `[X: int]`, `[X: float]` and a literal annotation, else (False, None)."""
     if annotation.source in ("int", "float"):
