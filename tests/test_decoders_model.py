@@ -173,3 +173,68 @@ def test_steps_launched_ahead_give_the_same_samples(monkeypatch):
     assert stopped                          # some branch ended X on its stop phrase
     # a launched token dropped is one decode more per branch that stopped, at most
     assert plain_evaluated <= ahead_evaluated <= plain_evaluated + len(stopped)
+
+
+THREADED = r'"Q: What is the capital of {c}?\nA:[A]" where STOPS_AT(A, ".") and len(TOKENS(A)) < 12'
+COUNTRIES = ["France", "Germany", "Italy", "Spain"]
+
+
+def test_queries_on_many_threads_share_a_model_and_get_their_own_results():
+    """Synchronous queries from several threads on one in-process model (a threaded web
+    server's workers): each gets what it gets alone, never rows another thread's decode
+    rewrote."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = lmq.model(None, n_ctx=1024)
+    alone = [lmq.run_sync(THREADED, model=model, c=c).variables["A"] for c in COUNTRIES]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda c: lmq.run_sync(THREADED, model=model, c=c).variables["A"],
+                                 COUNTRIES * 8))
+    assert together == alone * 8
+
+
+def test_a_loop_waiting_for_a_model_held_elsewhere_goes_on_running():
+    """While another event loop holds the model, a query waits for it off its own loop
+    (the loop's other tasks run), and runs once the model is given back or its holder's
+    loop is closed."""
+    import asyncio
+
+    from lmq.runtime.scheduler import _lease
+
+    model = lmq.model(None, n_ctx=1024)
+    expected = lmq.run_sync(THREADED, model=model, c="France").variables["A"]
+    lease = _lease(model.backend())
+
+    async def main(release):
+        holder = asyncio.new_event_loop()
+        assert lease.take(holder)
+        query = asyncio.ensure_future(lmq.run(THREADED, model=model, c="France"))
+        ticks = 0
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not query.done() and ticks == 20
+        release(holder)
+        return (await query).variables["A"]
+
+    assert asyncio.run(main(lease.give_back)) == expected
+    assert asyncio.run(main(lambda holder: holder.close())) == expected
+
+
+def test_finished_runs_leave_nothing_of_their_event_loop():
+    """Each run_sync is an event loop of its own: the model's per-loop state goes with it."""
+    import asyncio
+    import gc
+    import weakref
+
+    model = lmq.model(None, n_ctx=1024)
+    loops = []
+
+    async def run():
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return await lmq.run(THREADED, model=model, c="Italy")
+
+    for _ in range(3):
+        asyncio.run(run())
+    gc.collect()
+    assert [loop() for loop in loops] == [None, None, None]

@@ -9,6 +9,10 @@ carries every task that is ready. A row handed out is valid until the next step:
 awaits the future itself (not through `gather`, whose callbacks may run after the next
 step) and uses the row before it awaits anything else.
 
+The model serves one event loop at a time (`_ModelLease`): rows are read outside any lock,
+so a query of another thread (each `run_sync` is a loop of its own) waits until this
+loop's last lane is released, on an executor thread so that its own loop goes on.
+
 A `Lane` is a task's handle on a backend sequence. It gets its sequence at its first
 prefill: forked from the live lane that already holds the longest prefix of its context
 (the branches of one query share their prompt in the KV cache, evaluated once), else a
@@ -169,9 +173,12 @@ class Lane(_Guesses):
     def release(self) -> None:
         self._drop_launched()
         if self.sequence is not None:
-            self.scheduler._lanes.discard(self)
+            scheduler = self.scheduler
+            scheduler._lanes.discard(self)
             self.sequence.release()
             self.sequence = None
+            if not scheduler._lanes:
+                scheduler._lease.give_back(scheduler.loop)
         self.guessed = 0
 
 
@@ -191,14 +198,19 @@ class ModelScheduler:
 
     def __init__(self, backend: Backend, loop: asyncio.AbstractEventLoop):
         self.backend = backend
-        self.loop = loop
+        self._loop = weakref.ref(loop)      # the registry's key: held weakly, or never freed
         self._pending: list[_Request] = []
         self._lanes: set[Lane] = set()
-        self._lock = _backend_lock(backend)
+        self._lease = _lease(backend)
+        self._lock = self._lease.decoding
         self._in_flight: LaunchedStep | None = None    # the last launch, rows not secured
         #: steps run and sequences per step, for tests and benchmarks
         self.steps = 0
         self.batched = 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop()
 
     def lane(self) -> Lane:
         return Lane(self)
@@ -245,6 +257,17 @@ class ModelScheduler:
         return _Later(row, self._lock)
 
     def _step(self) -> None:
+        if not self._lanes and not self._lease.take(self.loop):
+            waited = self.loop.run_in_executor(None, self._lease.wait, self.loop)
+            waited.add_done_callback(lambda _: self._step())   # the requests stay pending
+            return
+        try:
+            self._run_step()
+        finally:
+            if not self._lanes:
+                self._lease.give_back(self.loop)
+
+    def _run_step(self) -> None:
         pending, self._pending = self._pending, []
         live = [r for r in pending if not r.future.cancelled()]
         with self._lock:
@@ -350,17 +373,57 @@ def _settle(future: asyncio.Future, function, *args) -> None:
 
 
 _schedulers: "weakref.WeakKeyDictionary[Backend, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
-_locks: "weakref.WeakKeyDictionary[Backend, threading.Lock]" = weakref.WeakKeyDictionary()
+_leases: "weakref.WeakKeyDictionary[Backend, _ModelLease]" = weakref.WeakKeyDictionary()
 _registry_lock = threading.RLock()
 
 
-def _backend_lock(backend: Backend) -> threading.Lock:
-    """One lock per backend: event loops in several threads never decode at once."""
+class _ModelLease:
+    """Which event loop an in-process model serves: one at a time, from its first live
+    lane to its last. Rows are views of the engine's buffer that a loop's tasks read
+    outside any lock, valid until the next decode: a query of another thread decoding
+    meanwhile would rewrite them, so another loop's queries wait for the model (on an
+    executor thread: their own loop goes on). Concurrent queries of one loop batch
+    together as before. A loop closed while holding the lease (a run that died) frees it."""
+
+    #: seconds between looks at whether the holder's loop was closed
+    POLL_S = 0.5
+
+    def __init__(self) -> None:
+        self.decoding = threading.Lock()     # a decode and the reading of its rows
+        self._changed = threading.Condition()
+        self._holder: "weakref.ref[asyncio.AbstractEventLoop] | None" = None
+
+    def _taken_by_another(self, loop: asyncio.AbstractEventLoop) -> bool:
+        holder = self._holder() if self._holder is not None else None
+        return holder is not None and holder is not loop and not holder.is_closed()
+
+    def take(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Hold the lease for `loop`, unless another loop holds it (False)."""
+        with self._changed:
+            if self._taken_by_another(loop):
+                return False
+            self._holder = weakref.ref(loop)
+            return True
+
+    def wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Block until `loop` could take the lease."""
+        with self._changed:
+            while self._taken_by_another(loop):
+                self._changed.wait(self.POLL_S)
+
+    def give_back(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._changed:
+            if self._holder is not None and self._holder() is loop:
+                self._holder = None
+                self._changed.notify_all()
+
+
+def _lease(backend: Backend) -> _ModelLease:
     with _registry_lock:
-        lock = _locks.get(backend)
-        if lock is None:
-            lock = _locks[backend] = threading.Lock()
-        return lock
+        lease = _leases.get(backend)
+        if lease is None:
+            lease = _leases[backend] = _ModelLease()
+        return lease
 
 
 def scheduler_for(backend: Backend) -> ModelScheduler:
