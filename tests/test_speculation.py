@@ -223,3 +223,42 @@ def test_llama_cpp_keeps_the_rows_asked_for_each_sequence_of_a_batch():
                 assert np.corrcoef(row, alone)[0, 1] > 0.99
     finally:
         backend.close()
+
+
+@pytest.mark.model
+def test_short_runs_decode_a_token_at_a_time_where_the_engine_asks_for_it():
+    """On a GPU a batch of a new shape costs more than its decode (llama.cpp captures a
+    CUDA graph per shape), so one sequence's runs of up to `single_decode_run` tokens are
+    decoded singly (forced here on the CPU): the same rows asked for, one decode per token;
+    longer runs and several sequences stay one batch."""
+    backend = LlamaCppBackend(default_model_path(), n_ctx=256)
+    backend.single_decode_run = 4
+    sizes = []
+    decode = backend._decode_batch
+
+    def recorded(ctx, batch):
+        sizes.append(batch.n_tokens)
+        return decode(ctx, batch)
+
+    backend._decode_batch = recorded
+    try:
+        prompt = backend.tokenize("The capital of France is Paris. The capital of Italy is Rome.")
+        sequence, reference = backend.sequence(), backend.sequence()
+        sequence.logits(prompt[:-10])
+        sizes.clear()
+        kept = [row.copy() for row in backend.advance_many([(sequence, prompt[-10:-7])], [2])[0]]
+        last = backend.advance_many([(sequence, prompt[-7:-5])])[0].copy()
+        batched = backend.advance_many([(sequence, prompt[-5:])], [2])[0]
+        assert sizes == [1, 1, 1, 1, 1, 5] and sequence.tokens == prompt
+        assert len(kept) == 2 and len(batched) == 2
+        for row, end in zip(kept + [last], (len(prompt) - 8, len(prompt) - 7, len(prompt) - 5)):
+            alone = np.array(reference.logits(prompt[:end]))
+            assert int(row.argmax()) == int(alone.argmax())
+            assert np.corrcoef(row, alone)[0, 1] > 0.99
+
+        sizes.clear()
+        document = lmq.run_sync(QUERIES[0][0], model=PinnedModel(backend), **QUERIES[0][1])
+        assert set(document.variables["X"]) == set(SCHEMA["properties"])
+        assert sizes and not [n for n in sizes if 1 < n <= 4]
+    finally:
+        backend.close()

@@ -61,6 +61,11 @@ class TokenBatch:
         self.batch.n_tokens = 1
 
 
+#: the longest run decoded a token at a time on a GPU (`single_decode_run`): a batch of k
+#: tokens costs about 3.2 ms of graph captures plus its decode, k single decodes 1.1 ms each
+SINGLE_DECODE_RUN = 4
+
+
 class LlamaCppBackend(GgufBackend):
     """A GGUF model evaluated by llama.cpp in this process."""
 
@@ -85,6 +90,11 @@ class LlamaCppBackend(GgufBackend):
         self.context_size = llama_cpp.llama_n_ctx(self.ctx)
         self.wrong_guesses_cheap = self.model.model_params.n_gpu_layers > 0
         self.decodes_async = self.wrong_guesses_cheap
+        #: one sequence's runs of at most this many tokens are decoded a token at a time:
+        #: on a GPU llama.cpp replays the CUDA graph it captured for the last batch's
+        #: shape, and a batch of another shape costs about 1.6 ms more to capture (a
+        #: decode of SmolLM2 on an H200 takes 1.1 ms), both going to it and coming back
+        self.single_decode_run = SINGLE_DECODE_RUN if self.wrong_guesses_cheap else 1
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.gguf.vocab)
@@ -149,6 +159,9 @@ class LlamaCppBackend(GgufBackend):
                            rows: list[int] | None = None) -> Callable[[], list]:
         """`advance_many` with the rows read (waiting for the decode) when the returned
         function is called, where the tokens fit one decode."""
+        if len(steps) == 1 and 1 < len(steps[0][1]) <= self.single_decode_run:
+            return self._advance_singly(*steps[0], rows[0] if rows is not None else 1,
+                                        rows is None or rows[0] == 1)
         seq_ids, tokens, positions = [], [], []
         wanted, owner = [], {}
         for k, (sequence, new) in enumerate(steps):
@@ -194,6 +207,21 @@ class LlamaCppBackend(GgufBackend):
         self.evaluated_tokens += len(tokens)
         self._logits_owner = None
         return (lambda: out) if not single else (lambda: read(0, len(tokens)))
+
+    def _advance_singly(self, sequence: "LlamaSequence", new: list[int], count: int,
+                        one: bool) -> Callable[[], list]:
+        """`advance_many_later` of one sequence's short run, a decode per token (see
+        `single_decode_run`): the rows of the last `count` tokens, the earlier ones copied
+        before the next decode rewrites them; the last one read when asked."""
+        if len(sequence.tokens) + len(new) > self.context_size:
+            raise ContextLimitError(f"the context of {self.context_size} tokens is full")
+        kept = []
+        for position, token in enumerate(new):
+            if position:
+                if len(new) - position < count:
+                    kept.append(self._logits_row().copy())
+            later = sequence.advance_later(token)
+        return lambda: [later() if one else kept + [later()]]
 
     def _logits_row(self, index: int = -1) -> np.ndarray:
         """The row as a zero-copy view; views are kept per address (making one costs
