@@ -92,8 +92,8 @@ class LlamaCppBackend(GgufBackend):
         self.decodes_async = self.wrong_guesses_cheap
         #: one sequence's runs of at most this many tokens are decoded a token at a time:
         #: on a GPU llama.cpp replays the CUDA graph it captured for the last batch's
-        #: shape, and a batch of another shape costs about 1.6 ms more to capture (a
-        #: decode of SmolLM2 on an H200 takes 1.1 ms), both going to it and coming back
+        #: shape, and capturing one for another shape costs about 1.6 ms, going to a batch
+        #: and coming back (a decode of SmolLM2 on an H200 takes 1.1 ms)
         self.single_decode_run = SINGLE_DECODE_RUN if self.wrong_guesses_cheap else 1
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(self.ctx)
@@ -217,9 +217,8 @@ class LlamaCppBackend(GgufBackend):
             raise ContextLimitError(f"the context of {self.context_size} tokens is full")
         kept = []
         for position, token in enumerate(new):
-            if position:
-                if len(new) - position < count:
-                    kept.append(self._logits_row().copy())
+            if position and len(new) - position < count:     # the previous token's row
+                kept.append(self._logits_row().copy())
             later = sequence.advance_later(token)
         return lambda: [later() if one else kept + [later()]]
 
