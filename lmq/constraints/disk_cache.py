@@ -12,7 +12,8 @@ writing and renaming two files cost a third of a JSON schema's cold compile, and
 disk's latency varies more than the compile itself. One worker thread writes them in
 order; until it has, `read` answers them from memory, `flush` waits for them (as
 `clear_caches` does), and the process waits for them at exit. A forked child does not
-inherit them: its parent writes them.
+inherit them: its parent writes them. Where no thread may start, entries are written in
+line.
 """
 
 from __future__ import annotations
@@ -65,11 +66,18 @@ def write_behind(path: str, contents: Callable[[], bytes]) -> None:
     on state that changes after this call)."""
     global _worker
     with _changed:
-        _pending[path] = contents
         if _worker is None:
-            _worker = threading.Thread(target=_write_pending, name="lmq-disk-cache", daemon=True)
-            _worker.start()
-        _changed.notify_all()
+            worker = threading.Thread(target=_write_pending, name="lmq-disk-cache", daemon=True)
+            try:
+                worker.start()
+                _worker = worker
+            except RuntimeError:            # no thread may start here: written in line
+                pass
+        if _worker is not None:
+            _pending[path] = contents
+            _changed.notify_all()
+            return
+    write_atomically(path, lambda f: f.write(contents()))
 
 
 def read(path: str) -> bytes | None:

@@ -76,6 +76,15 @@ def test_an_entry_that_cannot_be_encoded_is_told_and_the_rest_written(tmp_path):
     assert os.listdir(tmp_path) == ["kept"]
 
 
+def test_where_no_thread_can_start_the_entry_is_written_in_line(tmp_path, monkeypatch):
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(disk_cache, "_worker", None)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    disk_cache.write_behind(str(tmp_path / "entry"), lambda: b"in line")
+    assert (tmp_path / "entry").read_bytes() == b"in line"
+
+
 SLOW_EXIT = """
 import sys, time
 from lmq.constraints import disk_cache
