@@ -8,12 +8,18 @@ flash attention off: llama.cpp's CPU flash-attention kernel, its automatic defau
 accumulates in half precision and differs by up to a tenth), and "same seed, same
 samples" is checked on fresh models (the same cache history)."""
 
+import asyncio
+import gc
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from conftest import PinnedModel
 
 import lmq
 from lmq.backends import default_model_path
 from lmq.backends.llama_cpp import LlamaCppBackend
+from lmq.runtime.scheduler import _lease
 
 pytestmark = pytest.mark.model
 
@@ -183,8 +189,6 @@ def test_queries_on_many_threads_share_a_model_and_get_their_own_results():
     """Synchronous queries from several threads on one in-process model (a threaded web
     server's workers): each gets what it gets alone, never rows another thread's decode
     rewrote."""
-    from concurrent.futures import ThreadPoolExecutor
-
     model = lmq.model(None, n_ctx=1024)
     alone = [lmq.run_sync(THREADED, model=model, c=c).variables["A"] for c in COUNTRIES]
     with ThreadPoolExecutor(4) as pool:
@@ -197,10 +201,6 @@ def test_a_loop_waiting_for_a_model_held_elsewhere_goes_on_running():
     """While another event loop holds the model, a query waits for it off its own loop
     (the loop's other tasks run), and runs once the model is given back or its holder's
     loop is closed."""
-    import asyncio
-
-    from lmq.runtime.scheduler import _lease
-
     model = lmq.model(None, n_ctx=1024)
     expected = lmq.run_sync(THREADED, model=model, c="France").variables["A"]
     lease = _lease(model.backend())
@@ -223,10 +223,6 @@ def test_a_loop_waiting_for_a_model_held_elsewhere_goes_on_running():
 
 def test_finished_runs_leave_nothing_of_their_event_loop():
     """Each run_sync is an event loop of its own: the model's per-loop state goes with it."""
-    import asyncio
-    import gc
-    import weakref
-
     model = lmq.model(None, n_ctx=1024)
     loops = []
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from lmq.compiler.codegen import compile_query
 from lmq.errors import LmqError
-from lmq.runtime.hole import grammar_listing, static_plan
+from lmq.runtime.hole import grammar_listing
 from lmq.runtime.query import QueryFunction, run_sync_coroutine
 from lmq.runtime.trace import error_event
 
@@ -34,16 +34,17 @@ def compiled_view(source: str) -> dict[str, Any]:
         program = compile_query(source, QUERY_FILE)
     except LmqError as e:
         return {"error": error_event(e, QUERY_FILE)}
-    for hole in program.holes:          # a contradiction on literals: shown at its hole
+    holes = []
+    for hole in program.holes:
         try:
-            static_plan(hole)
-        except LmqError as e:
+            listing = grammar_listing(hole)
+        except LmqError as e:           # a contradiction on literals: shown at its hole
             return {"error": {**error_event(e, QUERY_FILE), "line": hole.line}}
+        holes.append({"index": hole.index, "name": hole.name, "line": hole.line,
+                      "where": hole.where.source if hole.where else None,
+                      "grammar": listing.strip("\n")})
     return {"python": program.python, "parameters": list(program.free_names),
-            "decoder": program.decoder.name if program.decoder else None,
-            "holes": [{"index": hole.index, "name": hole.name, "line": hole.line,
-                       "where": hole.where.source if hole.where else None,
-                       "grammar": grammar_listing(hole).strip("\n")} for hole in program.holes]}
+            "decoder": program.decoder.name if program.decoder else None, "holes": holes}
 
 
 class RunStopped(Exception):

@@ -12,8 +12,8 @@ import warnings
 from typing import Callable
 
 from lmq.constraints import disk_cache
-from lmq.constraints.json_schema import json_constraint
 from lmq.constraints.gbnf_dfa import cached_grammar_dfa
+from lmq.constraints.json_schema import json_constraint
 
 
 def _gate() -> tuple[threading.Event, Callable[[], bytes]]:
